@@ -1,0 +1,1 @@
+"""tilemesh server: the aiohttp app (pages, signaling, rooms, planner), the aiortc edge peer and the CLI."""

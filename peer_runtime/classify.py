@@ -1,0 +1,78 @@
+"""One device classifying camera frames alone: model loading from the compact form, preprocess, top-k.
+
+This is what a lone peer runs and the reference the distributed path must agree with. Frames arrive from the
+browser as RGBA (canvas ImageData) or RGB bytes; the browser already scaled the shorter side to 256 and
+centre-cropped to a square, so `preprocess` here only crops 224 and normalises.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend, NumpyBackend
+from .executor import run_graph
+from .graph import Graph, graph_from_compact
+from .preprocess import preprocess, top_k
+
+
+def frame_from_bytes(data, height: int, width: int) -> np.ndarray:
+    """(H, W, 3|4) uint8 view of a frame buffer; raises ValueError when the size does not match."""
+    buf = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    for channels in (4, 3):
+        if buf.size == height * width * channels:
+            return buf.reshape(height, width, channels)
+    raise ValueError(f"frame of {buf.size} bytes is not {height}x{width} RGB or RGBA")
+
+
+class LocalClassifier:
+    """Holds the model and labels; `classify` runs the whole network on this device."""
+
+    def __init__(self, graph: Graph, labels: list[str], backend: Backend | None = None):
+        if len(labels) != graph.shapes[graph.output][-1]:
+            raise ValueError(f"{len(labels)} labels for {graph.shapes[graph.output][-1]} classes")
+        self.graph = graph
+        self.labels = labels
+        self.backend = backend or NumpyBackend(graph)
+
+    @classmethod
+    def from_files(cls, model_json: str | Path, labels_json: str | Path) -> LocalClassifier:
+        model_json = Path(model_json)
+        meta = json.loads(model_json.read_text())
+        blob = bytearray(model_json.with_name(meta["bin"]).read_bytes())
+        return cls(graph_from_compact(meta, blob), json.loads(Path(labels_json).read_text()))
+
+    def logits(self, frame: np.ndarray) -> np.ndarray:
+        return run_graph(self.graph, preprocess(frame), self.backend)
+
+    def classify(self, data, height: int, width: int, k: int = 5) -> dict:
+        t0 = time.perf_counter()
+        x = preprocess(frame_from_bytes(data, height, width))
+        t1 = time.perf_counter()
+        logits = run_graph(self.graph, x, self.backend)
+        t2 = time.perf_counter()
+        return {
+            "top": [{"index": i, "label": label, "p": p} for i, label, p in top_k(logits[0], self.labels, k)],
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "compute_ms": (t2 - t1) * 1e3,
+        }
+
+
+_local: LocalClassifier | None = None
+
+
+def load_local(model_json: str, labels_json: str) -> dict:
+    """Entry point for the browser worker: load once, report the model's size."""
+    global _local
+    _local = LocalClassifier.from_files(model_json, labels_json)
+    g = _local.graph
+    return {"nodes": len(g.nodes), "weights_bytes": sum(int(w.nbytes) for w in g.weights.values()), "classes": len(_local.labels)}
+
+
+def classify_local(data, height: int, width: int, k: int = 5) -> dict:
+    if _local is None:
+        raise RuntimeError("model not loaded: call load_local first")
+    return _local.classify(data, height, width, k)

@@ -1,0 +1,107 @@
+// The web AR classifier: the camera fills the screen and the top-3 labels, speed and the map of which device
+// computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
+// runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
+import { PeerRuntime, bindProgress } from "/web/runtime.js";
+import { openCamera, grabFrame, cropRect, FRAME_SIZE } from "/web/camera.js";
+
+export const MODEL_FILES = [
+  { url: "/static/model/mobilenet_v2.json", path: "/model/mobilenet_v2.json" },
+  { url: "/static/model/mobilenet_v2.bin", path: "/model/mobilenet_v2.bin" },
+  { url: "/static/model/labels.json", path: "/model/labels.json" },
+];
+
+export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
+
+// Runs everything here. classify() resolves to {top: [{label, p}], parts: [{device, r0, r1, c0, c1}], ...}.
+export class LocalEngine {
+  constructor(runtime) { this.runtime = runtime; this.name = "this device"; }
+  async load() {
+    return this.runtime.call("peer_runtime.classify", "load_local", ["/model/mobilenet_v2.json", "/model/labels.json"]);
+  }
+  async classify(frame) {
+    const out = await this.runtime.call("peer_runtime.classify", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
+      [frame.buffer]);
+    return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
+  }
+}
+
+function drawLabels(el, top) {
+  el.replaceChildren(...top.slice(0, 3).map(({ label, p }) => {
+    const li = document.createElement("li");
+    li.textContent = `${label} ${(p * 100).toFixed(0)}%`;
+    return li;
+  }));
+  el.dataset.top1 = top[0].label;
+  el.dataset.state = "running";
+}
+
+// Paint each device's share of the frame (fractions of the model's input) over the part of the video it covers.
+function drawMap(canvas, video, parts, legend) {
+  const box = video.getBoundingClientRect();
+  const scale = Math.max(box.width / video.videoWidth, box.height / video.videoHeight);  // object-fit: cover
+  const { x, y, side } = cropRect(video);
+  const left = box.width / 2 + (x - video.videoWidth / 2) * scale;
+  const top = box.height / 2 + (y - video.videoHeight / 2) * scale;
+  const size = side * scale;
+  Object.assign(canvas.style, { left: `${left}px`, top: `${top}px`, width: `${size}px`, height: `${size}px` });
+  canvas.width = canvas.height = 64;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, 64, 64);
+  const devices = [...new Set(parts.map((p) => p.device))];
+  for (const p of parts) {
+    ctx.fillStyle = DEVICE_COLOURS[devices.indexOf(p.device) % DEVICE_COLOURS.length];
+    ctx.fillRect(p.c0 * 64, p.r0 * 64, (p.c1 - p.c0) * 64, (p.r1 - p.r0) * 64);
+  }
+  legend.replaceChildren(...devices.flatMap((d, i) => {
+    const swatch = document.createElement("span");
+    swatch.style.background = DEVICE_COLOURS[i % DEVICE_COLOURS.length];
+    return [swatch, document.createTextNode(d)];
+  }));
+}
+
+export async function runLoop({ engine, video, els, shouldRun = () => true }) {
+  const grab = document.createElement("canvas");
+  let frames = 0;
+  let since = performance.now();
+  let fps = 0;
+  while (shouldRun()) {
+    const t0 = performance.now();
+    const result = await engine.classify(grabFrame(video, grab));
+    const latency = performance.now() - t0;
+    frames += 1;
+    if (performance.now() - since > 1000) {
+      fps = (frames * 1000) / (performance.now() - since);
+      frames = 0;
+      since = performance.now();
+    }
+    drawLabels(els.labels, result.top);
+    drawMap(els.map, video, result.parts, els.legend);
+    els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}`;
+    els.stats.dataset.latencyMs = latency.toFixed(1);
+    els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
+    // Yield so the video and the UI repaint between frames.
+    await new Promise((resolve) => requestAnimationFrame(resolve));
+  }
+}
+
+export async function startAr({ makeEngine } = {}) {
+  const $ = (id) => document.getElementById(id);
+  const els = { labels: $("labels"), stats: $("stats"), map: $("map"), legend: $("legend") };
+  const fail = (err) => {
+    $("error").hidden = false;
+    $("error").textContent = String(err.message || err);
+    els.labels.dataset.state = "error";
+  };
+  try {
+    const video = $("video");
+    const runtime = new PeerRuntime({ onProgress: bindProgress($("boot")) });
+    const [stream] = await Promise.all([openCamera(video), runtime.boot({ files: MODEL_FILES })]);
+    const engine = makeEngine ? await makeEngine(runtime) : new LocalEngine(runtime);
+    await engine.load();
+    $("boot").hidden = true;
+    window.tilemeshAr = { runtime, engine, stream };
+    await runLoop({ engine, video, els });
+  } catch (err) {
+    fail(err);
+  }
+}

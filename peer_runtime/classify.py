@@ -69,7 +69,8 @@ def load_local(model_json: str, labels_json: str) -> dict:
     global _local
     _local = LocalClassifier.from_files(model_json, labels_json)
     g = _local.graph
-    return {"nodes": len(g.nodes), "weights_bytes": sum(int(w.nbytes) for w in g.weights.values()), "classes": len(_local.labels)}
+    weights_bytes = sum(int(w.nbytes) for w in g.weights.values())
+    return {"nodes": len(g.nodes), "weights_bytes": weights_bytes, "classes": len(_local.labels)}
 
 
 def classify_local(data, height: int, width: int, k: int = 5) -> dict:

@@ -12,7 +12,6 @@ printed (run with -s to see them).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peer_runtime import graph as graph_mod
+from peer_runtime.backend import OnnxRuntimeBackend
 from peer_runtime.deps import cut_candidates, input_halo, live_tensors, make_segments, segment_is_spatial
+from peer_runtime.executor import run_graph
 from peer_runtime.regions import Region, check_partition, plane
 from peer_runtime.tiling import Plan, Split, Transfer, build_plan, run_task, simulate
-
-graph_mod = pytest.importorskip("peer_runtime.graph", reason="peer_runtime.graph (the IR) has not landed yet")
-kernels = pytest.importorskip("peer_runtime.kernels", reason="peer_runtime.kernels has not landed yet")
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -126,10 +125,10 @@ def random_cnn(draw, head=None):
             k, s, p, d = draw(window(h, w, max_k=3, pool=True))
             x = b.pool("MaxPool", x, k, s, p, d)
         elif kind == "avg":
-            # AveragePool without padding: count_include_pad semantics are then irrelevant.
-            k, s, _, _ = draw(window(h, w, max_k=3, allow_dil=False))
-            if h >= k[0] and w >= k[1]:
-                x = b.pool("AveragePool", x, k, s, (0, 0, 0, 0))
+            # Both divisor conventions: tile edges get pad 0, image borders the true pads, so both are exact.
+            k, s, p, _ = draw(window(h, w, max_k=3, allow_dil=False, pool=True))
+            x = b.pool("AveragePool", x, k, s, p)
+            b.nodes[-1]["attrs"]["count_include_pad"] = draw(st.sampled_from([0, 1]))
         elif kind == "concat":
             y1 = b.conv(x, 2, (1, 1))
             y2 = b.conv(x, draw(st.integers(1, 3)), (3, 3), (1, 1), (1, 1, 1, 1))
@@ -173,6 +172,8 @@ def to_onnx(b: _Builder):
             kw = {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]), "pads": list(a["pads"])}
             if n["op"] != "AveragePool":
                 kw["dilations"] = list(a["dilations"])
+            else:
+                kw["count_include_pad"] = a["count_include_pad"]
             if n["op"] == "Conv":
                 kw["group"] = a["group"]
         elif n["op"] == "Clip":
@@ -193,11 +194,8 @@ def to_onnx(b: _Builder):
 
 
 def run_full(graph, x):
-    """Reference: every node whole, in order, with the same kernels the tiles use."""
-    vals = {graph.input: x}
-    for n in graph.nodes:
-        vals[n.output] = kernels.run_node(n, [vals[t] for t in n.inputs], graph.weights)
-    return vals[graph.output]
+    """Reference: single-device inference with the same numpy kernels the tiles use."""
+    return run_graph(graph, x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,16 +265,21 @@ def test_random_cnns_match_onnxruntime(data):
     (ref,) = sess.run(None, {"x": x})
     out = simulate(graph, build_plan(graph, cuts, splits, source), x, roundtrip_json=True)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-    if hasattr(graph_mod, "load_onnx"):
-        # The same model through the real ONNX loader must plan and tile identically.
-        import tempfile
+    # The same model through the project's ONNX importer must plan and tile to the same result.
+    loaded = graph_mod.load_onnx(to_onnx(b))
+    plan2 = build_plan(loaded, cuts, splits, source)
+    np.testing.assert_allclose(simulate(loaded, plan2, x), ref, rtol=1e-4, atol=1e-4)
 
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "m.onnx"
-            path.write_bytes(to_onnx(b).SerializeToString())
-            loaded = graph_mod.load_onnx(str(path))
-        plan2 = build_plan(loaded, cuts, splits, source)
-        np.testing.assert_allclose(simulate(loaded, plan2, x), ref, rtol=1e-4, atol=1e-4)
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_tiles_through_onnxruntime_backend(data):
+    """Per-tile pads also reach onnxruntime correctly (the backend the browsers may swap in)."""
+    graph = to_graph(data.draw(random_cnn()))
+    cuts, splits, source = data.draw(random_plan_args(graph))
+    x = _input(graph, 2)
+    out = simulate(graph, build_plan(graph, cuts, splits, source), x, backend=OnnxRuntimeBackend(graph))
+    np.testing.assert_allclose(out, run_full(graph, x), rtol=1e-4, atol=1e-4)
 
 
 @SETTINGS
@@ -370,19 +373,14 @@ def test_run_task_refuses_missing_pieces():
 
 
 @pytest.fixture(scope="module")
-def mobilenet(tmp_path_factory):
+def mobilenet(request):
+    """The real demo MobileNetV2 (conftest's `demo_model_dir`), as (Graph, onnx path)."""
     try:
-        from peer_runtime.models.demo import build_demo_model
-    except ImportError as e:
-        pytest.skip(f"peer_runtime.models.demo not available: {e}")
-    if not hasattr(graph_mod, "load_onnx"):
-        pytest.skip("peer_runtime.graph.load_onnx has not landed yet")
-    out_dir = Path(os.environ.get("TILEMESH_MODEL_DIR") or tmp_path_factory.mktemp("model"))
-    try:
-        path = build_demo_model(out_dir, log=lambda *_: None)
-    except Exception as e:  # noqa: BLE001 - any failure to obtain weights means: cannot test here
-        pytest.skip(f"demo model could not be built (weights unavailable offline?): {e}")
-    return graph_mod.load_onnx(str(path)), path
+        model_dir = Path(request.getfixturevalue("demo_model_dir"))
+    except Exception as e:  # noqa: BLE001 - no weights offline means: cannot test this here
+        pytest.skip(f"demo model could not be built (weights unavailable?): {e}")
+    path = model_dir / "mobilenet_v2.onnx"
+    return graph_mod.load_onnx(path), path
 
 
 def _block_outputs(graph):

@@ -1,0 +1,93 @@
+"""A laptop opens a room, a phone joins by scanning the QR code, both boot, and the phone's departure shows at once.
+
+The QR code is read the way a phone would: from pixels (a screenshot of the code on the host page) with
+zxing-cpp, not from the page's text, so a code that encodes the wrong URL or does not scan fails the test.
+"""
+
+from __future__ import annotations
+
+import io
+from urllib.parse import urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+PHONE_UA = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "Chrome/126.0.0.0 Mobile Safari/537.36")
+BOOT_TIMEOUT_MS = 90_000
+
+
+def decode_qr(png: bytes) -> str:
+    import zxingcpp  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    results = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
+    codes = [r.text for r in results if r.format == zxingcpp.BarcodeFormat.QRCode]
+    assert len(codes) == 1, f"expected one QR code, found {[r.text for r in results]}"
+    return codes[0]
+
+
+def roster_row(page, kind: str):
+    return page.locator(f"#roster li.peer[data-kind='{kind}']")
+
+
+@pytest.fixture
+def phone(browser):
+    context = browser.new_context(user_agent=PHONE_UA, viewport={"width": 412, "height": 860}, has_touch=True)
+    pg = context.new_page()
+    pg.console_lines = []  # type: ignore[attr-defined]
+    pg.on("console", lambda m: pg.console_lines.append(f"{m.type}: {m.text}"))
+    yield pg
+    context.close()
+
+
+def test_phone_joins_by_qr_and_leaves(page, phone, server):
+    page.goto(server.url + "/")
+    assert "/room/" in page.url, "GET / should redirect to a new room's host page"
+    room_id = urlsplit(page.url).path.rsplit("/", 1)[1]
+
+    join_url = decode_qr(page.locator("#qr svg").screenshot())
+    assert join_url == f"{server.url}/join/{room_id}"
+    assert page.locator("#join-url").inner_text() == join_url
+
+    # The host page is itself a peer: it shows up in its own roster and boots to ready.
+    host_row = roster_row(page, "laptop")
+    host_row.wait_for(timeout=10_000)
+    assert "this device" in host_row.inner_text()
+
+    phone.goto(join_url)
+    phone_row_on_host = roster_row(page, "phone")
+    phone_row_on_host.wait_for(timeout=10_000)
+    phone_id = phone.evaluate("window.tilemesh.peerId")
+    assert phone_id and phone_row_on_host.get_attribute("data-peer-id") == phone_id
+    assert phone_row_on_host.locator(".name").inner_text().startswith("Phone ")
+
+    # Booting: the phone reports progress; it ends in ready, seen from the host.
+    page.wait_for_function(
+        "id => document.querySelector(`#roster li[data-peer-id='${id}']`)?.dataset.state === 'ready'",
+        arg=phone_id, timeout=BOOT_TIMEOUT_MS)
+    assert phone.locator("#boot").get_attribute("data-stage") == "ready", "\n".join(phone.console_lines)
+    assert phone_row_on_host.locator("progress").is_hidden()
+    page.wait_for_function("document.querySelector('#roster li[data-kind=laptop]').dataset.state === 'ready'",
+                           timeout=BOOT_TIMEOUT_MS)
+    # The phone sees the host too, and the server kept the device profile it reported.
+    assert roster_row(phone, "laptop").count() == 1
+    profile = page.evaluate("id => window.tilemesh.signaling.peer(id).profile", phone_id)
+    assert profile["runtime"]["numpy"] == "2.0.2" and "Android" in profile["user_agent"]
+
+    # Closing the tab sends leave on pagehide. The row then shows "gone" for 1.5 s; without the leave it would
+    # wait out the 3 s resume grace first, so 3.5 s tells the two paths apart.
+    phone.close()
+    page.wait_for_function(
+        "id => !document.querySelector(`#roster li[data-peer-id='${id}']`)", arg=phone_id, timeout=3_500)
+    assert page.evaluate("window.tilemesh.signaling.peers.length") == 1
+
+
+def test_unknown_room_is_a_clear_404(page, server):
+    resp = page.goto(server.url + "/join/" + "x" * 22)
+    assert resp.status == 404
+    assert "does not exist or has ended" in page.content()
+    page.get_by_role("link", name="Start a new room").click()
+    page.wait_for_url("**/room/*")
+    page.locator("#qr svg").wait_for()

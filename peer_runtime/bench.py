@@ -1,0 +1,229 @@
+"""Per-layer and whole-model timing of the numpy kernels against onnxruntime on this machine.
+
+    python -m peer_runtime.bench [--model PATH] [--repeat N] [--pyodide]
+
+Every layer is run alone on its real input (taken from a full run on a fixed random image): the numpy
+kernel via `kernels.run_node`, onnxruntime via a single-node model built from the same IR node. The
+two are interleaved (numpy, onnxruntime, numpy, ...) so load from other processes hits both alike,
+and the median of `--repeat` runs is reported. The whole model is timed the same way (numpy executor
+vs onnxruntime on the original ONNX file, which may fuse Conv+Clip). Both sides are single-threaded
+unless OPENBLAS_NUM_THREADS / --threads say otherwise.
+
+`--pyodide` also times the numpy kernels inside Pyodide 0.27.7 (numpy 2.0.2 without BLAS, the browser
+path) under node, from ``static/vendor/pyodide``: a separate process, so that column is measured
+after, not interleaved. A script, not a test; CPython only (needs onnx and onnxruntime).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy loads: OpenBLAS reads this once. One thread each keeps the comparison fair.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from . import kernels  # noqa: E402
+from .executor import run_graph, run_nodes  # noqa: E402
+from .graph import Graph, load_onnx, node_flops, save_compact, to_onnx  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "static" / "model" / "mobilenet_v2.onnx"
+PYODIDE_DIR = REPO / "static" / "vendor" / "pyodide"
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: list, repeat: int) -> list[float]:
+    """Median seconds of each fn, run round-robin `repeat` times after one warm-up round."""
+    for f in fns:
+        f()
+    samples = [[] for _ in fns]
+    for _ in range(repeat):
+        for s, f in zip(samples, fns, strict=True):
+            s.append(_timed(f))
+    return [statistics.median(s) for s in samples]
+
+
+def layer_kind(graph: Graph, node) -> str:
+    if node.op != "Conv":
+        return node.op
+    w = graph.weights[node.params[0]]
+    if node.attrs["group"] > 1:
+        return "Conv dw" if node.attrs["group"] == w.shape[0] else "Conv grouped"
+    return "Conv 1x1" if w.shape[2:] == (1, 1) else f"Conv {w.shape[2]}x{w.shape[3]}"
+
+
+def _ort_session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+_PYODIDE_SCRIPT = r"""
+import json, statistics, sys, time
+sys.path.insert(0, "/repo")
+import numpy as np
+from peer_runtime import kernels
+from peer_runtime.executor import run_graph, run_nodes
+from peer_runtime.graph import load_compact
+g = load_compact("/data/model")
+x = np.load("/data/x.npy")
+env = {g.input: x, **run_nodes(g, g.nodes, {g.input: x})}
+def med(f, n):
+    f()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+layers = {}
+for n in g.nodes:
+    ins = [env[t] for t in n.inputs]
+    layers[n.name] = med(lambda: kernels.run_node(n, ins, g.weights), REPEAT)
+whole = med(lambda: run_graph(g, x), max(3, REPEAT // 4))
+print("@@RESULT@@" + json.dumps({"layers": layers, "whole": whole, "dot": kernels.dot_name(),
+                                 "numpy": np.__version__, "platform": sys.platform}))
+"""
+
+_NODE_RUNNER = r"""
+import { pathToFileURL } from "node:url";
+const [dir, repo, data, script] = process.argv.slice(2);
+const { loadPyodide } = await import(pathToFileURL(dir + "/pyodide.mjs").href);
+const py = await loadPyodide({ indexURL: dir + "/", stdout: (s) => console.log(s), stderr: () => {} });
+await py.loadPackage("numpy", { messageCallback: () => {} });
+py.FS.mkdirTree("/repo"); py.mountNodeFS("/repo", repo);
+py.FS.mkdirTree("/data"); py.mountNodeFS("/data", data);
+await py.runPythonAsync((await import("node:fs")).readFileSync(script, "utf8"));
+"""
+
+
+def run_in_pyodide(graph: Graph, x: np.ndarray, repeat: int) -> dict:
+    """Time every layer and the whole model inside Pyodide under node; raises RuntimeError if unavailable."""
+    node = shutil.which("node")
+    if node is None or not (PYODIDE_DIR / "pyodide.mjs").exists():
+        raise RuntimeError(f"needs `node` and Pyodide in {PYODIDE_DIR} (run `python -m server.assets`)")
+    with tempfile.TemporaryDirectory(prefix="tilemesh-bench-") as tmp:
+        save_compact(graph, Path(tmp) / "model")
+        np.save(Path(tmp) / "x.npy", x)
+        (Path(tmp) / "bench.py").write_text(_PYODIDE_SCRIPT.replace("REPEAT", str(int(repeat))))
+        (Path(tmp) / "run.mjs").write_text(_NODE_RUNNER)
+        r = subprocess.run(
+            [node, str(Path(tmp) / "run.mjs"), str(PYODIDE_DIR), str(REPO), tmp, str(Path(tmp) / "bench.py")],
+            capture_output=True, text=True, timeout=1800,
+        )
+    for line in r.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@"):])
+    raise RuntimeError(f"Pyodide run failed ({r.returncode}): {r.stderr[-2000:] or r.stdout[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m peer_runtime.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="ONNX model (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=15, help="timed runs per layer and side (median reported)")
+    ap.add_argument("--threads", type=int, default=int(os.environ["OPENBLAS_NUM_THREADS"]),
+                    help="onnxruntime intra-op threads (numpy's BLAS follows OPENBLAS_NUM_THREADS)")
+    ap.add_argument("--dot", default="auto", choices=["auto", "matmul", "einsum"], help="numpy 2D product")
+    ap.add_argument("--pyodide", action="store_true", help="also time the numpy kernels inside Pyodide (node)")
+    args = ap.parse_args(argv)
+
+    path = Path(args.model)
+    if not path.exists():
+        print(f"model {path} not found: run `python -m server.assets` (or pass --model)", file=sys.stderr)
+        return 2
+    kernels.set_dot(args.dot)
+    t0 = time.perf_counter()
+    g = load_onnx(path)
+    load_s = time.perf_counter() - t0
+    x = np.random.default_rng(0).standard_normal(g.shapes[g.input]).astype(np.float32)
+    env = {g.input: x, **run_nodes(g, g.nodes, {g.input: x})}
+
+    pyo = None
+    if args.pyodide:
+        try:
+            pyo = run_in_pyodide(g, x, args.repeat)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"pyodide column skipped: {e}", file=sys.stderr)
+
+    print(f"model {path} ({len(g.nodes)} nodes, {g.weight_bytes / 1e6:.1f} MB weights, import {load_s * 1e3:.0f} ms)")
+    print(f"numpy {np.__version__} dot={kernels.dot_name()} OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
+          f"onnxruntime threads={args.threads}, median of {args.repeat} interleaved runs")
+    if pyo:
+        print(f"pyodide column: numpy {pyo['numpy']} on {pyo['platform']} (node), dot={pyo['dot']}, separate process")
+    cols = f"{'#':>3} {'node':<28} {'kind':<12} {'out shape':<17} {'MFLOP':>7}"
+    cols += f" {'numpy ms':>9} {'ort ms':>8} {'np/ort':>7}"
+    cols += f" {'pyodide ms':>10} {'pyo/ort':>7}" if pyo else ""
+    print(cols)
+    print("-" * len(cols))
+
+    totals: dict[str, list[float]] = {}
+    sum_np = sum_ort = sum_pyo = 0.0
+    total_flops = 0
+    for i, n in enumerate(g.nodes):
+        ins = [env[t] for t in n.inputs]
+        sess = _ort_session(to_onnx(g, [n], input_shapes={t: a.shape for t, a in zip(n.inputs, ins, strict=True)})
+                            .SerializeToString(), args.threads)
+        feeds = dict(zip(n.inputs, ins, strict=True))
+        t_np, t_ort = interleaved([lambda n=n, ins=ins: kernels.run_node(n, ins, g.weights),
+                                   lambda s=sess, f=feeds: s.run(None, f)], args.repeat)
+        fl = node_flops(g, n)
+        kind = layer_kind(g, n)
+        t_pyo = pyo["layers"][n.name] if pyo else 0.0
+        acc = totals.setdefault(kind, [0, 0.0, 0.0, 0.0, 0])
+        acc[0] += 1
+        acc[1] += t_np
+        acc[2] += t_ort
+        acc[3] += t_pyo
+        acc[4] += fl
+        sum_np, sum_ort, sum_pyo, total_flops = sum_np + t_np, sum_ort + t_ort, sum_pyo + t_pyo, total_flops + fl
+        row = (f"{i:>3} {n.name[:28]:<28} {kind:<12} {str(g.shapes[n.output]):<17} {fl / 1e6:>7.2f} "
+               f"{t_np * 1e3:>9.3f} {t_ort * 1e3:>8.3f} {t_np / t_ort:>7.1f}")
+        row += f" {t_pyo * 1e3:>10.3f} {t_pyo / t_ort:>7.1f}" if pyo else ""
+        print(row)
+
+    print()
+    print("by kind:")
+    head = f"  {'kind':<14} {'n':>3} {'MFLOP':>8} {'numpy ms':>9} {'ort ms':>8} {'np/ort':>7}"
+    print(head + (f" {'pyodide ms':>10} {'pyo/ort':>7}" if pyo else ""))
+    for kind, (cnt, tn, to, tp, fl) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        row = f"  {kind:<14} {cnt:>3} {fl / 1e6:>8.1f} {tn * 1e3:>9.2f} {to * 1e3:>8.2f} {tn / to:>7.1f}"
+        print(row + (f" {tp * 1e3:>10.2f} {tp / to:>7.1f}" if pyo else ""))
+    row = f"  {'sum of layers':<14} {len(g.nodes):>3} {total_flops / 1e6:>8.1f}"
+    row += f" {sum_np * 1e3:>9.2f} {sum_ort * 1e3:>8.2f} {sum_np / sum_ort:>7.1f}"
+    print(row + (f" {sum_pyo * 1e3:>10.2f} {sum_pyo / sum_ort:>7.1f}" if pyo else ""))
+
+    full = _ort_session(path.read_bytes(), args.threads)
+    in_name = full.get_inputs()[0].name
+    t_np, t_ort = interleaved([lambda: run_graph(g, x), lambda: full.run(None, {in_name: x})],
+                              max(3, args.repeat // 2))
+    y_np, y_ort = run_graph(g, x), full.run(None, {in_name: x})[0]
+    print()
+    print(f"whole model ({total_flops / 1e9:.3f} GFLOP): numpy {t_np * 1e3:.1f} ms "
+          f"({total_flops / t_np / 1e9:.2f} GFLOP/s), onnxruntime {t_ort * 1e3:.1f} ms "
+          f"({total_flops / t_ort / 1e9:.2f} GFLOP/s), numpy/ort {t_np / t_ort:.1f}x; "
+          f"max |logit diff| {float(np.abs(y_np - y_ort).max()):.2e}")
+    if pyo:
+        print(f"whole model in Pyodide: {pyo['whole'] * 1e3:.1f} ms ({total_flops / pyo['whole'] / 1e9:.2f} GFLOP/s), "
+              f"pyodide/ort {pyo['whole'] / t_ort:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

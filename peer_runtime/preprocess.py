@@ -116,6 +116,32 @@ def preprocess(image: np.ndarray, *, antialias: bool = True) -> np.ndarray:
     return np.ascontiguousarray(crop.transpose(2, 0, 1))[None]
 
 
+def centre_crop_u8(frame: np.ndarray) -> np.ndarray:
+    """A camera frame already scaled so its shorter side is 256 -> the (1, 3, 224, 224) uint8 centre crop.
+
+    The browser scales frames on a canvas, so no resampling is left to do: the crop is exactly what
+    `preprocess` would feed the network, kept in uint8 so that sending it to other devices costs a quarter of
+    float32. `normalize_u8` then gives bit-identical values to `preprocess`.
+    """
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 (or HxWx4) uint8 frame, got {frame.dtype} {frame.shape}")
+    if min(frame.shape[:2]) != RESIZE_SHORTER:
+        raise ValueError(f"frame {frame.shape[:2]} must have its shorter side scaled to {RESIZE_SHORTER}")
+    top = int(round((frame.shape[0] - CROP_SIZE) / 2.0))
+    left = int(round((frame.shape[1] - CROP_SIZE) / 2.0))
+    crop = frame[top:top + CROP_SIZE, left:left + CROP_SIZE, :3]
+    return np.ascontiguousarray(crop.transpose(2, 0, 1))[None]
+
+
+def normalize_u8(x: np.ndarray) -> np.ndarray:
+    """(1, 3, h, w) uint8 -> float32 normalised like `preprocess` (same float32 operations, same bits)."""
+    out = x.astype(np.float32)
+    out *= _SCALE[:, None, None]
+    out += _OFFSET[:, None, None]
+    return out
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis, in float64."""
     z = np.asarray(logits, dtype=np.float64)

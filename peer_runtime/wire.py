@@ -6,7 +6,7 @@ first and needs no per-link state beyond a `Reassembler`:
     offset size field
          0    4 magic b"TMWT"
          4    1 version (1)
-         5    1 dtype code (1 = float32, 2 = float16), payload is little-endian
+         5    1 dtype code (1 = float32, 2 = float16, 3 = uint8: camera pixels), payload is little-endian
          6    1 ndim (0..4)
          7    1 flags (reserved, 0)
          8    4 frame id (u32)
@@ -46,7 +46,8 @@ _HEAD = struct.Struct("<4sBBBBIII4i4IIII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEAD.size + _CRC.size  # 68
 
-DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+# uint8 carries the camera frame's pixels: a quarter of float32 on the requesting phone's uplink.
+DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2"), 3: np.dtype("u1")}
 _CODES = {dt: code for code, dt in DTYPES.items()}
 
 
@@ -103,7 +104,7 @@ def encode(
     region=None,
     max_message: int = DEFAULT_MAX_MESSAGE,
 ) -> list[bytes]:
-    """Split `array` (float32 or float16, at most 4-D) into chunks of at most `max_message` bytes each.
+    """Split `array` (float32, float16 or uint8, at most 4-D) into chunks of at most `max_message` bytes each.
 
     Pass the remote's advertised SCTP maxMessageSize as `max_message`: a larger message is refused by the
     browser's send() and by aiortc.
@@ -111,7 +112,7 @@ def encode(
     a = np.asarray(array)
     code = _CODES.get(a.dtype.newbyteorder("<"))
     if code is None:
-        raise WireError(f"dtype {a.dtype} is not on the wire (float32 or float16 only)")
+        raise WireError(f"dtype {a.dtype} is not on the wire (float32, float16 or uint8 only)")
     if a.ndim > MAX_NDIM:
         raise WireError(f"{a.ndim}-D tensor: at most {MAX_NDIM} dimensions")
     if max_message < MIN_MAX_MESSAGE:
@@ -131,6 +132,15 @@ def encode(
         crc = zlib.crc32(piece, zlib.crc32(head))
         chunks.append(b"".join((head, _CRC.pack(crc), piece)))
     return chunks
+
+
+def encode_joined(array: np.ndarray, **kwargs) -> bytes:
+    """The chunks of `encode` back to back, as one buffer to hand from the Worker to the main thread.
+
+    Every chunk but the last is exactly `max_message` bytes, so the receiver of the buffer splits it at multiples
+    of `max_message` (web/mesh.js `sendChunks`) without any framing of its own.
+    """
+    return b"".join(encode(array, **kwargs))
 
 
 def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:

@@ -1,0 +1,249 @@
+"""One device's side of distributed inference: an event-driven runner for the frames of one plan.
+
+The browser's worker and the aiortc edge peer run the same class. It is fed wire chunks from other devices
+(`on_chunk`) and, on the device with the camera, frames (`start_frame`); it runs each `DeviceTask` of its
+`DevicePlan` as soon as every piece the task waits for has arrived, and answers with the wire messages to
+send on (`Outgoing`). The transport stays outside: a data channel, an aiortc channel or an in-memory fake.
+
+Frame identity: every chunk carries the frame id and the plan id (in the wire header's `layer` field), so a
+late halo of an old frame or of a replaced plan is never mixed into a new one. Per-frame state is bounded by
+`window` frames; older unfinished frames are dropped (the requester's timeout reports them).
+
+The graph input travels as uint8 pixels (a quarter of float32) and is normalised where it lands; the
+normalisation is elementwise, so the distributed result equals single-device inference bit for bit up to
+float summation order in the kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import wire
+from .preprocess import normalize_u8
+from .regions import Region
+from .tiling import DevicePlan, crop, run_task
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """Chunks for one destination device (each at most that link's max message size)."""
+
+    dst: str
+    chunks: list[bytes]
+    tensor: str
+    nbytes: int
+
+
+@dataclass
+class TaskTiming:
+    segment: int
+    ready_ms: float  # when its last input arrived, relative to the frame's first event on this device
+    start_ms: float
+    end_ms: float
+    macs: int
+
+
+@dataclass
+class FrameState:
+    frame: int
+    t0: float
+    store: dict[str, list] = field(default_factory=dict)  # tensor -> [(Region, array)]
+    arrived: set = field(default_factory=set)  # (src, tensor, Region) pieces received
+    next_task: int = 0
+    timings: list[TaskTiming] = field(default_factory=list)
+    ready_at: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    output: np.ndarray | None = None
+    done: bool = False
+
+
+class PlanMismatch(ValueError):
+    """A message for another plan or a tensor this device's plan does not expect."""
+
+
+class DeviceRunner:
+    """Runs `dplan` (this device's part of a plan) for a stream of frames.
+
+    source: the device holding the camera; it starts frames and receives the final output.
+    max_message: per-destination wire chunk limit (the remote's SCTP maxMessageSize); default 256 KiB.
+    """
+
+    def __init__(self, graph, dplan: DevicePlan, plan_id: int, source: str, backend=None, window: int = 4,
+                 max_message: dict[str, int] | None = None, clock=time.perf_counter):
+        self.graph = graph
+        self.dplan = dplan
+        self.device = dplan.device
+        self.plan_id = int(plan_id)
+        self.source = source
+        self.backend = backend
+        self.window = window
+        self.max_message = dict(max_message or {})
+        self.clock = clock
+        # Tensor ids on the wire: position in the graph, the same on every device running the same model.
+        self.tensor_ids = {graph.input: 0, **{n.output: i + 1 for i, n in enumerate(graph.nodes)}}
+        self.tensor_names = {i: t for t, i in self.tensor_ids.items()}
+        self.inbox = wire.Inbox(window=window)
+        self.frames: OrderedDict[int, FrameState] = OrderedDict()
+        self.finished: OrderedDict[int, FrameState] = OrderedDict()
+        self.errors: list[str] = []
+        # What this device must hear from each peer before its tasks can run, per tensor: for validation.
+        self.expected = {(t.src, t.tensor, t.region) for task in dplan.tasks for t in task.recv}
+        self.output_tensor = graph.output
+
+    # ------------------------------------------------------------------ frames
+
+    def _frame(self, frame: int) -> FrameState | None:
+        """State of `frame`, created on first sight; None for a finished frame or one older than the window.
+
+        A frame more than `window` frames behind the newest is given up: its missing pieces are not coming
+        (a peer vanished or a chunk was lost) and holding its tensors would exhaust a phone's memory.
+        """
+        st = self.frames.get(frame)
+        if st is not None:
+            return st
+        if frame in self.finished:
+            return None
+        newest = max([frame, *self.frames, *self.finished])
+        floor = newest - self.window + 1
+        if frame < floor:
+            return None
+        st = self.frames[frame] = FrameState(frame, self.clock())
+        for old in [f for f in self.frames if f < floor]:
+            del self.frames[old]
+            self.errors.append(f"frame {old} dropped unfinished on {self.device}")
+        return st
+
+    def start_frame(self, frame: int, pixels: np.ndarray) -> list[Outgoing]:
+        """On the source: `pixels` is the (1, 3, H, W) uint8 crop the model sees. Sends everyone their part."""
+        if self.device != self.source:
+            raise ValueError(f"{self.device} is not the source {self.source}: it cannot start frames")
+        want = tuple(self.graph.shapes[self.graph.input])
+        if pixels.dtype != np.uint8 or pixels.shape != want:
+            raise ValueError(f"frame must be uint8 {want}, got {pixels.dtype} {pixels.shape}")
+        st = self._frame(frame)
+        if st is None:
+            raise ValueError(f"frame {frame} is not newer than the frames in flight")
+        full = Region.full(*pixels.shape[2:])
+        out = []
+        if self.dplan.input_owned is not None:
+            own = crop(pixels, full, self.dplan.input_owned)
+            st.store.setdefault(self.graph.input, []).append((self.dplan.input_owned, normalize_u8(own)))
+        for tr in self.dplan.input_send:
+            out.append(self._encode(st, tr.dst, tr.tensor, tr.region, crop(pixels, full, tr.region)))
+        return out + self._advance(st)
+
+    def on_chunk(self, peer: str, chunk) -> list[Outgoing]:
+        """Feed one wire chunk from `peer`; returns what to send as a consequence (maybe nothing)."""
+        got = self.inbox.feed(peer, chunk)
+        if got is None:
+            return []
+        h = got.header
+        if h.layer != self.plan_id:
+            raise PlanMismatch(f"chunk from {peer} for plan {h.layer}, running plan {self.plan_id}")
+        tensor = self.tensor_names.get(h.tensor)
+        if tensor is None:
+            raise PlanMismatch(f"unknown tensor id {h.tensor} from {peer}")
+        region = Region(*h.region)
+        st = self._frame(h.frame)
+        if st is None:
+            return []
+        st.bytes_received += got.array.nbytes
+        array = got.array
+        if tensor == self.graph.input:
+            array = normalize_u8(array)
+        if tensor == self.output_tensor and self.device == self.source:
+            st.output = np.array(array)
+            return self._advance(st)
+        if (peer, tensor, region) not in self.expected:
+            raise PlanMismatch(f"{self.device} did not expect {tensor} {region} from {peer}")
+        st.arrived.add((peer, tensor, region))
+        st.store.setdefault(tensor, []).append((region, array))
+        st.ready_at = self.clock()
+        return self._advance(st)
+
+    def _encode(self, st: FrameState, dst: str, tensor: str, region: Region, array: np.ndarray) -> Outgoing:
+        chunks = wire.encode(
+            array, frame=st.frame, tensor=self.tensor_ids[tensor], layer=self.plan_id, region=region.to_list(),
+            max_message=self.max_message.get(dst, wire.DEFAULT_MAX_MESSAGE),
+        )
+        st.bytes_sent += array.nbytes
+        return Outgoing(dst, chunks, tensor, int(array.nbytes))
+
+    def _runnable(self, st: FrameState, task) -> bool:
+        return all((t.src, t.tensor, t.region) in st.arrived for t in task.recv)
+
+    def _advance(self, st: FrameState) -> list[Outgoing]:
+        """Run every task whose inputs are all here, in plan order; collect sends; finish the frame."""
+        out: list[Outgoing] = []
+        tasks = self.dplan.tasks
+        while st.next_task < len(tasks) and self._runnable(st, tasks[st.next_task]):
+            task = tasks[st.next_task]
+            ready = max(st.ready_at, st.t0)
+            start = self.clock()
+            owned, outgoing = run_task(self.graph, task, st.store, self.backend)
+            end = self.clock()
+            st.timings.append(TaskTiming(task.segment, (ready - st.t0) * 1e3, (start - st.t0) * 1e3,
+                                         (end - st.t0) * 1e3, task.macs))
+            for tensor, piece in owned.items():
+                st.store.setdefault(tensor, []).append(piece)
+            for tr, arr in outgoing:
+                out.append(self._encode(st, tr.dst, tr.tensor, tr.region, arr))
+            st.next_task += 1
+            self._release(st)
+        if st.next_task == len(tasks):
+            final = st.store.get(self.output_tensor)
+            if self.device == self.source:
+                if final:
+                    st.output = final[-1][1]
+                if st.output is not None:
+                    self._finish(st)
+            else:
+                if final:
+                    region, arr = final[-1]
+                    out.append(self._encode(st, self.source, self.output_tensor, region, arr))
+                self._finish(st)
+        return out
+
+    def _release(self, st: FrameState) -> None:
+        """Free tensors no remaining task reads (a 112x112 map is megabytes; phones are short of memory)."""
+        needed = {t for task in self.dplan.tasks[st.next_task:] for t in task.deps.inputs}
+        needed |= {t for task in self.dplan.tasks[st.next_task:] for tr in task.send for t in [tr.tensor]}
+        needed.add(self.output_tensor)
+        for tensor in list(st.store):
+            if tensor not in needed:
+                del st.store[tensor]
+
+    def _finish(self, st: FrameState) -> None:
+        st.done = True
+        self.frames.pop(st.frame, None)
+        self.finished[st.frame] = st
+        while len(self.finished) > self.window:
+            self.finished.popitem(last=False)
+
+    # ------------------------------------------------------------------ results
+
+    def result(self, frame: int) -> np.ndarray | None:
+        st = self.finished.get(frame)
+        return None if st is None else st.output
+
+    def report(self, frame: int) -> dict | None:
+        """JSON-able timings of this device for a finished frame (the host page's timeline)."""
+        st = self.finished.get(frame)
+        if st is None:
+            return None
+        return {
+            "device": self.device,
+            "frame": frame,
+            "tasks": [t.__dict__ for t in st.timings],
+            "compute_ms": sum(t.end_ms - t.start_ms for t in st.timings),
+            "bytes_sent": st.bytes_sent,
+            "bytes_received": st.bytes_received,
+        }
+
+    def forget_peer(self, peer: str) -> None:
+        self.inbox.forget(peer)

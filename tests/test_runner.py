@@ -1,0 +1,189 @@
+"""Distributed inference through DeviceRunner over a fake in-memory mesh that reorders, delays and drops.
+
+The fake transport stands in for WebRTC data channels so that lossy and out-of-order delivery is
+deterministic and fast; the real-browser tests run the same runner over real channels.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from peer_runtime import graph as graph_mod
+from peer_runtime import wire
+from peer_runtime.deps import cut_candidates, live_tensors
+from peer_runtime.executor import run_graph
+from peer_runtime.preprocess import centre_crop_u8, normalize_u8
+from peer_runtime.regions import plane
+from peer_runtime.runner import DeviceRunner, PlanMismatch
+from peer_runtime.tiling import Split, build_plan
+
+
+@pytest.fixture(scope="module")
+def mobilenet(demo_model_dir):
+    path = demo_model_dir / "mobilenet_v2.onnx"
+    return graph_mod.load_onnx(path), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def block_cuts(graph) -> dict[int, int]:
+    """Block-boundary cut index -> stride of the tensor live there."""
+    out = {}
+    for k in cut_candidates(graph):
+        if graph.nodes[k - 1].name.split(".")[:2] != graph.nodes[k].name.split(".")[:2]:
+            (t,) = live_tensors(graph, k)
+            out[k] = plane(graph.shapes[graph.input])[0] // plane(graph.shapes[t])[0]
+    return out
+
+
+def three_device_plan(graph):
+    """Fused rows to stride 8, halo exchange at stride 16, the 7x7 tail and head gathered on the edge."""
+    strides = block_cuts(graph)
+    s8 = max(k for k, s in strides.items() if s == 8)
+    s16 = [k for k, s in strides.items() if s == 16]
+    s32 = min(k for k, s in strides.items() if s == 32)
+    rows = Split.rows({"phone": 2, "laptop": 5, "edge": 3})
+    cuts = [s8, s16[len(s16) // 2], s32]
+    return build_plan(graph, cuts, [rows, rows, rows, Split.whole("edge")], "phone")
+
+
+class FakeMesh:
+    """Delivers chunks between runners in a seeded random order; `drop(src, dst, chunk)` loses chunks."""
+
+    def __init__(self, runners: dict[str, DeviceRunner], seed: int = 0, drop=None):
+        self.runners = runners
+        self.rng = random.Random(seed)
+        self.queue: list[tuple[str, str, bytes]] = []
+        self.drop = drop or (lambda src, dst, chunk: False)
+        self.delivered = 0
+
+    def post(self, src: str, outgoing) -> None:
+        for o in outgoing:
+            assert o.dst != src
+            for c in o.chunks:
+                # The sender must respect the limit it was given for that link (the remote's maxMessageSize).
+                assert len(c) <= self.runners[src].max_message.get(o.dst, wire.DEFAULT_MAX_MESSAGE)
+                self.queue.append((src, o.dst, c))
+
+    def run(self) -> None:
+        while self.queue:
+            src, dst, chunk = self.queue.pop(self.rng.randrange(len(self.queue)))
+            if self.drop(src, dst, chunk):
+                continue
+            self.delivered += 1
+            self.post(dst, self.runners[dst].on_chunk(src, chunk))
+
+
+def make_runners(graph, plan, plan_id=7, max_message=16 * 1024):
+    devices = plan.devices
+    return {
+        d: DeviceRunner(graph, plan.device_plan(d), plan_id, source="phone",
+                        max_message={o: max_message for o in devices})
+        for d in devices
+    }
+
+
+def frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+
+
+def test_three_devices_equal_single_device_and_onnxruntime(mobilenet):
+    graph, sess = mobilenet
+    plan = three_device_plan(graph)
+    runners = make_runners(graph, plan)
+    mesh = FakeMesh(runners, seed=1)
+    pixels = centre_crop_u8(frame(3))
+    mesh.post("phone", runners["phone"].start_frame(1, pixels))
+    mesh.run()
+    out = runners["phone"].result(1)
+    assert out is not None, runners["phone"].errors
+    x = normalize_u8(pixels)
+    np.testing.assert_allclose(out, run_graph(graph, x), rtol=1e-5, atol=1e-5)
+    ref = sess.run(None, {graph.input: x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert list(np.argsort(-out[0])[:5]) == list(np.argsort(-ref[0])[:5])
+    # Every device computed something and the wire carried uint8 pixels, not float32, off the phone.
+    reports = {d: r.report(1) for d, r in runners.items()}
+    assert all(rep is not None and rep["tasks"] for rep in reports.values()), reports
+    input_bytes = sum(tr.region.area * 3 for tr in plan.input_send)
+    assert 0 < input_bytes <= reports["phone"]["bytes_sent"] < input_bytes + 4 * 10**6
+
+
+def test_frames_in_flight_do_not_mix(mobilenet):
+    """Three frames started at once, chunks of all of them shuffled together: each gets its own answer."""
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runners = make_runners(graph, plan)
+    mesh = FakeMesh(runners, seed=2)
+    crops = {f: centre_crop_u8(frame(10 + f)) for f in (1, 2, 3)}
+    for f, px in crops.items():
+        mesh.post("phone", runners["phone"].start_frame(f, px))
+    mesh.run()
+    for f, px in crops.items():
+        np.testing.assert_allclose(runners["phone"].result(f), run_graph(graph, normalize_u8(px)), atol=1e-5)
+
+
+def test_lost_frame_is_dropped_and_later_frames_finish(mobilenet):
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runners = make_runners(graph, plan)
+    lost_frame = 1
+    mesh = FakeMesh(runners, seed=3, drop=lambda s, d, c: wire.parse_chunk(c)[0].frame == lost_frame and s == "laptop")
+    for f in range(1, 7):
+        mesh.post("phone", runners["phone"].start_frame(f, centre_crop_u8(frame(f))))
+        mesh.run()
+    assert runners["phone"].result(lost_frame) is None
+    assert all(runners["phone"].result(f) is not None for f in range(3, 7))
+    assert any(f"frame {lost_frame} dropped" in e for r in runners.values() for e in r.errors)
+
+
+def test_single_device_plan_sends_nothing(mobilenet):
+    graph, sess = mobilenet
+    plan = build_plan(graph, [], [Split.whole("phone")], "phone")
+    runner = DeviceRunner(graph, plan.device_plan("phone"), 1, source="phone")
+    px = centre_crop_u8(frame(5))
+    assert runner.start_frame(1, px) == []
+    np.testing.assert_allclose(runner.result(1), run_graph(graph, normalize_u8(px)), atol=1e-6)
+
+
+def test_offload_plan_returns_logits_to_the_phone(mobilenet):
+    graph, _ = mobilenet
+    plan = build_plan(graph, [], [Split.whole("edge")], "phone")
+    runners = {d: DeviceRunner(graph, plan.device_plan(d), 2, source="phone") for d in ("phone", "edge")}
+    mesh = FakeMesh(runners)
+    px = centre_crop_u8(frame(6))
+    out = runners["phone"].start_frame(1, px)
+    assert [o.dst for o in out] == ["edge"] and out[0].nbytes == px.nbytes  # uint8 pixels
+    mesh.post("phone", out)
+    mesh.run()
+    np.testing.assert_allclose(runners["phone"].result(1), run_graph(graph, normalize_u8(px)), atol=1e-6)
+
+
+def test_chunks_of_another_plan_or_unexpected_pieces_are_refused(mobilenet):
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runners = make_runners(graph, plan)
+    px = centre_crop_u8(frame(8))
+    out = runners["phone"].start_frame(1, px)
+    to_laptop = next(o for o in out if o.dst == "laptop")
+    other_plan = DeviceRunner(graph, plan.device_plan("laptop"), 99, source="phone")
+    with pytest.raises(PlanMismatch, match="plan 7"):
+        for c in to_laptop.chunks:
+            other_plan.on_chunk("phone", c)
+    # The edge expects nothing from the phone at its first task in this plan's layout: a stray piece is refused.
+    stray = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, layer=7, region=(0, 4, 0, 4))
+    with pytest.raises(PlanMismatch, match="did not expect"):
+        for c in stray:
+            runners["edge"].on_chunk("phone", c)
+
+
+def test_bad_frames_are_refused(mobilenet):
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runners = make_runners(graph, plan)
+    with pytest.raises(ValueError, match="uint8"):
+        runners["phone"].start_frame(1, np.zeros((1, 3, 224, 224), np.float32))
+    with pytest.raises(ValueError, match="not the source"):
+        runners["laptop"].start_frame(1, centre_crop_u8(frame(1)))

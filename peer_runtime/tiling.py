@@ -460,3 +460,44 @@ def simulate(graph, plan: Plan, x: np.ndarray, backend=None, roundtrip_json: boo
     shape = graph.shapes[graph.output]
     parts = [stores[d][graph.output][-1] for d in plan.owners[graph.output]]
     return assemble(parts, Region.full(*plane(shape)), shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures for planners and people
+
+
+def fused_tiling_report(graph, split: Split | None = None, cuts=None) -> list[dict]:
+    """For each cut (default: every single-tensor cut), the figures of one fused segment from the graph
+    input up to it, tiled by `split` (default 2x2) with the input sent from one source device:
+    cumulative stride and receptive-field halo of the cut tensor, summed tile MACs over untiled MACs
+    (redundant %), and the input bytes every tile receives (its region plus halo).
+
+    Stops at the first cut whose prefix is no longer spatial (global ops).
+    """
+    from .deps import cut_candidates, input_halo, live_tensors
+
+    split = split or Split.grid([["a", "b"], ["c", "d"]])
+    rows = []
+    for k in cut_candidates(graph) if cuts is None else cuts:
+        seg = make_segments(graph, [k])[0]
+        if not segment_is_spatial(graph, seg):
+            break
+        (tensor,) = live_tensors(graph, k)
+        stride, halo = input_halo(graph, tensor)
+        source = "_source"
+        plan = build_plan(graph, [k], [split, Split.whole(source)], source)
+        s0 = plan.stats(graph)[0]
+        rows.append(
+            {
+                "cut": k,
+                "tensor": tensor,
+                "shape": tuple(graph.shapes[tensor]),
+                "stride": stride,
+                "halo_px": halo,
+                "full_macs": s0["full_macs"],
+                "tile_macs": s0["tile_macs"],
+                "redundant_pct": s0["redundant_pct"],
+                "input_bytes": s0["recv_bytes"],
+            }
+        )
+    return rows

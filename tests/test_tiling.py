@@ -24,7 +24,7 @@ from peer_runtime.backend import OnnxRuntimeBackend
 from peer_runtime.deps import cut_candidates, input_halo, live_tensors, make_segments, segment_is_spatial
 from peer_runtime.executor import run_graph
 from peer_runtime.regions import Region, check_partition, plane
-from peer_runtime.tiling import Plan, Split, Transfer, build_plan, run_task, simulate
+from peer_runtime.tiling import Plan, Split, Transfer, build_plan, fused_tiling_report, run_task, simulate
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -397,17 +397,11 @@ def _block_outputs(graph):
 def mobilenet_report(graph) -> list[str]:
     """Per block: cumulative stride, receptive-field halo, and the redundant compute of a 2x2 fused
     tiling from the input up to that block (the no-communication plan)."""
-    lines = [f"{'cut':>4} {'tensor':<26} {'shape':<16} {'stride':>6} {'halo px':>7} {'2x2 redundant':>13}"]
-    grid = Split.grid([["a", "b"], ["c", "d"]])
-    for k, tensor in _block_outputs(graph):
-        if not segment_is_spatial(graph, make_segments(graph, [k])[0]):
-            break
-        stride, halo = input_halo(graph, tensor)
-        plan = build_plan(graph, [k], [grid, Split.whole("a")], "a")
-        s0 = plan.stats(graph)[0]
+    lines = [f"{'cut':>4} {'tensor':<20} {'shape':<16} {'stride':>6} {'halo px':>7} {'2x2 redundant':>13} {'in MB':>6}"]
+    for r in fused_tiling_report(graph, cuts=[k for k, _ in _block_outputs(graph)]):
         lines.append(
-            f"{k:>4} {tensor:<26} {str(graph.shapes[tensor][1:]):<16} {stride:>6} {halo:>7} "
-            f"{s0['redundant_pct']:>12.1f}%"
+            f"{r['cut']:>4} {r['tensor']:<20} {str(r['shape'][1:]):<16} {r['stride']:>6} {r['halo_px']:>7} "
+            f"{r['redundant_pct']:>12.1f}% {r['input_bytes'] / 1e6:>6.2f}"
         )
     return lines
 

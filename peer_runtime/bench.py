@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"onnxruntime threads={args.threads}, median of {args.repeat} interleaved runs")
     if pyo:
         print(f"pyodide column: numpy {pyo['numpy']} on {pyo['platform']} (node), dot={pyo['dot']}, separate process")
-    cols = f"{'#':>3} {'node':<28} {'kind':<12} {'out shape':<17} {'MFLOP':>7}"
+    cols = f"{'#':>3} {'node':<28} {'kind':<17} {'out shape':<17} {'MFLOP':>7}"
     cols += f" {'numpy ms':>9} {'ort ms':>8} {'np/ort':>7}"
     cols += f" {'pyodide ms':>10} {'pyo/ort':>7}" if pyo else ""
     print(cols)
@@ -193,19 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         acc[3] += t_pyo
         acc[4] += fl
         sum_np, sum_ort, sum_pyo, total_flops = sum_np + t_np, sum_ort + t_ort, sum_pyo + t_pyo, total_flops + fl
-        row = (f"{i:>3} {n.name[:28]:<28} {kind:<12} {str(g.shapes[n.output]):<17} {fl / 1e6:>7.2f} "
+        row = (f"{i:>3} {n.name[:28]:<28} {kind:<17} {str(g.shapes[n.output]):<17} {fl / 1e6:>7.2f} "
                f"{t_np * 1e3:>9.3f} {t_ort * 1e3:>8.3f} {t_np / t_ort:>7.1f}")
         row += f" {t_pyo * 1e3:>10.3f} {t_pyo / t_ort:>7.1f}" if pyo else ""
         print(row)
 
     print()
     print("by kind:")
-    head = f"  {'kind':<14} {'n':>3} {'MFLOP':>8} {'numpy ms':>9} {'ort ms':>8} {'np/ort':>7}"
+    head = f"  {'kind':<17} {'n':>3} {'MFLOP':>8} {'numpy ms':>9} {'ort ms':>8} {'np/ort':>7}"
     print(head + (f" {'pyodide ms':>10} {'pyo/ort':>7}" if pyo else ""))
     for kind, (cnt, tn, to, tp, fl) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
-        row = f"  {kind:<14} {cnt:>3} {fl / 1e6:>8.1f} {tn * 1e3:>9.2f} {to * 1e3:>8.2f} {tn / to:>7.1f}"
+        row = f"  {kind:<17} {cnt:>3} {fl / 1e6:>8.1f} {tn * 1e3:>9.2f} {to * 1e3:>8.2f} {tn / to:>7.1f}"
         print(row + (f" {tp * 1e3:>10.2f} {tp / to:>7.1f}" if pyo else ""))
-    row = f"  {'sum of layers':<14} {len(g.nodes):>3} {total_flops / 1e6:>8.1f}"
+    row = f"  {'sum of layers':<17} {len(g.nodes):>3} {total_flops / 1e6:>8.1f}"
     row += f" {sum_np * 1e3:>9.2f} {sum_ort * 1e3:>8.2f} {sum_np / sum_ort:>7.1f}"
     print(row + (f" {sum_pyo * 1e3:>10.2f} {sum_pyo / sum_ort:>7.1f}" if pyo else ""))
 

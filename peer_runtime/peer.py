@@ -1,0 +1,155 @@
+"""A peer's runtime as the browser worker and the edge peer hold it: the model, the current plan, the runner.
+
+Everything here takes and returns plain values (str, int, bytes-like, dicts and lists of them), so the browser
+worker can call it through Pyodide without this package importing anything of the browser's.
+
+Plans travel as a small spec, `{"plan_id", "source", "cuts", "splits"}` (what the server's planner chose);
+every device expands it with the same `tiling.build_plan` on the same graph, so only a few hundred bytes cross
+the signaling channel instead of every device's full task list.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .classify import LocalClassifier, frame_from_bytes
+from .preprocess import centre_crop_u8, top_k
+from .runner import DeviceRunner
+from .tiling import Split, build_plan
+
+
+def split_from_json(spec):
+    """A segment's split as the planner sends it: a Split dict, or {tensor: {device: [r0, r1, c0, c1]}}."""
+    from .regions import Region
+
+    if "devices" in spec:
+        return Split.from_dict(spec)
+    return {t: {d: Region.from_list(r) for d, r in part.items()} for t, part in spec.items()}
+
+
+def plan_from_spec(graph, spec: dict):
+    source = spec["source"]
+    splits = [split_from_json(s) for s in spec["splits"]]
+    return build_plan(graph, [int(c) for c in spec["cuts"]], splits, source)
+
+
+class Peer:
+    def __init__(self, classifier: LocalClassifier, device: str = "local"):
+        self.classifier = classifier
+        self.graph = classifier.graph
+        self.device = device
+        self.runner: DeviceRunner | None = None
+        self.spec: dict | None = None
+        self.started: dict[int, float] = {}
+
+    def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
+        """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
+        t0 = time.perf_counter()
+        plan = plan_from_spec(self.graph, spec)
+        if device not in plan.devices and device != spec["source"]:
+            self.runner = None
+            self.spec = spec
+            return {"plan_id": spec["plan_id"], "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
+        self.device = device
+        self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
+                                   max_message={k: int(v) for k, v in (max_message or {}).items()})
+        self.spec = spec
+        dplan = self.runner.dplan
+        return {
+            "plan_id": spec["plan_id"],
+            "role": "source" if device == spec["source"] else "worker",
+            "tasks": len(dplan.tasks),
+            "macs": int(sum(t.macs for t in dplan.tasks)),
+            "build_ms": (time.perf_counter() - t0) * 1e3,
+            "parts": parts_of(plan),
+        }
+
+    def set_max_message(self, peer: str, size: int) -> None:
+        if self.runner is not None:
+            self.runner.max_message[peer] = int(size)
+
+    def start_frame(self, frame: int, data, height: int, width: int) -> dict:
+        if self.runner is None:
+            raise RuntimeError("no plan: the room has not planned this device in")
+        pixels = centre_crop_u8(frame_from_bytes(data, height, width))
+        self.started[frame] = time.perf_counter()
+        out = self.runner.start_frame(int(frame), pixels)
+        return {"out": _outgoing(out), "results": self._results()}
+
+    def on_chunk(self, peer: str, chunk) -> dict:
+        if self.runner is None:
+            return {"out": [], "results": [], "ignored": True}
+        out = self.runner.on_chunk(peer, bytes(chunk))
+        return {"out": _outgoing(out), "results": self._results()}
+
+    def _results(self) -> list[dict]:
+        """Frames this device (the source) has finished since the last call, with top-5 and timings."""
+        done = []
+        for frame, t0 in list(self.started.items()):
+            logits = self.runner.result(frame)
+            if logits is None:
+                continue
+            del self.started[frame]
+            done.append({
+                "frame": frame,
+                "top": [{"index": i, "label": lab, "p": p}
+                        for i, lab, p in top_k(np.asarray(logits)[0], self.classifier.labels, 5)],
+                "ms": (time.perf_counter() - t0) * 1e3,
+                "report": self.runner.report(frame),
+            })
+        for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
+            del self.started[frame]
+        return done
+
+    def report(self, frame: int) -> dict | None:
+        return None if self.runner is None else self.runner.report(int(frame))
+
+
+def parts_of(plan) -> list[dict]:
+    """Which device owns which part of the first segment's output, as fractions of the frame: the AR map."""
+    if not plan.segments:
+        return []
+    owners = plan.owners[plan.segments[0].outputs[0]]
+    h = max(r.r1 for r in owners.values())
+    w = max(r.c1 for r in owners.values())
+    return [{"device": d, "r0": r.r0 / h, "r1": r.r1 / h, "c0": r.c0 / w, "c1": r.c1 / w} for d, r in owners.items()]
+
+
+def _outgoing(out) -> list[dict]:
+    return [{"dst": o.dst, "chunks": o.chunks, "tensor": o.tensor, "nbytes": o.nbytes} for o in out]
+
+
+_peer: Peer | None = None
+
+
+def load(model_json: str, labels_json: str) -> dict:
+    """Worker entry: load the model once (shared with single-device classification)."""
+    global _peer
+    classifier = LocalClassifier.from_files(model_json, labels_json)
+    _peer = Peer(classifier)
+    g = classifier.graph
+    return {"nodes": len(g.nodes), "classes": len(classifier.labels)}
+
+
+def current() -> Peer:
+    if _peer is None:
+        raise RuntimeError("model not loaded: call peer_runtime.peer.load first")
+    return _peer
+
+
+def set_plan(spec: dict, device: str, max_message: dict | None = None) -> dict:
+    return current().set_plan(spec, device, max_message)
+
+
+def start_frame(frame: int, data, height: int, width: int) -> dict:
+    return current().start_frame(frame, data, height, width)
+
+
+def on_chunk(peer: str, chunk) -> dict:
+    return current().on_chunk(peer, chunk)
+
+
+def classify_local(data, height: int, width: int, k: int = 5) -> dict:
+    return current().classifier.classify(data, height, width, k)

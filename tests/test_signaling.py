@@ -1,0 +1,397 @@
+"""The signaling server end to end over real WebSockets (aiohttp's test server), with short timeouts.
+
+Covers the room pages too, since they share the hub: a room made over HTTP is the one the sockets join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from server import protocol, rooms, signaling
+from server.app import ServerConfig, create_app
+from server.ids import PeerId, RoomId
+
+ICE = [{"urls": ["stun:10.99.0.1:3478"]}]
+# Heartbeat silence is 3 s here, far beyond any test's duration, except in the test that is about it.
+FAST = signaling.SignalingConfig(heartbeat=1.0, resume_grace=0.4, room_ttl=60, tick=0.05)
+
+
+class Peer:
+    """A test client: sends protocol messages and reads them back one at a time."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.id: PeerId | None = None
+        self.token: str | None = None
+
+    async def send(self, mtype: str, **fields) -> None:
+        await self.ws.send_str(json.dumps({"v": 1, "type": mtype, **fields}))
+
+    async def recv(self, timeout: float = 3.0) -> dict:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a message, got {msg}"
+        return json.loads(msg.data)
+
+    async def expect(self, mtype: str, timeout: float = 3.0, skip: tuple[str, ...] = ("roster",)) -> dict:
+        """The next message of `mtype`, skipping only the types in `skip`."""
+        while True:
+            got = await self.recv(timeout)
+            if got["type"] == mtype:
+                return got
+            assert got["type"] in skip, f"expected {mtype}, got {got}"
+
+    async def silent(self, seconds: float = 0.3) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            got = await self.ws.receive(timeout=seconds)
+            pytest.fail(f"expected nothing, got {got}")
+
+    async def join(self, room: str, name: str = "", kind: str = "phone", **extra) -> dict:
+        await self.send("join", room=room, name=name, kind=kind, **extra)
+        welcome = await self.expect("welcome", skip=())
+        self.id, self.token = welcome["peer_id"], welcome["resume_token"]
+        return welcome
+
+    async def closed(self, timeout: float = 3.0) -> int:
+        """Read until the server closes the socket; the close code."""
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return self.ws.close_code
+            assert msg.type == aiohttp.WSMsgType.TEXT
+
+
+@pytest.fixture
+def make_server(aiohttp_client, tmp_path):
+    async def make(config: signaling.SignalingConfig = FAST, public_url: str | None = None):
+        app = create_app(ServerConfig(static_dir=tmp_path / "static", ice_servers=ICE, public_url=public_url))
+        signaling.configure(app, config)
+        client = await aiohttp_client(app)
+        client.hub = app[signaling.HUB_KEY]
+
+        async def connect() -> Peer:
+            return Peer(await client.ws_connect("/ws"))
+
+        async def new_room() -> str:
+            resp = await client.post("/api/rooms")
+            assert resp.status == 201
+            return (await resp.json())["room"]
+
+        client.connect, client.new_room = connect, new_room
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def server(make_server):
+    return await make_server()
+
+
+async def test_join_welcome_and_roster_updates(server):
+    room = await server.new_room()
+    a = await server.connect()
+    wa = await a.join(room, "Anna", "laptop")
+    assert wa["room"] == room and wa["ice_servers"] == ICE and wa["resumed"] is False
+    assert wa["heartbeat"] == FAST.heartbeat
+    assert [p["name"] for p in wa["peers"]] == ["Anna"]
+
+    b = await server.connect()
+    wb = await b.join(room)
+    # The existing peer hears about the newcomer; the newcomer's welcome lists everyone, itself included.
+    roster = await a.expect("roster", skip=())
+    assert [p["id"] for p in roster["peers"]] == [a.id, b.id]
+    assert [p["id"] for p in wb["peers"]] == [a.id, b.id]
+    assert wb["peers"][1]["name"] == f"Phone {b.id[-4:]}" and wb["peers"][1]["kind"] == "phone"
+
+    await b.send("state", state="booting", progress=0.25, detail="download", profile={"cores": 8})
+    for peer in (a, b):
+        entry = (await peer.expect("roster", skip=()))["peers"][1]
+        assert (entry["state"], entry["progress"], entry["detail"], entry["profile"]) == \
+            ("booting", 0.25, "download", {"cores": 8})
+    await b.send("state", state="ready")
+    assert (await a.expect("roster", skip=()))["peers"][1]["progress"] == 1.0
+
+
+async def test_newcomer_offer_arrives_after_the_roster_that_announces_it(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room)
+    await b.join(room)
+    await b.send("signal", to=a.id, data={"type": "offer", "sdp": "v=0"})
+    # No skipping: the roster naming b must come first, then b's offer, relayed verbatim.
+    first, second = await a.recv(), await a.recv()
+    assert first["type"] == "roster" and b.id in [p["id"] for p in first["peers"]]
+    assert second == {"v": 1, "type": "signal", "from": b.id, "data": {"type": "offer", "sdp": "v=0"}}
+    await b.silent(0.1)
+
+
+async def test_relay_stays_inside_the_room(server):
+    room1, room2 = await server.new_room(), await server.new_room()
+    a, b, c = await server.connect(), await server.connect(), await server.connect()
+    await a.join(room1)
+    await b.join(room1)
+    await c.join(room2)
+    await a.expect("roster")
+    # c knows a's id, but a is in another room: refused, and a hears nothing.
+    await c.send("signal", to=a.id, data={"sdp": "evil"})
+    err = await c.expect("error")
+    assert err["code"] == protocol.UNKNOWN_PEER and err["ref"] == "signal"
+    await c.send("signal", to=PeerId.new(), data={})
+    assert (await c.expect("error"))["code"] == protocol.UNKNOWN_PEER
+
+    await a.send("broadcast", data={"plan": 1})
+    assert await b.expect("broadcast") == {"v": 1, "type": "broadcast", "from": a.id, "data": {"plan": 1}}
+    await a.silent(0.2)
+    await c.silent(0.1)
+
+
+async def test_errors_leave_the_connection_usable(server):
+    room = await server.new_room()
+    p = await server.connect()
+    cases = [
+        ("{oops", protocol.BAD_JSON, None),
+        ('{"v": 2, "type": "ping"}', protocol.BAD_VERSION, "ping"),
+        ('{"v": 1, "type": "dance"}', protocol.UNKNOWN_TYPE, "dance"),
+        ('{"v": 1, "type": "join", "room": "x", "kind": "phone", "name": ""}', protocol.INVALID_FIELD, "join"),
+        (json.dumps({"v": 1, "type": "join", "room": RoomId.new(), "kind": "phone", "name": ""}),
+         protocol.UNKNOWN_ROOM, "join"),
+        ('{"v": 1, "type": "signal", "to": "pabcdef", "data": {}}', protocol.NOT_JOINED, "signal"),
+        ('{"v": 1, "type": "state", "state": "ready"}', protocol.NOT_JOINED, "state"),
+    ]
+    for text, code, ref in cases:
+        await p.ws.send_str(text)
+        err = await p.expect("error", skip=())
+        assert err["code"] == code, (text, err)
+        assert err.get("ref") == ref and err["message"]
+    await p.ws.send_bytes(b"\x00\x01")
+    assert (await p.expect("error", skip=()))["code"] == protocol.BAD_MESSAGE
+    # Pings work before joining (a client may connect while its runtime boots), and joining still works.
+    await p.send("ping")
+    assert await p.expect("pong", skip=()) == {"v": 1, "type": "pong"}
+    await p.join(room)
+    await p.send("join", room=room, name="", kind="phone")
+    assert (await p.expect("error"))["code"] == protocol.ALREADY_JOINED
+
+
+async def test_oversized_message_gets_an_error_and_a_flood_closes(server):
+    room = await server.new_room()
+    p = await server.connect()
+    await p.join(room)
+    big = json.dumps({"v": 1, "type": "broadcast", "data": {"x": "a" * (70 * 1024)}})
+    await p.ws.send_str(big)
+    err = await p.expect("error")
+    assert err["code"] == protocol.TOO_LARGE and "65536" in err["message"]
+    await p.send("ping")
+    await p.expect("pong")
+    # Each oversized frame costs ten strikes out of a hundred: the eleventh in a row is abuse.
+    for _ in range(12):
+        await p.ws.send_str(big)
+    assert await p.closed() == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+async def test_frame_above_hard_cap_is_cut_off(server):
+    p = await server.connect()
+    await p.ws.send_str("x" * (FAST.hard_cap + 10))
+    assert await p.closed() == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_rate_limit(make_server):
+    srv = await make_server(replace(FAST, rate=5, burst=10))
+    p = await srv.connect()
+    for _ in range(30):
+        await p.send("ping")
+    got = []
+    with pytest.raises(asyncio.TimeoutError):
+        while True:
+            got.append((await p.recv(timeout=0.3))["type"])
+    # The burst goes through; the rest is dropped with one error, not thirty.
+    assert 10 <= got.count("pong") <= 12
+    assert got.count("error") == 1
+    await asyncio.sleep(0.5)
+    await p.send("ping")
+    assert (await p.recv())["type"] == "pong"
+
+
+async def test_signal_to_a_reconnecting_peer_is_queued_and_delivered_on_resume(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room, "A")
+    await b.join(room, "B")
+    await a.expect("roster")
+    await b.send("state", state="ready")
+    await a.expect("roster")
+    await b.ws.close()  # a drop, not a leave
+    detached = await a.expect("roster", skip=())
+    assert [p["connected"] for p in detached["peers"]] == [True, False]
+
+    await a.send("signal", to=b.id, data={"candidate": "c1"})
+    await a.send("signal", to=b.id, data={"candidate": "c2"})
+    await a.silent(0.1)  # queued: no error
+
+    b2 = await server.connect()
+    w = await b2.join(room, "B", resume=b.id, token=b.token)
+    assert w["resumed"] is True and w["peer_id"] == b.id and w["resume_token"] == b.token
+    assert [p["state"] for p in w["peers"]] == ["booting", "ready"], "state survives the drop"
+    assert (await b2.expect("signal"))["data"] == {"candidate": "c1"}
+    assert (await b2.expect("signal"))["data"] == {"candidate": "c2"}
+    back = await a.expect("roster", skip=())
+    assert [p["connected"] for p in back["peers"]] == [True, True]
+    # Past the grace period nothing happens: the resumed peer stays.
+    await asyncio.sleep(FAST.resume_grace + 0.2)
+    await a.silent(0.1)
+
+
+async def test_resume_takes_over_a_socket_that_has_not_noticed_it_died(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room)
+    await b.join(room)
+    b2 = await server.connect()
+    w = await b2.join(room, resume=b.id, token=b.token)
+    assert w["resumed"] is True
+    assert await b.closed() == signaling.CLOSE_REPLACED
+    await asyncio.sleep(FAST.resume_grace + 0.2)
+    assert len(server.hub.state.room(RoomId(room)).peers) == 2
+    await b2.send("signal", to=a.id, data={"x": 1})
+    assert (await a.expect("signal"))["from"] == b.id
+
+
+async def test_resume_needs_the_token(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room)
+    await b.join(room)
+    thief = await server.connect()
+    await thief.send("join", room=room, name="", kind="phone", resume=b.id, token=a.token)
+    assert (await thief.expect("error", skip=()))["code"] == protocol.BAD_RESUME
+    await thief.send("join", room=room, name="", kind="phone", resume=b.id)
+    assert (await thief.expect("error", skip=()))["code"] == protocol.BAD_RESUME
+    await b.send("ping")
+    assert (await b.expect("pong"))["type"] == "pong", "the real peer keeps its socket"
+
+
+async def test_dropped_peer_is_removed_after_the_grace_period(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room)
+    await b.join(room)
+    await b.ws.close()
+    left = await a.expect("peer_left", timeout=FAST.resume_grace + 1)
+    assert left == {"v": 1, "type": "peer_left", "id": b.id, "reason": "disconnected"}
+    assert [p["id"] for p in (await a.expect("roster", skip=()))["peers"]] == [a.id]
+    # Too late to resume; the client then joins as a new peer.
+    b2 = await server.connect()
+    await b2.send("join", room=room, name="", kind="phone", resume=b.id, token=b.token)
+    assert (await b2.expect("error", skip=()))["code"] == protocol.BAD_RESUME
+    w = await b2.join(room)
+    assert w["resumed"] is False and w["peer_id"] != b.id
+
+
+async def test_silent_peer_is_dropped_after_missed_heartbeats(make_server):
+    srv = await make_server(replace(FAST, heartbeat=0.15))
+    room = await srv.new_room()
+    a, b = await srv.connect(), await srv.connect()
+    await a.join(room)
+    await b.join(room)
+
+    async def keep_alive():
+        while True:
+            await a.send("ping")
+            await asyncio.sleep(0.05)
+
+    pinger = asyncio.create_task(keep_alive())
+    # b keeps reading, so its WebSocket layer answers the server's pings: like a frozen page, whose browser
+    # still pongs while the script sends nothing. Only the app-level heartbeat can catch that.
+    b_closed = asyncio.create_task(b.closed())
+    try:
+        left = await a.expect("peer_left", skip=("roster", "pong"), timeout=2)
+        assert left["id"] == b.id and left["reason"] == "timeout"
+        assert await b_closed == signaling.CLOSE_TIMEOUT
+        roster = await a.expect("roster", skip=("pong",))
+        assert [p["id"] for p in roster["peers"]] == [a.id]
+    finally:
+        pinger.cancel()
+
+
+async def test_leave(server):
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room)
+    await b.join(room)
+    await b.send("leave")
+    assert await b.closed() == 1000
+    assert (await a.expect("peer_left"))["reason"] == "leave"
+    assert [p["id"] for p in (await a.expect("roster", skip=()))["peers"]] == [a.id]
+    await a.silent(FAST.resume_grace + 0.2)  # no second peer_left after the grace period
+
+
+async def test_room_full_and_server_full(make_server):
+    srv = await make_server(replace(FAST, limits=rooms.Limits(max_peers_per_room=2, max_rooms=2)))
+    room = await srv.new_room()
+    for _ in range(2):
+        await (await srv.connect()).join(room)
+    extra = await srv.connect()
+    await extra.send("join", room=room, name="", kind="phone")
+    err = await extra.expect("error", skip=())
+    assert err["code"] == protocol.ROOM_FULL and "2" in err["message"]
+
+    await srv.new_room()
+    resp = await srv.post("/api/rooms")
+    assert resp.status == 503 and (await resp.json())["error"] == protocol.SERVER_FULL
+    page = await srv.get("/", allow_redirects=False)
+    assert page.status == 503 and "No room available" in await page.text()
+
+
+async def test_empty_room_expires(make_server):
+    srv = await make_server(replace(FAST, room_ttl=0.3))
+    room = await srv.new_room()
+    p = await srv.connect()
+    await p.join(room)
+    await p.send("leave")
+    await p.closed()
+    assert (await srv.get(f"/room/{room}")).status == 200
+    await asyncio.sleep(0.5)
+    resp = await srv.get(f"/room/{room}")
+    assert resp.status == 404 and "does not exist or has ended" in await resp.text()
+    late = await srv.connect()
+    await late.send("join", room=room, name="", kind="phone")
+    assert (await late.expect("error", skip=()))["code"] == protocol.UNKNOWN_ROOM
+
+
+async def test_pages(make_server):
+    srv = await make_server(public_url="https://10.99.0.1:8443/")
+    resp = await srv.get("/", allow_redirects=False)
+    assert resp.status == 302
+    host_url = resp.headers["Location"]
+    room = host_url.rsplit("/", 1)[1]
+    assert host_url == f"/room/{room}" and len(room) >= 22
+
+    html = await (await srv.get(host_url)).text()
+    join_url = f"https://10.99.0.1:8443/join/{room}"
+    assert join_url in html and "<svg" in html and "/web/room_view.js" in html
+    qr = await srv.get(f"/room/{room}/qr.svg")
+    assert qr.status == 200 and qr.headers["Content-Type"].startswith("image/svg+xml")
+    assert qr.headers["Cross-Origin-Resource-Policy"] == "same-origin"
+
+    phone_ua = {"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148"}
+    phone = await (await srv.get(f"/join/{room}", headers=phone_ua)).text()
+    assert '"phone"' in phone and 'value="Phone ' in phone
+    laptop = await (await srv.get(f"/join/{room}", headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"})).text()
+    assert '"laptop"' in laptop
+    assert '"phone"' in await (await srv.get(f"/join/{room}?kind=phone")).text()
+
+    for path in (f"/join/{RoomId.new()}", f"/room/{RoomId.new()}", "/join/short", f"/room/{RoomId.new()}/qr.svg"):
+        resp = await srv.get(path)
+        assert resp.status == 404, path
+        assert "Start a new room" in await resp.text()
+
+
+async def test_join_url_falls_back_to_the_request_host(server):
+    resp = await server.post("/api/rooms")
+    body = await resp.json()
+    assert body["join_url"] == f"http://{server.host}:{server.port}/join/{body['room']}"

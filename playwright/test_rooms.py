@@ -91,3 +91,43 @@ def test_unknown_room_is_a_clear_404(page, server):
     page.get_by_role("link", name="Start a new room").click()
     page.wait_for_url("**/room/*")
     page.locator("#qr svg").wait_for()
+
+
+def test_signaling_client_relays_and_resumes_after_a_drop(page, phone, server):
+    """What the mesh relies on: signals between pages, and a dropped socket coming back as the same peer."""
+    page.goto(server.url + "/")
+    page.wait_for_function("window.tilemesh?.peerId")
+    host_id = page.evaluate("window.tilemesh.peerId")
+    phone.goto(page.locator("#join-url").inner_text())
+    phone.wait_for_function("window.tilemesh?.peerId")
+    phone_id = phone.evaluate("window.tilemesh.peerId")
+
+    # Stored on window, not awaited: evaluate() would wait for the promise before the phone could send.
+    page.evaluate("from => { window.got = window.tilemesh.signaling.waitFor('signal', (m) => m.from === from); }",
+                  phone_id)
+    phone.evaluate("to => window.tilemesh.signaling.signal(to, {type: 'offer', sdp: 'v=0'})", host_id)
+    assert page.evaluate("window.got") == {"v": 1, "type": "signal", "from": phone_id,
+                                           "data": {"type": "offer", "sdp": "v=0"}}
+
+    # Drop the phone's socket without a leave (as a Wi-Fi hiccup would). While it is away, the host's signal
+    # is queued by the server; the client reconnects, resumes its identity and receives it.
+    phone.evaluate("""() => {
+        const s = window.tilemesh.signaling;
+        window.statuses = [];
+        window.welcomes = [];
+        s.on('status', ({status}) => window.statuses.push(status));
+        s.on('welcome', (w) => window.welcomes.push(w));
+        s.on('signal', (m) => { window.lastSignal = m; });
+        s.ws.close();
+    }""")
+    page.wait_for_function(
+        "id => window.tilemesh.signaling.peer(id)?.connected === false", arg=phone_id, timeout=5_000)
+    page.evaluate("to => window.tilemesh.signaling.signal(to, {candidate: 'c1'})", phone_id)
+    phone.wait_for_function("window.welcomes.length === 1", timeout=10_000)
+    welcome = phone.evaluate("window.welcomes[0]")
+    assert welcome["resumed"] is True and welcome["peer_id"] == phone_id
+    phone.wait_for_function("window.lastSignal?.data?.candidate === 'c1'", timeout=5_000)
+    assert phone.evaluate("window.statuses") == ["reconnecting", "open"]
+    page.wait_for_function(
+        "id => window.tilemesh.signaling.peer(id)?.connected === true", arg=phone_id, timeout=5_000)
+    assert page.locator(f"#roster li[data-peer-id='{phone_id}']").count() == 1

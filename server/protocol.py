@@ -11,7 +11,9 @@ Client -> server
                that peer: same id, its queued signals are delivered, nobody else sees it leave. A resume needs
                the token because peer ids are public to the whole room.
     state      {state: "booting"|"ready"|"busy", progress?: 0..1, detail?: str, profile?: object, name?: str}
-               The peer's own status, shown in every roster. Fields left out keep their previous value.
+               The peer's own status, shown in every roster. Fields left out keep their previous value
+               (`ready` without `progress` sets it to 1). `detail` at most 200 characters, `name` 40,
+               `profile` (cores, memory, runtime versions, benchmark results...) at most 4 KiB of JSON.
     signal     {to: peer_id, data: object}
                Relayed to `to` (same room only) as `signal {from, data}`; `data` (SDP offer/answer, ICE
                candidate) is opaque to the server. If `to` is momentarily disconnected (inside its resume
@@ -66,6 +68,8 @@ VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_NAME = 40
 MAX_DETAIL = 200
+# The profile rides in every roster, to every peer, on every change: keep it a summary, not a payload.
+MAX_PROFILE_BYTES = 4096
 
 KINDS = ("phone", "laptop", "edge")
 STATES = ("booting", "ready", "busy")
@@ -241,9 +245,16 @@ def _parse_state(obj: dict) -> State:
         state=state,
         progress=progress,
         detail=_text(obj, "detail", MAX_DETAIL),
-        profile=_object(obj, "profile", required=False),
+        profile=_profile(obj),
         name=_text(obj, "name", MAX_NAME),
     )
+
+
+def _profile(obj: dict) -> dict | None:
+    profile = _object(obj, "profile", required=False)
+    if profile is not None and len(json.dumps(profile, separators=(",", ":")).encode()) > MAX_PROFILE_BYTES:
+        raise ValueError(f"'profile' is larger than {MAX_PROFILE_BYTES} bytes")
+    return profile
 
 
 def _parse_signal(obj: dict) -> Signal:

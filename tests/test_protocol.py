@@ -85,6 +85,7 @@ def test_join_field_errors(fields, needle):
     ("state", {"state": "booting", "progress": True}, "progress"),
     ("state", {"state": "booting", "detail": ["x"]}, "detail"),
     ("state", {"state": "booting", "profile": "fast"}, "profile"),
+    ("state", {"state": "booting", "profile": {"blob": "x" * 5000}}, "profile"),
     ("signal", {"data": {}}, "to"),
     ("signal", {"to": PEER}, "data"),
     ("signal", {"to": PEER, "data": "sdp"}, "data"),

@@ -94,21 +94,23 @@ class Connection:
             self.out.put_nowait(text)
         except asyncio.QueueFull:
             log.warning("peer %s reads too slowly; dropping its socket", self.peer)
-            self.closing = True
-            self.writer.cancel()
-            asyncio.get_running_loop().create_task(self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                                                                 message=b"too slow"))
+            self._close_now(WSCloseCode.POLICY_VIOLATION, "too slow")
 
     def close(self, code: int, reason: str) -> None:
         """Close after everything already queued has been written."""
         if self.closing:
             return
-        self.closing = True
-        with contextlib.suppress(asyncio.QueueFull):
+        try:
             self.out.put_nowait((code, reason))
-        if self.out.full():
-            self.writer.cancel()
-            asyncio.get_running_loop().create_task(self.ws.close(code=code, message=reason.encode()))
+            self.closing = True
+        except asyncio.QueueFull:
+            self._close_now(code, reason)
+
+    def _close_now(self, code: int, reason: str) -> None:
+        self.closing = True
+        self.writer.cancel()
+        # Kept on self: the event loop holds only weak references to tasks.
+        self.closer = asyncio.get_running_loop().create_task(self.ws.close(code=code, message=reason.encode()))
 
     async def _write(self) -> None:
         try:

@@ -9,7 +9,8 @@ depend on server internals the browsers do not have), and the same mesh conventi
 - one ordered binary data channel per pair, pre-negotiated with id 0 (`negotiated: true`), so neither side
   waits for an in-band open;
 - signal `data` is `{"kind": "offer"|"answer", "sdp"}`, `{"kind": "candidate", "candidate", "sdpMid",
-  "sdpMLineIndex"}` (trickled by browsers; aiortc puts all of its candidates in the SDP) or `{"kind": "bye"}`;
+  "sdpMLineIndex"}` (trickled by browsers; aiortc puts all of its candidates in the SDP), `{"kind": "bye"}`,
+  or `{"kind": "hello"}`: "I have no connection to you, offer again" (a mesh created after its page joined);
 - messages are at most the remote's advertised `a=max-message-size` (aiortc refuses larger ones itself) and
   sends wait on `bufferedamountlow` above a high-water mark instead of queueing without bound.
 
@@ -89,7 +90,7 @@ class Link:
         self._early_candidates: list[dict] = []
         self.state = "new"
         self.channel.on("open", self._on_open)
-        self.channel.on("close", lambda: self.owner._drop(self.remote, "channel closed"))
+        self.channel.on("close", lambda: self.owner._drop(self.remote, "channel closed", only=self))
         self.channel.on("message", lambda data: self.owner._on_data(self.remote, data))
         self.channel.on("bufferedamountlow", self._low.set)
         self.pc.on("connectionstatechange", self._on_state)
@@ -105,7 +106,7 @@ class Link:
 
     async def _on_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
-            self.owner._drop(self.remote, f"connection {self.pc.connectionState}")
+            self.owner._drop(self.remote, f"connection {self.pc.connectionState}", only=self)
         elif self.pc.connectionState == "connecting" and self.state == "new":
             self._set_state("connecting")
 
@@ -134,7 +135,7 @@ class Link:
             else:
                 self._early_candidates.append(data)
         elif kind == "bye":
-            self.owner._drop(self.remote, "bye")
+            self.owner._drop(self.remote, "bye", only=self)
 
     async def _add_candidate(self, data: dict) -> None:
         text = data.get("candidate") or ""
@@ -311,6 +312,11 @@ class EdgePeer:
             data = msg.get("data") or {}
             if not remote or remote == self.peer_id:
                 return
+            if data.get("kind") == "hello":
+                # The remote's mesh started after our offer went out and lost it: offer again.
+                self._drop(remote, "hello")
+                self._spawn(self._link(remote).offer())
+                return
             link = self.links.get(remote)
             if link is None:
                 if data.get("kind") != "offer":
@@ -332,10 +338,12 @@ class EdgePeer:
             link = self.links[remote] = Link(self, remote)
         return link
 
-    def _drop(self, remote: str | None, reason: str) -> None:
-        link = self.links.pop(remote, None) if remote else None
-        if link is None:
+    def _drop(self, remote: str | None, reason: str, only: Link | None = None) -> None:
+        """Forget the link to `remote`; with `only`, just if it is still that link (not a newer one)."""
+        link = self.links.get(remote) if remote else None
+        if link is None or (only is not None and link is not only):
             return
+        del self.links[remote]
         log.info("edge peer %s: %s gone (%s)", self.peer_id, remote, reason)
         link.gone.set()
         self.inbox.forget(remote)

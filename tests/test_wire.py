@@ -73,6 +73,13 @@ def test_default_region_is_whole_plane_and_chunks_fill_max_message():
     assert sum(len(c) - HEADER_SIZE for c in chunks) == a.nbytes
 
 
+def test_encode_joined_splits_at_max_message():
+    a = test_pattern((5, 40, 40), 4)
+    joined = wire.encode_joined(a, frame=1, tensor=1, max_message=4096)
+    got = decode([joined[i : i + 4096] for i in range(0, len(joined), 4096)])
+    assert got.array.tobytes() == a.tobytes()
+
+
 @SETTINGS
 @given(a=arrays(), max_message=st.integers(1024, 4096), data=st.data())
 def test_any_single_byte_corruption_is_detected(a, max_message, data):

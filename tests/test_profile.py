@@ -5,6 +5,7 @@ statistics, re-measured a few times because the machine is shared)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -109,9 +110,22 @@ def test_prediction_scales_with_macs_speed_and_region(mobilenet, prof):
         prof["overhead_s"] * prof["chain_factor"])
 
 
-def test_depthwise_is_dearer_per_mac_than_pointwise(prof):
+def _busy() -> bool:
+    """The machine is too loaded for timing to mean anything (other engineers' test runs)."""
+    return os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
+
+
+def test_depthwise_is_dearer_per_mac_than_pointwise(mobilenet, prof):
     # numpy's BLAS matmul vs nine strided multiply-adds: the reason the classes exist at all.
-    assert prof["sec_per_mac"]["conv_depthwise"] > 3 * prof["sec_per_mac"]["conv_pointwise"]
+    ratios = []
+    for attempt in range(3):
+        p = prof if attempt == 0 else P.measure_profile(mobilenet, budget_s=0.2)
+        ratios.append(p["sec_per_mac"]["conv_depthwise"] / p["sec_per_mac"]["conv_pointwise"])
+        if ratios[-1] > 3:
+            return
+    if _busy():
+        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.0f}); ratios {ratios}")
+    raise AssertionError(f"depthwise/pointwise seconds per MAC: {ratios}")
 
 
 def _lower_quartile(fn, reps: int) -> float:
@@ -129,7 +143,8 @@ def test_whole_graph_prediction_matches_run_graph(mobilenet):
 
     Both sides use the lower quartile of repeated runs (other processes only add time), and the pair
     is re-measured up to four times: a burst of load can spoil one attempt, but a model that is
-    systematically off by 2x fails them all.
+    systematically off by 2x fails them all. Under sustained heavy load (long runs are preempted more
+    than short samples) the test skips rather than flakes.
     """
     g = mobilenet
     x = np.random.default_rng(0).standard_normal(g.shapes[g.input]).astype(np.float32)
@@ -141,4 +156,6 @@ def test_whole_graph_prediction_matches_run_graph(mobilenet):
         ratios.append(P.predict_graph_seconds(prof, g) / measured)
         if 0.5 <= ratios[-1] <= 2.0:
             break
+    if not 0.5 <= ratios[-1] <= 2.0 and _busy():
+        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.0f}); ratios {ratios}")
     assert 0.5 <= ratios[-1] <= 2.0, f"predicted/measured ratios {ratios}"

@@ -1,0 +1,260 @@
+"""The planner and the baseline strategies on the real MobileNetV2 with fixed synthetic profiles:
+placement cases as plain unit tests, the fast search against the cost model on built plans, and
+every produced plan executed exactly (tiling.simulate == executor.run_graph)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peer_runtime.executor import run_graph
+from peer_runtime.graph import load_onnx
+from peer_runtime.profile import scaled_profile
+from peer_runtime.tiling import build_plan, simulate
+from server import planner as PL
+from server.costmodel import predict_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A laptop in Pyodide, roughly (PLATFORM.md); an edge peer runs native numpy, ~10x faster overall.
+LAPTOP = {
+    "version": 1,
+    "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,
+                    "elementwise": 3e-10, "gemm": 3e-10},
+    "overhead_s": 3e-5,
+    "chain_factor": 1.0,
+}
+WIFI = {"*": {"rtt_ms": 4.0, "mbps": 200.0}}
+SLOW = {"*": {"rtt_ms": 50.0, "mbps": 1.0}}
+
+
+def room(**speeds):
+    return {d: scaled_profile(LAPTOP, s) for d, s in speeds.items()}
+
+
+@pytest.fixture(scope="module")
+def g(request):
+    static = REPO / "static" / "model" / "mobilenet_v2.onnx"
+    if static.exists():
+        return load_onnx(static)
+    try:
+        model_dir = Path(request.getfixturevalue("demo_model_dir"))
+    except Exception as e:  # noqa: BLE001 - no weights offline
+        pytest.skip(f"demo model could not be built: {e}")
+    return load_onnx(model_dir / "mobilenet_v2.onnx")
+
+
+def predicted(strategy, g, profiles, links, source, edge=None):
+    return PL.make_plan(strategy, g, profiles, links, source, edge).predicted_s
+
+
+def _area_share(plan, tensor):
+    part = plan.owners[tensor]
+    total = sum(r.area for r in part.values())
+    return {d: r.area / total for d, r in part.items()}
+
+
+# --------------------------------------------------------------------------- graph structure
+
+
+def test_block_cuts_and_fusions(g):
+    cuts = PL.block_cuts(g)
+    assert cuts[0] == 2 and cuts[-1] == PL.head_start(g) == 97 and len(cuts) == 19  # 19 blocks, then the head
+    assert all(g.nodes[k].name.split(".")[:2] != g.nodes[k - 1].name.split(".")[:2] for k in cuts)
+    stage = PL.fusion_cuts(g, "stage")
+    # One segment per resolution: 112, 56, 28, 14, 7.
+    assert [g.shapes[g.nodes[k - 1].output][2] for k in stage] == [112, 56, 28, 14, 7]
+    assert PL.fixed_grid_depth(g) == 33  # end of the 28x28 stage
+    with pytest.raises(ValueError):
+        PL.fusion_cuts(g, "nope")
+
+
+# --------------------------------------------------------------------------- placement cases
+
+
+def test_heterogeneous_shares_follow_speed_and_beat_equal_split(g):
+    profs = room(a=1.0, b=0.5, c=0.25)
+    ch = PL.plan_frame(g, profs, WIFI, "a")
+    first = ch.plan.segments[0].outputs[0]
+    share = _area_share(ch.plan, first)
+    assert set(share) == {"a", "b", "c"}
+    assert share["a"] > share["b"] > share["c"] > 0.05
+    assert share["a"] / share["c"] > 2.5  # speeds are 4:1; halo overhead pulls it in a little
+    eq = predicted("equal_split", g, profs, WIFI, "a")
+    single = predicted("single", g, profs, WIFI, "a")
+    assert ch.predicted_s < 0.8 * eq
+    assert ch.predicted_s < single
+
+
+def test_rebalancing_evens_out_the_split_phase(g):
+    profs = room(a=1.0, b=0.5, c=0.25)
+    ch = PL.plan_frame(g, profs, WIFI, "a")
+    pred = ch.prediction
+    split_segs = {t.segment for t in ch.plan.tasks if t.device == "c"}
+    busy = {d: sum(i.end - i.start for i in pred.timeline[d] if i.kind == "compute" and i.segment in split_segs)
+            for d in ("a", "b", "c")}
+    assert max(busy.values()) / min(busy.values()) < 1.35
+
+
+def test_equal_devices_on_wifi_split_the_frame(g):
+    profs = room(p0=1.0, p1=1.0, p2=1.0, p3=1.0)
+    ch = PL.plan_frame(g, profs, WIFI, "p0")
+    assert len(ch.plan.devices) == 4
+    assert ch.predicted_s < 0.75 * predicted("single", g, profs, WIFI, "p0")
+
+
+def test_slow_links_keep_the_work_on_the_source(g):
+    profs = room(a=1.0, b=1.0, c=1.0, d=1.0)
+    ch = PL.plan_frame(g, profs, SLOW, "a")
+    assert ch.plan.devices == ["a"]
+    assert ch.prediction.bytes_sent == {}
+    assert ch.predicted_s == pytest.approx(predicted("single", g, profs, SLOW, "a"))
+    # Even a 2x faster peer does not pay for 150 kB at 1 Mbit/s.
+    ch2 = PL.plan_frame(g, room(a=1.0, b=2.0), SLOW, "a")
+    assert ch2.plan.devices == ["a"]
+
+
+def test_one_device_is_single(g):
+    ch = PL.plan_frame(g, room(solo=0.5), WIFI, "solo")
+    assert ch.plan.devices == ["solo"] and len(ch.plan.segments) == 1
+    for strategy in PL.STRATEGIES:
+        other = PL.make_plan(strategy, g, room(solo=0.5), WIFI, "solo")
+        assert other.plan.devices == ["solo"]
+        assert other.predicted_s == pytest.approx(ch.predicted_s)
+
+
+def test_fast_edge_on_fast_link_is_offload_like(g):
+    profs = room(phone=0.5, phone2=0.5, edge=20.0)
+    ch = PL.plan_frame(g, profs, {"*": {"rtt_ms": 2.0, "mbps": 400.0}}, "phone", {"edge": "edge"})
+    macs = ch.prediction.macs
+    assert macs["edge"] > 0.9 * sum(macs.values())
+    assert ch.predicted_s <= predicted("offload", g, profs, WIFI, "phone", "edge") + 1e-12
+    assert ch.prediction.source_compute_s < 0.1 * predicted("single", g, profs, WIFI, "phone")
+
+
+def test_slow_source_sends_the_frame_away(g):
+    # The camera phone is 8x slower than a laptop next to it: its compute should mostly move.
+    profs = room(phone=0.125, laptop=1.0)
+    ch = PL.plan_frame(g, profs, WIFI, "phone")
+    assert ch.prediction.macs.get("laptop", 0) > 0.7 * sum(ch.prediction.macs.values())
+
+
+def test_a_hopeless_device_is_left_out(g):
+    profs = room(a=1.0, b=1.0, crawl=0.01)
+    ch = PL.plan_frame(g, profs, WIFI, "a")
+    assert "crawl" not in ch.plan.devices
+    assert set(ch.plan.devices) == {"a", "b"}
+
+
+SCENARIOS = {
+    "equal4": (dict(p0=1.0, p1=1.0, p2=1.0, p3=1.0), WIFI, "p0", None),
+    "hetero3": (dict(a=1.0, b=0.5, c=0.25), WIFI, "a", None),
+    "edge": (dict(phone=0.5, lap=1.0, edge=10.0), WIFI, "phone", "edge"),
+    "slowsource": (dict(phone=0.25, lap=1.0, lap2=0.8), WIFI, "phone", None),
+    "slowlinks": (dict(a=1.0, b=1.0, c=2.0), SLOW, "a", None),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_never_worse_than_any_single_device_or_baseline(g, name):
+    speeds, links, source, edge = SCENARIOS[name]
+    profs = room(**speeds)
+    best = PL.plan_frame(g, profs, links, source, {"edge": edge})
+    for dev in profs:
+        plan = build_plan(g, [], [PL.Split.whole(dev)], source)
+        assert best.predicted_s <= predict_plan(g, plan, profs, links, source).total_s + 1e-12
+    for strategy in PL.STRATEGIES:
+        assert best.predicted_s <= predicted(strategy, g, profs, links, source, edge) + 1e-12, strategy
+
+
+@pytest.mark.parametrize("name", ["equal4", "hetero3", "edge"])
+def test_search_estimates_equal_the_cost_model_on_built_plans(g, name):
+    speeds, links, source, edge = SCENARIOS[name]
+    profs = room(**speeds)
+    est = PL.search(g, profs, links, source, {"edge": edge})
+    # The best few, and a spread over the rest (all families), built and predicted from scratch.
+    sample = est[:5] + est[5::max(1, len(est) // 25)]
+    sample += [next(e for e in est if e.spec.strategy == s) for s in {e.spec.strategy for e in est}]
+    assert {e.spec.strategy for e in sample} >= {"tilemesh", "single", "offload", "partition_offload"}
+    for e in sample:
+        plan = build_plan(g, list(e.spec.cuts), list(e.spec.splits), source)
+        assert predict_plan(g, plan, profs, links, source).total_s == pytest.approx(e.predicted_s, rel=1e-9), \
+            e.spec.label
+
+
+def test_partition_offload_picks_its_best_split_point(g):
+    profs = room(phone=0.5, edge=4.0)
+    slowish = {"*": {"rtt_ms": 20.0, "mbps": 20.0}}
+    po = PL.make_plan("partition_offload", g, profs, slowish, "phone", "edge")
+    assert po.predicted_s <= predicted("offload", g, profs, slowish, "phone", "edge") + 1e-12
+    assert po.predicted_s <= predicted("single", g, profs, slowish, "phone") + 1e-12
+    assert po.candidates[0]["predicted_s"] == pytest.approx(po.predicted_s)
+    assert all(c["predicted_s"] >= po.predicted_s - 1e-12 for c in po.candidates)
+
+
+def test_baseline_shapes(g):
+    profs = room(a=1.0, b=0.6, c=0.5, d=0.25)
+    eq = PL.make_plan("equal_split", g, profs, WIFI, "a")
+    assert eq.cuts == PL.block_cuts(g)
+    spatial = [s for s in eq.splits if len(s.devices) > 1]
+    assert len(spatial) == 19 and all(set(s.row_shares) == {1.0} for s in spatial)
+    fg = PL.make_plan("fixed_grid", g, profs, WIFI, "a", edge="b")
+    assert fg.cuts == [33] and fg.splits[0].devices == (("a", "b"), ("c", "d"))
+    assert fg.splits[1].devices == (("b",),)
+    fg3 = PL.make_plan("fixed_grid", g, room(a=1.0, b=1.0, c=1.0), WIFI, "a")
+    assert len(fg3.splits[0].devices) == 3  # rows when there are not 4 devices
+    off = PL.make_plan("offload", g, profs, WIFI, "a")
+    assert off.plan.owners[g.output] == {"b": off.plan.owners[g.output]["b"]}  # fastest other device
+    with pytest.raises(ValueError):
+        PL.make_plan("magic", g, profs, WIFI, "a")
+    with pytest.raises(ValueError):
+        PL.plan_frame(g, profs, WIFI, "nobody")
+
+
+def test_planning_four_devices_is_fast(g):
+    # CPU time, not wall time: the planner is single-threaded Python and the test machine is shared.
+    profs = room(a=1.0, b=0.7, c=0.5, d=0.3)
+    t0 = time.process_time()
+    PL.plan_frame(g, profs, WIFI, "a")
+    assert time.process_time() - t0 < 1.0
+
+
+# --------------------------------------------------------------------------- exact execution
+
+
+@pytest.fixture(scope="module")
+def reference(g):
+    x = np.random.default_rng(7).standard_normal(g.shapes[g.input]).astype(np.float32)
+    return x, run_graph(g, x)
+
+
+def test_every_plan_executes_exactly(g, reference):
+    x, want = reference
+    seen = set()
+    for speeds, links, source, edge in SCENARIOS.values():
+        profs = room(**speeds)
+        for strategy in PL.STRATEGIES:
+            ch = PL.make_plan(strategy, g, profs, links, source, edge)
+            key = json.dumps(ch.plan.to_dict(), sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            got = simulate(g, ch.plan, x)
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"{strategy}: {ch.label}")
+    assert len(seen) >= 12
+
+
+def test_plan_choice_json_roundtrip(g, reference):
+    x, want = reference
+    profs = room(a=1.0, b=0.5, c=0.25)
+    ch = PL.plan_frame(g, profs, WIFI, "a")
+    text = json.dumps(ch.to_dict(), allow_nan=False)
+    back = PL.PlanChoice.from_dict(json.loads(text))
+    assert back.to_dict() == ch.to_dict()
+    assert back.plan.to_dict() == ch.plan.to_dict()
+    assert predict_plan(g, back.plan, profs, WIFI, "a").total_s == pytest.approx(ch.predicted_s, rel=1e-12)
+    np.testing.assert_allclose(simulate(g, back.plan, x, roundtrip_json=True), want, atol=1e-4, rtol=0)

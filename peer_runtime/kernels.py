@@ -43,20 +43,72 @@ def _dot_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
     return np.matmul(a, b, out=out)
 
 
-_DOTS: dict[str, Callable] = {"einsum": _dot_einsum, "matmul": _dot_matmul}
+_sgemm: Callable | None = None
+
+
+def _load_sgemm() -> Callable | None:
+    """scipy's float32 BLAS gemm, or None when scipy is not installed (the Pyodide worker default)."""
+    global _sgemm
+    if _sgemm is None:
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:
+            return None
+        from scipy.linalg.blas import sgemm
+
+        _sgemm = sgemm
+    return _sgemm
+
+
+def _dot_sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    # Fortran reads a C-contiguous (m, k) array as its (k, m) transpose, so C = A @ B is computed as
+    # C^T = B^T A^T on the same memory: no operand is copied, and a C-contiguous `out` is written in place.
+    if out is not None and out.flags.c_contiguous and out.dtype == _F32:
+        _sgemm(1.0, b.T, a.T, 0.0, out.T, overwrite_c=True)
+        return out
+    y = _sgemm(1.0, b.T, a.T).T
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+_DOTS: dict[str, Callable] = {"einsum": _dot_einsum, "matmul": _dot_matmul, "sgemm": _dot_sgemm}
 _dot: Callable = _dot_einsum if sys.platform == "emscripten" else _dot_matmul
 
 
 def set_dot(impl: str | Callable) -> None:
-    """Choose the 2D product used by Conv/Gemm/MatMul: "einsum", "matmul", "auto" or fn(a, b, out=None)."""
+    """Choose the 2D product used by Conv/Gemm/MatMul: "einsum", "matmul", "sgemm", "auto" or fn(a, b, out=None).
+
+    "auto" is matmul in CPython (numpy's own BLAS) and, in Pyodide, scipy's sgemm when scipy is
+    importable (loaded into the worker), else einsum. "sgemm" raises ImportError without scipy.
+    """
     global _dot
     if impl == "auto":
-        impl = "einsum" if sys.platform == "emscripten" else "matmul"
+        if sys.platform != "emscripten":
+            impl = "matmul"
+        else:
+            impl = "sgemm" if _load_sgemm() is not None else "einsum"
+    if impl == "sgemm" and _load_sgemm() is None:
+        raise ImportError("set_dot('sgemm') needs scipy (in Pyodide: loadPackage('scipy') first)")
     _dot = _DOTS[impl] if isinstance(impl, str) else impl
 
 
 def dot_name() -> str:
     return next((k for k, v in _DOTS.items() if v is _dot), getattr(_dot, "__name__", "custom"))
+
+
+def _dot_acc(a: np.ndarray, b: np.ndarray, acc: np.ndarray, tmp: np.ndarray | None) -> np.ndarray | None:
+    """acc += a @ b. `tmp` is scratch of acc's shape (or None: made here); returns it for the next tap."""
+    if _dot is _dot_sgemm and acc.flags.c_contiguous:
+        # beta=1 accumulates inside the gemm: no scratch product, no extra pass over acc.
+        _sgemm(1.0, b.T, a.T, 1.0, acc.T, overwrite_c=True)
+        return tmp
+    if tmp is None:
+        tmp = np.empty_like(acc)
+    _dot(a, b, out=tmp)
+    acc += tmp
+    return tmp
 
 
 class KernelError(ValueError):
@@ -106,14 +158,31 @@ def _geometry(node, x: np.ndarray, pads):
 # --------------------------------------------------------------------------- convolution
 
 
-def _conv_dense(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, dil) -> np.ndarray:
-    """Ungrouped convolution of an already padded (Cin, Hp, Wp) input; returns (Cout, Ho*Wo)."""
+def _unwiden(wide: np.ndarray, ho: int, wp: int, wo: int, bias: np.ndarray | None) -> np.ndarray:
+    """(C, Ho*Wp) wide rows -> (C, Ho*Wo) without the garbage columns, plus the bias, in one pass."""
+    c = wide.shape[0]
+    src = wide.reshape(c, ho, wp)[:, :, :wo]
+    if bias is None:
+        return np.ascontiguousarray(src).reshape(c, ho * wo)
+    out = np.empty((c, ho, wo), dtype=_F32)
+    np.add(src, bias[:, None, None], out=out)
+    return out.reshape(c, ho * wo)
+
+
+def _add_bias(y: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    if bias is not None:
+        y += bias[:, None]
+    return y
+
+
+def _conv_dense(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, dil, bias=None) -> np.ndarray:
+    """Ungrouped convolution of an already padded (Cin, Hp, Wp) input, plus `bias`; returns (Cout, Ho*Wo)."""
     cout, cin, kh, kw = w.shape
     _, hp, wp = xp.shape
     if kh == 1 and kw == 1:
         xs = xp if strides == (1, 1) else _window(xp, 0, 0, ho, wo, strides, dil)
         xs = np.ascontiguousarray(xs[:, :ho, :wo]).reshape(cin, ho * wo)
-        return _dot(np.ascontiguousarray(w.reshape(cout, cin)), xs)
+        return _add_bias(_dot(np.ascontiguousarray(w.reshape(cout, cin)), xs), bias)
     taps = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, cout, cin)
     tmp = None
     if strides == (1, 1):
@@ -124,28 +193,30 @@ def _conv_dense(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, dil) -
         for i in range(kh):
             for j in range(kw):
                 off = i * dil[0] * wp + j * dil[1]
-                if tmp is None:
+                if i == 0 and j == 0:
                     _dot(taps[i, j], flat[:, off: off + n], out=acc)
-                    tmp = np.empty_like(acc)
                 else:
-                    _dot(taps[i, j], flat[:, off: off + n], out=tmp)
-                    acc += tmp
-        return np.ascontiguousarray(wide.reshape(cout, ho, wp)[:, :, :wo]).reshape(cout, ho * wo)
+                    tmp = _dot_acc(taps[i, j], flat[:, off: off + n], acc, tmp)
+        return _unwiden(wide, ho, wp, wo, bias)
     acc = np.empty((cout, ho * wo), dtype=_F32)
     for i in range(kh):
         for j in range(kw):
             xs = np.ascontiguousarray(_window(xp, i, j, ho, wo, strides, dil)).reshape(cin, ho * wo)
-            if tmp is None:
+            if i == 0 and j == 0:
                 _dot(taps[i, j], xs, out=acc)
-                tmp = np.empty_like(acc)
             else:
-                _dot(taps[i, j], xs, out=tmp)
-                acc += tmp
-    return acc
+                tmp = _dot_acc(taps[i, j], xs, acc, tmp)
+    return _add_bias(acc, bias)
 
 
-def _conv_depthwise(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, dil) -> np.ndarray:
-    """Per-channel convolution (group == Cin == Cout) as kh*kw in-place multiply-accumulates."""
+def _conv_depthwise(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, dil, bias=None) -> np.ndarray:
+    """Per-channel convolution (group == Cin == Cout) as kh*kw in-place multiply-accumulates, plus `bias`.
+
+    Tried and dropped (Pyodide, MobileNetV2 shapes, interleaved): one einsum over an as_strided
+    (C, kh, kw, ...) tap view, 2.7-3.4x slower; for stride 2, splitting the padded input into its
+    four row/column phases so taps become flat shifts, 1.05x slower (the phase copies eat the gain);
+    channel blocks sized for cache, 1.03-1.35x slower.
+    """
     c, _, kh, kw = w.shape
     if strides == (1, 1):
         # Same "wide output" trick as the dense path: each tap is one long contiguous run per channel,
@@ -165,7 +236,7 @@ def _conv_depthwise(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, di
                 else:
                     np.multiply(flat[:, off: off + n], wt[i * kw + j], out=tmp)
                     acc += tmp
-        return np.ascontiguousarray(wide.reshape(c, ho, wp)[:, :, :wo]).reshape(c, ho * wo)
+        return _unwiden(wide, ho, wp, wo, bias)
     wt = np.ascontiguousarray(w.reshape(c, kh * kw).T).reshape(kh * kw, c, 1, 1)
     acc = np.empty((c, ho, wo), dtype=_F32)
     tmp = np.empty_like(acc)
@@ -177,7 +248,7 @@ def _conv_depthwise(xp: np.ndarray, w: np.ndarray, ho: int, wo: int, strides, di
             else:
                 np.multiply(v, wt[i * kw + j], out=tmp)
                 acc += tmp
-    return acc.reshape(c, ho * wo)
+    return _add_bias(acc.reshape(c, ho * wo), bias)
 
 
 def conv(node, x: np.ndarray, weights, pads=None) -> np.ndarray:
@@ -191,9 +262,9 @@ def conv(node, x: np.ndarray, weights, pads=None) -> np.ndarray:
         raise KernelError(f"{node.name}: input {x.shape} does not fit weights {w.shape} with group {group}")
     xp = _pad3(x[0], pads, 0.0)
     if group == 1:
-        y = _conv_dense(xp, w, ho, wo, strides, dil)
+        y = _conv_dense(xp, w, ho, wo, strides, dil, b)
     elif group == cin == cout:
-        y = _conv_depthwise(xp, w, ho, wo, strides, dil)
+        y = _conv_depthwise(xp, w, ho, wo, strides, dil, b)
     else:
         cog = cout // group
         y = np.empty((cout, ho * wo), dtype=_F32)
@@ -201,8 +272,7 @@ def conv(node, x: np.ndarray, weights, pads=None) -> np.ndarray:
             y[g * cog: (g + 1) * cog] = _conv_dense(
                 xp[g * cin_g: (g + 1) * cin_g], w[g * cog: (g + 1) * cog], ho, wo, strides, dil
             )
-    if b is not None:
-        y += b[:, None]
+        _add_bias(y, b)
     return y.reshape(1, cout, ho, wo)
 
 
@@ -252,14 +322,28 @@ def global_average_pool(node, x: np.ndarray, weights, pads=None) -> np.ndarray:
 # --------------------------------------------------------------------------- elementwise
 
 
-def clip(node, x, weights, pads=None):
-    # np.clip beat minimum(maximum()) 1.3x in Pyodide and 7x natively (one SIMD pass, one allocation).
-    lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
-    return np.clip(x, _F32(lo), _F32(hi))
+def _writable(x: np.ndarray, shape=None) -> bool:
+    """Whether `x` can hold a float32 result of `shape` (default its own) in place."""
+    return (x.dtype == _F32 and x.flags.c_contiguous and x.flags.writeable
+            and (shape is None or x.shape == tuple(shape)))
 
 
-def relu(node, x, weights, pads=None):
-    return np.maximum(x, _F32(0))
+_MINMAX_CLIP = sys.platform == "emscripten"
+
+
+def clip(node, x, weights, pads=None, out=None):
+    # Allocating: np.clip beat minimum(maximum()) 1.3x in Pyodide and 7x natively (one pass, one array).
+    # In place in Pyodide, maximum then minimum (SIMD loops there, unlike clip's) is 2.2-2.8x faster
+    # than np.clip; the values are equal, only a -0.0 input comes out as +0.0 instead of -0.0.
+    lo, hi = _F32(node.attrs.get("min", -np.inf)), _F32(node.attrs.get("max", np.inf))
+    if out is not None and _MINMAX_CLIP:
+        np.maximum(x, lo, out=out)
+        return np.minimum(out, hi, out=out)
+    return np.clip(x, lo, hi, out=out)
+
+
+def relu(node, x, weights, pads=None, out=None):
+    return np.maximum(x, _F32(0), out=out)
 
 
 def sigmoid(node, x, weights, pads=None):
@@ -316,14 +400,31 @@ def matmul(node, inputs, weights):
 
 
 def _run_unary(fn):
-    def run(node, inputs, weights, pads):
+    def run(node, inputs, weights, pads, overwrite=()):
         return fn(node, inputs[0], weights, pads)
 
     return run
 
 
-def _binary(node, inputs, weights, pads):
+def _run_pointwise(fn):
+    """A unary kernel that may write its result into its input's buffer (same shape and dtype)."""
+
+    def run(node, inputs, weights, pads, overwrite=()):
+        x = inputs[0]
+        return fn(node, x, weights, pads, out=x if 0 in overwrite and _writable(x) else None)
+
+    return run
+
+
+def _binary(node, inputs, weights, pads, overwrite=()):
     a, b = _operands(node, inputs, weights)
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    # Only an operand that is a graph input of this node (not a constant) and already has the
+    # result's shape may take the result; either order is fine for ufuncs with exactly aliased out.
+    for i in overwrite:
+        x = inputs[i] if i < len(inputs) else None
+        if x is not None and (x is a or x is b) and _writable(x, shape):
+            return _BINARY[node.op](a, b, out=x)
     return _BINARY[node.op](a, b)
 
 
@@ -332,8 +433,8 @@ _KERNELS: dict[str, Callable] = {
     "MaxPool": _run_unary(max_pool),
     "AveragePool": _run_unary(average_pool),
     "GlobalAveragePool": _run_unary(global_average_pool),
-    "Clip": _run_unary(clip),
-    "Relu": _run_unary(relu),
+    "Clip": _run_pointwise(clip),
+    "Relu": _run_pointwise(relu),
     "Sigmoid": _run_unary(sigmoid),
     "HardSwish": _run_unary(hard_swish),
     "Add": _binary,
@@ -341,22 +442,33 @@ _KERNELS: dict[str, Callable] = {
     "Sub": _binary,
     "Div": _binary,
     "Gemm": _run_unary(gemm),
-    "MatMul": lambda node, inputs, weights, pads: matmul(node, inputs, weights),
-    "Flatten": lambda node, inputs, weights, pads: inputs[0].reshape(
+    "MatMul": lambda node, inputs, weights, pads, overwrite=(): matmul(node, inputs, weights),
+    "Flatten": lambda node, inputs, weights, pads, overwrite=(): inputs[0].reshape(
         int(np.prod(inputs[0].shape[: node.attrs["axis"]])), -1
     ),
-    "Reshape": lambda node, inputs, weights, pads: inputs[0].reshape(node.attrs["shape"]),
-    "Concat": lambda node, inputs, weights, pads: np.concatenate(inputs, axis=node.attrs["axis"]),
+    "Reshape": lambda node, inputs, weights, pads, overwrite=(): inputs[0].reshape(node.attrs["shape"]),
+    "Concat": lambda node, inputs, weights, pads, overwrite=(): np.concatenate(inputs, axis=node.attrs["axis"]),
 }
 
 SUPPORTED_OPS = frozenset(_KERNELS)
+# Ops that can put their result into an input's buffer when `run_node(..., overwrite=...)` allows it.
+INPLACE_OPS = frozenset({"Clip", "Relu", "Add", "Mul", "Sub", "Div"})
+# Of those, the ones with op(op(x)) == op(x): rewriting a dead input with the result is harmless even
+# if a stray copy of that input is read again by the same (sole) consumer.
+IDEMPOTENT_OPS = frozenset({"Clip", "Relu"})
 
 
 def run_node(node, inputs: list[np.ndarray], weights: dict[str, np.ndarray],
-             pads: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Run one IR node on float32 inputs in ONNX layout; `pads` overrides a window op's padding."""
+             pads: tuple[int, int, int, int] | None = None, *, overwrite=()) -> np.ndarray:
+    """Run one IR node on float32 inputs in ONNX layout; `pads` overrides a window op's padding.
+
+    `overwrite` lists indices of `inputs` whose buffers the caller no longer needs: an op in
+    `INPLACE_OPS` then writes its result there (a C-contiguous float32 input of the result's shape)
+    instead of allocating, e.g. Clip after Conv on the conv output, or a residual Add on its left
+    operand. The result is bit-identical either way; the overwritten input must not be read again.
+    """
     fn = _KERNELS.get(node.op)
     if fn is None:
         raise KernelError(f"no kernel for op {node.op!r} (node {node.name!r})")
-    y = fn(node, inputs, weights, pads)
+    y = fn(node, inputs, weights, pads, overwrite) if overwrite else fn(node, inputs, weights, pads)
     return y if y.dtype == _F32 else y.astype(_F32)

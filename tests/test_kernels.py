@@ -2,8 +2,8 @@
 
 Each model goes through the real import path (`graph.load_onnx`), so attribute normalization (auto_pad,
 ceil_mode, Clip bounds, constant operands) is exercised together with the kernel. Tests run with both 2D
-products (`matmul`, the CPython default, and `einsum`, the Pyodide default) so the browser's code path
-is checked here too.
+products (`matmul`, the CPython default, `einsum`, the Pyodide default without scipy, and scipy's `sgemm`,
+the Pyodide default with it) so the browser's code paths are checked here too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from peer_runtime.graph import Node, load_onnx
 TOL = 1e-4
 
 
-@pytest.fixture(params=["matmul", "einsum"], autouse=True)
+@pytest.fixture(params=["matmul", "einsum", "sgemm"], autouse=True)
 def dot_impl(request):
     kernels.set_dot(request.param)
     yield request.param

@@ -1,4 +1,8 @@
-"""Full-model execution: a synthetic MobileNet-like network and the real demo MobileNetV2 vs onnxruntime."""
+"""Full-model execution: a synthetic MobileNet-like network and the real demo MobileNetV2 vs onnxruntime.
+
+Also the backend's in-place tails (Clip on the conv output, residual Add on a dead operand): equal to
+the plain path, never touching a tensor someone still reads, and still exact under tiling.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from peer_runtime import backend as backend_mod
 from peer_runtime import kernels
 from peer_runtime.backend import Backend, NumpyBackend, OnnxRuntimeBackend
 from peer_runtime.executor import run_graph, run_nodes
-from peer_runtime.graph import load_onnx
+from peer_runtime.graph import Graph, Node, load_onnx
+from peer_runtime.tiling import Split, build_plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +87,7 @@ def mini():
     return model, load_onnx(model), x, sess.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("dot", ["matmul", "einsum"])
+@pytest.mark.parametrize("dot", ["matmul", "einsum", "sgemm"])
 def test_mini_mobilenet_matches_onnxruntime(mini, dot):
     model, g, x, ref = mini
     assert "BatchNormalization" in {n.op_type for n in model.graph.node}
@@ -194,3 +200,131 @@ def test_demo_mobilenet_v2_matches_onnxruntime(demo):
         assert err < 1e-4, f"{label}: max abs logit error {err}"
         top5 = lambda v: list(np.argsort(-v[0], kind="stable")[:5])  # noqa: E731
         assert top5(ours) == top5(ref), label
+
+
+# --------------------------------------------------------------------------- in-place tails
+
+
+def _overwrites(monkeypatch):
+    """Record (node op, overwrite indices) of every kernel call the backend makes."""
+    calls = []
+    real = backend_mod._numpy_run_node
+
+    def spy(node, inputs, weights, pads=None, *, overwrite=()):
+        calls.append((node.op, tuple(overwrite)))
+        return real(node, inputs, weights, pads, overwrite=overwrite)
+
+    monkeypatch.setattr(backend_mod, "_numpy_run_node", spy)
+    return calls
+
+
+def test_inplace_run_nodes_equals_the_plain_backend(mini, monkeypatch):
+    _, g, x, _ = mini
+    calls = _overwrites(monkeypatch)
+    x0 = x.copy()
+    fast = NumpyBackend(g).run_nodes(g.nodes, {g.input: x}, [g.output])[g.output]
+    assert ("Clip", (0,)) in calls and any(op == "Add" and over for op, over in calls)
+    plain = NumpyBackend(g, inplace=False).run_nodes(g.nodes, {g.input: x}, [g.output])[g.output]
+    np.testing.assert_array_equal(fast, plain)
+    np.testing.assert_array_equal(x, x0)
+    # Wanted intermediates come back untouched, equal to what the plain run produced.
+    want = [n.output for n in g.nodes if n.op in ("Conv", "Add")]
+    a = NumpyBackend(g).run_nodes(g.nodes, {g.input: x}, want)
+    b = NumpyBackend(g, inplace=False).run_nodes(g.nodes, {g.input: x}, want)
+    for t in want:
+        np.testing.assert_array_equal(a[t], b[t])
+
+
+def _residual_graph(seed=3, c=4, hw=6):
+    """c1 = Conv(x); r1 = Clip(c1); c2 = Conv(r1); s = Add(r1, c2); t = Add(s, r1); y = Clip(Flatten(t)).
+
+    r1 has three readers (conv2 and both Adds), so the first Add must not write into its left
+    operand; s is read only by the second Add, which may. Flatten's output aliases t.
+    """
+    rng = np.random.default_rng(seed)
+    w = {k: rng.standard_normal(s).astype(np.float32) for k, s in
+         (("w1", (c, c, 3, 3)), ("b1", (c,)), ("w2", (c, c, 1, 1)), ("b2", (c,)))}
+    conv = {"kernel": (3, 3), "strides": (1, 1), "dilations": (1, 1), "pads": (1, 1, 1, 1), "group": 1}
+    conv1 = {**conv, "kernel": (1, 1), "pads": (0, 0, 0, 0)}
+    relu6 = {"min": 0.0, "max": 6.0}
+    nodes = [
+        Node("conv1", "Conv", ("x",), "c1", conv, ("w1", "b1")),
+        Node("clip1", "Clip", ("c1",), "r1", relu6),
+        Node("conv2", "Conv", ("r1",), "c2", conv1, ("w2", "b2")),
+        Node("add1", "Add", ("r1", "c2"), "s"),
+        Node("add2", "Add", ("s", "r1"), "t"),
+        Node("flat", "Flatten", ("t",), "f", {"axis": 1}),
+        Node("clip2", "Clip", ("f",), "y", {"min": -1.0, "max": 1.0}),
+    ]
+    shapes = {"x": (1, c, hw, hw), "c1": (1, c, hw, hw), "r1": (1, c, hw, hw), "c2": (1, c, hw, hw),
+              "s": (1, c, hw, hw), "t": (1, c, hw, hw), "f": (1, c * hw * hw), "y": (1, c * hw * hw)}
+    g = Graph(nodes, "x", "y", shapes, w)
+    x = (rng.standard_normal(shapes["x"]) * 3).astype(np.float32)
+    return g, x
+
+
+def test_residual_add_never_overwrites_a_shared_operand(monkeypatch):
+    g, x = _residual_graph()
+    calls = _overwrites(monkeypatch)
+    out = NumpyBackend(g).run_nodes(g.nodes, {"x": x}, ["y", "r1"])
+    # add1 may only take c2's buffer, add2 s's; f is a view of t, so the last Clip allocates
+    # (conservative: any aliasing, dead or not, rules a buffer out).
+    assert calls == [("Conv", ()), ("Clip", (0,)), ("Conv", ()), ("Add", (1,)), ("Add", (0,)),
+                     ("Flatten", ()), ("Clip", ())]
+    ref = NumpyBackend(g, inplace=False).run_nodes(g.nodes, {"x": x}, ["y", "r1"])
+    np.testing.assert_array_equal(out["y"], ref["y"])
+    np.testing.assert_array_equal(out["r1"], ref["r1"])  # wanted, read thrice, so never written
+    # Keeping s forbids writing into it; r1, read for the last time by add2, takes the result instead.
+    calls.clear()
+    out = NumpyBackend(g).run_nodes(g.nodes, {"x": x}, ["y", "s", "t"])
+    assert calls[4] == ("Add", (1,))
+    np.testing.assert_array_equal(out["s"], ref_s := NumpyBackend(g, inplace=False).run_nodes(
+        g.nodes, {"x": x}, ["s"])["s"])
+    assert not np.shares_memory(out["s"], out["t"]) and ref_s.shape == out["s"].shape
+    np.testing.assert_array_equal(out["t"], NumpyBackend(g, inplace=False).run_nodes(g.nodes, {"x": x}, ["t"])["t"])
+
+
+def test_run_node_rewrites_only_its_own_fresh_sole_reader_outputs(monkeypatch):
+    g, x = _residual_graph()
+    calls = _overwrites(monkeypatch)
+    be = NumpyBackend(g)
+    nodes = {n.name: n for n in g.nodes}
+    c1 = be.run_node(nodes["conv1"], [x])
+    r1 = be.run_node(nodes["clip1"], [c1])  # c1 fresh from the previous call, read only by clip1
+    assert calls[-1] == ("Clip", (0,)) and np.shares_memory(r1, c1)
+    np.testing.assert_array_equal(r1, np.clip(kernels.run_node(nodes["conv1"], [x], g.weights), 0, 6))
+    # Not from the previous call, or a non-idempotent op without the caller's word: no rewriting.
+    c1b = kernels.run_node(nodes["conv1"], [x], g.weights)
+    keep = c1b.copy()
+    be.run_node(nodes["clip1"], [c1b])
+    assert calls[-1] == ("Clip", ()) and np.array_equal(c1b, keep)
+    c2 = be.run_node(nodes["conv2"], [r1])
+    s = be.run_node(nodes["add1"], [r1, c2])
+    assert calls[-1] == ("Add", ()) and not np.shares_memory(s, r1) and not np.shares_memory(s, c2)
+    # The explicit hint is obeyed, for any op that can use it.
+    t = be.run_node(nodes["add2"], [s, r1], may_overwrite=[True, False])
+    assert calls[-1] == ("Add", (0,)) and np.shares_memory(t, s)
+    # Flatten's output is a view of t, which the caller may still hold: Clip must not write into it.
+    f = be.run_node(nodes["flat"], [t])
+    t_before = t.copy()
+    be.run_node(nodes["clip2"], [f])
+    assert calls[-1] == ("Clip", ()) and np.array_equal(t, t_before)
+
+
+def test_tiled_runs_with_inplace_tails_equal_full_inference(mini, monkeypatch):
+    _, g, x, _ = mini
+    calls = _overwrites(monkeypatch)
+    ref = NumpyBackend(g, inplace=False).run_nodes(g.nodes, {g.input: x}, [g.output])[g.output]
+    gap = next(i for i, n in enumerate(g.nodes) if n.op == "GlobalAveragePool")
+    ops = [n.op for n in g.nodes]
+    # Cuts between a Conv and its Clip and between a projection Conv and its Add put a dead tensor in
+    # another device's store and a halo: the tails must stay exact all the same.
+    conv_clip = next(i for i in range(1, gap) if ops[i] == "Clip" and ops[i - 1] == "Conv")
+    conv_add = next(i for i in range(1, gap) if ops[i] == "Add")
+    for cut in (conv_clip, conv_add, gap - 3):
+        plan = build_plan(g, [cut, gap], [Split.rows({"a": 2, "b": 1}), Split.grid([["b", "a"]]),
+                                          Split.whole("b")], "a")
+        shared = NumpyBackend(g)
+        np.testing.assert_allclose(simulate(g, plan, x, backend=shared), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(simulate(g, plan, x), ref, rtol=1e-5, atol=1e-5)
+    assert ("Clip", (0,)) in calls

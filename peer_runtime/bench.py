@@ -1,6 +1,7 @@
 """Per-layer and whole-model timing of the numpy kernels against onnxruntime on this machine.
 
     python -m peer_runtime.bench [--model PATH] [--repeat N] [--pyodide]
+    python -m peer_runtime.bench --compare [--baseline REV] [--repeat N] [--pyodide]
 
 Every layer is run alone on its real input (taken from a full run on a fixed random image): the numpy
 kernel via `kernels.run_node`, onnxruntime via a single-node model built from the same IR node. The
@@ -12,6 +13,12 @@ unless OPENBLAS_NUM_THREADS / --threads say otherwise.
 `--pyodide` also times the numpy kernels inside Pyodide 0.27.7 (numpy 2.0.2 without BLAS, the browser
 path) under node, from ``static/vendor/pyodide``: a separate process, so that column is measured
 after, not interleaved. A script, not a test; CPython only (needs onnx and onnxruntime).
+
+`--compare` instead times the kernels of git revision `--baseline` (run node by node, as its backend
+did) against the current ones (`NumpyBackend`, in-place tails on) on the same model and input, all
+paths interleaved in one loop, and prints old/new ratios per layer kind and for the whole model, in
+CPython and (with `--pyodide`) in Pyodide, where the new path is timed with einsum and, if scipy is
+loadable there, with scipy's sgemm, plus the time to load scipy.
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from . import kernels  # noqa: E402
+from .backend import NumpyBackend  # noqa: E402
 from .executor import run_graph, run_nodes  # noqa: E402
 from .graph import Graph, load_onnx, node_flops, save_compact, to_onnx  # noqa: E402
+
+BASELINE_REV = "c042e0d"  # kernels before in-place tails, sgemm and the depthwise rework
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "static" / "model" / "mobilenet_v2.onnx"
@@ -66,6 +77,144 @@ def layer_kind(graph: Graph, node) -> str:
     if node.attrs["group"] > 1:
         return "Conv dw" if node.attrs["group"] == w.shape[0] else "Conv grouped"
     return "Conv 1x1" if w.shape[2:] == (1, 1) else f"Conv {w.shape[2]}x{w.shape[3]}"
+
+
+# --------------------------------------------------------------------------- old vs new kernels
+
+
+def load_baseline(source: str) -> types.ModuleType:
+    """The kernels module text of an older revision as a module of its own (it imports only numpy)."""
+    mod = types.ModuleType("peer_runtime._kernels_baseline")
+    exec(compile(source, "kernels@baseline", "exec"), mod.__dict__)
+    return mod
+
+
+def baseline_source(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:peer_runtime/kernels.py"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _run_old(old, graph: Graph, x: np.ndarray) -> np.ndarray:
+    """What the old backend's run_nodes did: one fresh array per node, intermediates freed after use."""
+    last = {t: i for i, n in enumerate(graph.nodes) for t in n.inputs}
+    env = {graph.input: x}
+    for i, n in enumerate(graph.nodes):
+        env[n.output] = old.run_node(n, [env[t] for t in n.inputs], graph.weights)
+        for t in n.inputs:
+            if last[t] == i and t != graph.output:
+                env.pop(t, None)
+    return env[graph.output]
+
+
+def compare_paths(graph: Graph, x: np.ndarray, old, repeat: int, dots: list[str]) -> dict:
+    """Old kernels vs the current ones with each 2D product in `dots`, interleaved in one loop.
+
+    Layers: every node alone on its real input (the current kernels with `overwrite` where the
+    backend would allow it: a Clip/Add input produced by the node before and read by nobody else;
+    the input is a private copy, and repeating an in-place op on it changes values, not timing).
+    Whole model: `_run_old` vs `NumpyBackend.run_nodes`. Returns seconds (medians) and max |diff|.
+    """
+    backend = NumpyBackend(graph)
+    env = {graph.input: x, **backend.run_nodes(graph.nodes, {graph.input: x})}
+    produced_by = {n.output: i for i, n in enumerate(graph.nodes)}
+    sole = backend._sole
+    saved = kernels.dot_name()
+    layers = []
+    try:
+        for i, n in enumerate(graph.nodes):
+            ins = [env[t] for t in n.inputs]
+            over = tuple(k for k, t in enumerate(n.inputs) if n.op in kernels.INPLACE_OPS and t in sole
+                         and produced_by.get(t) == i - 1)
+            mine = [a.copy() if k in over else a for k, a in enumerate(ins)]
+            fns = [lambda n=n, ins=ins: old.run_node(n, ins, graph.weights)]
+            for d in dots:
+                def new(n=n, mine=mine, over=over, d=d):
+                    kernels.set_dot(d)
+                    return kernels.run_node(n, mine, graph.weights, overwrite=over)
+                fns.append(new)
+            layers.append({"name": n.name, "kind": layer_kind(graph, n), "inplace": bool(over),
+                           "seconds": interleaved(fns, repeat)})
+        y_old = _run_old(old, graph, x)
+        whole_fns = [lambda: _run_old(old, graph, x)]
+        diffs = []
+        for d in dots:
+            def new(d=d):
+                kernels.set_dot(d)
+                return backend.run_nodes(graph.nodes, {graph.input: x}, [graph.output])[graph.output]
+            whole_fns.append(new)
+            y = new()
+            diffs.append(float(np.abs(y - y_old).max()))
+        whole = interleaved(whole_fns, max(3, repeat // 2))
+    finally:
+        kernels.set_dot(saved)
+    return {"dots": dots, "layers": layers, "whole": whole, "max_diff": diffs}
+
+
+def print_comparison(title: str, res: dict, flops: int) -> None:
+    dots = res["dots"]
+    print(title)
+    head = f"  {'kind':<17} {'n':>3} {'old ms':>9}" + "".join(f" {d + ' ms':>10} {'old/' + d:>11}" for d in dots)
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    kinds: dict[str, list] = {}
+    for layer in res["layers"]:
+        k = layer["kind"] + (" (in place)" if layer["inplace"] else "")
+        acc = kinds.setdefault(k, [0, [0.0] * (1 + len(dots))])
+        acc[0] += 1
+        acc[1] = [a + b for a, b in zip(acc[1], layer["seconds"], strict=True)]
+    total = [sum(v[1][j] for v in kinds.values()) for j in range(1 + len(dots))]
+    for k, (cnt, secs) in [*sorted(kinds.items(), key=lambda kv: -kv[1][1][0]), ("sum of layers", (0, total))]:
+        row = f"  {k:<17} {cnt or len(res['layers']):>3} {secs[0] * 1e3:>9.2f}"
+        print(row + "".join(f" {t * 1e3:>10.2f} {secs[0] / t:>10.2f}x" for t in secs[1:]))
+    w = res["whole"]
+    print(f"  whole model ({flops / 1e9:.3f} GFLOP): old {w[0] * 1e3:.1f} ms, "
+          + ", ".join(f"{d} {t * 1e3:.1f} ms (old/new {w[0] / t:.2f}x, max |diff| {e:.1e})"
+                      for d, t, e in zip(dots, w[1:], res["max_diff"], strict=True)))
+
+
+_PYODIDE_COMPARE = r"""
+import json, sys, time
+sys.path.insert(0, "/repo")
+import numpy as np
+from peer_runtime import bench, kernels
+from peer_runtime.graph import load_compact
+import pyodide_js
+g = load_compact("/data/model")
+x = np.load("/data/x.npy")
+old = bench.load_baseline(open("/data/kernels_baseline.py").read())
+dots, scipy_s = ["einsum"], None
+try:
+    t = time.perf_counter()
+    await pyodide_js.loadPackage("scipy")
+    from scipy.linalg.blas import sgemm  # noqa: F401  (the import is part of the boot cost)
+    scipy_s = time.perf_counter() - t
+    dots.append("sgemm")
+except Exception as e:
+    print("no scipy:", e)
+res = bench.compare_paths(g, x, old, REPEAT, dots)
+res.update(scipy_s=scipy_s, numpy=np.__version__, platform=sys.platform)
+print("@@RESULT@@" + json.dumps(res))
+"""
+
+
+def compare_in_pyodide(graph: Graph, x: np.ndarray, old_source: str, repeat: int) -> dict:
+    node = shutil.which("node")
+    if node is None or not (PYODIDE_DIR / "pyodide.mjs").exists():
+        raise RuntimeError(f"needs `node` and Pyodide in {PYODIDE_DIR} (run `python -m server.assets`)")
+    with tempfile.TemporaryDirectory(prefix="tilemesh-bench-") as tmp:
+        save_compact(graph, Path(tmp) / "model")
+        np.save(Path(tmp) / "x.npy", x)
+        (Path(tmp) / "kernels_baseline.py").write_text(old_source)
+        (Path(tmp) / "bench.py").write_text(_PYODIDE_COMPARE.replace("REPEAT", str(int(repeat))))
+        (Path(tmp) / "run.mjs").write_text(_NODE_RUNNER)
+        r = subprocess.run(
+            [node, str(Path(tmp) / "run.mjs"), str(PYODIDE_DIR), str(REPO), tmp, str(Path(tmp) / "bench.py")],
+            capture_output=True, text=True, timeout=3600,
+        )
+    for line in r.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@"):])
+    raise RuntimeError(f"Pyodide run failed ({r.returncode}): {r.stderr[-2000:] or r.stdout[-2000:]}")
 
 
 def _ort_session(model_bytes: bytes, threads: int):
@@ -140,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=15, help="timed runs per layer and side (median reported)")
     ap.add_argument("--threads", type=int, default=int(os.environ["OPENBLAS_NUM_THREADS"]),
                     help="onnxruntime intra-op threads (numpy's BLAS follows OPENBLAS_NUM_THREADS)")
-    ap.add_argument("--dot", default="auto", choices=["auto", "matmul", "einsum"], help="numpy 2D product")
+    ap.add_argument("--dot", default="auto", choices=["auto", "matmul", "einsum", "sgemm"], help="numpy 2D product")
     ap.add_argument("--pyodide", action="store_true", help="also time the numpy kernels inside Pyodide (node)")
+    ap.add_argument("--compare", action="store_true", help="old (--baseline) vs current kernels, interleaved")
+    ap.add_argument("--baseline", default=BASELINE_REV, help="git revision of the old kernels (default: %(default)s)")
     args = ap.parse_args(argv)
 
     path = Path(args.model)
@@ -153,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     g = load_onnx(path)
     load_s = time.perf_counter() - t0
     x = np.random.default_rng(0).standard_normal(g.shapes[g.input]).astype(np.float32)
+    if args.compare:
+        return _main_compare(args, g, x)
     env = {g.input: x, **run_nodes(g, g.nodes, {g.input: x})}
 
     pyo = None
@@ -222,6 +375,29 @@ def main(argv: list[str] | None = None) -> int:
     if pyo:
         print(f"whole model in Pyodide: {pyo['whole'] * 1e3:.1f} ms ({total_flops / pyo['whole'] / 1e9:.2f} GFLOP/s), "
               f"pyodide/ort {pyo['whole'] / t_ort:.1f}x")
+    return 0
+
+
+def _main_compare(args, g: Graph, x: np.ndarray) -> int:
+    src = baseline_source(args.baseline)
+    flops = sum(node_flops(g, n) for n in g.nodes)
+    print(f"old = kernels at {args.baseline}, node by node; new = current kernels via NumpyBackend "
+          f"(in-place tails); median of {args.repeat} interleaved runs, ratios old/new (>1: faster now)")
+    if args.pyodide:
+        try:
+            pyo = compare_in_pyodide(g, x, src, args.repeat)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"pyodide comparison skipped: {e}", file=sys.stderr)
+        else:
+            print_comparison(f"Pyodide (numpy {pyo['numpy']} on {pyo['platform']}, node):", pyo, flops)
+            if pyo["scipy_s"] is not None:
+                print(f"  loading scipy + openblas into Pyodide (loadPackage + import scipy.linalg.blas): "
+                      f"{pyo['scipy_s'] * 1e3:.0f} ms")
+            print()
+    dots = [args.dot] if args.dot != "auto" else ["matmul"]
+    res = compare_paths(g, x, load_baseline(src), args.repeat, dots)
+    print_comparison(f"CPython (numpy {np.__version__}, OPENBLAS_NUM_THREADS="
+                     f"{os.environ['OPENBLAS_NUM_THREADS']}):", res, flops)
     return 0
 
 

@@ -59,21 +59,3 @@ class LocalClassifier:
             "preprocess_ms": (t1 - t0) * 1e3,
             "compute_ms": (t2 - t1) * 1e3,
         }
-
-
-_local: LocalClassifier | None = None
-
-
-def load_local(model_json: str, labels_json: str) -> dict:
-    """Entry point for the browser worker: load once, report the model's size."""
-    global _local
-    _local = LocalClassifier.from_files(model_json, labels_json)
-    g = _local.graph
-    weights_bytes = sum(int(w.nbytes) for w in g.weights.values())
-    return {"nodes": len(g.nodes), "weights_bytes": weights_bytes, "classes": len(_local.labels)}
-
-
-def classify_local(data, height: int, width: int, k: int = 5) -> dict:
-    if _local is None:
-        raise RuntimeError("model not loaded: call load_local first")
-    return _local.classify(data, height, width, k)

@@ -76,13 +76,15 @@ class Peer:
         pixels = centre_crop_u8(frame_from_bytes(data, height, width))
         self.started[frame] = time.perf_counter()
         out = self.runner.start_frame(int(frame), pixels)
-        return {"out": _outgoing(out), "results": self._results()}
+        return {"out": _outgoing(out), "results": self._results(), "tasks_run": self.runner.tasks_run,
+                "plan_id": self.runner.plan_id}
 
     def on_chunk(self, peer: str, chunk) -> dict:
         if self.runner is None:
             return {"out": [], "results": [], "ignored": True}
         out = self.runner.on_chunk(peer, bytes(chunk))
-        return {"out": _outgoing(out), "results": self._results()}
+        return {"out": _outgoing(out), "results": self._results(), "tasks_run": self.runner.tasks_run,
+                "plan_id": self.runner.plan_id}
 
     def _results(self) -> list[dict]:
         """Frames this device (the source) has finished since the last call, with top-5 and timings."""
@@ -149,6 +151,13 @@ def start_frame(frame: int, data, height: int, width: int) -> dict:
 
 def on_chunk(peer: str, chunk) -> dict:
     return current().on_chunk(peer, chunk)
+
+
+def profile() -> dict:
+    """This device's compute profile on the loaded model's own layers (a second or two; done once at ready)."""
+    from .profile import measure_profile
+
+    return measure_profile(current().graph)
 
 
 def classify_local(data, height: int, width: int, k: int = 5) -> dict:

@@ -91,6 +91,7 @@ class DeviceRunner:
         self.frames: OrderedDict[int, FrameState] = OrderedDict()
         self.finished: OrderedDict[int, FrameState] = OrderedDict()
         self.errors: list[str] = []
+        self.tasks_run = 0  # over the runner's life: shows a device really took part (UI, tests)
         # What this device must hear from each peer before its tasks can run, per tensor: for validation.
         self.expected = {(t.src, t.tensor, t.region) for task in dplan.tasks for t in task.recv}
         self.output_tensor = graph.output
@@ -194,6 +195,7 @@ class DeviceRunner:
             for tr, arr in outgoing:
                 out.append(self._encode(st, tr.dst, tr.tensor, tr.region, arr))
             st.next_task += 1
+            self.tasks_run += 1
             self._release(st)
         if st.next_task == len(tasks):
             final = st.store.get(self.output_tensor)

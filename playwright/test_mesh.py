@@ -11,18 +11,12 @@ edge) from the numpy array that arrives; then one page closes and must vanish fr
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import ssl
-import tempfile
 import time
-import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
 from browsers import CHROMIUM, CHROMIUM_ARGS
-from conftest import ServerProcess, require_browser_assets, wait_http
-from netns import NetNS, unavailable_reason
+from roomkit import decode_qr, get_json, netns_server
 
 from peer_runtime import wire
 
@@ -54,26 +48,24 @@ def mesh_pattern(seed, shape, frame, tensor, max_message):
                               max_message=max_message)
 """
 
-# Attaches a Mesh to the page's room (window.tilemesh from web/room_view.js) and routes tensor chunks into
-# the Python worker. The pages create no mesh of their own yet, so it attaches after joining (mesh.js then
-# re-requests offers with "hello").
+# Routes the page's mesh (made by web/room_view.js's enterRoom) into test helpers in the Python worker instead of
+# the room's inference engine; link-probe messages still go to the engine's probe, which measures links.
 ATTACH = """async (helpers) => {
     const app = window.tilemesh;
     await app.joined;
     while (!app.bootInfo) await new Promise((r) => setTimeout(r, 100));
     await app.runtime.exec(helpers);
-    const { Mesh } = await import("/web/mesh.js");
     app.received = [];
     app.peerEvents = [];
     app.errors = [];
-    app.mesh = new Mesh(app.signaling, {
-        onPeer: (id, state) => app.peerEvents.push({ id, state, t: Date.now() }),
-        onMessage: (from, bytes) => {
-            app.runtime.call("__main__", "mesh_feed", [from, bytes], [bytes.buffer])
-                .then((r) => { if (r) app.received.push(r); })
-                .catch((e) => app.errors.push(String(e)));
-        },
-    });
+    app.mesh.addEventListener("peer", (e) => app.peerEvents.push({ id: e.detail.peerId, state: e.detail.state,
+                                                                   t: Date.now() }));
+    app.mesh.onMessage = (from, bytes) => {
+        if (app.engine.probe.onMessage(from, bytes)) return;
+        app.runtime.call("__main__", "mesh_feed", [from, bytes], [bytes.buffer])
+            .then((r) => { if (r) app.received.push(r); })
+            .catch((e) => app.errors.push(String(e)));
+    };
     return app.signaling.peerId;
 }"""
 
@@ -96,56 +88,24 @@ def sha(seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def netns_server():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    require_browser_assets()
-    with NetNS() as ns, tempfile.TemporaryDirectory() as state:
-        port = 8443
-        srv = ServerProcess(ns.inner, port, prefix=ns.wrap([]),
-                            extra=["--edge", "--https", "--state-dir", state])
-        srv.url = f"https://{ns.inner}:{port}"
-        srv.ns = ns
-        srv.insecure = ssl._create_unverified_context()  # our own self-signed certificate, inside the namespace
-        try:
-            wait_http(srv.url + "/healthz", timeout=30, context=srv.insecure)
-            yield srv
-        finally:
-            log = srv.stop()
-            print(log[-4000:])
+def ns_server():
+    with netns_server(["--edge"]) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
-def ns_browser(netns_server):
+def ns_browser(ns_server):
     from playwright.sync_api import sync_playwright  # noqa: PLC0415
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=netns_server.ns.chromium_wrapper(CHROMIUM),
+        b = p.chromium.launch(executable_path=ns_server.ns.chromium_wrapper(CHROMIUM),
                               args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"], headless=True)
         yield b
         b.close()
 
 
-def _get(srv, path: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(srv.url + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60, context=srv.insecure) as r:  # noqa: S310 (namespace server)
-        return json.loads(r.read())
-
-
-def _decode_qr(page) -> str:
-    import zxingcpp  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-
-    png = page.locator("#qr").screenshot()
-    found = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
-    assert found, "no QR code found on the host page"
-    return found[0].text
-
-
-def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, ns_browser):
-    srv = netns_server
+def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(ns_server, ns_browser):
+    srv = ns_server
     pages = []
     try:
         ctx = ns_browser.new_context(ignore_https_errors=True)
@@ -153,7 +113,7 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
         host.goto(srv.url + "/")
         assert "/room/" in host.url
         room = urlsplit(host.url).path.rsplit("/", 1)[-1]
-        join_url = _decode_qr(host)
+        join_url = decode_qr(host)
         assert join_url == host.locator("#join-url").inner_text().strip()
         assert join_url.endswith(f"/join/{room}") and urlsplit(join_url).hostname == srv.ns.inner
         pages.append(host)
@@ -164,7 +124,7 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
             ids.append(pg.evaluate(ATTACH, PY_HELPERS))
             pages.append(pg)
 
-        edge = _get(srv, f"/diag/mesh/edge/{room}")
+        edge = get_json(srv, f"/diag/mesh/edge/{room}")
         assert edge["joined"], edge
         edge_id = edge["peer_id"]
         everyone = [*ids, edge_id]
@@ -173,7 +133,7 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
         for i, pg in enumerate(pages):
             pg.evaluate(SEND_ALL, [i, list(SHAPE), [p for p in everyone if p != ids[i]]])
         for i in range(len(pages)):
-            out = _get(srv, f"/diag/mesh/edge/{room}/send",
+            out = get_json(srv, f"/diag/mesh/edge/{room}/send",
                        {"to": ids[i], "seed": EDGE_SEED, "shape": list(SHAPE), "frame": 0, "tensor": i})
             assert out["sha256"] == sha(EDGE_SEED)
             # aiortc advertises its own limit; the edge chunks by what Chromium advertised.
@@ -198,9 +158,9 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
                 assert r["ndarray"] and r["dtype"] == "float32" and r["shape"] == list(SHAPE)
                 assert r["nan"] > 0  # NaN payloads arrived as NaNs, and the hash proves their exact bits
                 assert r["sha256"] == sha(expected_seed[r["from"]]), (ids[i], r)
-        while len(_get(srv, f"/diag/mesh/edge/{room}")["received"]) < len(pages) and time.monotonic() < deadline:
+        while len(get_json(srv, f"/diag/mesh/edge/{room}")["received"]) < len(pages) and time.monotonic() < deadline:
             time.sleep(0.2)
-        at_edge = _get(srv, f"/diag/mesh/edge/{room}")
+        at_edge = get_json(srv, f"/diag/mesh/edge/{room}")
         assert sorted(r["from"] for r in at_edge["received"]) == sorted(ids)
         for r in at_edge["received"]:
             assert r["sha256"] == sha(expected_seed[r["from"]]) and r["shape"] == list(SHAPE)
@@ -214,9 +174,9 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
             pg.wait_for_function("(id) => window.tilemesh.mesh.state(id) === 'gone'", arg=leaver, timeout=5000)
             gone = [e for e in pg.evaluate("window.tilemesh.peerEvents") if e["id"] == leaver and e["state"] == "gone"]
             assert gone and gone[-1]["t"] / 1000 - t0 < 5
-        while leaver in _get(srv, f"/diag/mesh/edge/{room}")["links"] and time.time() - t0 < 5:
+        while leaver in get_json(srv, f"/diag/mesh/edge/{room}")["links"] and time.time() - t0 < 5:
             time.sleep(0.1)
-        assert leaver not in _get(srv, f"/diag/mesh/edge/{room}")["links"]
+        assert leaver not in get_json(srv, f"/diag/mesh/edge/{room}")["links"]
         # The survivors still talk: one more tensor host -> first joiner after the departure.
         host.evaluate(SEND_ALL, [7, list(SHAPE), [ids[1]]])
         host.evaluate("window.tilemesh.sending")
@@ -227,7 +187,7 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(netns_server, 
             print(pg.evaluate("({id: window.tilemesh.peerId, links: [...(window.tilemesh.mesh?.links.values() || [])]"
                               ".map((l) => [l.remote, l.state, l.pc.connectionState, l.pc.signalingState]),"
                               " events: window.tilemesh.peerEvents})"))
-        print(_get(srv, f"/diag/mesh/edge/{room}"))
+        print(get_json(srv, f"/diag/mesh/edge/{room}"))
         raise
     finally:
         for pg in pages:

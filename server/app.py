@@ -116,9 +116,10 @@ async def ar_page(request: web.Request) -> web.Response:
 def _setup_features(app: web.Application) -> None:
     """Attach feature modules; each owns its routes and background tasks (added here, one line each)."""
     # Imported here: the feature modules import this one for CONFIG_KEY and render().
-    from server import edge_peer, pages, signaling  # noqa: PLC0415
+    from server import edge_peer, inference, pages, signaling  # noqa: PLC0415
 
     signaling.setup(app)
+    inference.setup(app)
     pages.setup(app)
     edge_peer.setup(app)
     app.router.add_get("/ar", ar_page)

@@ -21,6 +21,10 @@ Client -> server
     broadcast  {data: object}   Relayed to every other peer of the room as `broadcast {from, data}`.
     ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
     leave      {}               Leave the room now; the server closes the socket.
+    plan_request {strategy?: str, devices?: [peer_id]}
+               The sender (the device with the camera) asks the server's planner for a plan over the room's
+               ready peers with profiles (or the listed subset). `strategy` picks a benchmark baseline
+               (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh".
 
 Server -> client
     welcome    {peer_id, room, peers: [roster entries], ice_servers: [RTCIceServer], resume_token,
@@ -35,12 +39,17 @@ Server -> client
     signal     {from: peer_id, data: object}
     broadcast  {from: peer_id, data: object}
     peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"}
+    plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits}, devices,
+                predicted_ms, timeline, candidates}
+               The planner's answer to a `plan_request`, sent to every peer of the room: devices in `devices`
+               expand `spec` with peer_runtime.peer and run their part; the others (the host page) show it.
     error      {code, message, ref?: the offending message's type}
     pong       {}
 
 Errors (`error.code`): bad_json, bad_message (not an object, binary frame), bad_version, unknown_type,
 invalid_field, too_large, rate_limited, not_joined, already_joined, unknown_room, unknown_peer, room_full,
-server_full, bad_resume, peer_unavailable (the target is reconnecting and its queue is full). Every one leaves
+server_full, bad_resume, peer_unavailable (the target is reconnecting and its queue is full), plan_failed (no
+plan could be made: the sender has no profile yet, or the planner is not available). Every one leaves
 the connection usable, except floods of oversized or rate-limited messages, which close it (WebSocket code
 1008), and a frame above the hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
 another socket (do not reconnect), 4001 missed heartbeats, 1000 after `leave`.
@@ -92,6 +101,9 @@ ROOM_FULL = "room_full"
 SERVER_FULL = "server_full"
 BAD_RESUME = "bad_resume"
 PEER_UNAVAILABLE = "peer_unavailable"
+PLAN_FAILED = "plan_failed"
+MAX_PLAN_DEVICES = 32
+STRATEGY_NAMES = ("tilemesh", "single", "offload", "partition_offload", "equal_split", "fixed_grid")
 
 
 class ProtocolError(Exception):
@@ -144,12 +156,18 @@ class Leave:
     pass
 
 
-ClientMessage = Join | State | Signal | Broadcast | Ping | Leave
+@dataclass(frozen=True)
+class PlanRequest:
+    strategy: str = "tilemesh"
+    devices: tuple[PeerId, ...] | None = None
+
+
+ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
 
 
 def type_of(message: ClientMessage) -> str:
     """The wire `type` of a parsed message (for `error.ref`)."""
-    return type(message).__name__.lower()
+    return "plan_request" if isinstance(message, PlanRequest) else type(message).__name__.lower()
 
 
 def _reject_constant(name: str):
@@ -265,6 +283,21 @@ def _parse_broadcast(obj: dict) -> Broadcast:
     return Broadcast(data=_object(obj, "data", required=True))
 
 
+def _parse_plan_request(obj: dict) -> PlanRequest:
+    strategy = obj.get("strategy", "tilemesh")
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"'strategy' must be one of {', '.join(STRATEGY_NAMES)}")
+    devices = obj.get("devices")
+    if devices is not None:
+        if not isinstance(devices, list) or len(devices) > MAX_PLAN_DEVICES:
+            raise ValueError(f"'devices' must be a list of at most {MAX_PLAN_DEVICES} peer ids")
+        try:
+            devices = tuple(PeerId.parse(d) for d in devices)
+        except ValueError:
+            raise ValueError("'devices' holds an invalid peer id") from None
+    return PlanRequest(strategy=strategy, devices=devices)
+
+
 _PARSERS = {
     "join": _parse_join,
     "state": _parse_state,
@@ -272,6 +305,7 @@ _PARSERS = {
     "broadcast": _parse_broadcast,
     "ping": lambda obj: Ping(),
     "leave": lambda obj: Leave(),
+    "plan_request": _parse_plan_request,
 }
 
 
@@ -302,6 +336,11 @@ def broadcast_from(sender: PeerId, data: dict) -> dict:
 
 def peer_left(peer_id: PeerId, reason: str) -> dict:
     return _msg("peer_left", id=peer_id, reason=reason)
+
+
+def plan(fields: dict) -> dict:
+    """The planner's answer (fields built by server.inference)."""
+    return _msg("plan", **fields)
 
 
 def error(code: str, message: str, ref: str | None = None) -> dict:

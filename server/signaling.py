@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -135,6 +136,10 @@ class Hub:
         self.pending: dict[PeerId, deque[str]] = {}
         self.connections: set[Connection] = set()
         self._janitor: asyncio.Task | None = None
+        # Answers `plan_request`: async (room, requester, request) -> plan fields (server.inference sets it).
+        # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
+        self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
+        self._plans: set[asyncio.Task] = set()
 
     # --- used by the HTTP pages ---------------------------------------------------------------------------
 
@@ -228,6 +233,13 @@ class Hub:
                 for peer in self.state.room(conn.room).peers:
                     if peer.id != conn.peer:
                         self._deliver(peer.id, text)
+            case protocol.PlanRequest():
+                if self.planner is None:
+                    raise protocol.ProtocolError(protocol.PLAN_FAILED, "this server has no planner")
+                # Planning takes up to a second of CPU: it runs beside the loop, never inside a message handler.
+                task = asyncio.get_running_loop().create_task(self._plan(conn.room, conn.peer, message))
+                self._plans.add(task)
+                task.add_done_callback(self._plans.discard)
             case protocol.Leave():
                 room, peer = conn.room, conn.peer
                 self._remove(room, peer, "leave")
@@ -259,6 +271,23 @@ class Hub:
             conn.send(text)
         log.info("peer %s %s room %s… (%d peers)", peer_id, "resumed" if resumed else "joined", join.room[:6],
                  len(room.peers))
+
+    async def _plan(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest) -> None:
+        try:
+            fields = await self.planner(self.state.room(room_id), requester, request)
+        except (rooms.RoomError, protocol.ProtocolError, ValueError) as exc:
+            self._deliver(requester, protocol.encode(protocol.error(protocol.PLAN_FAILED, str(exc), "plan_request")))
+            return
+        except Exception as exc:  # noqa: BLE001  (a planner bug must reach the requester, not kill the hub)
+            log.exception("planner failed for room %s…", room_id[:6])
+            text = protocol.encode(protocol.error(protocol.PLAN_FAILED, f"planner error: {exc}", "plan_request"))
+            self._deliver(requester, text)
+            return
+        if not self.room_exists(room_id):
+            return
+        text = protocol.encode(protocol.plan(fields))
+        for peer in self.state.room(room_id).peers:
+            self._deliver(peer.id, text)
 
     def _relay(self, conn: Connection, to: PeerId, message: dict) -> None:
         room = self.state.room(conn.room)
@@ -343,6 +372,8 @@ class Hub:
             conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
 
     async def on_cleanup(self, app: web.Application) -> None:
+        for task in list(self._plans):
+            task.cancel()
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

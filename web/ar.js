@@ -1,14 +1,8 @@
 // The web AR classifier: the camera fills the screen and the top-3 labels, speed and the map of which device
 // computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
 // runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
-import { PeerRuntime, bindProgress } from "/web/runtime.js";
+import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
 import { openCamera, grabFrame, cropRect, FRAME_SIZE } from "/web/camera.js";
-
-export const MODEL_FILES = [
-  { url: "/static/model/mobilenet_v2.json", path: "/model/mobilenet_v2.json" },
-  { url: "/static/model/mobilenet_v2.bin", path: "/model/mobilenet_v2.bin" },
-  { url: "/static/model/labels.json", path: "/model/labels.json" },
-];
 
 export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 
@@ -16,10 +10,10 @@ export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911
 export class LocalEngine {
   constructor(runtime) { this.runtime = runtime; this.name = "this device"; }
   async load() {
-    return this.runtime.call("peer_runtime.classify", "load_local", ["/model/mobilenet_v2.json", "/model/labels.json"]);
+    return this.runtime.call("peer_runtime.peer", "load", ["/model/mobilenet_v2.json", "/model/labels.json"]);
   }
   async classify(frame) {
-    const out = await this.runtime.call("peer_runtime.classify", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
+    const out = await this.runtime.call("peer_runtime.peer", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
       [frame.buffer]);
     return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
   }
@@ -59,7 +53,61 @@ function drawMap(canvas, video, parts, legend) {
   }));
 }
 
-export async function runLoop({ engine, video, els, shouldRun = () => true }) {
+// Classifies with the room's plan; asks the planner when there is none, and falls back to this device alone for
+// a frame when the room cannot answer (no plan yet, a device left mid-frame), so the labels never freeze.
+export class RoomArEngine {
+  constructor(room, local) {
+    this.room = room;
+    this.local = local;
+    this.name = "room";
+    this.planning = null;
+    this.lastError = "";
+    // ?strategy=equal_split (or any benchmark baseline) on the page's URL; the planner's own choice by default.
+    this.strategy = new URLSearchParams(location.search).get("strategy") || "tilemesh";
+    room.addEventListener("replan", () => { this.planning = null; });
+  }
+
+  async load() { await this.room.load(); }
+
+  async _ensurePlan() {
+    if (this.room.plan) return true;
+    this.planning ??= this.room.requestPlan(this.strategy).catch((err) => { this.lastError = err.message; })
+      .finally(() => setTimeout(() => { this.planning = null; }, 1000));
+    await this.planning;
+    return Boolean(this.room.plan);
+  }
+
+  async classify(frame) {
+    if (await this._ensurePlan()) {
+      try {
+        const r = await this.room.classify(frame.slice());
+        const p = r.plan;
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · ${p.label} · plan ${p.plan_id}`;
+        return r;
+      } catch (err) {
+        this.lastError = err.message;
+        this.room.plan = null;
+      }
+    }
+    this.name = `this device alone${this.lastError ? " (" + this.lastError + ")" : ""}`;
+    return this.local.classify(frame);
+  }
+}
+
+export function arElements() {
+  const $ = (id) => document.getElementById(id);
+  return { root: $("ar"), video: $("video"), labels: $("labels"), stats: $("stats"), map: $("map"),
+    legend: $("legend"), error: $("error") };
+}
+
+function showError(els, err) {
+  els.error.hidden = false;
+  els.error.textContent = String(err.message || err);
+  els.labels.dataset.state = "error";
+}
+
+export async function runLoop({ engine, els, shouldRun = () => true }) {
+  const { video } = els;
   const grab = document.createElement("canvas");
   let frames = 0;
   let since = performance.now();
@@ -78,30 +126,50 @@ export async function runLoop({ engine, video, els, shouldRun = () => true }) {
     drawMap(els.map, video, result.parts, els.legend);
     els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}`;
     els.stats.dataset.latencyMs = latency.toFixed(1);
+    els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);
     els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
     // Yield so the video and the UI repaint between frames.
     await new Promise((resolve) => requestAnimationFrame(resolve));
   }
 }
 
-export async function startAr({ makeEngine } = {}) {
-  const $ = (id) => document.getElementById(id);
-  const els = { labels: $("labels"), stats: $("stats"), map: $("map"), legend: $("legend") };
-  const fail = (err) => {
-    $("error").hidden = false;
-    $("error").textContent = String(err.message || err);
-    els.labels.dataset.state = "error";
-  };
+// The standalone page (/ar): this device alone.
+export async function startAr() {
+  const els = arElements();
   try {
-    const video = $("video");
-    const runtime = new PeerRuntime({ onProgress: bindProgress($("boot")) });
-    const [stream] = await Promise.all([openCamera(video), runtime.boot({ files: MODEL_FILES })]);
-    const engine = makeEngine ? await makeEngine(runtime) : new LocalEngine(runtime);
+    const runtime = new PeerRuntime({ onProgress: bindProgress(document.getElementById("boot")) });
+    const [stream] = await Promise.all([openCamera(els.video), runtime.boot({ files: MODEL_FILES })]);
+    const engine = new LocalEngine(runtime);
     await engine.load();
-    $("boot").hidden = true;
+    document.getElementById("boot").hidden = true;
     window.tilemeshAr = { runtime, engine, stream };
-    await runLoop({ engine, video, els });
+    await runLoop({ engine, els });
   } catch (err) {
-    fail(err);
+    showError(els, err);
+  }
+}
+
+// Inside a room (the join page): the camera opens on demand and frames go through the room's plan.
+export async function startRoomAr(app) {
+  const els = arElements();
+  els.root.hidden = false;
+  let running = true;
+  let stream = null;
+  const close = document.getElementById("ar-close");
+  if (close) close.onclick = () => { running = false; };
+  try {
+    stream = await openCamera(els.video);
+    const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime));
+    await engine.load();
+    app.ar = { engine, stream };
+    await runLoop({ engine, els, shouldRun: () => running });
+  } catch (err) {
+    showError(els, err);
+    return;
+  } finally {
+    if (!running) {
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      els.root.hidden = true;
+    }
   }
 }

@@ -2,7 +2,9 @@
 // booting), and `enterRoom()`, the glue both pages share: join over signaling, boot this device's runtime,
 // report progress, leave on pagehide. Tests reach everything through `window.tilemesh`.
 import { SignalingClient } from "/web/signaling.js";
-import { PeerRuntime, bindProgress } from "/web/runtime.js";
+import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
+import { Mesh } from "/web/mesh.js";
+import { RoomEngine } from "/web/room_engine.js";
 
 const STYLE = `
 .roster { list-style: none; padding: 0; margin: .5rem 0; display: grid; gap: .4rem; }
@@ -163,25 +165,32 @@ export async function enterRoom({ room, name, kind, rosterEl, bootEl, statusEl }
   signaling.on("error", (e) => console.warn("signaling error", e.code, e.message));
 
   // pagehide (not unload) is what mobile browsers reliably fire when a tab closes or is swiped away.
-  addEventListener("pagehide", () => signaling.leave());
+  addEventListener("pagehide", () => { if (app.mesh) app.mesh.close(); signaling.leave(); });
   // Back from the back/forward cache: we left on pagehide, so join again (as a new peer).
   addEventListener("pageshow", (event) => { if (event.persisted) signaling.connect().catch(() => {}); });
 
   const report = throttledProgress(signaling);
   const showBoot = bootEl ? bindProgress(bootEl) : () => {};
+  // The mesh exists before the socket opens so that it offers to everyone listed in the welcome.
+  const mesh = new Mesh(signaling, { leaveOnPagehide: false });
   const runtime = new PeerRuntime({ onProgress: (stage, fraction, detail) => {
     showBoot(stage, fraction, detail);
     if (stage !== "ready") report(stage, fraction, detail);
   } });
   app.runtime = runtime;
+  app.mesh = mesh;
+  app.engine = new RoomEngine({ runtime, signaling, mesh });
   signaling.setState("booting", { progress: 0, detail: "starting", profile: deviceProfile(null) });
 
   // Joining and booting run side by side: the roster shows this device while its runtime downloads.
   app.joined = signaling.connect().catch((err) => { showStatus(err.message, "fatal"); return null; });
   try {
-    const info = await runtime.boot();
+    const info = await runtime.boot({ files: MODEL_FILES });
     app.bootInfo = info;
-    signaling.setState("ready", { progress: 1, detail: "", profile: deviceProfile(info) });
+    signaling.setState("booting", { progress: 1, detail: "measuring speed", profile: deviceProfile(info) });
+    await app.joined;
+    await app.engine.measure();
+    signaling.setState("ready", { progress: 1, detail: "" });
   } catch (err) {
     if (bootEl) bootEl.dataset.stage = "error";
     signaling.setState("booting", { detail: `runtime failed: ${err.message}` });

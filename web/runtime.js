@@ -3,6 +3,13 @@
 //   const rt = new PeerRuntime({ onProgress: (stage, fraction, detail) => ... });
 //   const info = await rt.boot();                       // {runtime, numpy, python, pyodide, bootMs}
 //   const out = await rt.call("peer_runtime.wire", "encode_tensor", [args...], [transferables]);
+// The demo model's files, fetched into the worker's file system at boot (peer_runtime.peer.load reads them).
+export const MODEL_FILES = [
+  { url: "/static/model/mobilenet_v2.json", path: "/model/mobilenet_v2.json" },
+  { url: "/static/model/mobilenet_v2.bin", path: "/model/mobilenet_v2.bin" },
+  { url: "/static/model/labels.json", path: "/model/labels.json" },
+];
+
 export class PeerRuntime {
   constructor({ onProgress = () => {}, workerUrl = "/web/runtime_worker.js" } = {}) {
     this.worker = new Worker(workerUrl, { type: "module" });

@@ -1,0 +1,57 @@
+"""Helpers for tests of whole rooms inside a network namespace: the server, browsers, the QR code, diagnostics.
+
+WebRTC needs a real interface (Chromium ignores loopback), so the server (https with its self-signed
+certificate: http on 10.99.N.1 is not a secure context) and every Chromium run inside a namespace the test
+creates; Playwright drives Chromium over pipes, which cross namespaces, and the test reaches the server over
+the veth's outer end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import ssl
+import tempfile
+import urllib.request
+
+import pytest
+from conftest import ServerProcess, require_browser_assets, wait_http
+from netns import NetNS, unavailable_reason
+
+
+@contextlib.contextmanager
+def netns_server(extra: list[str] | None = None, port: int = 8443):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    require_browser_assets()
+    with NetNS() as ns, tempfile.TemporaryDirectory() as state:
+        srv = ServerProcess(ns.inner, port, prefix=ns.wrap([]), extra=["--https", "--state-dir", state, *(extra or [])])
+        srv.url = f"https://{ns.inner}:{port}"
+        srv.ns = ns
+        srv.insecure = ssl._create_unverified_context()  # our own self-signed certificate, inside the namespace
+        try:
+            wait_http(srv.url + "/healthz", timeout=30, context=srv.insecure)
+            yield srv
+        finally:
+            log = srv.stop()
+            print(log[-6000:])
+
+
+def get_json(srv, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(srv.url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60, context=srv.insecure) as r:  # noqa: S310 (namespace server)
+        return json.loads(r.read())
+
+
+def decode_qr(page) -> str:
+    """The join URL, read from the host page's QR code as a phone's camera would."""
+    import zxingcpp  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    png = page.locator("#qr").screenshot()
+    found = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
+    assert found, "no QR code found on the host page"
+    return found[0].text

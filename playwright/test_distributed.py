@@ -1,0 +1,120 @@
+"""The product, end to end: phones and a laptop in a room classify camera frames together.
+
+Inside a network namespace: the server, a host page, a phone page whose camera shows a real photo (Chromium's
+fake capture from a Y4M file) and a second device in its own Chromium slowed by a cgroup CPU quota. The phone
+opens the camera; its frames are computed by the room with the planner's plan, and then with every device
+forced in (equal split). The overlay must show onnxruntime's top-1 for that photo, and every device must
+have computed part of the frame.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import skimage.data
+from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
+from media import write_y4m
+from roomkit import decode_qr, netns_server
+from slowdown import CpuLimit
+from slowdown import unavailable_reason as cgroup_unavailable
+
+from peer_runtime.preprocess import preprocess, top_k
+
+pytestmark = [pytest.mark.browser, pytest.mark.netns]
+
+READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state === 'ready'"
+
+
+def centre_square(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = min(h, w)
+    return img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
+def expected_top1(img: np.ndarray) -> str:
+    sess = ort.InferenceSession(str(REPO / "static/model/mobilenet_v2.onnx"), providers=["CPUExecutionProvider"])
+    labels = json.loads((REPO / "static/model/labels.json").read_text())
+    return top_k(sess.run(None, {"input": preprocess(centre_square(img))})[0][0], labels, 1)[0][1]
+
+
+def frames(page) -> int:
+    return int(page.locator("#labels").get_attribute("data-frames") or 0)
+
+
+def wait_frames(page, n: int, timeout_ms: int = 120_000) -> None:
+    page.wait_for_function(
+        "(n) => { const l = document.getElementById('labels');"
+        " return l.dataset.state === 'error' || Number(l.dataset.frames || 0) >= n; }",
+        arg=n, timeout=timeout_ms)
+    assert page.locator("#labels").get_attribute("data-state") == "running", page.locator("#error").inner_text()
+
+
+def test_room_classifies_camera_frames_together(tmp_path: Path):
+    if cgroup_unavailable():
+        pytest.skip(cgroup_unavailable())
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415
+
+    photo = skimage.data.coffee()
+    cam = write_y4m(tmp_path / "coffee.y4m", photo)
+    expected = expected_top1(photo)
+    with netns_server() as srv, sync_playwright() as p, CpuLimit(0.5) as slow_cpu:
+        in_ns = srv.ns.chromium_wrapper(CHROMIUM)
+        args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
+        fast = p.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])
+        slow = p.chromium.launch(executable_path=slow_cpu.wrapper(in_ns), args=args)
+        pages = []
+        try:
+            host = fast.new_context(ignore_https_errors=True).new_page()
+            host.goto(srv.url + "/")
+            join_url = decode_qr(host)
+            phone = fast.new_context(ignore_https_errors=True).new_page()
+            phone.goto(join_url + "?kind=phone")
+            laptop = slow.new_context(ignore_https_errors=True).new_page()
+            laptop.goto(join_url + "?kind=laptop")
+            pages = [host, phone, laptop]
+            for pg in pages:
+                pg.wait_for_function(READY, timeout=180_000)
+            ids = [pg.evaluate("window.tilemesh.peerId") for pg in pages]
+            # Every device measured itself and its links to the others before reporting ready.
+            for pg in pages:
+                prof = pg.evaluate("window.tilemesh.signaling.lastState.profile")
+                assert prof["compute"]["sec_per_mac"]["conv_pointwise"] > 0
+                assert len(prof["links"]) >= 1
+
+            phone.click("#start-ar")
+            wait_frames(phone, 3)
+            assert phone.locator("#labels").get_attribute("data-top1") == expected
+            chosen = phone.evaluate("window.tilemesh.engine.plan")
+            assert chosen is not None and chosen["source"] == ids[1], phone.locator("#stats").inner_text()
+            assert chosen["predicted_ms"] > 0
+            # The host page saw the same plan the phone runs.
+            host.wait_for_function("(id) => window.tilemesh.engine.lastPlan?.plan_id === id",
+                                   arg=chosen["plan_id"], timeout=10_000)
+
+            # Every device in: each must compute a share of the frame, and the answer must not change.
+            phone.evaluate("() => { window.tilemesh.ar.engine.strategy = 'equal_split';"
+                           " window.tilemesh.engine.plan = null; }")
+            phone.wait_for_function("() => window.tilemesh.engine.plan?.strategy === 'equal_split'", timeout=30_000)
+            plan_id = phone.evaluate("window.tilemesh.engine.plan.plan_id")
+            start = frames(phone)
+            wait_frames(phone, start + 3)
+            assert phone.locator("#labels").get_attribute("data-top1") == expected
+            assert phone.locator("#stats").get_attribute("data-devices") == "3"
+            for pg, pid in zip(pages, ids, strict=True):
+                tasks = pg.evaluate("(id) => window.tilemesh.engine.tasksRun[id] || 0", plan_id)
+                assert tasks > 0, f"{pid} computed nothing under plan {plan_id}"
+            assert phone.evaluate("window.tilemesh.engine.errors") == []
+        except Exception:
+            for pg in pages:
+                print(pg.url, pg.evaluate("({errors: window.tilemesh?.engine?.errors, state: "
+                                          "window.tilemesh?.signaling?.lastState})"))
+            raise
+        finally:
+            for pg in pages:
+                pg.context.close()
+            fast.close()
+            slow.close()

@@ -1,0 +1,157 @@
+// Distributed inference in the browser: the main-thread glue between the WebRTC mesh and the peer runtime's
+// worker. The worker (peer_runtime.peer) owns the plan and the frames; this file only moves bytes.
+//
+//   const engine = new RoomEngine({ runtime, signaling, mesh });
+//   await engine.measure();                    // compute profile + links, reported in state.profile
+//   engine.requestPlan();                      // the device with the camera asks the server's planner
+//   const result = await engine.classify(rgbaFrame);   // {top, parts, ms, report, plan}
+//
+// Every device runs one: devices without a camera just answer chunks as they come. Calls into the worker are
+// posted in arrival order and the worker handles them one at a time, so chunks are never reordered here.
+import { LinkProbe } from "/web/mesh.js";
+import { FRAME_SIZE } from "/web/camera.js";
+
+const FRAME_TIMEOUT_MS = 8000;
+const LINK_PROBE_BYTES = 256 * 1024;
+
+export class RoomEngine extends EventTarget {
+  constructor({ runtime, signaling, mesh }) {
+    super();
+    this.runtime = runtime;
+    this.signaling = signaling;
+    this.mesh = mesh;
+    this.probe = new LinkProbe(mesh);
+    this.plan = null;       // the `plan` message this device runs
+    this.parts = [];        // which device computes which part of the frame (fractions), for the AR map
+    this.frameId = 0;
+    this.waiting = new Map();
+    this.compute = null;
+    this.links = {};
+    this.name = "room";
+    this.loaded = null;
+    this.errors = [];
+    this.tasksRun = {};     // plan id -> tasks this device has computed under it
+    mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
+    signaling.on("plan", (msg) => this._onPlan(msg));
+    signaling.on("peer_left", ({ id }) => this._onPeerLeft(id));
+    signaling.on("error", (e) => {
+      if (e.code === "plan_failed") this._emit("plan_failed", e);
+    });
+    mesh.addEventListener("peer", (e) => {
+      if (e.detail.state === "open") this._measureLink(e.detail.peerId).catch(() => {});
+    });
+  }
+
+  _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+
+  // Loads the model into the worker (once); resolves with its size.
+  load(modelJson = "/model/mobilenet_v2.json", labelsJson = "/model/labels.json") {
+    this.loaded ??= this.runtime.call("peer_runtime.peer", "load", [modelJson, labelsJson]);
+    return this.loaded;
+  }
+
+  // Speed on the model's own layers, then links to every open peer; both go into this peer's roster profile.
+  async measure() {
+    await this.load();
+    this.compute = await this.runtime.call("peer_runtime.peer", "profile", []);
+    for (const peer of this.mesh.openPeers()) await this._measureLink(peer).catch(() => {});
+    this._report();
+    return { compute: this.compute, links: this.links };
+  }
+
+  async _measureLink(peer) {
+    const rtts = await this.probe.rtt(peer, 64, 10);
+    const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), 65536),
+      LINK_PROBE_BYTES);
+    rtts.sort((a, b) => a - b);
+    // LinkProbe reports megabytes per second; the planner wants megabits.
+    this.links[peer] = { rtt_ms: +rtts[rtts.length >> 1].toFixed(3), mbps: +(bulk.mbps * 8).toFixed(2) };
+    if (this.compute) this._report();
+  }
+
+  _report() {
+    const state = (this.signaling.lastState || {}).state || "ready";
+    this.signaling.setState(state, { profile: { ...(this.signaling.lastState?.profile || {}),
+      compute: this.compute, links: this.links } });
+  }
+
+  requestPlan(strategy = "tilemesh") {
+    this.signaling.send("plan_request", { strategy });
+    return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
+  }
+
+  async _onPlan(msg) {
+    const me = this.signaling.peerId;
+    this.lastPlan = msg;
+    const involved = msg.devices.includes(me) || msg.source === me;
+    const maxMessage = {};
+    for (const d of msg.devices) {
+      if (d !== me && this.mesh.state(d) === "open") maxMessage[d] = this.mesh.maxMessageSize(d);
+    }
+    if (!involved) { this._emit("plan", { plan: msg, role: "idle" }); return; }
+    try {
+      await this.load();
+      const role = await this.runtime.call("peer_runtime.peer", "set_plan", [msg.spec, me, maxMessage]);
+      if (msg.source === me) {
+        this.plan = msg;
+        this.parts = role.parts || [];
+        // Frames of the previous plan can no longer finish: fail them now rather than at their timeout.
+        for (const [frame, w] of this.waiting) w.reject(new Error(`plan replaced while frame ${frame} ran`));
+      }
+      this._emit("plan", { plan: msg, role });
+    } catch (err) {
+      this.errors.push(String(err.message || err));
+      console.error("tilemesh: adopting plan failed", err);
+    }
+  }
+
+  _onPeerLeft(id) {
+    if (this.plan && this.plan.devices.includes(id)) {
+      for (const [frame, w] of this.waiting) w.reject(new Error(`device ${id} left during frame ${frame}`));
+      this.plan = null;
+      this._emit("replan", { reason: `device ${id} left` });
+    }
+  }
+
+  _onMessage(from, bytes) {
+    if (this.probe.onMessage(from, bytes)) return;
+    this.runtime.call("peer_runtime.peer", "on_chunk", [from, bytes], [bytes.buffer])
+      .then((res) => this._handle(res))
+      .catch((err) => {
+        this.errors.push(String(err.message || err));
+        console.warn("tilemesh: chunk from", from, "refused:", err.message);
+      });
+  }
+
+  _handle(res) {
+    if (res.plan_id !== undefined) this.tasksRun[res.plan_id] = res.tasks_run;
+    for (const out of res.out || []) {
+      for (const chunk of out.chunks) {
+        this.mesh.send(out.dst, chunk).catch((err) => console.warn("tilemesh: send failed", err.message));
+      }
+    }
+    for (const r of res.results || []) {
+      const w = this.waiting.get(r.frame);
+      if (w) { this.waiting.delete(r.frame); clearTimeout(w.timer); w.resolve(r); }
+    }
+  }
+
+  // Classify one 256x256 RGBA frame with the room's plan; rejects on timeout or when a device leaves.
+  classify(frame) {
+    if (!this.plan) return Promise.reject(new Error("no plan yet"));
+    const id = ++this.frameId;
+    const result = new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiting.delete(id);
+        reject(new Error(`frame ${id} timed out after ${FRAME_TIMEOUT_MS} ms`));
+      }, FRAME_TIMEOUT_MS);
+      this.waiting.set(id, { resolve, reject: (e) => { clearTimeout(timer); this.waiting.delete(id); reject(e); },
+        timer });
+    });
+    this.runtime.call("peer_runtime.peer", "start_frame", [id, frame, FRAME_SIZE, FRAME_SIZE], [frame.buffer])
+      .then((res) => this._handle(res))
+      .catch((err) => { const w = this.waiting.get(id); if (w) w.reject(err); });
+    const plan = this.plan;
+    return result.then((r) => ({ ...r, parts: this.parts, plan }));
+  }
+}

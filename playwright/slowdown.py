@@ -7,6 +7,7 @@ Uses the cgroup v1 `cpu` controller mounted at /sys/fs/cgroup/cpu (this machine 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -55,13 +56,9 @@ class CpuLimit:
     def __exit__(self, *exc) -> None:
         # Processes left behind (a crashed browser) go back to the root group so the directory can go.
         for pid in (self.path / "cgroup.procs").read_text().split():
-            try:
+            with contextlib.suppress(OSError):  # the process may have exited meanwhile
                 (CPU_ROOT / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             self.path.rmdir()
-        except OSError:
-            pass
         if self._tmp is not None:
             self._tmp.cleanup()

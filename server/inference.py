@@ -45,7 +45,8 @@ def planner_inputs(room: rooms.Room, requester: PeerId, devices=None) -> tuple[d
         prof = peer.profile if isinstance(peer.profile, dict) else None
         if wanted is not None and peer.id not in wanted:
             continue
-        if not peer.connected or peer.state not in READY_STATES or not prof or not isinstance(prof.get("compute"), dict):
+        usable = peer.connected and peer.state in READY_STATES and prof and isinstance(prof.get("compute"), dict)
+        if not usable:
             continue
         profiles[peer.id] = prof["compute"]
         if peer.kind == "edge":

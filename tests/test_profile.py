@@ -110,9 +110,18 @@ def test_prediction_scales_with_macs_speed_and_region(mobilenet, prof):
         prof["overhead_s"] * prof["chain_factor"])
 
 
+def _cpu_share(seconds: float = 0.1) -> float:
+    """Share of one core this thread gets right now: a pure-Python spin's CPU time over wall time."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - w0 < seconds:
+        pass
+    return (time.thread_time() - c0) / (time.perf_counter() - w0)
+
+
 def _busy() -> bool:
-    """The machine is too loaded for timing to mean anything (other engineers' test runs)."""
-    return os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
+    """The machine is too loaded for timing to mean anything (other engineers' benchmarks: a
+    multi-threaded Pyodide bench on the 2 cores made run_graph swing 60-480 ms at load average 2)."""
+    return os.getloadavg()[0] > 2 * (os.cpu_count() or 1) or _cpu_share() < 0.85
 
 
 def test_depthwise_is_dearer_per_mac_than_pointwise(mobilenet, prof):
@@ -124,7 +133,7 @@ def test_depthwise_is_dearer_per_mac_than_pointwise(mobilenet, prof):
         if ratios[-1] > 3:
             return
     if _busy():
-        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.0f}); ratios {ratios}")
+        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.1f}); ratios {ratios}")
     raise AssertionError(f"depthwise/pointwise seconds per MAC: {ratios}")
 
 
@@ -157,5 +166,6 @@ def test_whole_graph_prediction_matches_run_graph(mobilenet):
         if 0.5 <= ratios[-1] <= 2.0:
             break
     if not 0.5 <= ratios[-1] <= 2.0 and _busy():
-        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.0f}); ratios {ratios}")
+        pytest.skip(f"machine too busy to time (load {os.getloadavg()[0]:.1f}, CPU share {_cpu_share():.2f});"
+                    f" ratios {ratios}")
     assert 0.5 <= ratios[-1] <= 2.0, f"predicted/measured ratios {ratios}"

@@ -76,15 +76,20 @@ class Peer:
         pixels = centre_crop_u8(frame_from_bytes(data, height, width))
         self.started[frame] = time.perf_counter()
         out = self.runner.start_frame(int(frame), pixels)
-        return {"out": _outgoing(out), "results": self._results(), "tasks_run": self.runner.tasks_run,
-                "plan_id": self.runner.plan_id}
+        return self._reply(out)
+
+    def _reply(self, out) -> dict:
+        """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""
+        results = self._results()
+        reports = [self.runner.report(f) for f in self.runner.take_finished()]
+        return {"out": _outgoing(out), "results": results, "reports": [r for r in reports if r],
+                "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
 
     def on_chunk(self, peer: str, chunk) -> dict:
         if self.runner is None:
             return {"out": [], "results": [], "ignored": True}
         out = self.runner.on_chunk(peer, bytes(chunk))
-        return {"out": _outgoing(out), "results": self._results(), "tasks_run": self.runner.tasks_run,
-                "plan_id": self.runner.plan_id}
+        return self._reply(out)
 
     def _results(self) -> list[dict]:
         """Frames this device (the source) has finished since the last call, with top-5 and timings."""

@@ -92,6 +92,7 @@ class DeviceRunner:
         self.finished: OrderedDict[int, FrameState] = OrderedDict()
         self.errors: list[str] = []
         self.tasks_run = 0  # over the runner's life: shows a device really took part (UI, tests)
+        self.newly_finished: list[int] = []  # frames finished since the caller last took them (for reports)
         # What this device must hear from each peer before its tasks can run, per tensor: for validation.
         self.expected = {(t.src, t.tensor, t.region) for task in dplan.tasks for t in task.recv}
         self.output_tensor = graph.output
@@ -222,6 +223,7 @@ class DeviceRunner:
 
     def _finish(self, st: FrameState) -> None:
         st.done = True
+        self.newly_finished.append(st.frame)
         self.frames.pop(st.frame, None)
         self.finished[st.frame] = st
         while len(self.finished) > self.window:
@@ -246,6 +248,10 @@ class DeviceRunner:
             "bytes_sent": st.bytes_sent,
             "bytes_received": st.bytes_received,
         }
+
+    def take_finished(self) -> list[int]:
+        done, self.newly_finished = self.newly_finished, []
+        return done
 
     def forget_peer(self, peer: str) -> None:
         self.inbox.forget(peer)

@@ -13,6 +13,7 @@ import { FRAME_SIZE } from "/web/camera.js";
 
 const FRAME_TIMEOUT_MS = 8000;
 const LINK_PROBE_BYTES = 256 * 1024;
+const REPORT_EVERY = 4;
 
 export class RoomEngine extends EventTarget {
   constructor({ runtime, signaling, mesh }) {
@@ -125,6 +126,7 @@ export class RoomEngine extends EventTarget {
 
   _handle(res) {
     if (res.plan_id !== undefined) this.tasksRun[res.plan_id] = res.tasks_run;
+    for (const report of res.reports || []) this._shareReport(res.plan_id, report);
     for (const out of res.out || []) {
       for (const chunk of out.chunks) {
         this.mesh.send(out.dst, chunk).catch((err) => console.warn("tilemesh: send failed", err.message));
@@ -134,6 +136,14 @@ export class RoomEngine extends EventTarget {
       const w = this.waiting.get(r.frame);
       if (w) { this.waiting.delete(r.frame); clearTimeout(w.timer); w.resolve(r); }
     }
+  }
+
+  // Each device's timings of a frame go to the whole room (the host page draws the timeline). Only every
+  // REPORT_EVERY-th frame, chosen by frame id so all devices report the same frames and signaling is not flooded.
+  _shareReport(planId, report) {
+    if (report.frame % REPORT_EVERY !== 1) return;
+    this.signaling.broadcast({ kind: "frame_report", plan_id: planId, report });
+    this._emit("report", { plan_id: planId, report, from: this.signaling.peerId });
   }
 
   // Classify one 256x256 RGBA frame with the room's plan; rejects on timeout or when a device leaves.

@@ -7,10 +7,11 @@ model of `server.costmodel`, a small family of candidates:
 * partition-offload (Neurosurgeon): the source runs the first blocks, X the rest;
 * split-then-gather (tilemesh proper): the early, high-resolution blocks are split spatially (row bands
   or a 2-D grid) among a subset of devices with shares that follow measured speed, grouped into fused
-  segments (one block per segment: small halos exchanged often; or one segment per resolution stage:
-  redundant halo compute instead of exchanges), and from some block on everything is gathered onto one
-  device (the deep 14x14 and 7x7 stages hold about 60% of MobileNetV2's MACs but their receptive fields
-  span the frame, so splitting them costs more halo than it saves);
+  segments (one block per segment: small halos exchanged often; one segment per resolution stage:
+  redundant halo compute instead of exchanges; or two blocks per segment), and from some block on
+  everything is gathered onto one device (the deep 14x14 and 7x7 stages hold about 60% of
+  MobileNetV2's MACs but their receptive fields span the frame: splitting them may cost more halo
+  exchange and redundant compute than it saves, and the cost model decides where);
 * the baselines of `make_plan` (equal split, fixed grid), so the planner never predicts worse than them.
 
 Shares are rebalanced with the cost model until devices finish together (halo overlap is not
@@ -33,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 
 from peer_runtime.deps import GLOBAL_OPS, cut_candidates, live_tensors, node_macs
-from peer_runtime.profile import predict_node_seconds
+from peer_runtime.profile import predict_node_seconds, validate_profile
 from peer_runtime.regions import Region, plane
 from peer_runtime.tiling import Plan, Split, build_plan
 
@@ -47,7 +48,7 @@ from .costmodel import (
 )
 
 STRATEGIES = ("single", "offload", "partition_offload", "equal_split", "fixed_grid", "tilemesh")
-FUSIONS = ("block", "stage")
+FUSIONS = ("block", "pair", "stage")
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,22 @@ def _resolution_after(graph, k: int) -> int:
 def fusion_cuts(graph, mode: str) -> list[int]:
     """Boundaries of the fused split segments, ending at the last spatial block cut.
 
-    "block": every block its own segment; "stage": one segment per run of blocks whose outputs share
-    a resolution."""
+    "block": every block its own segment; "pair": two blocks per segment, never across a resolution
+    change; "stage": one segment per run of blocks whose outputs share a resolution."""
     cuts = block_cuts(graph)
     if mode == "block":
         return cuts
+    stage_ends = [k for i, k in enumerate(cuts)
+                  if i + 1 == len(cuts) or _resolution_after(graph, k) != _resolution_after(graph, cuts[i + 1])]
     if mode == "stage":
-        out = [k for i, k in enumerate(cuts)
-               if i + 1 == len(cuts) or _resolution_after(graph, k) != _resolution_after(graph, cuts[i + 1])]
+        return stage_ends
+    if mode == "pair":
+        out, run = [], 0
+        for k in cuts:
+            run += 1
+            if k in stage_ends or run == 2:
+                out.append(k)
+                run = 0
         return out
     raise ValueError(f"unknown fusion mode {mode!r}")
 
@@ -408,6 +417,11 @@ def _check_inputs(profiles, source):
         raise ValueError("no devices")
     if source not in profiles:
         raise ValueError(f"source {source!r} has no profile")
+    for d, p in profiles.items():
+        try:
+            validate_profile(p)
+        except ValueError as e:
+            raise ValueError(f"device {d!r}: {e}") from None
 
 
 def search(graph, profiles: dict[str, dict], links, source: str, options: dict | None = None) -> list[_Estimate]:

@@ -65,7 +65,10 @@ def test_block_cuts_and_fusions(g):
     cuts = PL.block_cuts(g)
     assert cuts[0] == 2 and cuts[-1] == PL.head_start(g) == 97 and len(cuts) == 19  # 19 blocks, then the head
     assert all(g.nodes[k].name.split(".")[:2] != g.nodes[k - 1].name.split(".")[:2] for k in cuts)
+    pair = PL.fusion_cuts(g, "pair")
+    assert set(pair) <= set(cuts) and pair[-1] == cuts[-1] and len(cuts) // 2 <= len(pair) < len(cuts)
     stage = PL.fusion_cuts(g, "stage")
+    assert set(stage) <= set(pair)
     # One segment per resolution: 112, 56, 28, 14, 7.
     assert [g.shapes[g.nodes[k - 1].output][2] for k in stage] == [112, 56, 28, 14, 7]
     assert PL.fixed_grid_depth(g) == 33  # end of the 28x28 stage
@@ -213,6 +216,8 @@ def test_baseline_shapes(g):
         PL.make_plan("magic", g, profs, WIFI, "a")
     with pytest.raises(ValueError):
         PL.plan_frame(g, profs, WIFI, "nobody")
+    with pytest.raises(ValueError, match="'b'"):
+        PL.plan_frame(g, {**profs, "b": {"version": 1}}, WIFI, "a")
 
 
 def test_planning_four_devices_is_fast(g):

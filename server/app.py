@@ -65,6 +65,10 @@ async def security_headers(request: web.Request, handler):
         content_type = CONTENT_TYPES.get(PurePosixPath(request.path).suffix)
         if content_type:
             response.headers["Content-Type"] = content_type
+        # Vendor files sit under versioned paths and model/runtime files are fetched with ?v=<sha256>, so a
+        # phone keeps them for good (tens of MB it must not download twice); anything else revalidates.
+        immutable = request.path.startswith("/static/vendor/") or "v" in request.query
+        response.headers["Cache-Control"] = "public, max-age=31536000, immutable" if immutable else "no-cache"
     return response
 
 

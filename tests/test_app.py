@@ -54,3 +54,12 @@ async def test_runtime_page_renders(client):
     assert resp.status == 200
     html = await resp.text()
     assert "/web/runtime.js" in html and "<progress" in html
+
+
+async def test_cache_policy(client):
+    vendor = await client.get("/static/vendor/x.wasm")
+    assert "immutable" in vendor.headers["Cache-Control"]
+    web_js = await client.get("/web/runtime.js")
+    assert web_js.headers["Cache-Control"] == "no-cache"
+    versioned = await client.get("/web/runtime.js?v=abc")
+    assert "max-age=31536000" in versioned.headers["Cache-Control"]

@@ -14,11 +14,18 @@ depend on server internals the browsers do not have), and the same mesh conventi
 - messages are at most the remote's advertised `a=max-message-size` (aiortc refuses larger ones itself) and
   sends wait on `bufferedamountlow` above a high-water mark instead of queueing without bound.
 
-Binary messages starting with the wire magic are reassembled per sender (`peer_runtime.wire.Inbox`) and
-handed to `on_tensor(peer_id, Received)`; anything else goes to `on_message(peer_id, bytes)`.
+With `probes=True` the peer answers `LinkProbe` messages (first byte 0xB0..0xB4, as in web/mesh.js) itself.
+Other binary messages starting with the wire magic are reassembled per sender (`peer_runtime.wire.Inbox`) and
+handed to `on_tensor(peer_id, Received)` when it is given; anything else goes raw to `on_message(peer_id,
+bytes)`. Server messages the peer does not handle itself (`plan`, `error`...) go to `on_server(msg)`.
 
-`EdgeManager` (started by `tilemesh serve --edge`) keeps one `EdgePeer` in every room that has a device in
-it, and records what each received, which the `/diag/mesh` diagnostics page shows.
+`ComputeDevice` makes an EdgePeer a full compute device of the room, as RoomEngine + the Pyodide worker make a
+browser one: it reports `state ready` with `profile {compute, links, kind}`, measures its links, adopts `plan`
+messages that include it and runs a `peer_runtime.peer.Peer` on one dedicated thread, chunks in arrival order.
+
+`EdgeManager` (started by `tilemesh serve --edge`) keeps one computing edge device in every room that has a
+device in it (the model loaded and profiled once per server), and records the diagnostics page's test tensors
+it received, which `/diag/mesh` shows.
 """
 
 from __future__ import annotations
@@ -30,10 +37,14 @@ import json
 import logging
 import re
 import ssl
+import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -42,6 +53,9 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.sdp import candidate_from_sdp
 
 from peer_runtime import wire
+from peer_runtime.classify import LocalClassifier
+from peer_runtime.peer import Peer
+from peer_runtime.profile import measure_profile
 
 log = logging.getLogger("tilemesh.edge")
 
@@ -174,9 +188,86 @@ class Link:
         await self.pc.close()
 
 
+# Link probes of web/mesh.js's LinkProbe, by first byte: 0xB0 ping (echoed whole as 0xB1), 0xB2 bulk (counted),
+# 0xB3 end of a burst (answered 0xB4 + float64 LE byte count). Wire chunks start with b"TMWT", never 0xB*.
+PING, PONG, BULK, END, DONE = 0xB0, 0xB1, 0xB2, 0xB3, 0xB4
+PROBE_TAGS = frozenset((PING, PONG, BULK, END, DONE))
+LINK_PROBE_BYTES = 256 * 1024  # the burst RoomEngine uses: enough to see past SCTP's slow start on a LAN
+LINK_PROBE_MESSAGE = 65536
+
+
+class LinkProbe:
+    """The aiortc side of web/mesh.js's LinkProbe: answers the browsers' probes and measures its own links."""
+
+    def __init__(self, peer: EdgePeer):
+        self.peer = peer
+        self.counted: dict[str, int] = {}
+        self.waiting: dict[tuple[str, int], asyncio.Future] = {}
+
+    def on_message(self, remote: str, data: bytes) -> None:
+        tag = data[0]
+        if tag == PING:
+            self._reply(remote, bytes([PONG]) + bytes(data[1:]))
+        elif tag == BULK:
+            self.counted[remote] = self.counted.get(remote, 0) + len(data)
+        elif tag == END:
+            n, self.counted[remote] = self.counted.get(remote, 0), 0
+            self._reply(remote, bytes([DONE]) + struct.pack("<d", n))
+        else:
+            fut = self.waiting.pop((remote, tag), None)
+            if fut is not None and not fut.done():
+                fut.set_result(bytes(data))
+
+    def _reply(self, remote: str, data: bytes) -> None:
+        async def send():
+            with contextlib.suppress(PeerGone):
+                await self.peer.send(remote, data)
+
+        self.peer._spawn(send())
+
+    def _expect(self, remote: str, tag: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[(remote, tag)] = fut
+        return fut
+
+    async def rtt(self, remote: str, size: int = 64, count: int = 10, timeout: float = 5.0) -> list[float]:
+        """Round trips (ms) of `size`-byte messages echoed whole."""
+        msg = bytes([PING]) + bytes(size - 1)
+        out = []
+        for _ in range(count):
+            back = self._expect(remote, PONG)
+            t0 = time.perf_counter()
+            await self.peer.send(remote, msg)
+            await asyncio.wait_for(back, timeout)
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    async def throughput(self, remote: str, size: int, total: int, timeout: float = 15.0) -> dict:
+        """Send `total` bytes as `size`-byte messages; the rate at which the receiver counted them."""
+        msg = bytes([BULK]) + bytes(size - 1)
+        n = max(1, round(total / size))
+        done = self._expect(remote, DONE)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await self.peer.send(remote, msg)
+        await self.peer.send(remote, bytes([END]))
+        reply = await asyncio.wait_for(done, timeout)
+        seconds = time.perf_counter() - t0
+        got = struct.unpack_from("<d", reply, 1)[0]
+        return {"bytes": got, "sent": n * size, "ms": seconds * 1e3, "mbps": got * 8 / 1e6 / seconds}
+
+    async def measure(self, remote: str) -> dict:
+        """{"rtt_ms", "mbps"} as RoomEngine reports them: median 64-byte round trip, megabits/s of a burst."""
+        rtts = sorted(await self.rtt(remote, 64, 10))
+        size = min(self.peer.max_message_size(remote), LINK_PROBE_MESSAGE)
+        bulk = await self.throughput(remote, size, LINK_PROBE_BYTES)
+        return {"rtt_ms": round(rtts[len(rtts) // 2], 3), "mbps": round(bulk["mbps"], 2)}
+
+
 TensorHandler = Callable[[str, wire.Received], Awaitable[None] | None]
 MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
 PeerHandler = Callable[[str, str], None]
+ServerHandler = Callable[[dict], None]
 
 
 class EdgePeer:
@@ -193,11 +284,16 @@ class EdgePeer:
         on_tensor: TensorHandler | None = None,
         on_message: MessageHandler | None = None,
         on_peer: PeerHandler | None = None,
+        on_server: ServerHandler | None = None,
+        probes: bool = False,
         window: int = 4,
     ):
         self.ws_url, self.room, self.name, self.kind = ws_url, room, name, kind
         self.ssl_context = ssl_context
         self.on_tensor, self.on_message, self.on_peer = on_tensor, on_message, on_peer
+        self.on_server = on_server
+        # With probes, this peer answers web/mesh.js's link probes itself and can run its own.
+        self.probe: LinkProbe | None = LinkProbe(self) if probes else None
         self.inbox = wire.Inbox(window=window)
         self.links: dict[str, Link] = {}
         self.roster: list[dict] = []
@@ -268,6 +364,15 @@ class EdgePeer:
         assert self._ws is not None
         await self._ws.send_str(json.dumps({"v": 1, **msg}, separators=(",", ":")))
 
+    async def set_state(self, state: str, **fields) -> None:
+        """Report this peer's status (and `profile`, `detail`...) to the room's roster."""
+        await self.send_signaling("state", state=state, **fields)
+
+    async def send_signaling(self, msg_type: str, **fields) -> None:
+        """Any client message of server/protocol.py (`plan_request`, `broadcast`...)."""
+        if not self.closed.is_set():
+            await self._send_ws({"type": msg_type, **fields})
+
     def _signal(self, to: str, data: dict) -> None:
         if not self.closed.is_set():
             self._spawn(self._send_ws({"type": "signal", "to": to, "data": data}))
@@ -329,6 +434,10 @@ class EdgePeer:
             log.warning("signaling error: %s", msg)
             if not self._welcome.is_set():
                 self._welcome.set()
+            if self.on_server is not None:
+                self.on_server(msg)
+        elif self.on_server is not None:
+            self.on_server(msg)  # plan, broadcast, pong: the owner's business
 
     # --- links -------------------------------------------------------------------------------------------
 
@@ -355,9 +464,11 @@ class EdgePeer:
             self.on_peer(remote, state)
 
     def _on_data(self, remote: str, data: bytes | str) -> None:
-        if isinstance(data, str):
+        if isinstance(data, str) or not data:
             return  # the mesh is binary only
-        if data[:4] == wire.MAGIC:
+        if self.probe is not None and data[0] in PROBE_TAGS:
+            self.probe.on_message(remote, data)
+        elif data[:4] == wire.MAGIC and self.on_tensor is not None:
             try:
                 got = self.inbox.feed(remote, data)
             except wire.WireError as exc:
@@ -410,13 +521,364 @@ class EdgePeer:
         return sum(len(c) for c in chunks)
 
 
+# --- a computing room member -----------------------------------------------------------------------------------
+
+# Chunks for a plan this device has not adopted yet (its `plan` message is still on the WebSocket while the
+# source's first chunks already crossed the data channel) wait here, bounded; older plans' chunks are dropped.
+MAX_HELD_BYTES = 64 * 1024 * 1024
+# A plan device whose channel has not opened yet gets chunks every browser accepts (shared/PLATFORM.md).
+FALLBACK_MAX_MESSAGE = 16 * 1024
+MAX_LINKS_REPORTED = 40  # keeps profile JSON under protocol.MAX_PROFILE_BYTES
+
+
+@dataclass
+class ModelRuntime:
+    """What a computing device needs: the model (shared, read-only) and its measured compute profile."""
+
+    classifier: LocalClassifier
+    compute: dict
+
+
+_profile_lock = threading.Lock()
+_profiles: dict[tuple[str, int], dict] = {}
+
+
+def measured_profile(model_json: Path, classifier: LocalClassifier) -> dict:
+    """`measure_profile` of this model, once per process (about a second of full-speed numpy; blocking)."""
+    key = (str(model_json.resolve()), model_json.stat().st_mtime_ns)
+    with _profile_lock:
+        if key not in _profiles:
+            _profiles[key] = measure_profile(classifier.graph, name="edge")
+        return _profiles[key]
+
+
+def load_model_runtime(static_dir: Path) -> ModelRuntime:
+    """The server's model and profile (blocking: call it in a thread)."""
+    model_json = static_dir / "model" / "mobilenet_v2.json"
+    classifier = LocalClassifier.from_files(model_json, static_dir / "model" / "labels.json")
+    return ModelRuntime(classifier, measured_profile(model_json, classifier))
+
+
+class ComputeDevice:
+    """A room member that computes its part of the room's plans, over an `EdgePeer`.
+
+    What a browser's RoomEngine + worker do, in CPython: it answers link probes and measures its own links
+    (reported in `state.profile.links`), adopts `plan` messages that include it, and feeds every other binary
+    message to a `peer_runtime.peer.Peer`. Those calls (tens of ms of numpy each) run on one dedicated thread in
+    arrival order, so signaling and the data channels stay responsive and chunk order is the channels' order;
+    what they return is sent on by one sender per destination, in order, in chunks the destination accepts.
+
+    Messages whose wire header says plan 0 are not plan traffic (plan ids start at 1) but the diagnostics
+    page's test tensors: they are reassembled and handed to `on_tensor`.
+
+    `classify` makes this device the camera (the tests' stand-in for a phone); the edge never calls it.
+    """
+
+    def __init__(self, ws_url: str, room: str, *, name: str = "edge", kind: str = "edge",
+                 ssl_context: ssl.SSLContext | bool | None = None, on_tensor: TensorHandler | None = None):
+        self.kind = kind
+        self.edge = EdgePeer(ws_url, room, name=name, kind=kind, ssl_context=ssl_context, probes=True,
+                             on_message=self._on_binary, on_peer=self._on_peer, on_server=self._on_server)
+        self.on_tensor = on_tensor
+        self.diag_inbox = wire.Inbox()
+        self.model: ModelRuntime | None = None
+        self.model_error: str | None = None
+        self.peer: Peer | None = None
+        self.links: dict[str, dict] = {}
+        self.plan: dict | None = None  # the last `plan` message this device adopted
+        self.role: dict | None = None
+        self.plan_error: str | None = None
+        self.plan_id = 0  # of the last plan handed to the compute thread (chunks after it see that plan)
+        self.errors: deque[str] = deque(maxlen=32)
+        self.error_count = 0
+        self.chunks_in = self.chunks_out = 0
+        self.plans = 0
+        self._plan_seen = asyncio.Condition()
+        self._held: list[tuple[int, str, bytes]] = []
+        self._held_bytes = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilemesh-compute-{room[:6]}")
+        self._pipeline: asyncio.Queue = asyncio.Queue()
+        self._outboxes: dict[str, asyncio.Queue] = {}
+        self._senders: dict[str, asyncio.Task] = {}
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._frame = 0
+        self._measuring: dict[str, asyncio.Task] = {}
+
+    @property
+    def peer_id(self) -> str | None:
+        return self.edge.peer_id
+
+    async def start(self) -> ComputeDevice:
+        await self.edge.start()
+        self.edge._spawn(self._drain())
+        await self._report()
+        return self
+
+    async def close(self) -> None:
+        await self.edge.close()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("device closed"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Join the compute thread off the loop: a frame in progress finishes in tens of ms.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown), 10)
+
+    async def set_model(self, model: ModelRuntime | None, error: str | None = None) -> None:
+        """Attach the model (or say why there is none); the device reports `ready` with its profile."""
+        self.model, self.model_error = model, error
+        if model is not None:
+            self.peer = Peer(model.classifier, device=self.peer_id or "edge")
+        await self._report()
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def profile(self) -> dict:
+        links = dict(sorted(self.links.items(), key=lambda kv: kv[1]["rtt_ms"])[:MAX_LINKS_REPORTED])
+        prof: dict = {"kind": self.kind, "links": links}
+        if self.model is not None:
+            prof["compute"] = self.model.compute
+        return prof
+
+    async def _report(self) -> None:
+        if self.model is None and self.model_error is None:
+            await self.edge.set_state("booting", progress=0.5, detail="measuring compute", profile=self.profile())
+        else:
+            detail = f"no model: {self.model_error}"[:200] if self.model is None else None
+            fields = {"detail": detail} if detail else {}
+            await self.edge.set_state("ready", profile=self.profile(), **fields)
+
+    def _on_peer(self, remote: str, state: str) -> None:
+        if state == "open":
+            link = self.edge.links.get(remote)
+            if link is not None:
+                self._call("max_message", self._set_max_message, remote, link.max_message)
+            if remote not in self._measuring:
+                self._measuring[remote] = self.edge._spawn(self._measure(remote))
+        elif state == "gone":
+            task = self._measuring.pop(remote, None)
+            if task is not None:
+                task.cancel()
+            self.diag_inbox.forget(remote)
+            sender = self._senders.pop(remote, None)
+            self._outboxes.pop(remote, None)
+            if sender is not None:
+                sender.cancel()
+            self._call("forget", self._forget, remote)
+            if self.links.pop(remote, None) is not None and not self.edge.closed.is_set():
+                self.edge._spawn(self._report())
+
+    async def _measure(self, remote: str) -> None:
+        try:
+            self.links[remote] = await self.edge.probe.measure(remote)
+            log.info("link %s -> %s: %s", self.peer_id, remote, self.links[remote])
+            await self._report()
+        except (PeerGone, TimeoutError) as exc:
+            log.info("link probe to %s abandoned: %r", remote, exc)
+        finally:
+            if self._measuring.get(remote) is asyncio.current_task():
+                del self._measuring[remote]
+
+    # --- plans -------------------------------------------------------------------------------------------
+
+    def _on_server(self, msg: dict) -> None:
+        if msg.get("type") == "plan":
+            try:
+                self._adopt(msg)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._error(f"unusable plan message: {exc!r}")
+        elif msg.get("type") == "error" and msg.get("code") == "plan_failed":
+            self.plan_error = str(msg.get("message"))
+            self.edge._spawn(self._notify_plan())
+
+    async def _notify_plan(self) -> None:
+        async with self._plan_seen:
+            self._plan_seen.notify_all()
+
+    def _adopt(self, msg: dict) -> None:
+        me = self.peer_id
+        if me not in msg["devices"] and msg["source"] != me:
+            return  # another camera's plan without us: keep running ours (RoomEngine does the same)
+        if self.peer is None:
+            self._error(f"plan {msg['plan_id']} includes this device, but it has no model")
+            return
+        spec = msg["spec"]
+        plan_id = int(spec["plan_id"])
+        max_message = {}
+        for d in {*msg["devices"], msg["source"]} - {me}:
+            link = self.edge.links.get(d)
+            max_message[d] = link.max_message if link is not None else FALLBACK_MAX_MESSAGE
+        self._call("plan", self.peer.set_plan, spec, me, max_message)
+        self.plan, self.plan_id = msg, plan_id
+        self.plans += 1
+        held, self._held, self._held_bytes = self._held, [], 0
+        for pid, remote, data in held:
+            if pid == plan_id:
+                self._feed(remote, data)
+            elif pid > plan_id:
+                self._hold(pid, remote, data)
+
+    def _hold(self, plan_id: int, remote: str, data: bytes) -> None:
+        if self._held_bytes + len(data) > MAX_HELD_BYTES:
+            self._error(f"chunk from {remote} for plan {plan_id} dropped: too much held for unknown plans")
+            return
+        self._held.append((plan_id, remote, data))
+        self._held_bytes += len(data)
+
+    async def request_plan(self, strategy: str | None = None, timeout: float = 20.0) -> dict:
+        """Ask the server's planner for a plan with this device as the source; the plan, once adopted."""
+        before, self.plan_error = self.plan_id, None
+        fields = {} if strategy is None else {"strategy": strategy}
+        await self.edge.send_signaling("plan_request", **fields)
+        return await self.wait_plan(lambda p: p["source"] == self.peer_id and p["plan_id"] > before, timeout)
+
+    async def wait_plan(self, predicate: Callable[[dict], bool], timeout: float = 15.0) -> dict:
+        """The first adopted plan message satisfying `predicate`; raises the server's `plan_failed`."""
+        async with self._plan_seen:
+            await asyncio.wait_for(self._plan_seen.wait_for(
+                lambda: self.plan_error is not None or (self.plan is not None and predicate(self.plan))), timeout)
+            if self.plan_error is not None:
+                raise RuntimeError(f"plan_failed: {self.plan_error}")
+            return self.plan
+
+    # --- chunks ------------------------------------------------------------------------------------------
+
+    def _on_binary(self, remote: str, data: bytes) -> None:
+        data = bytes(data)
+        try:
+            plan_id = wire.parse_chunk(data)[0].layer
+        except wire.WireError:
+            plan_id = None  # the runner refuses it too, and its error is logged in one place
+        if plan_id == 0:
+            self._diag_tensor(remote, data)
+        elif self.peer is None:
+            self._error(f"chunk from {remote} before the model was loaded")
+        elif plan_id is not None and plan_id > self.plan_id:
+            self._hold(plan_id, remote, data)
+        else:
+            self._feed(remote, data)
+
+    def _feed(self, remote: str, data: bytes) -> None:
+        self.chunks_in += 1
+        self._call("chunk", self.peer.on_chunk, remote, data)
+
+    def _diag_tensor(self, remote: str, data: bytes) -> None:
+        try:
+            got = self.diag_inbox.feed(remote, data)
+        except wire.WireError as exc:
+            self._error(f"bad test tensor chunk from {remote}: {exc}")
+            return
+        if got is not None and self.on_tensor is not None:
+            self.edge._dispatch(self.on_tensor(remote, got))
+
+    def _set_max_message(self, remote: str, size: int) -> None:
+        if self.peer is not None:
+            self.peer.set_max_message(remote, size)
+
+    def _forget(self, remote: str) -> None:
+        if self.peer is not None and self.peer.runner is not None:
+            self.peer.runner.forget_peer(remote)
+
+    def _call(self, what: str, fn, *args) -> None:
+        """Run `fn(*args)` on the compute thread after everything queued before it; `_drain` takes the result."""
+        if self.edge.closed.is_set():
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._pipeline.put_nowait((what, args, fut))
+
+    async def _drain(self) -> None:
+        while True:
+            what, args, fut = await self._pipeline.get()
+            try:
+                res = await fut
+            except Exception as exc:  # noqa: BLE001 (a bad chunk or plan costs that message, not the device)
+                source = f" from {args[0]}" if what == "chunk" else ""
+                self._error(f"{what}{source} refused: {type(exc).__name__}: {exc}")
+                if what == "start_frame":
+                    self._fail_frame(args[0], exc)
+                continue
+            if what == "plan":
+                self.role = res
+                log.info("device %s adopts plan %s as %s (%d tasks)", self.peer_id, res.get("plan_id"),
+                         res.get("role"), res.get("tasks", 0))
+                async with self._plan_seen:
+                    self._plan_seen.notify_all()
+            elif isinstance(res, dict):
+                for out in res.get("out", []):
+                    self._send(out["dst"], out["chunks"])
+                for r in res.get("results", []):
+                    fut = self._waiting.pop(r["frame"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(r)
+
+    def _send(self, dst: str, chunks: list[bytes]) -> None:
+        box = self._outboxes.get(dst)
+        if box is None:
+            box = self._outboxes[dst] = asyncio.Queue()
+            self._senders[dst] = self.edge._spawn(self._sender(dst, box))
+        self.chunks_out += len(chunks)
+        for c in chunks:
+            box.put_nowait(c)
+
+    async def _sender(self, dst: str, box: asyncio.Queue) -> None:
+        while True:
+            chunk = await box.get()
+            try:
+                await self.edge.send(dst, chunk)
+            except PeerGone:
+                self._error(f"{dst} left with {box.qsize() + 1} chunks unsent")
+                while not box.empty():
+                    box.get_nowait()
+            except ValueError as exc:  # larger than the channel accepts: a plan built before the link was known
+                self._error(str(exc))
+
+    def _error(self, text: str) -> None:
+        self.error_count += 1
+        self.errors.append(text)
+        log.error("device %s in room %s: %s", self.peer_id, self.edge.room, text)
+
+    # --- the camera's side (tests' phone stand-in) -------------------------------------------------------
+
+    async def classify(self, data: bytes, height: int, width: int, timeout: float = 30.0) -> dict:
+        """Run one RGB(A) frame through the adopted plan as its source; the Peer's result (top-5, report)."""
+        self._frame += 1
+        frame = self._frame
+        fut = self._waiting[frame] = asyncio.get_running_loop().create_future()
+        self._call("start_frame", self._start_frame, frame, bytes(data), height, width)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(frame, None)
+
+    def _start_frame(self, frame: int, data: bytes, height: int, width: int) -> dict:
+        assert self.peer is not None
+        return self.peer.start_frame(frame, data, height, width)
+
+    def _fail_frame(self, frame: int, exc: BaseException) -> None:
+        fut = self._waiting.pop(frame, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def describe(self) -> dict:
+        return {
+            "ready": self.model is not None, "model_error": self.model_error,
+            "plan_id": self.plan_id or None, "role": (self.role or {}).get("role"), "plans": self.plans,
+            "links": dict(self.links), "chunks_in": self.chunks_in, "chunks_out": self.chunks_out,
+            "errors": self.error_count, "last_errors": list(self.errors)[-5:],
+        }
+
+
 # --- the server's edge peers (`tilemesh serve --edge`) --------------------------------------------------------
 
 
 @dataclass
 class EdgeRoom:
-    peer: EdgePeer
+    device: ComputeDevice
     received: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def peer(self) -> EdgePeer:
+        return self.device.edge
 
 
 def tensor_digest(array: np.ndarray) -> str:
@@ -424,29 +886,48 @@ def tensor_digest(array: np.ndarray) -> str:
 
 
 class EdgeManager:
-    """Keeps one EdgePeer in every room that has a device, and drops it when only the edge is left.
+    """Keeps one computing edge device in every room that has a device, and drops it when only the edge is left.
 
     `rooms()` returns {room_id: [roster entries]}; the manager polls it, which keeps it independent of how
-    the signaling module stores rooms (and a poll every half second costs nothing).
+    the signaling module stores rooms (and a poll every half second costs nothing). The model is loaded, and
+    its compute profile measured, once per server on a worker thread; the edge joins a room at once (state
+    `booting`) and reports `ready` with the profile when that is done. Without `static_dir` (or without the
+    model files) the edge still joins and moves test tensors, but reports no compute profile.
     """
 
     def __init__(self, ws_url: str, rooms: Callable[[], dict[str, list[dict]]], *,
-                 ssl_context: ssl.SSLContext | bool | None = None, poll: float = 0.5):
+                 ssl_context: ssl.SSLContext | bool | None = None, poll: float = 0.5,
+                 static_dir: Path | None = None):
         self.ws_url, self.rooms, self.ssl_context, self.poll = ws_url, rooms, ssl_context, poll
+        self.static_dir = static_dir
         self.edges: dict[str, EdgeRoom] = {}
         self._task: asyncio.Task | None = None
         self._joining: set[str] = set()
+        self._model: asyncio.Future | None = None
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
+
+    def model(self) -> asyncio.Future:
+        """The server's ModelRuntime, loaded and profiled once, off the event loop."""
+        if self._model is None:
+            if self.static_dir is None:
+                self._model = asyncio.get_running_loop().create_future()
+                self._model.set_exception(FileNotFoundError("the edge peer has no static_dir"))
+            else:
+                self._model = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+                    None, load_model_runtime, self.static_dir))
+        return self._model
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.gather(*(e.peer.close() for e in self.edges.values()), return_exceptions=True)
+        await asyncio.gather(*(e.device.close() for e in self.edges.values()), return_exceptions=True)
         self.edges.clear()
+        if self._model is not None and not self._model.done():
+            self._model.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -463,7 +944,7 @@ class EdgeManager:
                       and p.get("kind") != "edge"]
             if edge.peer.closed.is_set() or not others:
                 del self.edges[room_id]
-                await edge.peer.close()
+                await edge.device.close()
         for room_id, roster in rooms.items():
             if room_id in self.edges or room_id in self._joining:
                 continue
@@ -472,7 +953,7 @@ class EdgeManager:
                 asyncio.ensure_future(self._join(room_id))
 
     async def _join(self, room_id: str) -> None:
-        edge = EdgeRoom(peer=None)  # type: ignore[arg-type]
+        edge = EdgeRoom(device=None)  # type: ignore[arg-type]
 
         def on_tensor(remote: str, got: wire.Received) -> None:
             h = got.header
@@ -481,14 +962,22 @@ class EdgeManager:
                                   "at": time.time()})
 
         try:
-            edge.peer = EdgePeer(self.ws_url, room_id, name="edge (server)", ssl_context=self.ssl_context,
-                                 on_tensor=on_tensor)
-            await edge.peer.start()
+            edge.device = ComputeDevice(self.ws_url, room_id, name="edge (server)", ssl_context=self.ssl_context,
+                                        on_tensor=on_tensor)
+            await edge.device.start()
             self.edges[room_id] = edge
         except Exception as exc:  # noqa: BLE001
             log.warning("edge peer could not join room %s: %r", room_id, exc)
+            return
         finally:
             self._joining.discard(room_id)
+        try:
+            model, error = await asyncio.shield(self.model()), None
+        except Exception as exc:  # noqa: BLE001 (no model: the edge still relays test tensors)
+            log.warning("edge peer has no model: %r", exc)
+            model, error = None, repr(exc)
+        if not edge.peer.closed.is_set():
+            await edge.device.set_model(model, error)
 
     def describe(self, room_id: str) -> dict:
         edge = self.edges.get(room_id)
@@ -499,6 +988,7 @@ class EdgeManager:
             "room": room_id, "joined": True, "peer_id": p.peer_id,
             "links": {r: {"state": link.state, "max_message": link.max_message} for r, link in p.links.items()},
             "received": list(edge.received), "wire_errors": p.wire_errors,
+            "compute": edge.device.describe(),
         }
 
     async def send_pattern(self, room_id: str, to: str, *, seed: int, shape: tuple[int, ...], frame: int,
@@ -586,6 +1076,7 @@ def setup(app: web.Application) -> None:
     config = app[CONFIG_KEY]
     if config.edge_peer:
         # Our own certificate is self-signed, and this connection never leaves the host: no verification.
-        app[EDGE_KEY] = EdgeManager(own_ws_url(config), _rooms_of(app), ssl_context=False)
+        app[EDGE_KEY] = EdgeManager(own_ws_url(config), _rooms_of(app), ssl_context=False,
+                                    static_dir=config.static_dir)
         app.on_startup.append(_start_edge)
         app.on_shutdown.append(_stop_edge)

@@ -4,7 +4,8 @@ Inside a network namespace: the server, a host page, a phone page whose camera s
 fake capture from a Y4M file) and a second device in its own Chromium slowed by a cgroup CPU quota. The phone
 opens the camera; its frames are computed by the room with the planner's plan, and then with every device
 forced in (equal split). The overlay must show onnxruntime's top-1 for that photo, and every device must
-have computed part of the frame.
+have computed part of the frame. Then the slow device's page closes mid-stream: the phone must keep labelling
+and get a plan without it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def test_room_classifies_camera_frames_together(tmp_path: Path):
                 tasks = pg.evaluate("(id) => window.tilemesh.engine.tasksRun[id] || 0", plan_id)
                 assert tasks > 0, f"{pid} computed nothing under plan {plan_id}"
             assert phone.evaluate("window.tilemesh.engine.errors") == []
+
+            # A device vanishes mid-stream: frames in flight fail over to the phone alone, the room replans
+            # without it, and the labels keep coming.
+            laptop.context.close()
+            pages.remove(laptop)
+            start = frames(phone)
+            wait_frames(phone, start + 4)
+            phone.wait_for_function("(gone) => { const p = window.tilemesh.engine.plan;"
+                                    " return p && !p.devices.includes(gone); }", arg=ids[2], timeout=30_000)
+            wait_frames(phone, frames(phone) + 2)
+            assert phone.locator("#labels").get_attribute("data-top1") == expected
         except Exception:
             for pg in pages:
                 print(pg.url, pg.evaluate("({errors: window.tilemesh?.engine?.errors, state: "

@@ -528,25 +528,45 @@ def make_plan(strategy: str, graph, profiles: dict[str, dict], links, source: st
 
 # --------------------------------------------------------------------------- scenarios and CLI
 
-# PLATFORM.md: Pyodide's numpy (no BLAS) is ~17x slower than native for dense/pointwise conv and
-# matmul, ~2.3x for depthwise and elementwise work; Python calls cost several times more in wasm.
-PYODIDE_SLOWDOWN = {"conv_dense": 17.0, "conv_pointwise": 17.0, "gemm": 17.0, "conv_depthwise": 2.3,
-                    "elementwise": 2.3, "overhead_s": 5.0}
+# measure_profile inside Pyodide 0.27.7 (numpy 2.0.2, einsum, no BLAS) under node on one core of the
+# 2-core development machine; two runs agreed within 10% except the dense stem (0.36-0.47 GMAC/s).
+# Its whole-graph prediction was 1.2-1.5x the measured run_graph there (0.37 s). Elementwise work is
+# the surprise: Clip runs at ~0.17 G elements/s in Pyodide, about 50x slower than natively.
+PYODIDE_LAPTOP = {
+    "version": 1,
+    "sec_per_mac": {"conv_dense": 1 / 0.42e9, "conv_pointwise": 1 / 1.5e9, "conv_depthwise": 1 / 0.57e9,
+                    "elementwise": 1 / 0.165e9, "gemm": 1 / 2.7e9},
+    "overhead_s": 1.3e-5,
+    "chain_factor": 1.6,
+    "name": "Pyodide 0.27.7 numpy, one desktop core",
+}
 
 
-def pyodide_profile(native: dict, speed: float = 1.0) -> dict:
-    """An estimated in-browser (Pyodide) profile from a native one, `speed` times a laptop's."""
-    out = dict(native)
-    out["sec_per_mac"] = {k: v * PYODIDE_SLOWDOWN[k] / speed for k, v in native["sec_per_mac"].items()}
-    out["overhead_s"] = native["overhead_s"] * PYODIDE_SLOWDOWN["overhead_s"] / speed
-    out["samples"] = []
-    return out
+# measure_profile in CPython (numpy with OpenBLAS) on the same machine at a quiet moment: the edge peer.
+# Under contention from other processes its BLAS classes dropped 10-100x, so scenarios default to this.
+NATIVE_EDGE = {
+    "version": 1,
+    "sec_per_mac": {"conv_dense": 1 / 2.2e9, "conv_pointwise": 1 / 58e9, "conv_depthwise": 1 / 2.8e9,
+                    "elementwise": 1 / 9.2e9, "gemm": 1 / 39e9},
+    "overhead_s": 3.4e-6,
+    "chain_factor": 1.4,
+    "name": "CPython numpy + OpenBLAS, 2 desktop cores",
+}
+
+
+def browser_profile(speed: float = 1.0) -> dict:
+    """A browser device `speed` times as fast as PYODIDE_LAPTOP (phones: about 0.25-0.5)."""
+    from peer_runtime.profile import scaled_profile
+
+    return scaled_profile(PYODIDE_LAPTOP, speed)
 
 
 def default_scenarios(native: dict) -> list[dict]:
-    """A few rooms: Pyodide browsers (laptop = 1, phones slower) and an optional native edge peer."""
+    """A few rooms: Pyodide browsers (laptop = 1, phones slower) and a native (CPython) edge peer."""
     wifi = {"*": {"rtt_ms": 4.0, "mbps": 200.0}}
-    py = pyodide_profile
+
+    def py(_native, speed=1.0):
+        return browser_profile(speed)
     return [
         {"name": "4 equal laptops, Wi-Fi", "source": "p0", "edge": None, "links": wifi,
          "profiles": {f"p{i}": py(native) for i in range(4)}},
@@ -584,8 +604,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m server.planner", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="static/model/mobilenet_v2.onnx", help="ONNX file or compact .json")
-    ap.add_argument("--profile", help="a native profile JSON (default: measure this machine now)")
-    ap.add_argument("--devices", help="custom room: name:speed,... (speed x a Pyodide laptop, or 'native')")
+    ap.add_argument("--profile", default="reference",
+                    help="the edge's native profile: 'reference' (NATIVE_EDGE), 'measure' (now) or a JSON file")
+    ap.add_argument("--devices", help="custom room: name:speed,... (speed x PYODIDE_LAPTOP, or 'native')")
     ap.add_argument("--source", help="the camera device (default: the first of --devices)")
     ap.add_argument("--edge", help="the edge peer's name, if any")
     ap.add_argument("--rtt", type=float, default=4.0, help="link round trip in ms (custom room)")
@@ -596,17 +617,19 @@ def main(argv=None) -> int:
     from peer_runtime.graph import load_compact, load_onnx
 
     graph = load_compact(args.model) if args.model.endswith(".json") else load_onnx(args.model)
-    if args.profile:
+    if args.profile == "reference":
+        native = NATIVE_EDGE
+    elif args.profile == "measure":
+        native = measure_profile(graph)
+    else:
         with open(args.profile) as f:
             native = validate_profile(json.load(f))
-    else:
-        native = measure_profile(graph)
     print(f"native profile: {predict_graph_seconds_text(native, graph)}")
     if args.devices:
         profs = {}
         for item in args.devices.split(","):
             name, _, speed = item.partition(":")
-            profs[name] = native if speed == "native" else pyodide_profile(native, float(speed or 1.0))
+            profs[name] = native if speed == "native" else browser_profile(float(speed or 1.0))
         scenarios = [{"name": "custom", "source": args.source or next(iter(profs)), "edge": args.edge,
                       "links": {"*": {"rtt_ms": args.rtt, "mbps": args.mbps}}, "profiles": profs}]
     else:

@@ -263,3 +263,16 @@ def test_plan_choice_json_roundtrip(g, reference):
     assert back.plan.to_dict() == ch.plan.to_dict()
     assert predict_plan(g, back.plan, profs, WIFI, "a").total_s == pytest.approx(ch.predicted_s, rel=1e-12)
     np.testing.assert_allclose(simulate(g, back.plan, x, roundtrip_json=True), want, atol=1e-4, rtol=0)
+
+
+def test_cli_prints_every_strategy(g, tmp_path, capsys):
+    from peer_runtime.graph import save_compact
+
+    json_path, _ = save_compact(g, tmp_path / "model")
+    assert PL.main(["--model", str(json_path), "--devices", "cam:0.5,lap:1,srv:native", "--edge", "srv",
+                    "--rtt", "4", "--mbps", "200"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")}
+    assert set(rows) == set(PL.STRATEGIES)
+    assert rows["tilemesh"] <= min(rows.values())
+    assert rows["offload"] < rows["single"]  # the native edge is far faster than a Pyodide phone

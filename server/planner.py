@@ -238,12 +238,13 @@ def _shapes(m: int) -> list[tuple[int, int]]:
     return out
 
 
-def _subsets(devices, source, speed) -> list[list[str]]:
-    """The source plus the m-1 fastest others, and the m fastest overall, for m >= 2."""
+def _subsets(devices, source, speed, max_devices: int = 8) -> list[list[str]]:
+    """The source plus the m-1 fastest others, and the m fastest overall, for 2 <= m <= max_devices
+    (the search grows with the room; past ~8 devices a frame's tiles are too thin to gain anyway)."""
     ranked = sorted(devices, key=lambda d: (-speed[d], d))
     others = [d for d in ranked if d != source]
     out: list[list[str]] = []
-    for m in range(2, len(devices) + 1):
+    for m in range(2, min(len(devices), max_devices) + 1):
         for s in ([source] + others[: m - 1], ranked[:m]):
             s = _order(s, source, speed)
             if s not in out:
@@ -441,7 +442,7 @@ def search(graph, profiles: dict[str, dict], links, source: str, options: dict |
     if len(devices) > 1:
         for spec in _baseline_specs(graph, devices, source, options.get("edge"), speed):
             est.append(_Estimate(_evaluate(graph, spec, profiles, links, source, options)[1].total_s, spec))
-        for devs in _subsets(devices, source, speed):
+        for devs in _subsets(devices, source, speed, int(options.get("max_devices", 8))):
             for shape in _shapes(len(devs)):
                 for fusion in options.get("fusions", FUSIONS):
                     est += _split_family(graph, costs, profiles, links, source, devs, shape, fusion, options)
@@ -455,8 +456,8 @@ def plan_frame(graph, profiles: dict[str, dict], links, source: str, options: di
     profiles: device -> `peer_runtime.profile` dict (the devices present; a plan may use a subset).
     links: {(a, b): {"rtt_ms", "mbps"}}, symmetric by default (see `costmodel.link_params`).
     options: `default_link`, `per_transfer_s` (cost model); `edge` (the server peer's id, for the
-    fixed-grid baseline); `fusions` (subset of FUSIONS); `rebalance_iters` (default 3); `keep`
-    (how many candidates to report, default 30).
+    fixed-grid baseline); `fusions` (subset of FUSIONS); `rebalance_iters` (default 3); `max_devices`
+    (largest split considered, default 8); `keep` (how many candidates to report, default 30).
     """
     options = options or {}
     est = search(graph, profiles, links, source, options)

@@ -276,3 +276,11 @@ def test_cli_prints_every_strategy(g, tmp_path, capsys):
     assert set(rows) == set(PL.STRATEGIES)
     assert rows["tilemesh"] <= min(rows.values())
     assert rows["offload"] < rows["single"]  # the native edge is far faster than a Pyodide phone
+
+
+def test_large_rooms_cap_the_split(g):
+    profs = {f"d{i}": scaled_profile(LAPTOP, 1.0 - 0.05 * i) for i in range(10)}
+    est = PL.search(g, profs, WIFI, "d0", {"max_devices": 3, "fusions": ("block",)})
+    split_sizes = {len(e.spec.splits[0].devices) * len(e.spec.splits[0].devices[0])
+                   for e in est if e.spec.strategy == "tilemesh"}
+    assert split_sizes and max(split_sizes) <= 3

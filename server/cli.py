@@ -62,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(config)
     print(f"tilemesh is running: open {public_url} on a laptop, then scan the QR code with phones", flush=True)
+    others = [a for a in netinfo.lan_addresses() if a != host] if args.host in ("0.0.0.0", "::") else []
+    if others:
+        print(f"(also listening on {', '.join(others)}; if phones cannot reach {host}, use --host <address>)")
     if use_tls:
         print("(the certificate is self-signed: accept the browser's warning once per device)", flush=True)
     web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_ctx, print=None, access_log=None)

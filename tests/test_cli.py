@@ -76,3 +76,15 @@ def test_serve_https_prints_url_and_fingerprint(tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_default_route_interface_is_read_from_the_routing_table(tmp_path):
+    table = tmp_path / "route"
+    table.write_text(
+        "Iface\tDestination\tGateway\tFlags\n"
+        "docker0\t000011AC\t00000000\t0001\n"
+        "wlan0\t00000000\t0101A8C0\t0003\n"
+        "wlan0\t0001A8C0\t00000000\t0001\n"
+    )
+    assert netinfo.default_route_interfaces(table) == {"wlan0"}
+    assert netinfo.default_route_interfaces(tmp_path / "missing") == set()

@@ -14,6 +14,11 @@ import { FRAME_SIZE } from "/web/camera.js";
 const FRAME_TIMEOUT_MS = 8000;
 const LINK_PROBE_BYTES = 256 * 1024;
 const REPORT_EVERY = 4;
+// A device whose measured compute per frame stays this far off the planner's prediction re-measures itself
+// (a phone heating up and throttling, a laptop that started another job) and the source replans.
+const DRIFT_FACTOR = 2;
+const DRIFT_FRAMES = 5;
+const DRIFT_COOLDOWN_MS = 30000;
 
 export class RoomEngine extends EventTarget {
   constructor({ runtime, signaling, mesh }) {
@@ -35,6 +40,13 @@ export class RoomEngine extends EventTarget {
     mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
     signaling.on("plan", (msg) => this._onPlan(msg));
     signaling.on("peer_left", ({ id }) => this._onPeerLeft(id));
+    signaling.on("broadcast", ({ from, data }) => {
+      // A device of our plan re-measured itself: plan again with its new speed at the next frame.
+      if (data && data.kind === "profile_changed" && this.plan && this.plan.devices.includes(from)) {
+        this.plan = null;
+        this._emit("replan", { reason: `device ${from} changed speed (x${Number(data.ratio).toFixed(1)})` });
+      }
+    });
     signaling.on("error", (e) => {
       if (e.code === "plan_failed") this._emit("plan_failed", e);
     });
@@ -55,6 +67,7 @@ export class RoomEngine extends EventTarget {
   async measure() {
     await this.load();
     this.compute = await this.runtime.call("peer_runtime.peer", "profile", []);
+    this.lastMeasured = performance.now();
     for (const peer of this.mesh.openPeers()) await this._measureLink(peer).catch(() => {});
     this._report();
     return { compute: this.compute, links: this.links };
@@ -126,7 +139,10 @@ export class RoomEngine extends EventTarget {
 
   _handle(res) {
     if (res.plan_id !== undefined) this.tasksRun[res.plan_id] = res.tasks_run;
-    for (const report of res.reports || []) this._shareReport(res.plan_id, report);
+    for (const report of res.reports || []) {
+      this._shareReport(res.plan_id, report);
+      this._checkDrift(res.plan_id, report);
+    }
     for (const out of res.out || []) {
       for (const chunk of out.chunks) {
         this.mesh.send(out.dst, chunk).catch((err) => console.warn("tilemesh: send failed", err.message));
@@ -136,6 +152,26 @@ export class RoomEngine extends EventTarget {
       const w = this.waiting.get(r.frame);
       if (w) { this.waiting.delete(r.frame); clearTimeout(w.timer); w.resolve(r); }
     }
+  }
+
+  _checkDrift(planId, report) {
+    const plan = this.lastPlan;
+    const predicted = plan && plan.plan_id === planId ? plan.timeline?.devices?.[this.signaling.peerId]?.compute_s : 0;
+    if (!predicted || !report.compute_ms) return;
+    this.driftRatios = [...(this.driftRatios || []).slice(1 - DRIFT_FRAMES), report.compute_ms / (predicted * 1e3)];
+    const sorted = [...this.driftRatios].sort((a, b) => a - b);
+    const median = sorted[sorted.length >> 1];
+    const off = median > DRIFT_FACTOR || median < 1 / DRIFT_FACTOR;
+    const now = performance.now();
+    if (this.driftRatios.length < DRIFT_FRAMES || !off || now - (this.lastMeasured || 0) < DRIFT_COOLDOWN_MS) return;
+    this.lastMeasured = now;
+    this.driftRatios = [];
+    this._emit("drift", { ratio: median });
+    this.runtime.call("peer_runtime.peer", "profile", []).then((compute) => {
+      this.compute = compute;
+      this._report();
+      this.signaling.broadcast({ kind: "profile_changed", ratio: median });
+    }).catch((err) => this.errors.push(String(err.message || err)));
   }
 
   // Each device's timings of a frame go to the whole room (the host page draws the timeline). Only every

@@ -1,4 +1,5 @@
-"""The `tilemesh` command: `serve` runs the room server, `setup` fetches and verifies the browser assets."""
+"""The `tilemesh` command: `serve` runs the room server, `setup` fetches and verifies the browser assets, `bench`
+compares the planner's strategies on an emulated room."""
 
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return assets.main(["--static-dir", args.static_dir])
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from server import bench  # noqa: PLC0415  (the benchmark pulls in Playwright; serving does not need it)
+
+    return bench.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilemesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -99,10 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup", help="fetch, verify and unpack the browser and model assets")
     setup.add_argument("--static-dir", default=str(REPO_ROOT / "static"))
     setup.set_defaults(func=cmd_setup)
+
+    bench = sub.add_parser("bench", help="compare every strategy on an emulated room (root; see server/bench.py)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m server.bench")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # Straight through: argparse's REMAINDER would refuse `tilemesh bench --help` and other leading options.
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

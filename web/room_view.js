@@ -1,10 +1,12 @@
 // The room as the host and the phones see it: a live roster (name, device kind, state, a progress bar while
 // booting), and `enterRoom()`, the glue both pages share: join over signaling, boot this device's runtime,
-// report progress, leave on pagehide. Tests reach everything through `window.tilemesh`.
+// report progress, leave on pagehide. Tests reach everything through `window.tilemesh`. Ready devices show
+// their measured speed (effective GFLOP/s on the demo model) and the links they measured to the others.
 import { SignalingClient } from "/web/signaling.js";
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
 import { Mesh } from "/web/mesh.js";
 import { RoomEngine } from "/web/room_engine.js";
+import { effectiveGflops, modelSeconds, fmtMs, DEMO_MODEL } from "/web/host_view.js";
 
 const STYLE = `
 .roster { list-style: none; padding: 0; margin: .5rem 0; display: grid; gap: .4rem; }
@@ -18,6 +20,12 @@ const STYLE = `
 .peer[data-state="busy"] .state { color: #c47f00; }
 .peer[data-state="gone"], .peer[data-connected="false"] { opacity: .5; }
 .peer.self { border-color: var(--accent, #2a7de1); }
+.peer[data-colour] { border-left: .35rem solid var(--device); }
+.peer .speed, .peer .links { grid-column: 1 / -1; font-size: .8rem; font-variant-numeric: tabular-nums; }
+.peer .speed b { font-weight: 700; }
+.peer .links { display: flex; flex-wrap: wrap; gap: .15rem .8rem; opacity: .8; }
+.peer .links:empty, .peer .speed:empty { display: none; }
+.peer .link { white-space: nowrap; }
 `;
 
 let styled = false;
@@ -40,10 +48,30 @@ export class RoomView {
     this.goneMs = goneMs;
     this.selfId = null;
     this.rows = new Map();
+    this.peers = [];
+    this.colours = new Map();  // device -> colour of the current plan (the host's charts and the AR map)
+  }
+
+  // Colours of the room's current plan, so a roster row matches its bars in the host's charts.
+  setColours(colours) {
+    this.colours = new Map(colours);
+    for (const [id, row] of this.rows) this._colour(row, id);
+  }
+
+  _colour(row, id) {
+    const c = this.colours.get(id);
+    if (c) {
+      row.li.dataset.colour = c;
+      row.li.style.setProperty("--device", c);
+    } else {
+      delete row.li.dataset.colour;
+      row.li.style.removeProperty("--device");
+    }
   }
 
   update(peers, selfId = this.selfId) {
     this.selfId = selfId;
+    this.peers = peers;
     const seen = new Set();
     for (const peer of peers) {
       seen.add(peer.id);
@@ -88,8 +116,12 @@ export class RoomView {
     detail.className = "detail";
     const bar = document.createElement("progress");
     bar.max = 1;
-    li.append(name, state, kind, detail, bar);
-    return { li, name, state, kind, detail, bar };
+    const speed = document.createElement("span");
+    speed.className = "speed";
+    const links = document.createElement("span");
+    links.className = "links";
+    li.append(name, state, kind, detail, bar, speed, links);
+    return { li, name, state, kind, detail, bar, speed, links };
   }
 
   _fill(row, peer) {
@@ -105,6 +137,37 @@ export class RoomView {
     row.detail.textContent = peer.state === "booting" ? peer.detail || "" : "";
     row.bar.hidden = peer.state !== "booting";
     row.bar.value = peer.progress || 0;
+    this._colour(row, peer.id);
+    this._fillProfile(row, peer);
+  }
+
+  // Speed and links once the device has measured them (profile.compute, profile.links); links only to peers
+  // still in the room, named, since ids mean nothing to people.
+  _fillProfile(row, peer) {
+    const profile = peer.profile && typeof peer.profile === "object" ? peer.profile : {};
+    const gflops = peer.state === "gone" ? null : effectiveGflops(profile.compute);
+    if (gflops === null) {
+      row.speed.replaceChildren();
+      delete row.li.dataset.gflops;
+    } else {
+      const b = document.createElement("b");
+      b.textContent = `${gflops >= 10 ? gflops.toFixed(0) : gflops.toFixed(1)} GFLOP/s`;
+      row.speed.replaceChildren(b, ` · ${DEMO_MODEL.name} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`);
+      row.speed.title = "effective speed on the demo model, predicted from this device's measured profile";
+      row.li.dataset.gflops = gflops.toPrecision(6);
+    }
+    const names = new Map(this.peers.map((p) => [p.id, p.name]));
+    const links = Object.entries(profile.links && typeof profile.links === "object" ? profile.links : {})
+      .filter(([id, l]) => names.has(id) && l && Number.isFinite(l.rtt_ms) && Number.isFinite(l.mbps));
+    row.links.replaceChildren(...links.map(([id, l]) => {
+      const span = document.createElement("span");
+      span.className = "link";
+      span.dataset.peer = id;
+      const mbps = l.mbps >= 10 ? l.mbps.toFixed(0) : l.mbps.toFixed(1);
+      span.textContent = `↔ ${names.get(id)} ${fmtMs(l.rtt_ms)} · ${mbps} Mbit/s`;
+      span.title = `round trip ${l.rtt_ms} ms and throughput ${l.mbps} Mbit/s, measured by ${peer.name}`;
+      return span;
+    }));
   }
 }
 

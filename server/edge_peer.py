@@ -306,6 +306,7 @@ class EdgePeer:
         self._tasks: set[asyncio.Task] = set()
         self._welcome = asyncio.Event()
         self._heartbeat = 10.0
+        self._closing: asyncio.Future | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -327,25 +328,30 @@ class EdgePeer:
         return self
 
     async def close(self) -> None:
-        if self.closed.is_set():
-            return
-        self.closed.set()
-        if self._ws is not None and not self._ws.closed:
-            with contextlib.suppress(Exception):
-                await self._send_ws({"type": "leave"})
-                await self._ws.close()
-        links = list(self.links.values())
-        self.links.clear()
-        for link in links:
-            link.gone.set()
-            self._emit_peer(link.remote, "gone")
-        await asyncio.gather(*(link.pc.close() for link in links), return_exceptions=True)
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
+        """Leave and tear down; every caller waits for the one teardown (the read loop may have started it)."""
+        if self._closing is None:
+            self.closed.set()
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            if self._ws is not None and not self._ws.closed:
+                with contextlib.suppress(Exception):
+                    await self._send_ws({"type": "leave"})
+                    await self._ws.close()
+            links = list(self.links.values())
+            self.links.clear()
+            for link in links:
+                link.gone.set()
+                self._emit_peer(link.remote, "gone")
+            await asyncio.gather(*(link.pc.close() for link in links), return_exceptions=True)
+            for task in list(self._tasks):
                 task.cancel()
-        await asyncio.gather(*[t for t in self._tasks if t is not asyncio.current_task()], return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            if self._session is not None:
+                await self._session.close()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -698,7 +704,10 @@ class ComputeDevice:
     def _adopt(self, msg: dict) -> None:
         me = self.peer_id
         if me not in msg["devices"] and msg["source"] != me:
-            return  # another camera's plan without us: keep running ours (RoomEngine does the same)
+            # Another camera's plan without us: keep running ours (RoomEngine does the same). Held chunks up to
+            # its id belong to no plan we will ever adopt (ids grow), so they go.
+            self._release_held(int(msg["plan_id"]) + 1)
+            return
         if self.peer is None:
             self._error(f"plan {msg['plan_id']} includes this device, but it has no model")
             return
@@ -711,12 +720,19 @@ class ComputeDevice:
         self._call("plan", self.peer.set_plan, spec, me, max_message)
         self.plan, self.plan_id = msg, plan_id
         self.plans += 1
+        for remote, data in self._release_held(plan_id):
+            self._feed(remote, data)
+
+    def _release_held(self, plan_id: int) -> list[tuple[str, bytes]]:
+        """Take the held chunks of `plan_id` out (in arrival order); drop older ones, keep newer ones."""
         held, self._held, self._held_bytes = self._held, [], 0
+        out = []
         for pid, remote, data in held:
             if pid == plan_id:
-                self._feed(remote, data)
+                out.append((remote, data))
             elif pid > plan_id:
                 self._hold(pid, remote, data)
+        return out
 
     def _hold(self, plan_id: int, remote: str, data: bytes) -> None:
         if self._held_bytes + len(data) > MAX_HELD_BYTES:

@@ -114,6 +114,25 @@ def _wait_up(url: str, timeout: float = 60) -> None:
             time.sleep(0.3)
 
 
+def source_state() -> dict:
+    """The commit measured and what differed from it (the work tree is shared: say what ran)."""
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return res.stdout.rstrip() if res.returncode == 0 else "?"
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+
+
+def refresh_runtime() -> None:
+    """Re-pack peer_runtime into static/wheels/peer_runtime.zip: browsers import that zip, not the sources, and it
+    goes stale whenever peer_runtime changes after `server.assets` last ran (the benchmark must run this code)."""
+    from server import assets  # noqa: PLC0415
+
+    if assets.main(["--steps", "runtime"]) != 0:
+        raise SystemExit("tilemesh bench: packing peer_runtime for the browsers failed")
+
+
 def machine_info(chromium_version: str = "?") -> dict:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -164,6 +183,8 @@ def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict]
     for (dev, _), nbytes in sorted(seen.items()):
         per_dev.setdefault(dev, []).append(nbytes)
     w["bytes_sent_by_device"] = {names.get(d, d): sum(v) / len(v) for d, v in per_dev.items()}
+    w["reports_seen"] = {names.get(d, d): len(v) for d, v in per_dev.items()}
+    w["reports_raw"] = len(reports)
     w["bytes_per_frame"] = sum(w["bytes_sent_by_device"].values())
     if plan:
         devs = (plan.get("timeline") or {}).get("devices", {})
@@ -311,7 +332,8 @@ class Run:
         photo = skimage.data.coffee()
         top1 = expected_top1(photo)
         windows: list[dict] = []
-        result: dict = {"scenario": sc.to_dict(), "expected_top1": top1, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        result: dict = {"scenario": sc.to_dict(), "expected_top1": top1, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "source": source_state()}
         net = StarNet(self._links())
         browsers = []
         with net, tempfile.TemporaryDirectory() as state, sync_playwright() as p:
@@ -331,7 +353,15 @@ class Run:
                                           args=args)
                     browsers.append(b)
                     pg = b.new_context(ignore_https_errors=True).new_page()
-                    pg.goto(f"{base}/join/{room}?kind={d.kind}&strategy={first}", timeout=120_000)
+                    for attempt in range(3):
+                        try:
+                            pg.goto(f"{base}/join/{room}?kind={d.kind}&strategy={first}", timeout=120_000)
+                            break
+                        except Exception as exc:  # noqa: BLE001
+                            # A namespace's link coming up can reach Chromium as a network change mid-navigation.
+                            if "ERR_NETWORK_CHANGED" not in str(exc) or attempt == 2:
+                                raise
+                            time.sleep(1.0)
                     self.pages[d.name] = pg
                 result["machine"] = machine_info(browsers[0].version)
                 t0 = time.monotonic()
@@ -406,6 +436,12 @@ def emulation_notes(sc: Scenario, shaping: str) -> list[str]:
     out.append("Latency curves in the PNGs are the cost model's predictions from this run's measured device "
                "profiles and links, not measurements; crosses mark this run's measured medians.")
     return out
+
+
+def load_scenario_dict(d: dict) -> Scenario:
+    from server.bench_scenarios import parse_scenario  # noqa: PLC0415
+
+    return parse_scenario(d, "results.json")
 
 
 def predicted_sweeps(result: dict, strategies: list[str]) -> dict:
@@ -483,7 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(REPO / "results"), help="results folder (default: results/)")
     ap.add_argument("--no-plots", action="store_true", help="skip the cost-model sweeps and PNG plots")
     ap.add_argument("--check", action="store_true", help="only validate the scenario and print it")
+    ap.add_argument("--render", metavar="DIR", help="only re-render results.md, plots and README-performance.md "
+                    "from DIR/results.json (a finished run)")
     args = ap.parse_args(argv)
+    if args.render:
+        out_dir = Path(args.render)
+        result = json.loads((out_dir / "results.json").read_text())
+        result["summary"] = bench_report.summarize(result["windows"], result.get("expected_top1"))
+        result["ratios"] = bench_report.ratios(result["summary"])
+        result["emulation_notes"] = emulation_notes(load_scenario_dict(result["scenario"]), result.get("shaping", ""))
+        print(f"wrote {', '.join(write_results(result, out_dir, plots=not args.no_plots))} to {out_dir}")
+        return 0
     try:
         sc = load_scenario(args.scenario).with_overrides(
             args.frames, args.repeats, args.strategies.split(",") if args.strategies else None)
@@ -500,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (REPO / "static" / "model" / "mobilenet_v2.json").exists():
         print("tilemesh bench: browser assets missing: run `python -m server.assets` first", file=sys.stderr)
         return 2
+    refresh_runtime()
     results = Path(args.results)
     out_dir = results / f"{time.strftime('%Y%m%d-%H%M%S')}-{sc.name}"
     run = Run(sc, out_dir)

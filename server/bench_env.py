@@ -41,7 +41,10 @@ from pathlib import Path
 CLONE_NEWNET = 0x40000000
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 ACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
-PERIOD_US = 100_000
+# A short CFS period: with the default 100 ms, a 0.5-core device runs at full speed for 50 ms, then stops for 50:
+# short compute bursts (the profile's layer timings, small tiles) would see a fast device and long ones a slow
+# one. 10 ms makes a slow device uniformly slow, as a slow phone is.
+PERIOD_US = 10_000
 # netem's queue, in packets: a 1.6 MB activation map in flight must queue, not drop (SCTP would back off and
 # the benchmark would measure its retransmission timers).
 NETEM_LIMIT = 100_000

@@ -97,12 +97,15 @@ def ratios(summary: dict[str, dict]) -> dict[str, dict]:
             b = summary.get(base)
             if not b or strategy == base or "median_ms" not in b or "median_ms" not in s:
                 continue
+            # A baseline that computes nothing on the edge (single) has only the server's idle CPU there: a
+            # ratio against that would be noise, not edge load.
+            uses_edge = bool(b.get("edge_mac_share"))
             row[base] = {
                 "latency": ratio(b["median_ms"], s["median_ms"]),
                 "p90": ratio(b["p90_ms"], s["p90_ms"]),
                 "fps": ratio(s.get("fps"), b.get("fps")),
                 "phone_cpu": ratio(b.get("source_cpu_s_per_frame"), s.get("source_cpu_s_per_frame")),
-                "edge_cpu": ratio(b.get("edge_cpu_s_per_frame"), s.get("edge_cpu_s_per_frame")),
+                "edge_cpu": ratio(b.get("edge_cpu_s_per_frame"), s.get("edge_cpu_s_per_frame")) if uses_edge else None,
             }
         out[strategy] = row
     return out
@@ -194,9 +197,11 @@ def performance_section(result: dict) -> str:
     devices = ", ".join(f"{d['name']} ({d['kind']}, {d['cores']:g} core, {d['mbps']:g} Mbit/s"
                         + (f", {d['delay_ms']:g} ms" if result.get("shaping") == "netem" else "") + ")"
                         for d in sc["devices"])
+    src = result.get("source") or {}
+    at = f" at commit {src['commit']}" if src.get("commit") else ""
     lines = [
         "## Performance", "",
-        f"Measured with `sudo tilemesh bench {sc['name']}` on {m.get('cpu', 'this machine')} "
+        f"Measured{at} with `sudo tilemesh bench {sc['name']}` on {m.get('cpu', 'this machine')} "
         f"({m.get('cores', '?')} cores shared with other work, Linux {m.get('kernel', '?')}, "
         f"Chromium {m.get('chromium', '?')}, Pyodide numpy in a Web Worker on every browser device, native numpy "
         f"on the edge peer). Every device is its own process tree under a cgroup CPU quota, in its own network "
@@ -233,6 +238,8 @@ def plot_predictions(sweeps: dict, measured: dict[str, dict], out_dir) -> list[s
                 ax.scatter([sweep["x"][-1]], [measured[strategy]["median_ms"]], marker="x", s=60, color=colour)
         if logx:
             ax.set_xscale("log")
+        if sweep.get("names"):
+            ax.set_xticks(sweep["x"], labels=[n if i == 0 else f"+{n}" for i, n in enumerate(sweep["names"])])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("frame latency, ms")
         marks = " (x = measured median)" if key == "devices" else ""

@@ -265,4 +265,5 @@ def test_smoke_run_in_namespaces(tmp_path):
         assert s["source_cpu_s_per_frame"] > 0
     assert result["summary"]["single"]["bytes_per_frame"] == 0
     assert "| tilemesh |" in (out / "results.md").read_text()
-    assert (tmp_path / "README-performance.md").exists()
+    assert (out / "README-performance.md").read_text().startswith("## Performance")
+    assert not (tmp_path / "README-performance.md").exists()  # only the default scenario speaks for the README

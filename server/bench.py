@@ -429,8 +429,9 @@ def emulation_notes(sc: Scenario, shaping: str) -> list[str]:
                    "ends of its veth (uplink and downlink); A->B crosses A's uplink and B's downlink.")
     else:
         out.append("Links: each device in its own network namespace on a bridge, `tc tbf rate` on both ends of its "
-                   "veth (uplink and downlink). This kernel has no sch_netem, so the scenario's delays were NOT "
-                   "emulated: round trips are sub-millisecond, rates are shaped.")
+                   "veth (uplink and downlink; sustained TCP reaches 96% of the rate, while tbf's 96 KiB bucket lets a "
+                   "short burst through faster). This kernel has no sch_netem, so the scenario's delays were NOT "
+                   "emulated: no delay is added to the browsers' and aiortc's own processing time.")
     out.append("Edge: the server process (`tilemesh serve --edge`, native numpy) in its own namespace and cgroup; "
                "its CPU time includes signaling and the planner's work for the plans made during the run "
                "(planning happens outside the measured windows).")

@@ -139,6 +139,17 @@ def ratio_lines(summary: dict[str, dict], focus: str = "tilemesh") -> list[str]:
     return lines
 
 
+def prediction_line(summary: dict[str, dict]) -> str | None:
+    """How far the planner's cost model was from the measured medians (measured / predicted per strategy)."""
+    ratios_ = {k: s["median_ms"] / s["predicted_ms"] for k, s in summary.items()
+               if s.get("median_ms") and s.get("predicted_ms")}
+    if not ratios_:
+        return None
+    parts = ", ".join(f"{k} {v:.2f}x" for k, v in ratios_.items())
+    return (f"measured median / predicted latency: {parts} (median {statistics.median(ratios_.values()):.2f}x; "
+            "above 1x = slower than the cost model said)")
+
+
 COLUMNS = ("strategy", "plan", "frames", "median ms", "p90 ms", "fps", "predicted ms", "KB sent/frame",
            "phone CPU s/frame", "edge CPU s/frame", "edge MAC share", "vs single", "vs partition-offload")
 
@@ -176,7 +187,9 @@ def render_markdown(result: dict) -> str:
     lines = [f"# tilemesh bench: {sc['name']}", ""]
     if sc.get("description"):
         lines += [sc["description"], ""]
-    lines += ["## Ratios (measured in this run)", "", *[f"- {x.strip()}" for x in ratio_lines(summary)], "",
+    pred = prediction_line(summary)
+    lines += ["## Ratios (measured in this run)", "", *[f"- {x.strip()}" for x in ratio_lines(summary)],
+              *([f"- {pred}"] if pred else []), "",
               "## Per strategy", "", markdown_table(summary), ""]
     lines += ["Latency: from the frame leaving the camera loop to its top-5 on the phone, per frame; fps: frames over "
               "the wall time of a continuous stream; KB sent/frame: sum over devices of their reported bytes sent "
@@ -199,6 +212,9 @@ def performance_section(result: dict) -> str:
                         for d in sc["devices"])
     src = result.get("source") or {}
     at = f" at commit {src['commit']}" if src.get("commit") else ""
+    if src.get("modified"):
+        at += f" (with uncommitted changes to {', '.join(src['modified'])})"
+    pred = prediction_line(summary)
     lines = [
         "## Performance", "",
         f"Measured{at} with `sudo tilemesh bench {sc['name']}` on {m.get('cpu', 'this machine')} "
@@ -207,7 +223,7 @@ def performance_section(result: dict) -> str:
         f"on the edge peer). Every device is its own process tree under a cgroup CPU quota, in its own network "
         f"namespace behind a bridge: {devices}. The phone \"{sc['source']}\" holds the camera (a still photo).",
         "",
-        *[f"- {x.strip()}" for x in ratio_lines(summary)], "",
+        *[f"- {x.strip()}" for x in ratio_lines(summary)], *([f"- {pred}"] if pred else []), "",
         markdown_table(summary), "",
         *[f"- {x}" for x in result.get("emulation_notes", [])],
     ]

@@ -215,6 +215,7 @@ def test_markdown_table_and_report():
     assert "delays NOT emulated" in md and "- edge skipped" in md
     perf = bench_report.performance_section(result)
     assert perf.startswith("## Performance") and "2 cores" in perf and table in perf
+    assert "measured median / predicted latency: single 1.01x, partition_offload 1.17x, tilemesh 1.11x" in perf
 
 
 def test_window_from_frames_counts_bytes_once_per_device_and_frame():

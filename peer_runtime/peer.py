@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from . import wire
 from .classify import LocalClassifier, frame_from_bytes
 from .preprocess import centre_crop_u8, top_k
 from .runner import DeviceRunner
@@ -35,30 +36,54 @@ def plan_from_spec(graph, spec: dict):
     return build_plan(graph, [int(c) for c in spec["cuts"]], splits, source)
 
 
+# Chunks of a plan this device has not adopted yet wait at most this much memory (then the oldest go).
+MAX_HELD_BYTES = 64 * 1024 * 1024
+
+
 class Peer:
+    """One device's runtime. Chunks may outrun the `plan` message they belong to (the data channel is faster
+    than the signaling path through the server), so chunks of a newer plan are held and replayed on adoption."""
+
     def __init__(self, classifier: LocalClassifier, device: str = "local"):
         self.classifier = classifier
         self.graph = classifier.graph
         self.device = device
         self.runner: DeviceRunner | None = None
         self.spec: dict | None = None
+        self.plan_id = 0  # the newest plan adopted (or declined): chunks of older plans are stale
         self.started: dict[int, float] = {}
+        self.held: list[tuple[int, str, bytes]] = []
+        self.held_bytes = 0
+        self.dropped_chunks = 0
 
     def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
         """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
         t0 = time.perf_counter()
         plan = plan_from_spec(self.graph, spec)
+        plan_id = int(spec["plan_id"])
+        if plan_id <= self.plan_id:
+            raise ValueError(f"plan {plan_id} is not newer than plan {self.plan_id}")
+        self.plan_id = plan_id
+        replay = self._take_held(plan_id)
         if device not in plan.devices and device != spec["source"]:
             self.runner = None
             self.spec = spec
-            return {"plan_id": spec["plan_id"], "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
+            return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
         self.device = device
         self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
                                    max_message={k: int(v) for k, v in (max_message or {}).items()})
         self.spec = spec
         dplan = self.runner.dplan
+        out, errors = [], []
+        for peer, chunk in replay:
+            try:
+                out += self.runner.on_chunk(peer, chunk)
+            except ValueError as exc:  # one bad held chunk must not lose the others
+                errors.append(f"held chunk from {peer}: {exc}")
         return {
-            "plan_id": spec["plan_id"],
+            **self._reply(out),
+            "errors": errors,
+            "plan_id": plan_id,
             "role": "source" if device == spec["source"] else "worker",
             "tasks": len(dplan.tasks),
             "macs": int(sum(t.macs for t in dplan.tasks)),
@@ -80,16 +105,47 @@ class Peer:
 
     def _reply(self, out) -> dict:
         """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""
+        if self.runner is None:
+            return {"out": [], "results": [], "reports": []}
         results = self._results()
         reports = [self.runner.report(f) for f in self.runner.take_finished()]
         return {"out": _outgoing(out), "results": results, "reports": [r for r in reports if r],
                 "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
 
     def on_chunk(self, peer: str, chunk) -> dict:
-        if self.runner is None:
+        chunk = bytes(chunk)
+        plan_id = wire.peek_layer(chunk)
+        if plan_id is not None and (self.runner is None or plan_id != self.runner.plan_id):
+            # Held or dropped without reaching a runner: check it here, so a corrupt chunk is a clear error
+            # now rather than a silent drop (or a failed replay later).
+            wire.parse_chunk(chunk)
+        if plan_id is not None and plan_id > self.plan_id:
+            self._hold(plan_id, peer, chunk)
+            return {"out": [], "results": [], "held": True}
+        if self.runner is None or (plan_id is not None and plan_id < self.runner.plan_id):
+            self.dropped_chunks += 1
             return {"out": [], "results": [], "ignored": True}
-        out = self.runner.on_chunk(peer, bytes(chunk))
-        return self._reply(out)
+        return self._reply(self.runner.on_chunk(peer, chunk))
+
+    def _hold(self, plan_id: int, peer: str, chunk: bytes) -> None:
+        self.held.append((plan_id, peer, chunk))
+        self.held_bytes += len(chunk)
+        while self.held_bytes > MAX_HELD_BYTES:
+            self.held_bytes -= len(self.held.pop(0)[2])
+            self.dropped_chunks += 1
+
+    def _take_held(self, plan_id: int) -> list[tuple[str, bytes]]:
+        """The held chunks of `plan_id` in arrival order; older plans' are dropped, newer ones stay held."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        out = []
+        for pid, peer, chunk in held:
+            if pid == plan_id:
+                out.append((peer, chunk))
+            elif pid > plan_id:
+                self._hold(pid, peer, chunk)
+            else:
+                self.dropped_chunks += 1
+        return out
 
     def _results(self) -> list[dict]:
         """Frames this device (the source) has finished since the last call, with top-5 and timings."""
@@ -112,6 +168,11 @@ class Peer:
 
     def report(self, frame: int) -> dict | None:
         return None if self.runner is None else self.runner.report(int(frame))
+
+    def forget_peer(self, peer: str) -> None:
+        """A device left: drop its half-received messages."""
+        if self.runner is not None:
+            self.runner.forget_peer(peer)
 
 
 def parts_of(plan) -> list[dict]:

@@ -183,6 +183,15 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
     return header, stride, index, count, payload
 
 
+def peek_layer(chunk) -> int | None:
+    """The `layer` field of a chunk without validating it (None if it is not a chunk): lets a receiver decide
+    where a chunk belongs (tilemesh puts the plan id there) before paying for the checksum."""
+    mv = memoryview(chunk).cast("B")
+    if len(mv) < HEADER_SIZE or bytes(mv[:4]) != MAGIC:
+        return None
+    return _HEAD.unpack_from(mv)[7]
+
+
 def decode(chunks) -> Received:
     """Reassemble one complete message from its chunks (any order); the one-shot form of `Reassembler`."""
     r = Reassembler(window=1)

@@ -529,9 +529,6 @@ class EdgePeer:
 
 # --- a computing room member -----------------------------------------------------------------------------------
 
-# Chunks for a plan this device has not adopted yet (its `plan` message is still on the WebSocket while the
-# source's first chunks already crossed the data channel) wait here, bounded; older plans' chunks are dropped.
-MAX_HELD_BYTES = 64 * 1024 * 1024
 # A plan device whose channel has not opened yet gets chunks every browser accepts (shared/PLATFORM.md).
 FALLBACK_MAX_MESSAGE = 16 * 1024
 MAX_LINKS_REPORTED = 40  # keeps profile JSON under protocol.MAX_PROFILE_BYTES
@@ -600,8 +597,6 @@ class ComputeDevice:
         self.chunks_in = self.chunks_out = 0
         self.plans = 0
         self._plan_seen = asyncio.Condition()
-        self._held: list[tuple[int, str, bytes]] = []
-        self._held_bytes = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilemesh-compute-{room[:6]}")
         self._pipeline: asyncio.Queue = asyncio.Queue()
         self._outboxes: dict[str, asyncio.Queue] = {}
@@ -704,9 +699,7 @@ class ComputeDevice:
     def _adopt(self, msg: dict) -> None:
         me = self.peer_id
         if me not in msg["devices"] and msg["source"] != me:
-            # Another camera's plan without us: keep running ours (RoomEngine does the same). Held chunks up to
-            # its id belong to no plan we will ever adopt (ids grow), so they go.
-            self._release_held(int(msg["plan_id"]) + 1)
+            # Another camera's plan without us: keep running ours (RoomEngine does the same).
             return
         if self.peer is None:
             self._error(f"plan {msg['plan_id']} includes this device, but it has no model")
@@ -718,28 +711,9 @@ class ComputeDevice:
             link = self.edge.links.get(d)
             max_message[d] = link.max_message if link is not None else FALLBACK_MAX_MESSAGE
         self._call("plan", self.peer.set_plan, spec, me, max_message)
+        # Chunks that outran this message were held by the Peer; adopting the plan replays them (see _drain).
         self.plan, self.plan_id = msg, plan_id
         self.plans += 1
-        for remote, data in self._release_held(plan_id):
-            self._feed(remote, data)
-
-    def _release_held(self, plan_id: int) -> list[tuple[str, bytes]]:
-        """Take the held chunks of `plan_id` out (in arrival order); drop older ones, keep newer ones."""
-        held, self._held, self._held_bytes = self._held, [], 0
-        out = []
-        for pid, remote, data in held:
-            if pid == plan_id:
-                out.append((remote, data))
-            elif pid > plan_id:
-                self._hold(pid, remote, data)
-        return out
-
-    def _hold(self, plan_id: int, remote: str, data: bytes) -> None:
-        if self._held_bytes + len(data) > MAX_HELD_BYTES:
-            self._error(f"chunk from {remote} for plan {plan_id} dropped: too much held for unknown plans")
-            return
-        self._held.append((plan_id, remote, data))
-        self._held_bytes += len(data)
 
     async def request_plan(self, strategy: str | None = None, timeout: float = 20.0) -> dict:
         """Ask the server's planner for a plan with this device as the source; the plan, once adopted."""
@@ -769,8 +743,6 @@ class ComputeDevice:
             self._diag_tensor(remote, data)
         elif self.peer is None:
             self._error(f"chunk from {remote} before the model was loaded")
-        elif plan_id is not None and plan_id > self.plan_id:
-            self._hold(plan_id, remote, data)
         else:
             self._feed(remote, data)
 
@@ -792,8 +764,8 @@ class ComputeDevice:
             self.peer.set_max_message(remote, size)
 
     def _forget(self, remote: str) -> None:
-        if self.peer is not None and self.peer.runner is not None:
-            self.peer.runner.forget_peer(remote)
+        if self.peer is not None:
+            self.peer.forget_peer(remote)
 
     def _call(self, what: str, fn, *args) -> None:
         """Run `fn(*args)` on the compute thread after everything queued before it; `_drain` takes the result."""
@@ -819,7 +791,7 @@ class ComputeDevice:
                          res.get("role"), res.get("tasks", 0))
                 async with self._plan_seen:
                     self._plan_seen.notify_all()
-            elif isinstance(res, dict):
+            if isinstance(res, dict):
                 for out in res.get("out", []):
                     self._send(out["dst"], out["chunks"])
                 for r in res.get("results", []):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from peer_runtime import graph as graph_mod
+from peer_runtime import wire
 from peer_runtime.classify import LocalClassifier
 from peer_runtime.deps import cut_candidates
 from peer_runtime.peer import Peer, parts_of, plan_from_spec
@@ -69,3 +70,37 @@ def test_idle_device_and_missing_plan(classifier):
         peer.start_frame(1, bytes(256 * 256 * 4), 256, 256)
     assert peer.set_plan(spec_for(classifier.graph), "tablet")["role"] == "idle"
     assert peer.on_chunk("phone", b"")["ignored"] is True
+
+
+def test_chunks_that_outrun_their_plan_are_held_then_replayed(classifier):
+    """The phone's first chunks may reach the laptop before the server's `plan` message does."""
+    spec = spec_for(classifier.graph, plan_id=5)
+    phone, laptop = Peer(classifier), Peer(classifier)
+    phone.set_plan(spec, "phone")
+    frame = np.random.default_rng(9).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    first = phone.start_frame(1, frame.tobytes(), 256, 256)
+    early = [c for o in first["out"] for c in o["chunks"]]
+    assert early and all(laptop.on_chunk("phone", c)["held"] for c in early)
+    assert laptop.held_bytes == sum(len(c) for c in early)
+    # A chunk of an older plan (4) is held too while nothing is adopted, and dropped when plan 5 is.
+    stale = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, layer=4, region=(0, 4, 0, 4))[0]
+    assert laptop.on_chunk("phone", stale)["held"]
+    adopted = laptop.set_plan(spec, "laptop")
+    assert laptop.held == [] and adopted["role"] == "worker" and laptop.dropped_chunks == 1
+    # Once plan 5 runs, plan 4's chunks are stale on arrival.
+    assert laptop.on_chunk("phone", stale)["ignored"] and laptop.dropped_chunks == 2
+    # A corrupt chunk is an error, never silently held or dropped.
+    corrupt = bytearray(stale)
+    corrupt[-1] ^= 1
+    with pytest.raises(wire.WireError, match="checksum"):
+        laptop.on_chunk("phone", bytes(corrupt))
+    # Replaying produced the laptop's answer to the phone at once: deliver it and the frame completes.
+    results = []
+    for o in adopted["out"]:
+        for c in o["chunks"]:
+            results += phone.on_chunk("laptop", c)["results"]
+    assert [r["frame"] for r in results] == [1]
+    local = classifier.classify(frame.tobytes(), 256, 256)
+    assert [t["index"] for t in results[0]["top"]] == [t["index"] for t in local["top"]]
+    with pytest.raises(ValueError, match="not newer"):
+        laptop.set_plan(spec, "laptop")

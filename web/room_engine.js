@@ -106,6 +106,7 @@ export class RoomEngine extends EventTarget {
     try {
       await this.load();
       const role = await this.runtime.call("peer_runtime.peer", "set_plan", [msg.spec, me, maxMessage]);
+      this._handle(role);  // chunks that outran this plan message were held in the worker and replayed now
       if (msg.source === me) {
         this.plan = msg;
         this.parts = role.parts || [];

@@ -68,6 +68,17 @@ def _valid_link(link) -> bool:
         return False
 
 
+def shortlist(candidates: list[dict], top: int = MAX_CANDIDATES) -> list[dict]:
+    """The best few candidates plus the best of every other strategy (best first), so the host page can show
+    what the chosen plan beat: single device, offloading, the baselines, not only variants of the winner."""
+    best_of = {}
+    for c in candidates:
+        best_of.setdefault(c["strategy"], c)
+    chosen = candidates[:top]
+    chosen += [c for c in best_of.values() if c not in chosen]
+    return sorted(chosen, key=lambda c: c["predicted_s"])
+
+
 class Inference:
     """Holds the model graph (loaded once, lazily) and numbers plans."""
 
@@ -99,7 +110,7 @@ class Inference:
             "devices": list(choice.plan.devices),
             "predicted_ms": choice.predicted_s * 1e3,
             "timeline": choice.prediction.to_dict(),
-            "candidates": choice.candidates[:MAX_CANDIDATES],
+            "candidates": shortlist(choice.candidates),
         }
 
     async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:

@@ -233,6 +233,7 @@ def test_window_from_frames_counts_bytes_once_per_device_and_frame():
                {"plan_id": 6, "report": {"device": "E", "frame": 9, "bytes_sent": 7}}]      # an older plan
     w = window_from_frames("tilemesh", frames, reports, plan, {"P1": "phone", "P2": "laptop", "E": "edge"}, "E")
     assert w["latencies_ms"] == [100, 120] and w["fallback_frames"] == 1 and w["wall_ms"] == 300
+    assert w["plan_ids"] == [7]
     assert w["bytes_sent_by_device"] == {"phone": 1000, "laptop": 500}
     assert w["bytes_per_frame"] == 1500 and w["predicted_bytes_per_frame"] == 1540
     assert w["edge_mac_share"] == 0.5 and w["bytes_missing_devices"] == ["edge"]

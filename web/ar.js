@@ -30,7 +30,7 @@ function drawLabels(el, top) {
 }
 
 // Paint each device's share of the frame (fractions of the model's input) over the part of the video it covers.
-function drawMap(canvas, video, parts, legend) {
+function drawMap(canvas, video, parts, legend, nameOf = (d) => d) {
   const box = video.getBoundingClientRect();
   const scale = Math.max(box.width / video.videoWidth, box.height / video.videoHeight);  // object-fit: cover
   const { x, y, side } = cropRect(video);
@@ -49,7 +49,7 @@ function drawMap(canvas, video, parts, legend) {
   legend.replaceChildren(...devices.flatMap((d, i) => {
     const swatch = document.createElement("span");
     swatch.style.background = DEVICE_COLOURS[i % DEVICE_COLOURS.length];
-    return [swatch, document.createTextNode(d)];
+    return [swatch, document.createTextNode(nameOf(d))];
   }));
 }
 
@@ -69,6 +69,14 @@ export class RoomArEngine {
 
   async load() { await this.room.load(); }
 
+  // Device names for the legend: people know "Anna's phone", not peer ids.
+  nameOf(id) {
+    if (id === this.local.name) return id;
+    const peer = this.room.signaling.peer(id);
+    const me = id === this.room.signaling.peerId ? " (this)" : "";
+    return peer ? `${peer.name}${me}` : id;
+  }
+
   async _ensurePlan() {
     if (this.room.plan) return true;
     this.planning ??= this.room.requestPlan(this.strategy).catch((err) => { this.lastError = err.message; })
@@ -82,7 +90,7 @@ export class RoomArEngine {
       try {
         const r = await this.room.classify(frame.slice());
         const p = r.plan;
-        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · ${p.label} · plan ${p.plan_id}`;
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}`;
         return r;
       } catch (err) {
         this.lastError = err.message;
@@ -123,7 +131,7 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
       since = performance.now();
     }
     drawLabels(els.labels, result.top);
-    drawMap(els.map, video, result.parts, els.legend);
+    drawMap(els.map, video, result.parts, els.legend, engine.nameOf ? (d) => engine.nameOf(d) : undefined);
     els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}`;
     els.stats.dataset.latencyMs = latency.toFixed(1);
     els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);

@@ -12,7 +12,8 @@ import { LinkProbe } from "/web/mesh.js";
 import { FRAME_SIZE } from "/web/camera.js";
 
 const FRAME_TIMEOUT_MS = 8000;
-const LINK_PROBE_BYTES = 256 * 1024;
+// Long enough to get past SCTP's slow start (a 256 KiB burst read 3-4x low), short enough for every pair at boot.
+const LINK_PROBE_BYTES = 1024 * 1024;
 const REPORT_EVERY = 4;
 // A device whose measured compute per frame stays this far off the planner's prediction re-measures itself
 // (a phone heating up and throttling, a laptop that started another job) and the source replans.
@@ -75,7 +76,7 @@ export class RoomEngine extends EventTarget {
 
   async _measureLink(peer) {
     const rtts = await this.probe.rtt(peer, 64, 10);
-    const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), 65536),
+    const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), 262144),
       LINK_PROBE_BYTES);
     rtts.sort((a, b) => a - b);
     // LinkProbe reports megabytes per second; the planner wants megabits.

@@ -80,14 +80,21 @@ def server():
 
 
 @pytest.fixture(scope="session")
-def browser():
+def pw():
+    """The test session's one Playwright driver: a second sync instance cannot start while one runs, so every
+    test that needs its own browser (other flags, a namespace, a CPU quota) launches it from this one."""
     from playwright.sync_api import sync_playwright  # noqa: PLC0415
 
-    require_browser_assets()
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="session")
+def browser(pw):
+    require_browser_assets()
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    yield b
+    b.close()
 
 
 @pytest.fixture

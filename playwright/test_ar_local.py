@@ -31,26 +31,23 @@ def coffee_camera(tmp_path_factory) -> tuple[Path, str]:
     return path, top_k(logits, labels, 1)[0][1]
 
 
-def test_ar_page_labels_camera_frames(coffee_camera, server):
-    from playwright.sync_api import sync_playwright
-
+def test_ar_page_labels_camera_frames(coffee_camera, server, pw):
     cam, expected = coffee_camera
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=[*CHROMIUM_ARGS, f"--use-file-for-fake-video-capture={cam}"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/ar")
-            page.wait_for_function(
-                "() => { const l = document.getElementById('labels');"
-                " return l.dataset.state === 'error' || Number(l.dataset.frames || 0) >= 2; }",
-                timeout=120_000,
-            )
-            labels = page.locator("#labels")
-            assert labels.get_attribute("data-state") == "running", page.locator("#error").inner_text()
-            assert labels.get_attribute("data-top1") == expected
-            assert page.locator("#labels li").count() == 3
-            assert "ms" in page.locator("#stats").inner_text()
-            assert float(page.locator("#stats").get_attribute("data-latency-ms")) > 0
-        finally:
-            browser.close()
+    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                 args=[*CHROMIUM_ARGS, f"--use-file-for-fake-video-capture={cam}"])
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/ar")
+        page.wait_for_function(
+            "() => { const l = document.getElementById('labels');"
+            " return l.dataset.state === 'error' || Number(l.dataset.frames || 0) >= 2; }",
+            timeout=120_000,
+        )
+        labels = page.locator("#labels")
+        assert labels.get_attribute("data-state") == "running", page.locator("#error").inner_text()
+        assert labels.get_attribute("data-top1") == expected
+        assert page.locator("#labels li").count() == 3
+        assert "ms" in page.locator("#stats").inner_text()
+        assert float(page.locator("#stats").get_attribute("data-latency-ms")) > 0
+    finally:
+        browser.close()

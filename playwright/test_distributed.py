@@ -54,19 +54,18 @@ def wait_frames(page, n: int, timeout_ms: int = 120_000) -> None:
     assert page.locator("#labels").get_attribute("data-state") == "running", page.locator("#error").inner_text()
 
 
-def test_room_classifies_camera_frames_together(tmp_path: Path):
+def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
     if cgroup_unavailable():
         pytest.skip(cgroup_unavailable())
-    from playwright.sync_api import sync_playwright  # noqa: PLC0415
 
     photo = skimage.data.coffee()
     cam = write_y4m(tmp_path / "coffee.y4m", photo)
     expected = expected_top1(photo)
-    with netns_server() as srv, sync_playwright() as p, CpuLimit(0.5) as slow_cpu:
+    with netns_server() as srv, CpuLimit(0.5) as slow_cpu:
         in_ns = srv.ns.chromium_wrapper(CHROMIUM)
         args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
-        fast = p.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])
-        slow = p.chromium.launch(executable_path=slow_cpu.wrapper(in_ns), args=args)
+        fast = pw.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])
+        slow = pw.chromium.launch(executable_path=slow_cpu.wrapper(in_ns), args=args)
         pages = []
         try:
             host = fast.new_context(ignore_https_errors=True).new_page()

@@ -94,14 +94,11 @@ def ns_server():
 
 
 @pytest.fixture(scope="module")
-def ns_browser(ns_server):
-    from playwright.sync_api import sync_playwright  # noqa: PLC0415
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=ns_server.ns.chromium_wrapper(CHROMIUM),
-                              args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"], headless=True)
-        yield b
-        b.close()
+def ns_browser(ns_server, pw):
+    b = pw.chromium.launch(executable_path=ns_server.ns.chromium_wrapper(CHROMIUM),
+                           args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"], headless=True)
+    yield b
+    b.close()
 
 
 def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(ns_server, ns_browser):

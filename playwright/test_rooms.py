@@ -102,9 +102,10 @@ def test_signaling_client_relays_and_resumes_after_a_drop(page, phone, server):
     phone.wait_for_function("window.tilemesh?.peerId")
     phone_id = phone.evaluate("window.tilemesh.peerId")
 
-    # Stored on window, not awaited: evaluate() would wait for the promise before the phone could send.
-    page.evaluate("from => { window.got = window.tilemesh.signaling.waitFor('signal', (m) => m.from === from); }",
-                  phone_id)
+    # Stored on window, not awaited: evaluate() would wait for the promise before the phone could send. The
+    # pages' own WebRTC mesh signals too (offers, ICE candidates), so wait for this test's message only.
+    page.evaluate("from => { window.got = window.tilemesh.signaling.waitFor('signal',"
+                  " (m) => m.from === from && m.data.sdp === 'v=0'); }", phone_id)
     phone.evaluate("to => window.tilemesh.signaling.signal(to, {type: 'offer', sdp: 'v=0'})", host_id)
     assert page.evaluate("window.got") == {"v": 1, "type": "signal", "from": phone_id,
                                            "data": {"type": "offer", "sdp": "v=0"}}
@@ -117,7 +118,7 @@ def test_signaling_client_relays_and_resumes_after_a_drop(page, phone, server):
         window.welcomes = [];
         s.on('status', ({status}) => window.statuses.push(status));
         s.on('welcome', (w) => window.welcomes.push(w));
-        s.on('signal', (m) => { window.lastSignal = m; });
+        s.on('signal', (m) => { if (m.data.candidate === 'c1') window.lastSignal = m; });
         s.ws.close();
     }""")
     page.wait_for_function(

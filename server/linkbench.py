@@ -19,7 +19,6 @@ import json
 import os
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,6 @@ from peer_runtime import wire
 from server.edge_peer import EdgePeer
 
 REPO = Path(__file__).resolve().parent.parent
-PING, PONG, BULK, END, DONE = 0xB0, 0xB1, 0xB2, 0xB3, 0xB4
 SIZES = [16 * 1024, 64 * 1024, 256 * 1024]
 TENSORS = {"halo 24x56x56": (24, 56, 56), "map 64x56x56": (64, 56, 56)}
 
@@ -45,56 +43,9 @@ def _load_netns():
     return mod
 
 
-class PyProbe:
-    """The aiortc side of web/mesh.js's LinkProbe: answers probes and runs its own."""
-
-    def __init__(self):
-        self.peer: EdgePeer | None = None
-        self.counted: dict[str, int] = {}
-        self.waiting: dict[tuple[str, int], asyncio.Future] = {}
-
-    async def on_message(self, remote: str, data: bytes) -> None:
-        tag = data[0]
-        if tag == PING:
-            await self.peer.send(remote, bytes([PONG]) + data[1:])
-        elif tag == BULK:
-            self.counted[remote] = self.counted.get(remote, 0) + len(data)
-        elif tag == END:
-            n, self.counted[remote] = self.counted.get(remote, 0), 0
-            await self.peer.send(remote, bytes([DONE]) + struct.pack("<d", n))
-        elif tag in (PONG, DONE):
-            fut = self.waiting.pop((remote, tag), None)
-            if fut is not None and not fut.done():
-                fut.set_result(data)
-
-    def _expect(self, remote: str, tag: int) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[(remote, tag)] = fut
-        return fut
-
-    async def rtt(self, remote: str, size: int, count: int) -> list[float]:
-        msg = bytes([PING]) + bytes(size - 1)
-        out = []
-        for _ in range(count):
-            back = self._expect(remote, PONG)
-            t0 = time.perf_counter()
-            await self.peer.send(remote, msg)
-            await asyncio.wait_for(back, 30)
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    async def throughput(self, remote: str, size: int, total: int) -> dict:
-        msg = bytes([BULK]) + bytes(size - 1)
-        n = max(1, round(total / size))
-        done = self._expect(remote, DONE)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await self.peer.send(remote, msg)
-        await self.peer.send(remote, bytes([END]))
-        reply = await asyncio.wait_for(done, 120)
-        ms = (time.perf_counter() - t0) * 1e3
-        got = struct.unpack_from("<d", reply, 1)[0]
-        return {"bytes": got, "ms": ms, "mbps": got / 1e6 / (ms / 1e3)}
+def megabytes(t: dict) -> dict:
+    """The edge probe reports megabits/s (what the planner wants); this table, like the browsers', MB/s."""
+    return {**t, "mbps": t["mbps"] / 8}
 
 
 def _api(url: str, ctx, body: dict | None = None) -> dict:
@@ -141,9 +92,9 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                     await pg.goto(f"{base}/diag/mesh?room={room}&name={name}")
                     await pg.wait_for_function("document.getElementById('info').dataset.state === 'joined'")
                     pages.append(pg)
-                probe = PyProbe()
-                probe.peer = edge = EdgePeer(f"wss://{addr}:{port}/ws", room, name="linkbench", kind="edge",
-                                             ssl_context=False, on_message=probe.on_message)
+                edge = EdgePeer(f"wss://{addr}:{port}/ws", room, name="linkbench", kind="edge",
+                                ssl_context=False, probes=True)
+                probe = edge.probe
                 await edge.start()
                 a, b = pages
                 ida = await a.evaluate("window.meshtest.signaling.peerId")
@@ -178,14 +129,14 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                         if isinstance(size, str):
                             nbytes = len(wire.encode_joined(wire.test_pattern(TENSORS[size], 0), frame=0, tensor=0,
                                                             max_message=limit))
-                            t = await probe.throughput(dst, limit, nbytes)
+                            t = megabytes(await probe.throughput(dst, limit, nbytes, timeout=120))
                             rows.append({"link": label, "size": size, "limit": limit, "rtt": None, **t})
                             continue
                         if size > limit:
                             rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mbps": None})
                             continue
-                        r = await probe.rtt(dst, size, rounds)
-                        t = await probe.throughput(dst, size, total)
+                        r = await probe.rtt(dst, size, rounds, timeout=30)
+                        t = megabytes(await probe.throughput(dst, size, total, timeout=120))
                         rows.append({"link": label, "size": size, "limit": limit, "rtt": statistics.median(r), **t})
 
                 await js_link("browser -> browser", a, idb)

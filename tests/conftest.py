@@ -16,3 +16,11 @@ def demo_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_model")
     build_demo_model(out, log=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_graph(demo_model_dir):
+    """The demo MobileNetV2 as the runtime's Graph, loaded once per session."""
+    from peer_runtime.graph import load_onnx
+
+    return load_onnx(demo_model_dir / "mobilenet_v2.onnx")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from peer_runtime.graph import load_onnx
 from peer_runtime.profile import predict_graph_seconds, scaled_profile
 from peer_runtime.tiling import Split, build_plan
 from server import costmodel as C
@@ -27,15 +26,8 @@ SYNTH = {
 
 
 @pytest.fixture(scope="module")
-def g(request):
-    static = REPO / "static" / "model" / "mobilenet_v2.onnx"
-    if static.exists():
-        return load_onnx(static)
-    try:
-        model_dir = Path(request.getfixturevalue("demo_model_dir"))
-    except Exception as e:  # noqa: BLE001 - no weights offline
-        pytest.skip(f"demo model could not be built: {e}")
-    return load_onnx(model_dir / "mobilenet_v2.onnx")
+def g(demo_graph):
+    return demo_graph
 
 
 def profiles(*names, speeds=None):

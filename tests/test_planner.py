@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from peer_runtime.executor import run_graph
-from peer_runtime.graph import load_onnx
 from peer_runtime.profile import scaled_profile
 from peer_runtime.tiling import build_plan, simulate
 from server import planner as PL
@@ -37,15 +36,8 @@ def room(**speeds):
 
 
 @pytest.fixture(scope="module")
-def g(request):
-    static = REPO / "static" / "model" / "mobilenet_v2.onnx"
-    if static.exists():
-        return load_onnx(static)
-    try:
-        model_dir = Path(request.getfixturevalue("demo_model_dir"))
-    except Exception as e:  # noqa: BLE001 - no weights offline
-        pytest.skip(f"demo model could not be built: {e}")
-    return load_onnx(model_dir / "mobilenet_v2.onnx")
+def g(demo_graph):
+    return demo_graph
 
 
 def predicted(strategy, g, profiles, links, source, edge=None):

@@ -15,22 +15,14 @@ import pytest
 from peer_runtime import profile as P
 from peer_runtime.deps import node_macs
 from peer_runtime.executor import run_graph
-from peer_runtime.graph import load_onnx
 from peer_runtime.regions import EMPTY, Region, plane
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def mobilenet(request):
-    static = REPO / "static" / "model" / "mobilenet_v2.onnx"
-    if static.exists():
-        return load_onnx(static)
-    try:
-        model_dir = Path(request.getfixturevalue("demo_model_dir"))
-    except Exception as e:  # noqa: BLE001 - no weights offline: nothing to measure on
-        pytest.skip(f"demo model could not be built: {e}")
-    return load_onnx(model_dir / "mobilenet_v2.onnx")
+def mobilenet(demo_graph):
+    return demo_graph
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ and get a plan without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import skimage.data
 from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
 from media import write_y4m
 from roomkit import decode_qr, netns_server
-from slowdown import CpuLimit
-from slowdown import unavailable_reason as cgroup_unavailable
 
 from peer_runtime.preprocess import preprocess, top_k
+from server.bench_env import CpuGroup
+from server.bench_env import unavailable_reason as emulation_unavailable
 
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
@@ -54,18 +55,35 @@ def wait_frames(page, n: int, timeout_ms: int = 120_000) -> None:
     assert page.locator("#labels").get_attribute("data-state") == "running", page.locator("#error").inner_text()
 
 
+@contextlib.contextmanager
+def cpu_group(name: str, cores: float):
+    group = CpuGroup(name, cores).create()
+    try:
+        yield group
+    finally:
+        group.remove()
+
+
+def slowed(executable: str, group: CpuGroup, tmp_path: Path) -> str:
+    """A wrapper that starts `executable` inside the CPU group: a whole Chromium, Workers included, slowed."""
+    script = tmp_path / f"in-{group.name}"
+    script.write_text("#!/bin/sh\n" + group.join_lines() + f'exec {executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
-    if cgroup_unavailable():
-        pytest.skip(cgroup_unavailable())
+    if emulation_unavailable():
+        pytest.skip(emulation_unavailable())
 
     photo = skimage.data.coffee()
     cam = write_y4m(tmp_path / "coffee.y4m", photo)
     expected = expected_top1(photo)
-    with netns_server() as srv, CpuLimit(0.5) as slow_cpu:
+    with cpu_group(f"tm-test-{tmp_path.name[-12:]}", 0.5) as slow_cpu, netns_server() as srv:
         in_ns = srv.ns.chromium_wrapper(CHROMIUM)
         args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
         fast = pw.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])
-        slow = pw.chromium.launch(executable_path=slow_cpu.wrapper(in_ns), args=args)
+        slow = pw.chromium.launch(executable_path=slowed(in_ns, slow_cpu, tmp_path), args=args)
         pages = []
         try:
             host = fast.new_context(ignore_https_errors=True).new_page()

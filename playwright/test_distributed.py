@@ -1,7 +1,8 @@
 """The product, end to end: phones and a laptop in a room classify camera frames together.
 
-Inside a network namespace: the server, a host page, a phone page whose camera shows a real photo (Chromium's
-fake capture from a Y4M file) and a second device in its own Chromium slowed by a cgroup CPU quota. The phone
+Inside a network namespace: the server with its aiortc edge peer, a host page, a phone page whose camera shows
+a real photo (Chromium's fake capture from a Y4M file) and a third browser device in its own Chromium slowed by
+a cgroup CPU quota. The phone
 opens the camera; its frames are computed by the room with the planner's plan, and then with every device
 forced in (equal split). The overlay must show onnxruntime's top-1 for that photo, and every device must
 have computed part of the frame. Then the slow device's page closes mid-stream: the phone must keep labelling
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import pytest
 import skimage.data
 from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
 from media import write_y4m
-from roomkit import decode_qr, netns_server
+from roomkit import decode_qr, get_json, netns_server
 
 from peer_runtime.preprocess import preprocess, top_k
 from server.bench_env import CpuGroup
@@ -79,7 +81,7 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
     photo = skimage.data.coffee()
     cam = write_y4m(tmp_path / "coffee.y4m", photo)
     expected = expected_top1(photo)
-    with cpu_group(f"tm-test-{tmp_path.name[-12:]}", 0.5) as slow_cpu, netns_server() as srv:
+    with cpu_group(f"tm-test-{tmp_path.name[-12:]}", 0.5) as slow_cpu, netns_server(["--edge"]) as srv:
         in_ns = srv.ns.chromium_wrapper(CHROMIUM)
         args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
         fast = pw.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])
@@ -97,6 +99,12 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
             for pg in pages:
                 pg.wait_for_function(READY, timeout=180_000)
             ids = [pg.evaluate("window.tilemesh.peerId") for pg in pages]
+            room = host.url.rsplit("/", 1)[-1]
+            edge = get_json(srv, f"/diag/mesh/edge/{room}")
+            assert edge["joined"], edge
+            deadline = time.monotonic() + 60
+            while not get_json(srv, f"/diag/mesh/edge/{room}")["compute"]["ready"] and time.monotonic() < deadline:
+                time.sleep(0.5)
             # Every device measured itself and its links to the others before reporting ready.
             for pg in pages:
                 prof = pg.evaluate("window.tilemesh.signaling.lastState.profile")
@@ -121,10 +129,12 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
             start = frames(phone)
             wait_frames(phone, start + 3)
             assert phone.locator("#labels").get_attribute("data-top1") == expected
-            assert phone.locator("#stats").get_attribute("data-devices") == "3"
+            assert phone.locator("#stats").get_attribute("data-devices") == "4"
             for pg, pid in zip(pages, ids, strict=True):
                 tasks = pg.evaluate("(id) => window.tilemesh.engine.tasksRun[id] || 0", plan_id)
                 assert tasks > 0, f"{pid} computed nothing under plan {plan_id}"
+            edge_tasks = get_json(srv, f"/diag/mesh/edge/{room}")["compute"]["tasks_run"]
+            assert edge_tasks.get(str(plan_id), 0) > 0, f"the edge computed nothing under plan {plan_id}"
             assert phone.evaluate("window.tilemesh.engine.errors") == []
 
             # A device vanishes mid-stream: frames in flight fail over to the phone alone, the room replans

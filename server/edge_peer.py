@@ -595,6 +595,7 @@ class ComputeDevice:
         self.errors: deque[str] = deque(maxlen=32)
         self.error_count = 0
         self.chunks_in = self.chunks_out = 0
+        self.tasks_run: dict[int, int] = {}  # plan id -> tasks computed under it (as RoomEngine.tasksRun)
         self.plans = 0
         self._plan_seen = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilemesh-compute-{room[:6]}")
@@ -792,6 +793,8 @@ class ComputeDevice:
                 async with self._plan_seen:
                     self._plan_seen.notify_all()
             if isinstance(res, dict):
+                if "tasks_run" in res:
+                    self.tasks_run[res["plan_id"]] = res["tasks_run"]
                 for out in res.get("out", []):
                     self._send(out["dst"], out["chunks"])
                 for r in res.get("results", []):
@@ -851,6 +854,7 @@ class ComputeDevice:
         return {
             "ready": self.model is not None, "model_error": self.model_error,
             "plan_id": self.plan_id or None, "role": (self.role or {}).get("role"), "plans": self.plans,
+            "tasks_run": self.tasks_run,
             "links": dict(self.links), "chunks_in": self.chunks_in, "chunks_out": self.chunks_out,
             "errors": self.error_count, "last_errors": list(self.errors)[-5:],
         }

@@ -8,7 +8,7 @@ import pytest
 
 from peer_runtime import graph as graph_mod
 from peer_runtime.profile import measure_profile, scaled_profile
-from server import inference, protocol, rooms
+from server import inference, planner, protocol, rooms
 from server.ids import PeerId, ResumeToken
 
 
@@ -60,7 +60,8 @@ def test_plan_message_is_a_small_spec_with_baselines(graph, base_profile, tmp_pa
     assert len(json.dumps(msg["spec"])) < 4096 and len(protocol.encode(protocol.plan(msg))) < 512 * 1024
     strategies = {c["strategy"] for c in msg["candidates"]}
     assert {"single", "offload", "equal_split"} <= strategies
-    assert msg["predicted_ms"] <= min(c["predicted_s"] for c in msg["candidates"]) * 1e3 + 1e-6
+    best = min(c["predicted_s"] for c in msg["candidates"]) * 1e3
+    assert best <= msg["predicted_ms"] <= best * (1 + planner.MARGIN) + 1e-6
 
 
 def test_shortlist_keeps_each_strategys_best():

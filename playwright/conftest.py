@@ -6,65 +6,8 @@ browser makes is recorded so tests can assert that nothing leaves the machine.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
-from browsers import CHROMIUM, CHROMIUM_ARGS, REPO  # noqa: E402,F401  (re-exported for tests)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0, context=None) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as r:  # noqa: S310 (local test server)
-                if r.status == 200:
-                    return
-        except Exception as exc:  # noqa: BLE001 (any failure means: not up yet)
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {url} did not come up: {last}")
-
-
-class ServerProcess:
-    def __init__(self, host: str, port: int, extra: list[str] | None = None, prefix: list[str] | None = None):
-        self.host, self.port = host, port
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tilemesh-server-{port}.log", "w+")  # noqa: SIM115
-        cmd = [*(prefix or []), sys.executable, "-m", "server.cli", "serve", "--host", host, "--port", str(port),
-               *(extra or [])]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://{host}:{port}"
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.seek(0)
-        out = self.log.read()
-        self.log.close()
-        return out
-
-
-def require_browser_assets() -> None:
-    if not (REPO / "static" / "vendor" / "pyodide" / "pyodide.mjs").exists():
-        pytest.fail("browser assets missing: run `python -m server.assets` (make test does)")
-    if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: `apt-get install chromium` (make test does)")
+from browsers import CHROMIUM, CHROMIUM_ARGS, ServerProcess, free_port, require_browser_assets, wait_http
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import tempfile
 import urllib.request
 
 import pytest
-from conftest import ServerProcess, require_browser_assets, wait_http
+from browsers import ServerProcess, require_browser_assets, wait_http
 from netns import NetNS, unavailable_reason
 
 

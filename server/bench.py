@@ -49,18 +49,23 @@ READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state ===
 INSTRUMENT = """() => {
   if (window.__bench) return;
   const app = window.tilemesh, ar = app.ar.engine;
-  const b = window.__bench = { frames: [], broadcasts: [], paused: false, idle: false, wake: null, budget: 0 };
-  // budget: frames the loop may still start before it pauses itself, so a window is exactly N frames.
+  const b = window.__bench = { frames: [], broadcasts: [], paused: false, idle: false, wake: [], budget: 0,
+    inflight: 0 };
+  // budget: frames the loop may still start before it pauses itself, so a window is exactly N frames. The
+  // loop may keep several frames in flight: every waiter at the gate is woken, and the loop counts as idle
+  // only when no frame is in flight.
   b.resume = (budget) => { b.budget = budget ?? Infinity; b.paused = false; b.idle = false;
-    if (b.wake) { const w = b.wake; b.wake = null; w(); } };
+    const w = b.wake; b.wake = []; w.forEach((f) => f()); };
   const classify = ar.classify.bind(ar);
   ar.classify = async (frame) => {
     if (b.budget <= 0) b.paused = true;
-    while (b.paused) { b.idle = true; await new Promise((r) => { b.wake = r; }); }
+    while (b.paused) { b.idle = b.inflight === 0; await new Promise((r) => { b.wake.push(r); }); }
     b.idle = false;
     b.budget -= 1;
+    b.inflight += 1;
     const t0 = performance.now();
-    const r = await classify(frame);
+    let r;
+    try { r = await classify(frame); } finally { b.inflight -= 1; if (b.paused && b.inflight === 0) b.idle = true; }
     const t1 = performance.now();
     b.frames.push({ t0, t1, strategy: r.plan ? r.plan.strategy : null, plan_id: r.plan ? r.plan.plan_id : null,
       top1: r.top && r.top[0] ? r.top[0].label : null, report: r.report || null });

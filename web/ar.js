@@ -69,6 +69,12 @@ export class RoomArEngine {
 
   async load() { await this.room.load(); }
 
+  // Two frames in flight when other devices share the work; one when this device runs alone.
+  pipelined() {
+    const p = this.room.plan;
+    return p && p.devices.some((d) => d !== this.room.signaling.peerId) ? 2 : 1;
+  }
+
   // Device names for the legend: people know "Anna's phone", not peer ids.
   nameOf(id) {
     if (id === this.local.name) return id;
@@ -114,16 +120,34 @@ function showError(els, err) {
   els.labels.dataset.state = "error";
 }
 
+// Frames in flight at once. One device alone gains nothing from more (its worker runs one thing at a time), but
+// in a room the next frame's first tiles start while the last one's deep layers still run elsewhere, so
+// devices that would wait for their next input already have it (pipelining, as in Hadidi et al.).
+export function pipelineDepth(engine) {
+  const asked = Number(new URLSearchParams(location.search).get("depth"));
+  if (asked >= 1 && asked <= 4) return asked;
+  return engine.pipelined ? engine.pipelined() : 1;
+}
+
 export async function runLoop({ engine, els, shouldRun = () => true }) {
   const { video } = els;
   const grab = document.createElement("canvas");
+  const inflight = [];
   let frames = 0;
   let since = performance.now();
   let fps = 0;
-  while (shouldRun()) {
+  const start = () => {
     const t0 = performance.now();
-    const result = await engine.classify(grabFrame(video, grab));
-    const latency = performance.now() - t0;
+    // Each frame's result, or its error: one failed frame must not stop the frames queued behind it.
+    return engine.classify(grabFrame(video, grab)).then((result) => ({ result, t0, t1: performance.now() }),
+      (error) => ({ error }));
+  };
+  while (shouldRun() || inflight.length) {
+    while (shouldRun() && inflight.length < pipelineDepth(engine)) inflight.push(start());
+    const done = await inflight.shift();  // results are shown in frame order
+    if (done.error) throw done.error;
+    const { result } = done;
+    const latency = done.t1 - done.t0;
     frames += 1;
     if (performance.now() - since > 1000) {
       fps = (frames * 1000) / (performance.now() - since);

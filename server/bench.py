@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import ssl
 import subprocess
 import sys
@@ -531,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", metavar="DIR", help="only re-render results.md, plots and README-performance.md "
                     "from DIR/results.json (a finished run)")
     args = ap.parse_args(argv)
+    # A stopped run (Ctrl-C, kill) must still delete its namespaces, veths and cgroups: SIGTERM ends Python
+    # without running `finally` blocks unless it is turned into an exception.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.render:
         out_dir = Path(args.render)
         result = json.loads((out_dir / "results.json").read_text())

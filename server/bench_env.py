@@ -36,6 +36,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
@@ -108,16 +109,21 @@ class CpuGroup:
                 return int(value) / 1e9
         return float("nan")
 
-    def remove(self) -> None:
+    def remove(self, wait_s: float = 5.0) -> None:
+        """Delete both groups. Processes still inside (a browser shutting down) are moved to the root group; a
+        group whose last process is still exiting cannot be removed yet, so this retries for `wait_s`."""
+        deadline = time.monotonic() + wait_s
         for group, root in ((self.cpu, CPU_ROOT), (self.acct, ACCT_ROOT)):
-            if not group.exists():
-                continue
-            # Leftovers (a browser that did not exit yet) go back to the root group so the directory can go.
-            for pid in (group / "cgroup.procs").read_text().split():
-                with contextlib.suppress(OSError):
-                    (root / "cgroup.procs").write_text(pid)
-            with contextlib.suppress(OSError):
-                group.rmdir()
+            while group.exists():
+                for pid in (group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (root / "cgroup.procs").write_text(pid)
+                try:
+                    group.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
 
 
 def process_cpu_seconds(pid: int) -> float:

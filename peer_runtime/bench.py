@@ -198,23 +198,8 @@ print("@@RESULT@@" + json.dumps(res))
 
 
 def compare_in_pyodide(graph: Graph, x: np.ndarray, old_source: str, repeat: int) -> dict:
-    node = shutil.which("node")
-    if node is None or not (PYODIDE_DIR / "pyodide.mjs").exists():
-        raise RuntimeError(f"needs `node` and Pyodide in {PYODIDE_DIR} (run `python -m server.assets`)")
-    with tempfile.TemporaryDirectory(prefix="tilemesh-bench-") as tmp:
-        save_compact(graph, Path(tmp) / "model")
-        np.save(Path(tmp) / "x.npy", x)
-        (Path(tmp) / "kernels_baseline.py").write_text(old_source)
-        (Path(tmp) / "bench.py").write_text(_PYODIDE_COMPARE.replace("REPEAT", str(int(repeat))))
-        (Path(tmp) / "run.mjs").write_text(_NODE_RUNNER)
-        r = subprocess.run(
-            [node, str(Path(tmp) / "run.mjs"), str(PYODIDE_DIR), str(REPO), tmp, str(Path(tmp) / "bench.py")],
-            capture_output=True, text=True, timeout=3600,
-        )
-    for line in r.stdout.splitlines():
-        if line.startswith("@@RESULT@@"):
-            return json.loads(line[len("@@RESULT@@"):])
-    raise RuntimeError(f"Pyodide run failed ({r.returncode}): {r.stderr[-2000:] or r.stdout[-2000:]}")
+    return _pyodide_run(graph, x, _PYODIDE_COMPARE.replace("REPEAT", str(int(repeat))), 3600,
+                        {"kernels_baseline.py": old_source})
 
 
 def _ort_session(model_bytes: bytes, threads: int):
@@ -263,24 +248,31 @@ await py.runPythonAsync((await import("node:fs")).readFileSync(script, "utf8"));
 """
 
 
-def run_in_pyodide(graph: Graph, x: np.ndarray, repeat: int) -> dict:
-    """Time every layer and the whole model inside Pyodide under node; raises RuntimeError if unavailable."""
+def _pyodide_run(graph: Graph, x: np.ndarray, script: str, timeout: int, extra_files: dict | None = None) -> dict:
+    """Run `script` inside Pyodide under node with the model, the input and `extra_files` in /data; its result."""
     node = shutil.which("node")
     if node is None or not (PYODIDE_DIR / "pyodide.mjs").exists():
         raise RuntimeError(f"needs `node` and Pyodide in {PYODIDE_DIR} (run `python -m server.assets`)")
     with tempfile.TemporaryDirectory(prefix="tilemesh-bench-") as tmp:
         save_compact(graph, Path(tmp) / "model")
         np.save(Path(tmp) / "x.npy", x)
-        (Path(tmp) / "bench.py").write_text(_PYODIDE_SCRIPT.replace("REPEAT", str(int(repeat))))
+        for name, text in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(text)
+        (Path(tmp) / "bench.py").write_text(script)
         (Path(tmp) / "run.mjs").write_text(_NODE_RUNNER)
         r = subprocess.run(
             [node, str(Path(tmp) / "run.mjs"), str(PYODIDE_DIR), str(REPO), tmp, str(Path(tmp) / "bench.py")],
-            capture_output=True, text=True, timeout=1800,
+            capture_output=True, text=True, timeout=timeout,
         )
     for line in r.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
             return json.loads(line[len("@@RESULT@@"):])
     raise RuntimeError(f"Pyodide run failed ({r.returncode}): {r.stderr[-2000:] or r.stdout[-2000:]}")
+
+
+def run_in_pyodide(graph: Graph, x: np.ndarray, repeat: int) -> dict:
+    """Time every layer and the whole model inside Pyodide under node; raises RuntimeError if unavailable."""
+    return _pyodide_run(graph, x, _PYODIDE_SCRIPT.replace("REPEAT", str(int(repeat))), 1800)
 
 
 def main(argv: list[str] | None = None) -> int:

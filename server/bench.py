@@ -39,6 +39,7 @@ from pathlib import Path
 from server import bench_report
 from server.bench_env import CpuGroup, StarNet, process_cpu_seconds, unavailable_reason
 from server.bench_scenarios import Scenario, ScenarioError, load_scenario
+from server.linkbench import wait_up
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8443
@@ -109,16 +110,7 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 30) -> dict:
 
 
 def _wait_up(url: str, timeout: float = 60) -> None:
-    ctx = ssl._create_unverified_context()
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=ctx):  # noqa: S310
-                return
-        except Exception:  # noqa: BLE001 (not up yet)
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+    wait_up(url, ssl._create_unverified_context(), timeout)
 
 
 def source_state() -> dict:

@@ -55,7 +55,8 @@ def _api(url: str, ctx, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def _wait_up(url: str, ctx, timeout: float = 30) -> None:
+def wait_up(url: str, ctx, timeout: float = 30) -> None:
+    """Poll `url` until it answers (the server subprocess is starting)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -80,7 +81,7 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
         server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", addr, "--port", str(port),
                                    "--https", "--state-dir", state], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_up(base + "/healthz", insecure)
+            wait_up(base + "/healthz", insecure)
             room = _api(base + "/api/rooms", insecure)["room"]
             async with async_playwright() as p:
                 browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,

@@ -125,10 +125,10 @@ function showError(els, err) {
 // as in Hadidi et al.): measured +38% frames/s when the phone offloads to the edge, but on a saturated plan
 // (every device busy, e.g. an equal split) only twice the latency for the same frame rate. Which one a plan is,
 // the cost model does not tell reliably, so each new plan is tried both ways for a few frames and keeps two
-// frames in flight only if that raised the frame rate by more than GAIN.
+// frames in flight only if that raised the frame rate by more than GAIN (30%: a second frame in flight costs latency).
 export class DepthTuner {
   static TRIAL = 6;
-  static GAIN = 1.15;
+  static GAIN = 1.3;
 
   constructor(engine) {
     this.engine = engine;

@@ -34,3 +34,8 @@ assets: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Compare tilemesh with the research's baselines on emulated devices (root: namespaces, tc, cgroups).
+SCENARIO ?= default
+bench: setup
+	$(BIN)/tilemesh bench $(SCENARIO)

@@ -36,8 +36,8 @@ def join_url(request: web.Request, room_id: RoomId) -> str:
 
 def qr_svg(url: str) -> str:
     # Medium error correction survives a glossy laptop screen; the default 4-module quiet zone is what
-    # phone scanners need to find the code.
-    return segno.make(url, error="m").svg_inline(scale=6, dark="#000", light="#fff", omitsize=False)
+    # phone scanners need to find the code. A viewBox (omitsize) instead of a fixed size lets CSS scale it.
+    return segno.make(url, error="m").svg_inline(scale=6, dark="#000", light="#fff", omitsize=True)
 
 
 def _room_or_404(request: web.Request) -> RoomId:

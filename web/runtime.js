@@ -55,5 +55,7 @@ export function bindProgress(root) {
     bar.value = fraction;
     label.textContent = `${stage}${detail ? ": " + detail : ""}`;
     root.dataset.stage = stage;
+    // Once booted the bar has nothing left to say; the roster shows the device's state from then on.
+    if (stage === "ready") setTimeout(() => root.classList.add("done"), 1500);
   };
 }

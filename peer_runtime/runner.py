@@ -27,6 +27,8 @@ from .preprocess import normalize_u8
 from .regions import Region
 from .tiling import DevicePlan, crop, run_task
 
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -87,7 +89,9 @@ class DeviceRunner:
         # Tensor ids on the wire: position in the graph, the same on every device running the same model.
         self.tensor_ids = {graph.input: 0, **{n.output: i + 1 for i, n in enumerate(graph.nodes)}}
         self.tensor_names = {i: t for t, i in self.tensor_ids.items()}
-        self.inbox = wire.Inbox(window=window)
+        # Per sending peer. The largest piece of the demo model is a few MB (a 112x112x96 float32 band); a peer
+        # announcing more must not make a phone (Pyodide tops out near 2 GB) allocate it.
+        self.inbox = wire.Inbox(window=window, max_pending_bytes=MAX_PENDING_BYTES)
         self.frames: OrderedDict[int, FrameState] = OrderedDict()
         self.finished: OrderedDict[int, FrameState] = OrderedDict()
         self.errors: list[str] = []

@@ -7,6 +7,8 @@ deterministic and fast; the real-browser tests run the same runner over real cha
 from __future__ import annotations
 
 import random
+import struct
+import zlib
 
 import numpy as np
 import onnxruntime as ort
@@ -187,3 +189,19 @@ def test_bad_frames_are_refused(mobilenet):
         runners["phone"].start_frame(1, np.zeros((1, 3, 224, 224), np.float32))
     with pytest.raises(ValueError, match="not the source"):
         runners["laptop"].start_frame(1, centre_crop_u8(frame(1)))
+
+
+def test_a_peer_announcing_a_huge_tensor_is_refused_without_allocating_it(mobilenet):
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runner = make_runners(graph, plan)["edge"]
+    # A well-formed first chunk of a (4096, 4096, 64) float32 message: 4 GiB, far over the runner's cap.
+    shape, max_message = (4096, 4096, 64), 65536
+    stride = max_message - wire.HEADER_SIZE
+    count = -(-4096 * 4096 * 64 * 4 // stride)
+    head = struct.pack("<4sBBBBIII4i4IIII", wire.MAGIC, wire.VERSION, 1, 3, 0, 1, 3, 7, 0, 4096, 0, 4096,
+                       *shape, 0, stride, 0, count)
+    payload = bytes(stride)
+    chunk = head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+    with pytest.raises(wire.WireError, match="max_pending_bytes"):
+        runner.on_chunk("phone", chunk)

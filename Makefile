@@ -6,12 +6,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 0.0.0.0
 PORT   ?= 8443
+EDGE   ?= --edge
 ARGS   ?=
 
 .PHONY: run test setup system python assets lint bench
 
 run: setup
-	$(BIN)/tilemesh serve --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/tilemesh serve --host $(HOST) --port $(PORT) $(EDGE) $(ARGS)
 
 test: setup
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import Backend, NumpyBackend
 from .executor import run_graph
-from .graph import Graph, graph_from_compact
+from .graph import Graph, load_compact
 from .preprocess import preprocess, top_k
 
 
@@ -26,6 +26,11 @@ def frame_from_bytes(data, height: int, width: int) -> np.ndarray:
         if buf.size == height * width * channels:
             return buf.reshape(height, width, channels)
     raise ValueError(f"frame of {buf.size} bytes is not {height}x{width} RGB or RGBA")
+
+
+def top_entries(logits: np.ndarray, labels: list[str], k: int = 5) -> list[dict]:
+    """The k best classes as JSON-able dicts ({index, label, p}), as the pages show them."""
+    return [{"index": i, "label": label, "p": p} for i, label, p in top_k(np.asarray(logits)[0], labels, k)]
 
 
 class LocalClassifier:
@@ -40,10 +45,7 @@ class LocalClassifier:
 
     @classmethod
     def from_files(cls, model_json: str | Path, labels_json: str | Path) -> LocalClassifier:
-        model_json = Path(model_json)
-        meta = json.loads(model_json.read_text())
-        blob = bytearray(model_json.with_name(meta["bin"]).read_bytes())
-        return cls(graph_from_compact(meta, blob), json.loads(Path(labels_json).read_text()))
+        return cls(load_compact(model_json), json.loads(Path(labels_json).read_text()))
 
     def logits(self, frame: np.ndarray) -> np.ndarray:
         return run_graph(self.graph, preprocess(frame), self.backend)
@@ -55,7 +57,7 @@ class LocalClassifier:
         logits = run_graph(self.graph, x, self.backend)
         t2 = time.perf_counter()
         return {
-            "top": [{"index": i, "label": label, "p": p} for i, label, p in top_k(logits[0], self.labels, k)],
+            "top": top_entries(logits, self.labels, k),
             "preprocess_ms": (t1 - t0) * 1e3,
             "compute_ms": (t2 - t1) * 1e3,
         }

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from . import wire
-from .classify import LocalClassifier, frame_from_bytes
-from .preprocess import centre_crop_u8, top_k
+from .classify import LocalClassifier, frame_from_bytes, top_entries
+from .preprocess import centre_crop_u8
 from .runner import DeviceRunner
 from .tiling import Split, build_plan
 
@@ -107,8 +105,12 @@ class Peer:
         """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""
         if self.runner is None:
             return {"out": [], "results": [], "reports": []}
-        results = self._results()
-        reports = [self.runner.report(f) for f in self.runner.take_finished()]
+        finished = self.runner.take_finished()
+        results = [self._result(f) for f in finished if f in self.started]
+        # Frames started here that can no longer finish (dropped by the runner's window) are forgotten.
+        for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
+            del self.started[frame]
+        reports = [self.runner.report(f) for f in finished]
         return {"out": _outgoing(out), "results": results, "reports": [r for r in reports if r],
                 "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
 
@@ -147,24 +149,15 @@ class Peer:
                 self.dropped_chunks += 1
         return out
 
-    def _results(self) -> list[dict]:
-        """Frames this device (the source) has finished since the last call, with top-5 and timings."""
-        done = []
-        for frame, t0 in list(self.started.items()):
-            logits = self.runner.result(frame)
-            if logits is None:
-                continue
-            del self.started[frame]
-            done.append({
-                "frame": frame,
-                "top": [{"index": i, "label": lab, "p": p}
-                        for i, lab, p in top_k(np.asarray(logits)[0], self.classifier.labels, 5)],
-                "ms": (time.perf_counter() - t0) * 1e3,
-                "report": self.runner.report(frame),
-            })
-        for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
-            del self.started[frame]
-        return done
+    def _result(self, frame: int) -> dict:
+        """A frame this device (the source) started and got the logits of: top-5 and timings."""
+        t0 = self.started.pop(frame)
+        return {
+            "frame": frame,
+            "top": top_entries(self.runner.result(frame), self.classifier.labels, 5),
+            "ms": (time.perf_counter() - t0) * 1e3,
+            "report": self.runner.report(frame),
+        }
 
     def report(self, frame: int) -> dict | None:
         return None if self.runner is None else self.runner.report(int(frame))

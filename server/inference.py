@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from pathlib import Path
 
 from aiohttp import web
 
-from peer_runtime.graph import Graph, graph_from_compact
+from peer_runtime.graph import Graph, load_compact
 from server import planner, protocol, rooms
 from server.app import CONFIG_KEY
 from server.ids import PeerId
@@ -30,9 +29,7 @@ MAX_CANDIDATES = 12
 
 
 def load_model_graph(static_dir: Path) -> Graph:
-    meta = json.loads((static_dir / "model" / f"{MODEL_NAME}.json").read_text())
-    blob = bytearray((static_dir / "model" / meta["bin"]).read_bytes())
-    return graph_from_compact(meta, blob)
+    return load_compact(static_dir / "model" / MODEL_NAME)
 
 
 def planner_inputs(room: rooms.Room, requester: PeerId, devices=None) -> tuple[dict, dict, str | None]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .graph import external_inputs
 from .regions import EMPTY, Region, is_spatial, plane
 
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
@@ -269,12 +270,7 @@ def make_segments(graph, cuts) -> list[Segment]:
         if a == b:
             continue
         nodes = graph.nodes[a:b]
-        produced = {n.output for n in nodes}
-        inputs: list[str] = []
-        for n in nodes:
-            for t in n.inputs:
-                if t not in produced and t not in inputs:
-                    inputs.append(t)
+        inputs = external_inputs(nodes)
         later = {t for n in graph.nodes[b:] for t in n.inputs} | {graph.output}
         outputs = tuple(n.output for n in nodes if n.output in later)
         segs.append(Segment(len(segs), a, b, tuple(n.name for n in nodes), tuple(inputs), outputs))

@@ -96,6 +96,17 @@ class Graph:
         return sum(int(w.nbytes) for w in self.weights.values())
 
 
+def external_inputs(nodes) -> list[str]:
+    """Tensors a consecutive run of nodes reads but does not produce, in first-use order."""
+    produced = {n.output for n in nodes}
+    out: list[str] = []
+    for n in nodes:
+        for t in n.inputs:
+            if t not in produced and t not in out:
+                out.append(t)
+    return out
+
+
 def node_flops(graph: Graph, node: Node) -> int:
     """Floating-point operations of one node on the full tensor (a multiply-add counts as two)."""
     out = graph.shapes[node.output]
@@ -467,12 +478,7 @@ def to_onnx(graph: Graph, nodes: list[Node] | None = None, outputs: list[str] | 
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.nodes if nodes is None else nodes)
-    produced = {n.output for n in nodes}
-    in_names: list[str] = []
-    for n in nodes:
-        for t in n.inputs:
-            if t not in produced and t not in in_names:
-                in_names.append(t)
+    in_names = external_inputs(nodes)
     outputs = outputs or [nodes[-1].output]
     input_shapes = input_shapes or {}
 

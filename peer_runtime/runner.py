@@ -100,6 +100,14 @@ class DeviceRunner:
         # What this device must hear from each peer before its tasks can run, per tensor: for validation.
         self.expected = {(t.src, t.tensor, t.region) for task in dplan.tasks for t in task.recv}
         self.output_tensor = graph.output
+        # needed_from[i]: what tasks i.. still read or send, and the output; fixed by the plan, so computed once.
+        self.needed_from: list[set[str]] = []
+        tail: set[str] = {self.output_tensor}
+        for task in reversed(dplan.tasks):
+            tail = tail | set(task.deps.inputs) | {tr.tensor for tr in task.send}
+            self.needed_from.append(tail)
+        self.needed_from.reverse()
+        self.needed_from.append({self.output_tensor})
 
     # ------------------------------------------------------------------ frames
 
@@ -218,9 +226,7 @@ class DeviceRunner:
 
     def _release(self, st: FrameState) -> None:
         """Free tensors no remaining task reads (a 112x112 map is megabytes; phones are short of memory)."""
-        needed = {t for task in self.dplan.tasks[st.next_task:] for t in task.deps.inputs}
-        needed |= {t for task in self.dplan.tasks[st.next_task:] for tr in task.send for t in [tr.tensor]}
-        needed.add(self.output_tensor)
+        needed = self.needed_from[st.next_task]
         for tensor in list(st.store):
             if tensor not in needed:
                 del st.store[tensor]

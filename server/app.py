@@ -114,7 +114,7 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
 
 async def ar_page(request: web.Request) -> web.Response:
     """The AR classifier on this device alone (no room): the camera, the labels, the speed."""
-    return render(request, "ar.html", title="tilemesh classifier", room_id=None, name=None)
+    return render(request, "ar.html", title="tilemesh classifier")
 
 
 def _setup_features(app: web.Application) -> None:

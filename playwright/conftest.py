@@ -22,17 +22,19 @@ def server():
         srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pw():
-    """The test session's one Playwright driver: a second sync instance cannot start while one runs, so every
-    test that needs its own browser (other flags, a namespace, a CPU quota) launches it from this one."""
+    """The module's one Playwright driver: a second sync instance cannot start while one runs, so every test
+    that needs its own browser (other flags, a namespace, a CPU quota) launches it from this one. Per module,
+    not per session: a live sync driver keeps an event loop running, which asyncio tests in a later module
+    (aiohttp, aiortc) would trip over."""
     from playwright.sync_api import sync_playwright  # noqa: PLC0415
 
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(pw):
     require_browser_assets()
     b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

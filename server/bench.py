@@ -33,13 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from server import bench_report
 from server.bench_env import CpuGroup, StarNet, process_cpu_seconds, unavailable_reason
 from server.bench_scenarios import Scenario, ScenarioError, load_scenario
-from server.linkbench import wait_up
+from server.linkbench import http_json, wait_up
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8443
@@ -102,11 +101,8 @@ def log(msg: str) -> None:
 
 
 def _http_json(url: str, body: dict | None = None, timeout: float = 30) -> dict:
-    ctx = ssl._create_unverified_context()  # the server's own self-signed certificate, inside the namespaces
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 (namespace-internal)
-        return json.loads(r.read())
+    # The server's own self-signed certificate, inside the namespaces.
+    return http_json(url, ssl._create_unverified_context(), body, timeout)
 
 
 def _wait_up(url: str, timeout: float = 60) -> None:

@@ -48,10 +48,11 @@ def megabytes(t: dict) -> dict:
     return {**t, "mbps": t["mbps"] / 8}
 
 
-def _api(url: str, ctx, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10, context=ctx) as r:  # noqa: S310 (our server in the namespace)
+def http_json(url: str, ctx, body: dict | None = None, timeout: float = 10) -> dict:
+    """GET `url` (POST `body` when given) on our own server in the namespace; the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 (our server in the namespace)
         return json.loads(r.read())
 
 
@@ -82,7 +83,7 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                                    "--https", "--state-dir", state], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_up(base + "/healthz", insecure)
-            room = _api(base + "/api/rooms", insecure)["room"]
+            room = http_json(base + "/api/rooms", insecure, {})["room"]
             async with async_playwright() as p:
                 browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                                   args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"])

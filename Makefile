@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 assets: $(STAMP)
-	$(BIN)/python -m server.assets
+	$(BIN)/python -m tilemesh.server.assets
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

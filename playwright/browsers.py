@@ -19,21 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("TILEMESH_CHROMIUM", "/usr/bin/chromium")
-# Flags from shared/PLATFORM.md: the background-networking ones keep Chromium from reaching for the internet.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "REPO"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,7 +49,7 @@ class ServerProcess:
     def __init__(self, host: str, port: int, extra: list[str] | None = None, prefix: list[str] | None = None):
         self.host, self.port = host, port
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tilemesh-server-{port}.log", "w+")  # noqa: SIM115
-        cmd = [*(prefix or []), sys.executable, "-m", "server.cli", "serve", "--host", host, "--port", str(port),
+        cmd = [*(prefix or []), sys.executable, "-m", "tilemesh.cli", "serve", "--host", host, "--port", str(port),
                *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://{host}:{port}"
@@ -79,6 +68,6 @@ class ServerProcess:
 
 def require_browser_assets() -> None:
     if not (REPO / "static" / "vendor" / "pyodide" / "pyodide.mjs").exists():
-        pytest.fail("browser assets missing: run `python -m server.assets` (make test does)")
+        pytest.fail("browser assets missing: run `python -m tilemesh.server.assets` (make test does)")
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} missing: `apt-get install chromium` (make test does)")

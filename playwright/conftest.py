@@ -1,6 +1,6 @@
 """Shared fixtures for real-browser tests: a running tilemesh server and Debian's headless Chromium.
 
-The server runs as a subprocess (`python -m server.cli serve`) exactly as a user starts it. Every request the
+The server runs as a subprocess (`python -m tilemesh.cli serve`) exactly as a user starts it. Every request the
 browser makes is recorded so tests can assert that nothing leaves the machine.
 """
 

@@ -17,7 +17,8 @@ import urllib.request
 
 import pytest
 from browsers import ServerProcess, require_browser_assets, wait_http
-from netns import NetNS, unavailable_reason
+
+from bench.netns import NetNS, unavailable_reason
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import skimage.data
 from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
-from media import write_y4m
 
-from peer_runtime.preprocess import preprocess, top_k
+from bench.media import write_y4m
+from tilemesh.runtime.preprocess import preprocess, top_k
 
 
 def centre_square(img: np.ndarray) -> np.ndarray:

@@ -21,12 +21,12 @@ import onnxruntime as ort
 import pytest
 import skimage.data
 from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
-from media import write_y4m
 from roomkit import decode_qr, get_json, netns_server
 
-from peer_runtime.preprocess import preprocess, top_k
-from server.bench_env import CpuGroup
-from server.bench_env import unavailable_reason as emulation_unavailable
+from bench.env import CpuGroup
+from bench.env import unavailable_reason as emulation_unavailable
+from bench.media import write_y4m
+from tilemesh.runtime.preprocess import preprocess, top_k
 
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from browsers import REPO
 
-from peer_runtime.deps import node_macs
-from peer_runtime.peer import plan_from_spec
-from peer_runtime.preprocess import centre_crop_u8
-from peer_runtime.profile import OP_CLASSES, measure_profile, op_class, predict_graph_seconds, scaled_profile
-from peer_runtime.regions import Region, plane
-from peer_runtime.runner import DeviceRunner
-from server import protocol, rooms
-from server.ids import PeerId, ResumeToken
-from server.inference import Inference
+from tilemesh.runtime.deps import node_macs
+from tilemesh.runtime.peer import plan_from_spec
+from tilemesh.runtime.preprocess import centre_crop_u8
+from tilemesh.runtime.profile import OP_CLASSES, measure_profile, op_class, predict_graph_seconds, scaled_profile
+from tilemesh.runtime.regions import Region, plane
+from tilemesh.runtime.runner import DeviceRunner
+from tilemesh.server.inference import Inference
+from tilemesh.server.signaling import protocol, rooms
+from tilemesh.server.signaling.ids import PeerId, ResumeToken
 
 FIXTURE_PATH = "/__test__/host_view"
 FIXTURE = """<!doctype html>

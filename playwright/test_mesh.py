@@ -18,7 +18,7 @@ import pytest
 from browsers import CHROMIUM, CHROMIUM_ARGS
 from roomkit import decode_qr, get_json, netns_server
 
-from peer_runtime import wire
+from tilemesh.runtime import wire
 
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
@@ -30,7 +30,7 @@ EDGE_SEED = 100
 PY_HELPERS = """
 import hashlib
 import numpy as np
-from peer_runtime import wire
+from tilemesh.runtime import wire
 
 _inbox = wire.Inbox()
 

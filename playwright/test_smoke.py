@@ -1,10 +1,10 @@
-"""The runtime check page boots Pyodide from the local server, loads numpy and imports peer_runtime."""
+"""The runtime check page boots Pyodide from the local server, loads numpy and imports tilemesh.runtime."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import peer_runtime
+import tilemesh.runtime
 
 
 def test_runtime_boots_offline(page, server):
@@ -13,7 +13,7 @@ def test_runtime_boots_offline(page, server):
     # A cold boot here takes about 3-6 s; 90 s leaves room for a loaded CI machine.
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
     assert info.get_attribute("data-state") == "ready", info.inner_text() + "\n" + "\n".join(page.console_lines)
-    assert info.get_attribute("data-runtime") == peer_runtime.__version__
+    assert info.get_attribute("data-runtime") == tilemesh.runtime.__version__
     text = info.inner_text()
     assert "numpy 2.0.2" in text and "Pyodide 0.27.7" in text
     # Cross-origin isolation is what lets onnxruntime-web use threads; it needs our COOP/COEP headers.

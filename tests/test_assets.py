@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server import assets
+from tilemesh.server import assets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,8 +18,10 @@ def test_pack_runtime_is_deterministic_and_importable(tmp_path):
     a, b = assets.pack_runtime(), assets.pack_runtime()
     assert a == b
     names = zipfile.ZipFile(BytesIO(a)).namelist()
-    assert "peer_runtime/__init__.py" in names
-    assert all(n.startswith("peer_runtime/") and n.endswith(".py") for n in names)
+    assert "tilemesh/runtime/__init__.py" in names and "tilemesh/runtime/runner.py" in names
+    # Only the runtime reaches a phone: the package's import-free __init__ and tilemesh/runtime, nothing else.
+    assert all(n == "tilemesh/__init__.py" or (n.startswith("tilemesh/runtime/") and n.endswith(".py")) for n in names)
+    assert not any("models/" in n or "server/" in n or "planning/" in n for n in names)
 
 
 def test_write_if_changed(tmp_path):
@@ -51,7 +53,7 @@ def test_carrier_file_with_wrong_hash_is_refused(tmp_path, monkeypatch):
 def test_second_setup_run_downloads_nothing(monkeypatch, capsys):
     """With the cache and static/ filled by a first run (make test runs setup first), nothing is fetched."""
     if not (REPO / "static" / "manifest.json").exists():
-        pytest.fail("run `python -m server.assets` first (make test does)")
+        pytest.fail("run `python -m tilemesh.server.assets` first (make test does)")
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"setup tried to fetch: {args[:1]}")
@@ -60,7 +62,7 @@ def test_second_setup_run_downloads_nothing(monkeypatch, capsys):
     monkeypatch.setattr(assets.urllib.request, "urlopen", no_network)
     manifest = json.loads((REPO / "static" / "manifest.json").read_text())
     steps = ",".join(s for s in ("pyodide", "ort", "runtime", "model") if s in manifest)
-    # The first run may rewrite outputs whose sources were edited since setup (peer_runtime.zip), never fetch.
+    # The first run may rewrite outputs whose sources were edited since setup (tilemesh_runtime.zip), never fetch.
     assert assets.main(["--steps", steps]) == 0
     assert "downloading" not in capsys.readouterr().out
     assert assets.main(["--steps", steps]) == 0

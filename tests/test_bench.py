@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from server import bench_report
-from server.bench import window_from_frames
-from server.bench_scenarios import SCENARIO_DIR, ScenarioError, load_scenario, parse_scenario
-from server.planner import STRATEGIES
+from bench import report as bench_report
+from bench.harness import window_from_frames
+from bench.scenario import SCENARIO_DIR, ScenarioError, load_scenario, parse_scenario
+from tilemesh.planning.planner import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def test_bad_files(tmp_path):
 
 
 def test_check_flag_validates_without_root(capsys):
-    from server.bench import main
+    from bench.harness import main
 
     assert main(["smoke", "--check", "--frames", "5"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == 5
@@ -123,7 +123,7 @@ def test_check_flag_validates_without_root(capsys):
 
 
 def test_tilemesh_bench_subcommand_passes_everything_through(capsys):
-    from server import cli
+    from tilemesh import cli
 
     assert cli.main(["bench", "smoke", "--check", "--repeats", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["repeats"] == 3
@@ -248,13 +248,13 @@ def test_window_from_frames_counts_bytes_once_per_device_and_frame():
 @pytest.mark.browser
 @pytest.mark.netns
 def test_smoke_run_in_namespaces(tmp_path):
-    from server.bench_env import unavailable_reason
+    from bench.env import unavailable_reason
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())
     if not (REPO / "static/model/mobilenet_v2.json").exists():
-        pytest.skip("browser assets missing: run `python -m server.assets`")
-    res = subprocess.run([sys.executable, "-m", "server.bench", "smoke", "--frames", "2", "--no-plots",
+        pytest.skip("browser assets missing: run `python -m tilemesh.server.assets`")
+    res = subprocess.run([sys.executable, "-m", "bench.harness", "smoke", "--frames", "2", "--no-plots",
                           "--strategies", "single,tilemesh", "--results", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server import cli, netinfo
+from tilemesh import cli
+from tilemesh.server import netinfo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,18 +36,18 @@ def test_loopback_detection():
 def test_serve_refuses_without_assets(tmp_path, capsys):
     rc = cli.main(["serve", "--host", "127.0.0.1", "--port", "1", "--static-dir", str(tmp_path)])
     assert rc == 2
-    assert "server.assets" in capsys.readouterr().err
+    assert "tilemesh setup" in capsys.readouterr().err
 
 
 def test_serve_https_prints_url_and_fingerprint(tmp_path):
     static = REPO / "static"
     if not (static / "vendor" / "pyodide" / "pyodide.js").exists():
-        pytest.fail("assets missing: run `python -m server.assets` first (make test does)")
+        pytest.fail("assets missing: run `python -m tilemesh.server.assets` first (make test does)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--https",
+        [sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--https",
          "--state-dir", str(tmp_path)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

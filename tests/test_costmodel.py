@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from peer_runtime.profile import predict_graph_seconds, scaled_profile
-from peer_runtime.tiling import Split, build_plan
-from server import costmodel as C
+from tilemesh.planning import costmodel as C
+from tilemesh.runtime.profile import predict_graph_seconds, scaled_profile
+from tilemesh.runtime.tiling import Split, build_plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer_runtime.deps import (
+from tilemesh.runtime.deps import (
     SegmentDeps,
     cut_candidates,
     input_halo,
@@ -26,9 +26,9 @@ from peer_runtime.deps import (
     segment_is_spatial,
     window_input_region,
 )
-from peer_runtime.executor import run_graph
-from peer_runtime.graph import Graph, Node, node_flops
-from peer_runtime.regions import EMPTY, Region, check_partition, grid_split, row_split, whole
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.graph import Graph, Node, node_flops
+from tilemesh.runtime.regions import EMPTY, Region, check_partition, grid_split, row_split, whole
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -2,7 +2,7 @@
 
 The integration test runs the real server with `--edge` in a private network namespace (like
 tests/test_edge_peer.py) and a Python aiortc `ComputeDevice` standing in for a phone: it reports a (slower)
-compute profile, asks for plans, runs its own part with its own `peer_runtime.peer.Peer`, and must get the
+compute profile, asks for plans, runs its own part with its own `tilemesh.runtime.peer.Peer`, and must get the
 same top-5 and logits as one device running the whole model. The in-memory tests drive two ComputeDevices
 whose data channels are replaced by direct calls, to pin down ordering and plan races deterministically.
 """
@@ -19,13 +19,13 @@ import pytest
 from skimage import data as skdata
 from test_edge_peer import Server, run_in_netns
 
-from peer_runtime import wire
-from peer_runtime.classify import frame_from_bytes
-from peer_runtime.peer import Peer
-from peer_runtime.profile import scaled_profile
-from server.app import ServerConfig
-from server.edge_peer import EDGE_KEY, ComputeDevice, ModelRuntime, load_model_runtime
-from server.protocol import MAX_PROFILE_BYTES
+from tilemesh.edge.peer import EDGE_KEY, ComputeDevice, ModelRuntime, load_model_runtime
+from tilemesh.runtime import wire
+from tilemesh.runtime.classify import frame_from_bytes
+from tilemesh.runtime.peer import Peer
+from tilemesh.runtime.profile import scaled_profile
+from tilemesh.server.app import ServerConfig
+from tilemesh.server.signaling.protocol import MAX_PROFILE_BYTES
 
 SIZE = 256
 
@@ -34,7 +34,7 @@ SIZE = 256
 def model() -> ModelRuntime:
     static = ServerConfig().static_dir
     if not (static / "model" / "mobilenet_v2.json").exists():
-        pytest.skip("static/model is not built (python -m peer_runtime.models)")
+        pytest.skip("static/model is not built (python -m tilemesh.models)")
     return load_model_runtime(static)
 
 

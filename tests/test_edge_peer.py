@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from peer_runtime import wire
-from server.app import ServerConfig, create_app
-from server.edge_peer import (
+from bench import netns
+from tilemesh.edge.peer import (
     EDGE_KEY,
     EdgePeer,
     PeerGone,
@@ -28,11 +25,9 @@ from server.edge_peer import (
     remote_max_message_size,
     tensor_digest,
 )
-from server.signaling import HUB_KEY
-
-_spec = importlib.util.spec_from_file_location("tm_netns", Path(__file__).parent.parent / "playwright" / "netns.py")
-netns = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(netns)
+from tilemesh.runtime import wire
+from tilemesh.server.app import ServerConfig, create_app
+from tilemesh.server.signaling.hub import HUB_KEY
 
 
 def run_in_netns(body, timeout: float = 60.0):

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from peer_runtime import backend as backend_mod
-from peer_runtime import kernels
-from peer_runtime.backend import Backend, NumpyBackend, OnnxRuntimeBackend
-from peer_runtime.executor import run_graph, run_nodes
-from peer_runtime.graph import Graph, Node, load_onnx
-from peer_runtime.tiling import Split, build_plan, simulate
+from tilemesh.runtime import backend as backend_mod
+from tilemesh.runtime import kernels
+from tilemesh.runtime.backend import Backend, NumpyBackend, OnnxRuntimeBackend
+from tilemesh.runtime.executor import run_graph, run_nodes
+from tilemesh.runtime.graph import Graph, Node, load_onnx
+from tilemesh.runtime.tiling import Split, build_plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,9 +155,9 @@ def test_onnxruntime_backend_agrees_with_numpy_backend(mini):
 
 def _demo_model_path(tmp_path_factory) -> Path:
     try:
-        from peer_runtime.models import build_demo_model
+        from tilemesh.models import build_demo_model
     except ImportError as e:
-        pytest.skip(f"peer_runtime.models not available: {e}")
+        pytest.skip(f"tilemesh.models not available: {e}")
     static = REPO / "static" / "model" / "mobilenet_v2.onnx"
     if static.exists():
         return static
@@ -170,9 +170,9 @@ def _demo_model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     try:
-        from peer_runtime import preprocess
+        from tilemesh.runtime import preprocess
     except ImportError as e:
-        pytest.skip(f"peer_runtime.preprocess not available: {e}")
+        pytest.skip(f"tilemesh.runtime.preprocess not available: {e}")
     path = _demo_model_path(tmp_path_factory)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return load_onnx(path), sess, preprocess

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from peer_runtime import graph as G
-from peer_runtime.executor import run_graph
+from tilemesh.runtime import graph as G
+from tilemesh.runtime.executor import run_graph
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,8 +217,8 @@ def test_compact_loads_and_runs_with_numpy_alone(tmp_path):
     code = (
         "import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None\n"
         "import numpy as np\n"
-        "from peer_runtime.graph import load_compact\n"
-        "from peer_runtime.executor import run_graph\n"
+        "from tilemesh.runtime.graph import load_compact\n"
+        "from tilemesh.runtime.executor import run_graph\n"
         f"d = {str(tmp_path)!r}\n"
         "y = run_graph(load_compact(d + '/m'), np.load(d + '/x.npy'))\n"
         "assert np.array_equal(y, np.load(d + '/want.npy')), 'outputs differ'\n"

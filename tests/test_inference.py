@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from peer_runtime import graph as graph_mod
-from peer_runtime.profile import measure_profile, scaled_profile
-from server import inference, planner, protocol, rooms
-from server.ids import PeerId, ResumeToken
+from tilemesh.planning import planner
+from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime.profile import measure_profile, scaled_profile
+from tilemesh.server import inference
+from tilemesh.server.signaling import protocol, rooms
+from tilemesh.server.signaling.ids import PeerId, ResumeToken
 
 
 def peer(pid: str, kind="phone", state="ready", profile=None, detached=None) -> rooms.Peer:

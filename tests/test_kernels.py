@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from peer_runtime import kernels
-from peer_runtime.executor import run_graph
-from peer_runtime.graph import Node, load_onnx
+from tilemesh.runtime import kernels
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.graph import Node, load_onnx
 
 TOL = 1e-4
 
@@ -139,7 +139,7 @@ def test_pool_matches_onnxruntime(case):
 
 
 def test_average_pool_ceil_mode_that_changes_size_is_refused():
-    from peer_runtime.graph import UnsupportedOpError
+    from tilemesh.runtime.graph import UnsupportedOpError
 
     model, _ = single_op_model("AveragePool", (1, 2, 9, 10), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1))
     with pytest.raises(UnsupportedOpError, match="ceil_mode"):

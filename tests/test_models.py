@@ -20,11 +20,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer_runtime.models import demo
-from peer_runtime.models.__main__ import main as cli_main
-from peer_runtime.models.mobilenet_v2 import StateDictError, build_mobilenet_v2, fold_batch_norm
-from peer_runtime.models.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, CheckpointError, load_state_dict_bytes
-from peer_runtime.preprocess import preprocess, top_k
+from tilemesh.models import demo
+from tilemesh.models.__main__ import main as cli_main
+from tilemesh.models.mobilenet_v2 import StateDictError, build_mobilenet_v2, fold_batch_norm
+from tilemesh.models.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, CheckpointError, load_state_dict_bytes
+from tilemesh.runtime.preprocess import preprocess, top_k
 
 # ---------------------------------------------------------------------------------------------
 # A writer for the legacy format, so tests can make checkpoints without torch: fake `torch` and
@@ -473,7 +473,7 @@ def test_bad_label_files_are_refused(payload):
 def test_models_package_does_not_import_onnx_at_import_time():
     import subprocess
 
-    code = "import sys, peer_runtime.models, peer_runtime.preprocess; print('onnx' in sys.modules)"
+    code = "import sys, tilemesh.models, tilemesh.runtime.preprocess; print('onnx' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"

@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pytest
 
-from peer_runtime import graph as graph_mod
-from peer_runtime import wire
-from peer_runtime.classify import LocalClassifier
-from peer_runtime.deps import cut_candidates
-from peer_runtime.peer import Peer, parts_of, plan_from_spec
+from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime import wire
+from tilemesh.runtime.classify import LocalClassifier
+from tilemesh.runtime.deps import cut_candidates
+from tilemesh.runtime.peer import Peer, parts_of, plan_from_spec
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_runtime.executor import run_graph
-from peer_runtime.profile import scaled_profile
-from peer_runtime.tiling import build_plan, simulate
-from server import planner as PL
-from server.costmodel import predict_plan
+from tilemesh.planning import planner as PL
+from tilemesh.planning.costmodel import predict_plan
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.profile import scaled_profile
+from tilemesh.runtime.tiling import build_plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,7 +270,7 @@ def test_plan_choice_json_roundtrip(g, reference):
 
 
 def test_cli_prints_every_strategy(g, tmp_path, capsys):
-    from peer_runtime.graph import save_compact
+    from tilemesh.runtime.graph import save_compact
 
     json_path, _ = save_compact(g, tmp_path / "model")
     assert PL.main(["--model", str(json_path), "--devices", "cam:0.5,lap:1,srv:native", "--edge", "srv",

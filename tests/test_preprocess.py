@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from peer_runtime.preprocess import (
+from tilemesh.runtime.preprocess import (
     CROP_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_runtime import profile as P
-from peer_runtime.deps import node_macs
-from peer_runtime.executor import run_graph
-from peer_runtime.regions import EMPTY, Region, plane
+from tilemesh.runtime import profile as P
+from tilemesh.runtime.deps import node_macs
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.regions import EMPTY, Region, plane
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from server import protocol
-from server.ids import PeerId, ResumeToken, RoomId
+from tilemesh.server.signaling import protocol
+from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
 
 ROOM = RoomId.new()
 PEER = PeerId.new()

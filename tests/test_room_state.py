@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server import protocol, rooms
-from server.ids import PeerId, ResumeToken, RoomId
+from tilemesh.server.signaling import protocol, rooms
+from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
 
 T0 = 1_700_000_000.0
 

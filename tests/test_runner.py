@@ -14,14 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from peer_runtime import graph as graph_mod
-from peer_runtime import wire
-from peer_runtime.deps import cut_candidates, live_tensors
-from peer_runtime.executor import run_graph
-from peer_runtime.preprocess import centre_crop_u8, normalize_u8
-from peer_runtime.regions import plane
-from peer_runtime.runner import DeviceRunner, PlanMismatch
-from peer_runtime.tiling import Split, build_plan
+from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime import wire
+from tilemesh.runtime.deps import cut_candidates, live_tensors
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.preprocess import centre_crop_u8, normalize_u8
+from tilemesh.runtime.regions import plane
+from tilemesh.runtime.runner import DeviceRunner, PlanMismatch
+from tilemesh.runtime.tiling import Split, build_plan
 
 
 @pytest.fixture(scope="module")

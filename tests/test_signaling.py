@@ -12,9 +12,10 @@ from dataclasses import replace
 import aiohttp
 import pytest
 
-from server import protocol, rooms, signaling
-from server.app import ServerConfig, create_app
-from server.ids import PeerId, RoomId
+from tilemesh.server.app import ServerConfig, create_app
+from tilemesh.server.signaling import hub as signaling
+from tilemesh.server.signaling import protocol, rooms
+from tilemesh.server.signaling.ids import PeerId, RoomId
 
 ICE = [{"urls": ["stun:10.99.0.1:3478"]}]
 # Heartbeat silence is 3 s here, far beyond any test's duration, except in the test that is about it.

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer_runtime import graph as graph_mod
-from peer_runtime.backend import OnnxRuntimeBackend
-from peer_runtime.deps import cut_candidates, input_halo, live_tensors, make_segments, segment_is_spatial
-from peer_runtime.executor import run_graph
-from peer_runtime.regions import Region, check_partition, plane
-from peer_runtime.tiling import Plan, Split, Transfer, build_plan, fused_tiling_report, run_task, simulate
+from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime.backend import OnnxRuntimeBackend
+from tilemesh.runtime.deps import cut_candidates, input_halo, live_tensors, make_segments, segment_is_spatial
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.regions import Region, check_partition, plane
+from tilemesh.runtime.tiling import Plan, Split, Transfer, build_plan, fused_tiling_report, run_task, simulate
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,7 +7,7 @@ import ssl
 
 from cryptography import x509
 
-from server import tls
+from tilemesh.server import tls
 
 
 def test_certificate_created_then_kept(tmp_path):

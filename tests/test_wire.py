@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from peer_runtime import wire
-from peer_runtime.wire import HEADER_SIZE, Reassembler, WireError, decode, encode, parse_chunk, test_pattern
+from tilemesh.runtime import wire
+from tilemesh.runtime.wire import HEADER_SIZE, Reassembler, WireError, decode, encode, parse_chunk, test_pattern
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

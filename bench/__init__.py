@@ -1,0 +1,1 @@
+"""Benchmarks (not installed): the emulated-room harness, link and runtime benchmarks."""

@@ -1,0 +1,197 @@
+"""Data-channel link benchmark: round-trip time and throughput, browser <-> browser and browser <-> aiortc.
+
+    sudo python -m bench.linkbench [--total-mb 8] [--rounds 20]
+
+Makes its own network namespace (Chromium and aiortc never use loopback; see shared/PLATFORM.md), re-runs itself
+inside it, starts `tilemesh serve --https` there, opens two diagnostics pages (`/diag/mesh`) in headless
+Chromium and joins an aiortc `EdgePeer` to the same room. Then, per link and message size (16, 64, 256 KiB,
+capped at what the receiver advertises), it measures the median round trip of a message echoed whole and the
+bulk throughput, plus the time to move one tensor as the executor would (a 24x56x56 halo-sized and a
+64x56x56 full float32 map, chunked by `tilemesh.runtime.wire` at the receiver's maxMessageSize). Prints a table
+with ratios. The probe protocol (tag bytes 0xB0..0xB4) is `LinkProbe` in web/mesh.js.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tilemesh.edge.peer import EdgePeer
+from tilemesh.runtime import wire
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = [16 * 1024, 64 * 1024, 256 * 1024]
+TENSORS = {"halo 24x56x56": (24, 56, 56), "map 64x56x56": (64, 56, 56)}
+
+
+def _load_netns():
+    from bench import netns  # noqa: PLC0415
+
+    return netns
+
+
+def megabytes(t: dict) -> dict:
+    """The edge probe reports megabits/s (what the planner wants); this table, like the browsers', MB/s."""
+    return {**t, "mbps": t["mbps"] / 8}
+
+
+def http_json(url: str, ctx, body: dict | None = None, timeout: float = 10) -> dict:
+    """GET `url` (POST `body` when given) on our own server in the namespace; the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 (our server in the namespace)
+        return json.loads(r.read())
+
+
+def wait_up(url: str, ctx, timeout: float = 30) -> None:
+    """Poll `url` until it answers (the server subprocess is starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx):  # noqa: S310
+                return
+        except Exception:  # noqa: BLE001 (not up yet)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+async def bench(addr: str, total: int, rounds: int) -> list[dict]:
+    from playwright.async_api import async_playwright  # noqa: PLC0415
+
+    from bench.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: PLC0415
+
+    port = 8443
+    base = f"https://{addr}:{port}"
+    insecure = ssl._create_unverified_context()  # the server's own self-signed certificate
+    with tempfile.TemporaryDirectory() as state, open(os.path.join(state, "server.log"), "w+") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", addr, "--port", str(port),
+                                   "--https", "--state-dir", state], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_up(base + "/healthz", insecure)
+            room = http_json(base + "/api/rooms", insecure, {})["room"]
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                  args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"])
+                pages = []
+                for name in ("a", "b"):
+                    ctx = await browser.new_context(ignore_https_errors=True)
+                    pg = await ctx.new_page()
+                    await pg.goto(f"{base}/diag/mesh?room={room}&name={name}")
+                    await pg.wait_for_function("document.getElementById('info').dataset.state === 'joined'")
+                    pages.append(pg)
+                edge = EdgePeer(f"wss://{addr}:{port}/ws", room, name="linkbench", kind="edge",
+                                ssl_context=False, probes=True)
+                probe = edge.probe
+                await edge.start()
+                a, b = pages
+                ida = await a.evaluate("window.meshtest.signaling.peerId")
+                idb = await b.evaluate("window.meshtest.signaling.peerId")
+                for pg, other in ((a, idb), (a, edge.peer_id), (b, edge.peer_id)):
+                    await pg.evaluate("(id) => window.meshtest.mesh.waitOpen(id)", other)
+                await edge.wait_open(ida)
+                rows = []
+
+                async def js_link(label, src, dst):
+                    limit = await src.evaluate("(id) => window.meshtest.mesh.maxMessageSize(id)", dst)
+                    for size in [*SIZES, *TENSORS]:
+                        if isinstance(size, str):
+                            nbytes = len(wire.encode_joined(wire.test_pattern(TENSORS[size], 0), frame=0, tensor=0,
+                                                            max_message=limit))
+                            t = await src.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
+                                                   [dst, limit, nbytes])
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, **t})
+                            continue
+                        if size > limit:
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mbps": None})
+                            continue
+                        r = await src.evaluate("([id, s, n]) => window.meshtest.probe.rtt(id, s, n)",
+                                               [dst, size, rounds])
+                        t = await src.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
+                                               [dst, size, total])
+                        rows.append({"link": label, "size": size, "limit": limit, "rtt": statistics.median(r), **t})
+
+                async def py_link(label, dst):
+                    limit = edge.max_message_size(dst)
+                    for size in [*SIZES, *TENSORS]:
+                        if isinstance(size, str):
+                            nbytes = len(wire.encode_joined(wire.test_pattern(TENSORS[size], 0), frame=0, tensor=0,
+                                                            max_message=limit))
+                            t = megabytes(await probe.throughput(dst, limit, nbytes, timeout=120))
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, **t})
+                            continue
+                        if size > limit:
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mbps": None})
+                            continue
+                        r = await probe.rtt(dst, size, rounds, timeout=30)
+                        t = megabytes(await probe.throughput(dst, size, total, timeout=120))
+                        rows.append({"link": label, "size": size, "limit": limit, "rtt": statistics.median(r), **t})
+
+                await js_link("browser -> browser", a, idb)
+                await js_link("browser -> aiortc", a, edge.peer_id)
+                await py_link("aiortc -> browser", ida)
+                await edge.close()
+                await browser.close()
+            return rows
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+def _fmt_size(size) -> str:
+    return size if isinstance(size, str) else f"{size // 1024} KiB"
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {(r["size"]): r for r in rows if r["link"] == "browser -> browser"}
+    print(f"{'link':<20} {'message':>15} {'max msg':>8} {'RTT ms':>8} {'MB/s':>7} {'ms/xfer':>8} "
+          f"{'vs 16 KiB':>9} {'vs browser':>10}")
+    first: dict[str, float] = {}
+    for r in rows:
+        mbps = r.get("mbps")
+        rtt = f"{r['rtt']:.2f}" if r.get("rtt") is not None else "-"
+        if mbps is None:
+            print(f"{r['link']:<20} {_fmt_size(r['size']):>15} {r['limit']:>8} {'(above the receiver limit)':>36}")
+            continue
+        first.setdefault(r["link"], mbps)
+        vs16 = f"{mbps / first[r['link']]:.2f}x" if not isinstance(r["size"], str) else ""
+        ref = base.get(r["size"], {}).get("mbps")
+        vsb = f"{mbps / ref:.2f}x" if ref and r["link"] != "browser -> browser" else ""
+        xfer = f"{r['ms']:.1f}" if isinstance(r["size"], str) else ""
+        print(f"{r['link']:<20} {_fmt_size(r['size']):>15} {r['limit']:>8} {rtt:>8} {mbps:>7.1f} {xfer:>8} "
+              f"{vs16:>9} {vsb:>10}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.linkbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--total-mb", type=float, default=8.0, help="bytes per throughput run (MB)")
+    parser.add_argument("--rounds", type=int, default=20, help="echoes per round-trip measurement")
+    parser.add_argument("--inside", metavar="ADDR", help=argparse.SUPPRESS)  # set by the re-run in the namespace
+    args = parser.parse_args(argv)
+    if args.inside:
+        rows = asyncio.run(bench(args.inside, int(args.total_mb * 1e6), args.rounds))
+        print_table(rows)
+        return 0
+    netns = _load_netns()
+    reason = netns.unavailable_reason()
+    if reason:
+        print(f"linkbench: {reason}", file=sys.stderr)
+        return 2
+    with netns.NetNS() as ns:
+        cmd = ns.wrap([sys.executable, "-m", "bench.linkbench", "--inside", ns.inner,
+                       "--total-mb", str(args.total_mb), "--rounds", str(args.rounds)])
+        return subprocess.run(cmd, cwd=REPO).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

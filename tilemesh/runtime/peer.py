@@ -1,0 +1,223 @@
+"""A peer's runtime as the browser worker and the edge peer hold it: the model, the current plan, the runner.
+
+Everything here takes and returns plain values (str, int, bytes-like, dicts and lists of them), so the browser
+worker can call it through Pyodide without this package importing anything of the browser's.
+
+Plans travel as a small spec, `{"plan_id", "source", "cuts", "splits"}` (what the server's planner chose);
+every device expands it with the same `tiling.build_plan` on the same graph, so only a few hundred bytes cross
+the signaling channel instead of every device's full task list.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import wire
+from .classify import LocalClassifier, frame_from_bytes, top_entries
+from .preprocess import centre_crop_u8
+from .runner import DeviceRunner
+from .tiling import Split, build_plan
+
+
+def split_from_json(spec):
+    """A segment's split as the planner sends it: a Split dict, or {tensor: {device: [r0, r1, c0, c1]}}."""
+    from .regions import Region
+
+    if "devices" in spec:
+        return Split.from_dict(spec)
+    return {t: {d: Region.from_list(r) for d, r in part.items()} for t, part in spec.items()}
+
+
+def plan_from_spec(graph, spec: dict):
+    source = spec["source"]
+    splits = [split_from_json(s) for s in spec["splits"]]
+    return build_plan(graph, [int(c) for c in spec["cuts"]], splits, source)
+
+
+# Chunks of a plan this device has not adopted yet wait at most this much memory (then the oldest go).
+MAX_HELD_BYTES = 64 * 1024 * 1024
+
+
+class Peer:
+    """One device's runtime. Chunks may outrun the `plan` message they belong to (the data channel is faster
+    than the signaling path through the server), so chunks of a newer plan are held and replayed on adoption."""
+
+    def __init__(self, classifier: LocalClassifier, device: str = "local"):
+        self.classifier = classifier
+        self.graph = classifier.graph
+        self.device = device
+        self.runner: DeviceRunner | None = None
+        self.spec: dict | None = None
+        self.plan_id = 0  # the newest plan adopted (or declined): chunks of older plans are stale
+        self.started: dict[int, float] = {}
+        self.held: list[tuple[int, str, bytes]] = []
+        self.held_bytes = 0
+        self.dropped_chunks = 0
+
+    def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
+        """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
+        t0 = time.perf_counter()
+        plan = plan_from_spec(self.graph, spec)
+        plan_id = int(spec["plan_id"])
+        if plan_id <= self.plan_id:
+            raise ValueError(f"plan {plan_id} is not newer than plan {self.plan_id}")
+        self.plan_id = plan_id
+        replay = self._take_held(plan_id)
+        if device not in plan.devices and device != spec["source"]:
+            self.runner = None
+            self.spec = spec
+            return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
+        self.device = device
+        self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
+                                   max_message={k: int(v) for k, v in (max_message or {}).items()})
+        self.spec = spec
+        dplan = self.runner.dplan
+        out, errors = [], []
+        for peer, chunk in replay:
+            try:
+                out += self.runner.on_chunk(peer, chunk)
+            except ValueError as exc:  # one bad held chunk must not lose the others
+                errors.append(f"held chunk from {peer}: {exc}")
+        return {
+            **self._reply(out),
+            "errors": errors,
+            "plan_id": plan_id,
+            "role": "source" if device == spec["source"] else "worker",
+            "tasks": len(dplan.tasks),
+            "macs": int(sum(t.macs for t in dplan.tasks)),
+            "build_ms": (time.perf_counter() - t0) * 1e3,
+            "parts": parts_of(plan),
+        }
+
+    def set_max_message(self, peer: str, size: int) -> None:
+        if self.runner is not None:
+            self.runner.max_message[peer] = int(size)
+
+    def start_frame(self, frame: int, data, height: int, width: int) -> dict:
+        if self.runner is None:
+            raise RuntimeError("no plan: the room has not planned this device in")
+        pixels = centre_crop_u8(frame_from_bytes(data, height, width))
+        self.started[frame] = time.perf_counter()
+        out = self.runner.start_frame(int(frame), pixels)
+        return self._reply(out)
+
+    def _reply(self, out) -> dict:
+        """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""
+        if self.runner is None:
+            return {"out": [], "results": [], "reports": []}
+        finished = self.runner.take_finished()
+        results = [self._result(f) for f in finished if f in self.started]
+        # Frames started here that can no longer finish (dropped by the runner's window) are forgotten.
+        for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
+            del self.started[frame]
+        reports = [self.runner.report(f) for f in finished]
+        return {"out": _outgoing(out), "results": results, "reports": [r for r in reports if r],
+                "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
+
+    def on_chunk(self, peer: str, chunk) -> dict:
+        chunk = bytes(chunk)
+        plan_id = wire.peek_layer(chunk)
+        if plan_id is not None and (self.runner is None or plan_id != self.runner.plan_id):
+            # Held or dropped without reaching a runner: check it here, so a corrupt chunk is a clear error
+            # now rather than a silent drop (or a failed replay later).
+            wire.parse_chunk(chunk)
+        if plan_id is not None and plan_id > self.plan_id:
+            self._hold(plan_id, peer, chunk)
+            return {"out": [], "results": [], "held": True}
+        if self.runner is None or (plan_id is not None and plan_id < self.runner.plan_id):
+            self.dropped_chunks += 1
+            return {"out": [], "results": [], "ignored": True}
+        return self._reply(self.runner.on_chunk(peer, chunk))
+
+    def _hold(self, plan_id: int, peer: str, chunk: bytes) -> None:
+        self.held.append((plan_id, peer, chunk))
+        self.held_bytes += len(chunk)
+        while self.held_bytes > MAX_HELD_BYTES:
+            self.held_bytes -= len(self.held.pop(0)[2])
+            self.dropped_chunks += 1
+
+    def _take_held(self, plan_id: int) -> list[tuple[str, bytes]]:
+        """The held chunks of `plan_id` in arrival order; older plans' are dropped, newer ones stay held."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        out = []
+        for pid, peer, chunk in held:
+            if pid == plan_id:
+                out.append((peer, chunk))
+            elif pid > plan_id:
+                self._hold(pid, peer, chunk)
+            else:
+                self.dropped_chunks += 1
+        return out
+
+    def _result(self, frame: int) -> dict:
+        """A frame this device (the source) started and got the logits of: top-5 and timings."""
+        t0 = self.started.pop(frame)
+        return {
+            "frame": frame,
+            "top": top_entries(self.runner.result(frame), self.classifier.labels, 5),
+            "ms": (time.perf_counter() - t0) * 1e3,
+            "report": self.runner.report(frame),
+        }
+
+    def report(self, frame: int) -> dict | None:
+        return None if self.runner is None else self.runner.report(int(frame))
+
+    def forget_peer(self, peer: str) -> None:
+        """A device left: drop its half-received messages."""
+        if self.runner is not None:
+            self.runner.forget_peer(peer)
+
+
+def parts_of(plan) -> list[dict]:
+    """Which device owns which part of the first segment's output, as fractions of the frame: the AR map."""
+    if not plan.segments:
+        return []
+    owners = plan.owners[plan.segments[0].outputs[0]]
+    h = max(r.r1 for r in owners.values())
+    w = max(r.c1 for r in owners.values())
+    return [{"device": d, "r0": r.r0 / h, "r1": r.r1 / h, "c0": r.c0 / w, "c1": r.c1 / w} for d, r in owners.items()]
+
+
+def _outgoing(out) -> list[dict]:
+    return [{"dst": o.dst, "chunks": o.chunks, "tensor": o.tensor, "nbytes": o.nbytes} for o in out]
+
+
+_peer: Peer | None = None
+
+
+def load(model_json: str, labels_json: str) -> dict:
+    """Worker entry: load the model once (shared with single-device classification)."""
+    global _peer
+    classifier = LocalClassifier.from_files(model_json, labels_json)
+    _peer = Peer(classifier)
+    g = classifier.graph
+    return {"nodes": len(g.nodes), "classes": len(classifier.labels)}
+
+
+def current() -> Peer:
+    if _peer is None:
+        raise RuntimeError("model not loaded: call tilemesh.runtime.peer.load first")
+    return _peer
+
+
+def set_plan(spec: dict, device: str, max_message: dict | None = None) -> dict:
+    return current().set_plan(spec, device, max_message)
+
+
+def start_frame(frame: int, data, height: int, width: int) -> dict:
+    return current().start_frame(frame, data, height, width)
+
+
+def on_chunk(peer: str, chunk) -> dict:
+    return current().on_chunk(peer, chunk)
+
+
+def profile() -> dict:
+    """This device's compute profile on the loaded model's own layers (a second or two; done once at ready)."""
+    from .profile import measure_profile
+
+    return measure_profile(current().graph)
+
+
+def classify_local(data, height: int, width: int, k: int = 5) -> dict:
+    return current().classifier.classify(data, height, width, k)

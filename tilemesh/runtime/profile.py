@@ -1,0 +1,245 @@
+"""A short, calibrated compute profile of this device, measured on the model's own layers.
+
+`measure_profile(graph)` times a handful of representative nodes of the real graph through a backend
+(numpy by default, the only one in Pyodide): a dense 3x3 conv, 1x1 expand/project convs and 3x3
+depthwise convs at two resolutions each, an elementwise op and the Gemm. From the medians it derives
+seconds per MAC for each op class plus a fixed per-node overhead (the Python call cost, which is large
+in Pyodide), and one `chain_factor`: the measured time of a real block run end to end over the sum of
+its per-node predictions. Isolated repetitions run on warm caches and recycled buffers; a real frame
+does not, and this factor carries that difference (about 1.5-2x natively, measured).
+
+The result is plain JSON (`version`, `sec_per_mac`, `overhead_s`, `chain_factor`, the samples), so the
+browser posts it to the server and the planner (`tilemesh.planning.costmodel`) uses `predict_node_seconds`.
+Pure Python + numpy: this module runs in Pyodide too, and imports nothing from the server.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from .deps import node_macs
+from .regions import Region, plane
+
+PROFILE_VERSION = 1
+OP_CLASSES = ("conv_dense", "conv_pointwise", "conv_depthwise", "elementwise", "gemm")
+# Ops that only re-view memory: they cost the per-node overhead and nothing per element.
+_FREE_OPS = frozenset({"Flatten", "Reshape", "Identity"})
+_GEMM_OPS = frozenset({"Gemm", "MatMul"})
+_MIN_SAMPLE_S = 0.002  # below this, loop inside one timing (browser timers may be coarse)
+
+
+def op_class(graph, node) -> str | None:
+    """The profile class a node's time scales with, or None for ops that only re-view memory."""
+    if node.op == "Conv":
+        w = graph.weights[node.params[0]]
+        group = int(node.attrs.get("group", 1))
+        if group > 1 and group == int(w.shape[0]) and int(w.shape[1]) == 1:
+            return "conv_depthwise"
+        if tuple(w.shape[2:]) == (1, 1) and group == 1:
+            return "conv_pointwise"
+        return "conv_dense"
+    if node.op in _GEMM_OPS:
+        return "gemm"
+    if node.op in _FREE_OPS:
+        return None
+    return "elementwise"  # activations, binary ops, pools, Concat
+
+
+def predict_node_seconds(profile: dict, graph, node, macs: int, out_region: Region | None = None) -> float:
+    """Predicted seconds for `node` to compute `out_region` of its output, which takes `macs` MACs.
+
+    `macs` is what `deps.node_macs` gives for the region (redundant halo compute included by the
+    caller's choice of region). An empty region costs nothing: the node is not run at all.
+    """
+    if out_region is not None and out_region.empty:
+        return 0.0
+    cls = op_class(graph, node)
+    t = float(profile["overhead_s"])
+    if cls is not None:
+        t += float(macs) * float(profile["sec_per_mac"][cls])
+    return t * float(profile.get("chain_factor", 1.0))
+
+
+def predict_graph_seconds(profile: dict, graph) -> float:
+    """Predicted time of single-device inference (`executor.run_graph`) on the whole graph."""
+    total = 0.0
+    for n in graph.nodes:
+        full = Region.full(*plane(graph.shapes[n.output]))
+        total += predict_node_seconds(profile, graph, n, node_macs(n, graph, full), full)
+    return total
+
+
+def scaled_profile(profile: dict, speed: float, name: str | None = None) -> dict:
+    """A copy of `profile` for a device `speed` times as fast (0.5 = half the speed), for tests and what-ifs."""
+    if speed <= 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    out = dict(profile)
+    out["sec_per_mac"] = {k: v / speed for k, v in profile["sec_per_mac"].items()}
+    out["overhead_s"] = profile["overhead_s"] / speed
+    out["samples"] = []
+    if name is not None:
+        out["name"] = name
+    return out
+
+
+def validate_profile(profile: dict) -> dict:
+    """Raise ValueError unless `profile` is a usable profile of this version; return it."""
+    if not isinstance(profile, dict) or profile.get("version") != PROFILE_VERSION:
+        raise ValueError(f"not a v{PROFILE_VERSION} profile: {profile!r:.80}")
+    spm = profile.get("sec_per_mac")
+    if not isinstance(spm, dict) or set(spm) != set(OP_CLASSES):
+        raise ValueError(f"profile needs sec_per_mac for {OP_CLASSES}")
+    values = [*spm.values(), profile.get("overhead_s"), profile.get("chain_factor", 1.0)]
+    if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError("profile values must be finite and non-negative")
+    if not any(v > 0 for v in spm.values()):
+        raise ValueError("profile predicts zero time for everything")
+    return profile
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _time_call(fn, budget_s: float) -> float:
+    """Seconds of one call of `fn`: the lower-quartile repetition, repetitions adapted to the budget.
+
+    Not the plain median: on a shared or throttled machine other processes only ever add time, and a
+    burst during half of the repetitions moved medians 2-5x here while the lower quartile held.
+    """
+    t0 = time.perf_counter()
+    fn()  # warm-up: first calls allocate and fault pages in
+    first = time.perf_counter() - t0
+    inner = 1 if first >= _MIN_SAMPLE_S else min(1000, int(_MIN_SAMPLE_S / max(first, 1e-7)) + 1)
+    one = max(first * inner, 1e-9)
+    # Slow devices (a phone's Pyodide runs the stem conv for tens of ms) get 3 repetitions, not 5.
+    reps = int(max(3 if 5 * one > budget_s else 5, min(21, budget_s / one)))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    samples.sort()
+    return samples[len(samples) // 4]
+
+
+def _representatives(graph) -> list:
+    """A few real nodes per class: for convs the 2nd-largest and 2nd-smallest resolutions present
+    (MobileNetV2: 56x56 and 14x14), the median-MAC node at each; one elementwise op; the Gemm."""
+    by_class: dict[str, list] = {}
+    for n in graph.nodes:
+        cls = op_class(graph, n)
+        if cls is not None:
+            by_class.setdefault(cls, []).append(n)
+    chosen = []
+    for cls in OP_CLASSES:
+        nodes = by_class.get(cls, [])
+        if not nodes:
+            continue
+        areas = sorted({math.prod(plane(graph.shapes[n.output])) for n in nodes}, reverse=True)
+        if cls in ("gemm", "elementwise"):
+            picks = [areas[min(1, len(areas) - 1)]]
+        else:
+            picks = sorted({areas[min(1, len(areas) - 1)], areas[max(0, len(areas) - 2)]}, reverse=True)
+        for area in picks:
+            at = [n for n in nodes if math.prod(plane(graph.shapes[n.output])) == area]
+            at.sort(key=lambda n: _full_macs(graph, n))
+            chosen.append((cls, at[len(at) // 2]))
+    return chosen
+
+
+def _full_macs(graph, node) -> int:
+    return node_macs(node, graph, Region.full(*plane(graph.shapes[node.output])))
+
+
+def _chain_block(graph) -> list:
+    """A real residual-free-or-not block of consecutive nodes to time end to end: the spatial run
+    between two single-tensor cuts with the most MACs at the second-largest resolution."""
+    from .deps import cut_candidates, make_segments, segment_is_spatial
+
+    cuts = cut_candidates(graph)
+    if not cuts:
+        return list(graph.nodes)
+    segs = [s for s in make_segments(graph, cuts) if segment_is_spatial(graph, s)]
+    if not segs:
+        return list(graph.nodes)
+    by_name = {n.name: n for n in graph.nodes}
+
+    def area(s):
+        return math.prod(plane(graph.shapes[s.outputs[0]]))
+
+    areas = sorted({area(s) for s in segs}, reverse=True)
+    want = areas[min(1, len(areas) - 1)]
+    best = max((s for s in segs if area(s) == want),
+               key=lambda s: sum(_full_macs(graph, by_name[n]) for n in s.nodes))
+    return [by_name[n] for n in best.nodes]
+
+
+def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, name: str | None = None) -> dict:
+    """Time representative nodes of `graph` on this device; return a JSON-able profile.
+
+    `budget_s` is spread over the samples (each gets at least 3 timed repetitions, so a very slow
+    device overruns it rather than returning noise).
+    """
+    if backend is None:
+        from .backend import NumpyBackend
+
+        backend = NumpyBackend(graph)
+    rng = np.random.default_rng(seed)
+    reps = _representatives(graph)
+    per = budget_s / (len(reps) + 3)
+
+    # Overhead: one tiny elementwise node, i.e. dispatch plus one ufunc call.
+    from .graph import Node
+
+    tiny = Node("_probe", "Clip", ("_x",), "_y", {"min": 0.0, "max": 6.0})
+    tx = rng.standard_normal((1, 1, 1, 1)).astype(np.float32)
+    overhead = _time_call(lambda: backend.run_node(tiny, [tx]), per)
+
+    samples = []
+    for cls, node in reps:
+        ins = [rng.standard_normal(graph.shapes[t]).astype(np.float32) for t in node.inputs]
+        t = _time_call(lambda node=node, ins=ins: backend.run_node(node, ins), per)
+        samples.append({"node": node.name, "class": cls, "macs": _full_macs(graph, node), "seconds": t})
+
+    spm = {}
+    for cls in OP_CLASSES:
+        ss = [s for s in samples if s["class"] == cls]
+        macs = sum(s["macs"] for s in ss)
+        work = sum(max(s["seconds"] - overhead, 0.0) for s in ss)
+        spm[cls] = work / macs if macs and work > 0 else None
+    # A class the graph lacks borrows the nearest kind we did measure, so the profile stays complete.
+    fallback = {"conv_dense": "conv_pointwise", "conv_pointwise": "gemm", "gemm": "conv_pointwise",
+                "conv_depthwise": "elementwise", "elementwise": "conv_depthwise"}
+    known = [v for v in spm.values() if v]
+    for cls in OP_CLASSES:
+        if spm[cls] is None:
+            spm[cls] = spm.get(fallback[cls]) or (min(known) if known else 1e-9)
+
+    profile = {"version": PROFILE_VERSION, "sec_per_mac": spm, "overhead_s": overhead, "chain_factor": 1.0}
+
+    block = _chain_block(graph)
+    produced = {n.output for n in block}
+    feeds = {t: rng.standard_normal(graph.shapes[t]).astype(np.float32)
+             for n in block for t in n.inputs if t not in produced}
+    measured = _time_call(lambda: backend.run_nodes(block, feeds, [block[-1].output]), 2 * per)
+    predicted = sum(predict_node_seconds(profile, graph, n, _full_macs(graph, n)) for n in block)
+    # Clamped: a chained run is never much faster than its parts, and a wild ratio means a hiccup.
+    profile["chain_factor"] = float(min(3.0, max(0.8, measured / predicted))) if predicted > 0 else 1.0
+
+    from .kernels import dot_name
+
+    profile.update({
+        "backend": getattr(backend, "name", type(backend).__name__),
+        "dot": dot_name(),
+        "platform": sys.platform,
+        "samples": samples,
+        "chain": {"nodes": [block[0].name, block[-1].name], "seconds": measured, "predicted": predicted},
+    })
+    if name is not None:
+        profile["name"] = name
+    return profile

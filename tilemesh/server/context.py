@@ -1,0 +1,44 @@
+"""What the server's feature modules share: its configuration, the app keys, and page rendering.
+
+A leaf module (it imports no other part of the server), so `app` can import every feature module and each
+feature module can import this one without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from aiohttp import web
+
+import tilemesh
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+TEMPLATES = WEB_DIR / "templates"
+
+
+@dataclass
+class ServerConfig:
+    """Everything the app needs to know about where it runs; the CLI fills it from flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    static_dir: Path = REPO_ROOT / "static"
+    web_dir: Path = WEB_DIR
+    # The URL phones should open (scheme, LAN address, port); the CLI computes it, tests may override it.
+    public_url: str | None = None
+    ice_servers: list[dict] = field(default_factory=list)
+    # Start the aiortc edge peer (the server joins each room as one more device).
+    edge_peer: bool = False
+
+
+CONFIG_KEY = web.AppKey("config", ServerConfig)
+JINJA_KEY = web.AppKey("jinja", jinja2.Environment)
+
+
+def render(request: web.Request, template: str, status: int = 200, **context) -> web.Response:
+    env = request.app[JINJA_KEY]
+    html = env.get_template(template).render(version=tilemesh.__version__, **context)
+    return web.Response(text=html, content_type="text/html", status=status)

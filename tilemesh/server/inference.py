@@ -1,0 +1,127 @@
+"""Distributed inference on the server side: turn a room's roster into a planner call and a `plan` message.
+
+Each peer reports, in its `state.profile`, `{"compute": <tilemesh.runtime.profile dict>, "links": {peer_id:
+{"rtt_ms", "mbps"}}}`: its own speed on the model's layer kinds and what it measured to the others over the
+data channels. A `plan_request` from the device with the camera makes the planner (a pure function, run in a
+thread so the event loop keeps relaying signals) choose a plan over the ready peers; the answer is a small
+spec that every device expands locally (`tilemesh.runtime.peer.plan_from_spec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from tilemesh.planning import planner
+from tilemesh.runtime.graph import Graph, load_compact
+from tilemesh.server.context import CONFIG_KEY
+from tilemesh.server.signaling import protocol, rooms
+from tilemesh.server.signaling.ids import PeerId
+
+log = logging.getLogger("tilemesh.inference")
+
+MODEL_NAME = "mobilenet_v2"
+READY_STATES = ("ready", "busy")
+MAX_CANDIDATES = 12
+
+
+def load_model_graph(static_dir: Path) -> Graph:
+    return load_compact(static_dir / "model" / MODEL_NAME)
+
+
+def planner_inputs(room: rooms.Room, requester: PeerId, devices=None) -> tuple[dict, dict, str | None]:
+    """(profiles, links, edge id) from the roster: ready, connected peers with a compute profile."""
+    wanted = None if devices is None else {*devices, requester}
+    profiles: dict[str, dict] = {}
+    links: dict[tuple[str, str], dict] = {}
+    edge = None
+    for peer in room.peers:
+        prof = peer.profile if isinstance(peer.profile, dict) else None
+        if wanted is not None and peer.id not in wanted:
+            continue
+        usable = peer.connected and peer.state in READY_STATES and prof and isinstance(prof.get("compute"), dict)
+        if not usable:
+            continue
+        profiles[peer.id] = prof["compute"]
+        if peer.kind == "edge":
+            edge = peer.id
+    for peer in room.peers:
+        prof = peer.profile if isinstance(peer.profile, dict) else {}
+        for other, link in (prof.get("links") or {}).items():
+            if peer.id in profiles and other in profiles and _valid_link(link):
+                links[(peer.id, other)] = {"rtt_ms": float(link["rtt_ms"]), "mbps": float(link["mbps"])}
+    if requester not in profiles:
+        raise ValueError("this device has not finished measuring its speed yet; try again in a moment")
+    return profiles, links, edge
+
+
+def _valid_link(link) -> bool:
+    try:
+        return float(link["rtt_ms"]) >= 0 and float(link["mbps"]) > 0
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def shortlist(candidates: list[dict], top: int = MAX_CANDIDATES) -> list[dict]:
+    """The best few candidates plus the best of every other strategy (best first), so the host page can show
+    what the chosen plan beat: single device, offloading, the baselines, not only variants of the winner."""
+    best_of = {}
+    for c in candidates:
+        best_of.setdefault(c["strategy"], c)
+    chosen = candidates[:top]
+    chosen += [c for c in best_of.values() if c not in chosen]
+    return sorted(chosen, key=lambda c: c["predicted_s"])
+
+
+class Inference:
+    """Holds the model graph (loaded once, lazily) and numbers plans."""
+
+    def __init__(self, static_dir: Path):
+        self.static_dir = static_dir
+        self._graph: Graph | None = None
+        self._ids = itertools.count(1)
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            self._graph = load_model_graph(self.static_dir)
+        return self._graph
+
+    def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
+        profiles, links, edge = planner_inputs(room, requester, request.devices)
+        choice = planner.make_plan(request.strategy, self.graph, profiles, links, requester, edge=edge)
+        plan_id = next(self._ids)
+        spec = {"plan_id": plan_id, "source": requester, "cuts": list(choice.cuts),
+                "splits": [s.to_dict() for s in choice.splits]}
+        log.info("plan %d for %s: %s (%s), predicted %.0f ms", plan_id, requester, choice.strategy, choice.label,
+                 choice.predicted_s * 1e3)
+        return {
+            "plan_id": plan_id,
+            "source": requester,
+            "strategy": request.strategy,
+            "label": choice.label,
+            "spec": spec,
+            "devices": list(choice.plan.devices),
+            "predicted_ms": choice.predicted_s * 1e3,
+            "timeline": choice.prediction.to_dict(),
+            "candidates": shortlist(choice.candidates),
+        }
+
+    async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(None, self.choose, room, requester, request)
+
+
+INFERENCE_KEY = web.AppKey("inference", Inference)
+
+
+def setup(app: web.Application) -> Inference:
+    from tilemesh.server.signaling import hub as signaling  # noqa: PLC0415  (signaling imports app; keep the import graph acyclic)
+
+    inference = Inference(app[CONFIG_KEY].static_dir)
+    app[INFERENCE_KEY] = inference
+    app[signaling.HUB_KEY].planner = inference
+    return inference

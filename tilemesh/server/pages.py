@@ -1,0 +1,102 @@
+"""HTTP side of rooms: `/` opens a room, `/room/<id>` is the host's page with the QR code, `/join/<id>` the phone's.
+
+The room id in these URLs is the only credential a room has (see `tilemesh.server.signaling.ids`), so the QR
+code carries it and nothing else; everything live happens over the signaling socket (`tilemesh.server.signaling.hub`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import segno
+from aiohttp import web
+from markupsafe import Markup
+
+from tilemesh.server.context import CONFIG_KEY, render
+from tilemesh.server.signaling import rooms
+from tilemesh.server.signaling.hub import HUB_KEY
+from tilemesh.server.signaling.ids import RoomId
+
+# Tablets count as phones: they join by QR code and have the same thermal and battery limits.
+_MOBILE_UA = re.compile(r"Mobi|Android|iPhone|iPad|iPod|Windows Phone", re.IGNORECASE)
+
+
+def guess_kind(user_agent: str) -> str:
+    return "phone" if _MOBILE_UA.search(user_agent or "") else "laptop"
+
+
+def join_url(request: web.Request, room_id: RoomId) -> str:
+    """What phones open: built on the configured public URL, since the host's own address may be loopback."""
+    base = request.app[CONFIG_KEY].public_url or f"{request.scheme}://{request.host}/"
+    if not base.endswith("/"):
+        base += "/"
+    return f"{base}join/{room_id}"
+
+
+def qr_svg(url: str) -> str:
+    # Medium error correction survives a glossy laptop screen; the default 4-module quiet zone is what
+    # phone scanners need to find the code. A viewBox (omitsize) instead of a fixed size lets CSS scale it.
+    return segno.make(url, error="m").svg_inline(scale=6, dark="#000", light="#fff", omitsize=True)
+
+
+def _room_or_404(request: web.Request) -> RoomId:
+    try:
+        room_id = RoomId.parse(request.match_info["room"])
+    except ValueError:
+        room_id = None
+    if room_id is None or not request.app[HUB_KEY].room_exists(room_id):
+        raise web.HTTPNotFound(text=render(request, "error.html", status=404, title="Room not found",
+                                           heading="This room does not exist or has ended",
+                                           message="Rooms close a few minutes after the last device leaves.").text,
+                               content_type="text/html")
+    return room_id
+
+
+async def new_room(request: web.Request) -> web.Response:
+    try:
+        room_id = request.app[HUB_KEY].create_room()
+    except rooms.RoomError as exc:
+        return render(request, "error.html", status=503, title="Server full", heading="No room available",
+                      message=exc.message)
+    raise web.HTTPFound(f"/room/{room_id}")
+
+
+async def api_new_room(request: web.Request) -> web.Response:
+    """For scripts and tests: open a room without following a redirect."""
+    try:
+        room_id = request.app[HUB_KEY].create_room()
+    except rooms.RoomError as exc:
+        return web.json_response({"error": exc.code, "message": exc.message}, status=503)
+    return web.json_response({"room": room_id, "host_url": f"/room/{room_id}", "join_url": join_url(request, room_id)},
+                             status=201)
+
+
+async def host_page(request: web.Request) -> web.Response:
+    room_id = _room_or_404(request)
+    url = join_url(request, room_id)
+    return render(request, "host.html", title="tilemesh room", room_id=room_id, join_url=url,
+                  qr=Markup(qr_svg(url)), kind=guess_kind(request.headers.get("User-Agent", "")))
+
+
+async def qr_image(request: web.Request) -> web.Response:
+    room_id = _room_or_404(request)
+    return web.Response(text=qr_svg(join_url(request, room_id)), content_type="image/svg+xml",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def join_page(request: web.Request) -> web.Response:
+    room_id = _room_or_404(request)
+    kind = request.query.get("kind")
+    if kind not in ("phone", "laptop"):
+        kind = guess_kind(request.headers.get("User-Agent", ""))
+    name = f"{kind.capitalize()} {secrets.token_hex(2)}"
+    return render(request, "join.html", title="tilemesh: join", room_id=room_id, kind=kind, name=name)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/", new_room)
+    app.router.add_post("/api/rooms", api_new_room)
+    app.router.add_get("/room/{room}", host_page)
+    app.router.add_get("/room/{room}/qr.svg", qr_image)
+    app.router.add_get("/join/{room}", join_page)

@@ -1,0 +1,1 @@
+"""Signaling: the protocol, typed ids, room state (pure) and the WebSocket hub."""

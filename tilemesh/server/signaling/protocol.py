@@ -1,0 +1,358 @@
+"""The signaling protocol, version 1: message schema, validation of client messages, builders of server messages.
+
+Transport: one WebSocket per peer at `/ws`. Every message is one JSON text frame holding an object
+`{"v": 1, "type": <type>, ...fields}`. Binary frames are refused. At most 64 KiB per message (`MAX_MESSAGE_BYTES`).
+Unknown extra fields are ignored, so the protocol grows by adding optional fields only.
+
+Client -> server
+    join       {room, name, kind: "phone"|"laptop"|"edge", resume?: peer_id, token?: resume_token}
+               First message on a socket. `room` must exist (rooms are created over HTTP: `GET /` or
+               `POST /api/rooms`). With `resume` + `token` (both from an earlier `welcome`) the socket takes over
+               that peer: same id, its queued signals are delivered, nobody else sees it leave. A resume needs
+               the token because peer ids are public to the whole room.
+    state      {state: "booting"|"ready"|"busy", progress?: 0..1, detail?: str, profile?: object, name?: str}
+               The peer's own status, shown in every roster. Fields left out keep their previous value
+               (`ready` without `progress` sets it to 1). `detail` at most 200 characters, `name` 40,
+               `profile` (cores, memory, runtime versions, benchmark results...) at most 4 KiB of JSON.
+    signal     {to: peer_id, data: object}
+               Relayed to `to` (same room only) as `signal {from, data}`; `data` (SDP offer/answer, ICE
+               candidate) is opaque to the server. If `to` is momentarily disconnected (inside its resume
+               grace period) the signal is queued, bounded, and delivered when it resumes.
+    broadcast  {data: object}   Relayed to every other peer of the room as `broadcast {from, data}`.
+    ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
+    leave      {}               Leave the room now; the server closes the socket.
+    plan_request {strategy?: str, devices?: [peer_id]}
+               The sender (the device with the camera) asks the server's planner for a plan over the room's
+               ready peers with profiles (or the listed subset). `strategy` picks a benchmark baseline
+               (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh".
+
+Server -> client
+    welcome    {peer_id, room, peers: [roster entries], ice_servers: [RTCIceServer], resume_token,
+                resumed: bool, heartbeat: seconds}
+               Reply to `join`. `peers` includes the new peer itself. `resumed` is true when a `resume` was
+               honoured; a fresh welcome (resumed false) after a reconnect means the old identity is gone and
+               every peer connection must be rebuilt.
+    roster     {peers: [{id, name, kind, state, progress, detail, profile, joined_at, connected}]}
+               Sent to everyone in the room after every change (join, state, leave, disconnect, resume).
+               `joined_at` is Unix time in seconds; `connected` is false while the peer's socket is gone
+               but it may still resume.
+    signal     {from: peer_id, data: object}
+    broadcast  {from: peer_id, data: object}
+    peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"}
+    plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits}, devices,
+                predicted_ms, timeline, candidates}
+               The planner's answer to a `plan_request`, sent to every peer of the room: devices in `devices`
+               expand `spec` with tilemesh.runtime.peer and run their part; the others (the host page) show it.
+    error      {code, message, ref?: the offending message's type}
+    pong       {}
+
+Errors (`error.code`): bad_json, bad_message (not an object, binary frame), bad_version, unknown_type,
+invalid_field, too_large, rate_limited, not_joined, already_joined, unknown_room, unknown_peer, room_full,
+server_full, bad_resume, peer_unavailable (the target is reconnecting and its queue is full), plan_failed (no
+plan could be made: the sender has no profile yet, or the planner is not available). Every one leaves
+the connection usable, except floods of oversized or rate-limited messages, which close it (WebSocket code
+1008), and a frame above the hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
+another socket (do not reconnect), 4001 missed heartbeats, 1000 after `leave`.
+
+Offer rule (avoids glare): the newcomer sends an offer to every peer listed in its `welcome`; peers already in
+the room answer and never offer to a newcomer. The server sends the new roster to existing peers before it
+sends `welcome` to the newcomer, so an existing peer always knows the newcomer before its offer arrives.
+
+Liveness: the client sends `ping` every `welcome.heartbeat` seconds (any message counts). A peer silent for
+three heartbeats is dropped (`peer_left` reason "timeout"). A socket that closes without `leave` keeps its
+peer for a short grace period (a few seconds) so it can resume; after that the peer is removed
+(reason "disconnected"). A room lives while it has peers and some minutes after the last one leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_NAME = 40
+MAX_DETAIL = 200
+# The profile rides in every roster, to every peer, on every change: keep it a summary, not a payload.
+MAX_PROFILE_BYTES = 4096
+
+KINDS = ("phone", "laptop", "edge")
+STATES = ("booting", "ready", "busy")
+Kind = Literal["phone", "laptop", "edge"]
+PeerState = Literal["booting", "ready", "busy"]
+
+# Error codes, as constants so a typo is a NameError rather than a silent new code.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+BAD_VERSION = "bad_version"
+UNKNOWN_TYPE = "unknown_type"
+INVALID_FIELD = "invalid_field"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+NOT_JOINED = "not_joined"
+ALREADY_JOINED = "already_joined"
+UNKNOWN_ROOM = "unknown_room"
+UNKNOWN_PEER = "unknown_peer"
+ROOM_FULL = "room_full"
+SERVER_FULL = "server_full"
+BAD_RESUME = "bad_resume"
+PEER_UNAVAILABLE = "peer_unavailable"
+PLAN_FAILED = "plan_failed"
+MAX_PLAN_DEVICES = 32
+STRATEGY_NAMES = ("tilemesh", "single", "offload", "partition_offload", "equal_split", "fixed_grid")
+
+
+class ProtocolError(Exception):
+    """A message the server refuses; becomes an `error` reply."""
+
+    def __init__(self, code: str, message: str, ref: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.ref = code, message, ref
+
+
+# --- client -> server -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Join:
+    room: RoomId
+    name: str
+    kind: Kind
+    resume: PeerId | None = None
+    token: ResumeToken | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    state: PeerState
+    progress: float | None = None
+    detail: str | None = None
+    profile: dict | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Signal:
+    to: PeerId
+    data: dict
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    data: dict
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Leave:
+    pass
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    strategy: str = "tilemesh"
+    devices: tuple[PeerId, ...] | None = None
+
+
+ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
+
+
+def type_of(message: ClientMessage) -> str:
+    """The wire `type` of a parsed message (for `error.ref`)."""
+    return "plan_request" if isinstance(message, PlanRequest) else type(message).__name__.lower()
+
+
+def _reject_constant(name: str):
+    # Python's json accepts NaN and Infinity; browsers' JSON.parse does not, so relaying them would break peers.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse(text: str | bytes) -> ClientMessage:
+    """Decode and validate one client frame; raises ProtocolError with the code the client should see."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(TOO_LARGE, f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(BAD_JSON, f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_MESSAGE, "a message must be a JSON object")
+    mtype = obj.get("type")
+    ref = mtype if isinstance(mtype, str) and len(mtype) <= 32 else None
+    if obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
+        raise ProtocolError(BAD_VERSION,
+                            f"unsupported protocol version {obj.get('v')!r}; this server speaks v{VERSION}", ref)
+    parser = _PARSERS.get(mtype) if isinstance(mtype, str) else None
+    if parser is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {mtype!r}", ref)
+    try:
+        return parser(obj)
+    except ValueError as exc:
+        raise ProtocolError(INVALID_FIELD, f"{mtype}: {exc}", ref) from None
+
+
+def _text(obj: dict, key: str, limit: int, *, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string")
+    # Control characters in a name would let one peer garble another's screen.
+    value = "".join(ch for ch in value if ch.isprintable()).strip()
+    if len(value) > limit:
+        raise ValueError(f"{key!r} is longer than {limit} characters")
+    return value
+
+
+def _object(obj: dict, key: str, *, required: bool) -> dict | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be an object")
+    return value
+
+
+def _parse_id(cls, obj: dict, key: str, *, required: bool):
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return None
+    try:
+        return cls.parse(value)
+    except ValueError:
+        raise ValueError(f"{key!r} is not a valid {cls.__name__}") from None
+
+
+def _parse_join(obj: dict) -> Join:
+    room = _parse_id(RoomId, obj, "room", required=True)
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"'kind' must be one of {', '.join(KINDS)}")
+    name = _text(obj, "name", MAX_NAME, required=True)
+    resume = _parse_id(PeerId, obj, "resume", required=False)
+    token = _parse_id(ResumeToken, obj, "token", required=False)
+    return Join(room=room, name=name or "", kind=kind, resume=resume, token=token)
+
+
+def _parse_state(obj: dict) -> State:
+    state = obj.get("state")
+    if state not in STATES:
+        raise ValueError(f"'state' must be one of {', '.join(STATES)}")
+    progress = obj.get("progress")
+    if progress is not None:
+        if isinstance(progress, bool) or not isinstance(progress, int | float) or not math.isfinite(progress) \
+                or not 0 <= progress <= 1:
+            raise ValueError("'progress' must be a number from 0 to 1")
+        progress = float(progress)
+    return State(
+        state=state,
+        progress=progress,
+        detail=_text(obj, "detail", MAX_DETAIL),
+        profile=_profile(obj),
+        name=_text(obj, "name", MAX_NAME),
+    )
+
+
+def _profile(obj: dict) -> dict | None:
+    profile = _object(obj, "profile", required=False)
+    if profile is not None and len(json.dumps(profile, separators=(",", ":")).encode()) > MAX_PROFILE_BYTES:
+        raise ValueError(f"'profile' is larger than {MAX_PROFILE_BYTES} bytes")
+    return profile
+
+
+def _parse_signal(obj: dict) -> Signal:
+    return Signal(to=_parse_id(PeerId, obj, "to", required=True), data=_object(obj, "data", required=True))
+
+
+def _parse_broadcast(obj: dict) -> Broadcast:
+    return Broadcast(data=_object(obj, "data", required=True))
+
+
+def _parse_plan_request(obj: dict) -> PlanRequest:
+    strategy = obj.get("strategy", "tilemesh")
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"'strategy' must be one of {', '.join(STRATEGY_NAMES)}")
+    devices = obj.get("devices")
+    if devices is not None:
+        if not isinstance(devices, list) or len(devices) > MAX_PLAN_DEVICES:
+            raise ValueError(f"'devices' must be a list of at most {MAX_PLAN_DEVICES} peer ids")
+        try:
+            devices = tuple(PeerId.parse(d) for d in devices)
+        except ValueError:
+            raise ValueError("'devices' holds an invalid peer id") from None
+    return PlanRequest(strategy=strategy, devices=devices)
+
+
+_PARSERS = {
+    "join": _parse_join,
+    "state": _parse_state,
+    "signal": _parse_signal,
+    "broadcast": _parse_broadcast,
+    "ping": lambda obj: Ping(),
+    "leave": lambda obj: Leave(),
+    "plan_request": _parse_plan_request,
+}
+
+
+# --- server -> client -------------------------------------------------------------------------------------
+
+
+def _msg(mtype: str, **fields: Any) -> dict:
+    return {"v": VERSION, "type": mtype, **fields}
+
+
+def welcome(peer_id: PeerId, room: RoomId, peers: list[dict], ice_servers: list[dict], resume_token: ResumeToken,
+            resumed: bool, heartbeat: float) -> dict:
+    return _msg("welcome", peer_id=peer_id, room=room, peers=peers, ice_servers=ice_servers,
+                resume_token=resume_token, resumed=resumed, heartbeat=heartbeat)
+
+
+def roster(peers: list[dict]) -> dict:
+    return _msg("roster", peers=peers)
+
+
+def signal_from(sender: PeerId, data: dict) -> dict:
+    return _msg("signal", **{"from": sender, "data": data})
+
+
+def broadcast_from(sender: PeerId, data: dict) -> dict:
+    return _msg("broadcast", **{"from": sender, "data": data})
+
+
+def peer_left(peer_id: PeerId, reason: str) -> dict:
+    return _msg("peer_left", id=peer_id, reason=reason)
+
+
+def plan(fields: dict) -> dict:
+    """The planner's answer (fields built by tilemesh.server.inference)."""
+    return _msg("plan", **fields)
+
+
+def error(code: str, message: str, ref: str | None = None) -> dict:
+    fields = {"code": code, "message": message}
+    if ref is not None:
+        fields["ref"] = ref
+    return _msg("error", **fields)
+
+
+def pong() -> dict:
+    return _msg("pong")
+
+
+def encode(message: dict) -> str:
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)

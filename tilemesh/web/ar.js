@@ -1,0 +1,250 @@
+// The web AR classifier: the camera fills the screen and the top-3 labels, speed and the map of which device
+// computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
+// runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
+import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
+import { openCamera, grabFrame, cropRect, FRAME_SIZE } from "/web/camera.js";
+
+export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
+
+// Runs everything here. classify() resolves to {top: [{label, p}], parts: [{device, r0, r1, c0, c1}], ...}.
+export class LocalEngine {
+  constructor(runtime) { this.runtime = runtime; this.name = "this device"; }
+  async load() {
+    return this.runtime.call("tilemesh.runtime.peer", "load", ["/model/mobilenet_v2.json", "/model/labels.json"]);
+  }
+  async classify(frame) {
+    const out = await this.runtime.call("tilemesh.runtime.peer", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
+      [frame.buffer]);
+    return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
+  }
+}
+
+function drawLabels(el, top) {
+  el.replaceChildren(...top.slice(0, 3).map(({ label, p }) => {
+    const li = document.createElement("li");
+    li.textContent = `${label} ${(p * 100).toFixed(0)}%`;
+    return li;
+  }));
+  el.dataset.top1 = top[0].label;
+  el.dataset.state = "running";
+}
+
+// Paint each device's share of the frame (fractions of the model's input) over the part of the video it covers.
+function drawMap(canvas, video, parts, legend, nameOf = (d) => d) {
+  const box = video.getBoundingClientRect();
+  const scale = Math.max(box.width / video.videoWidth, box.height / video.videoHeight);  // object-fit: cover
+  const { x, y, side } = cropRect(video);
+  const left = box.width / 2 + (x - video.videoWidth / 2) * scale;
+  const top = box.height / 2 + (y - video.videoHeight / 2) * scale;
+  const size = side * scale;
+  Object.assign(canvas.style, { left: `${left}px`, top: `${top}px`, width: `${size}px`, height: `${size}px` });
+  canvas.width = canvas.height = 64;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, 64, 64);
+  const devices = [...new Set(parts.map((p) => p.device))];
+  for (const p of parts) {
+    ctx.fillStyle = DEVICE_COLOURS[devices.indexOf(p.device) % DEVICE_COLOURS.length];
+    ctx.fillRect(p.c0 * 64, p.r0 * 64, (p.c1 - p.c0) * 64, (p.r1 - p.r0) * 64);
+  }
+  legend.replaceChildren(...devices.flatMap((d, i) => {
+    const swatch = document.createElement("span");
+    swatch.style.background = DEVICE_COLOURS[i % DEVICE_COLOURS.length];
+    return [swatch, document.createTextNode(nameOf(d))];
+  }));
+}
+
+// Classifies with the room's plan; asks the planner when there is none, and falls back to this device alone for
+// a frame when the room cannot answer (no plan yet, a device left mid-frame), so the labels never freeze.
+export class RoomArEngine {
+  constructor(room, local) {
+    this.room = room;
+    this.local = local;
+    this.name = "room";
+    this.planning = null;
+    this.lastError = "";
+    // ?strategy=equal_split (or any benchmark baseline) on the page's URL; the planner's own choice by default.
+    this.strategy = new URLSearchParams(location.search).get("strategy") || "tilemesh";
+    room.addEventListener("replan", () => { this.planning = null; });
+  }
+
+  async load() { await this.room.load(); }
+
+  // The current plan's id when other devices share its work (a second frame in flight may then pay off).
+  pipelineKey() {
+    const p = this.room.plan;
+    return p && p.devices.some((d) => d !== this.room.signaling.peerId) ? p.plan_id : null;
+  }
+
+  // Device names for the legend: people know "Anna's phone", not peer ids.
+  nameOf(id) {
+    if (id === this.local.name) return id;
+    const peer = this.room.signaling.peer(id);
+    const me = id === this.room.signaling.peerId ? " (this)" : "";
+    return peer ? `${peer.name}${me}` : id;
+  }
+
+  async _ensurePlan() {
+    if (this.room.plan) return true;
+    this.planning ??= this.room.requestPlan(this.strategy).catch((err) => { this.lastError = err.message; })
+      .finally(() => setTimeout(() => { this.planning = null; }, 1000));
+    await this.planning;
+    return Boolean(this.room.plan);
+  }
+
+  async classify(frame) {
+    if (await this._ensurePlan()) {
+      try {
+        const r = await this.room.classify(frame.slice());
+        const p = r.plan;
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}`;
+        return r;
+      } catch (err) {
+        this.lastError = err.message;
+        this.room.plan = null;
+      }
+    }
+    this.name = `this device alone${this.lastError ? " (" + this.lastError + ")" : ""}`;
+    return this.local.classify(frame);
+  }
+}
+
+export function arElements() {
+  const $ = (id) => document.getElementById(id);
+  return { root: $("ar"), video: $("video"), labels: $("labels"), stats: $("stats"), map: $("map"),
+    legend: $("legend"), error: $("error") };
+}
+
+function showError(els, err) {
+  els.error.hidden = false;
+  els.error.textContent = String(err.message || err);
+  els.labels.dataset.state = "error";
+}
+
+// Frames in flight at once. One device alone gains nothing from more (its worker runs one thing at a time). In
+// a room a second frame can start its first tiles while the last one's deep layers run elsewhere (pipelining,
+// as in Hadidi et al.): measured +38% frames/s when the phone offloads to the edge, but on a saturated plan
+// (every device busy, e.g. an equal split) only twice the latency for the same frame rate. Which one a plan is,
+// the cost model does not tell reliably, so each new plan is tried both ways for a few frames and keeps two
+// frames in flight only if that raised the frame rate by more than GAIN (30%: a second frame in flight costs latency).
+export class DepthTuner {
+  static TRIAL = 6;
+  static GAIN = 1.3;
+
+  constructor(engine) {
+    this.engine = engine;
+    this.forced = Number(new URLSearchParams(location.search).get("depth")) || 0;  // ?depth=1|2 pins it
+    this.key = null;
+    this.reset(null);
+  }
+
+  reset(key) {
+    this.key = key;
+    this.phase = key === null ? "done" : "one";  // one -> two -> done
+    this.chosen = 1;
+    this.marks = [];
+    this.rates = {};
+  }
+
+  depth() {
+    if (this.forced >= 1 && this.forced <= 4) return this.forced;
+    const key = this.engine.pipelineKey ? this.engine.pipelineKey() : null;
+    if (key !== this.key) this.reset(key);
+    return { one: 1, two: 2, done: this.chosen }[this.phase];
+  }
+
+  // A frame finished at time `t` (ms). The first frame after a depth change only fills the pipeline: not counted.
+  done(t) {
+    if (this.phase === "done") return;
+    this.marks.push(t);
+    if (this.marks.length < DepthTuner.TRIAL + 1) return;
+    const span = this.marks[this.marks.length - 1] - this.marks[1];
+    this.rates[this.phase] = (this.marks.length - 2) / span;
+    this.marks = [];
+    if (this.phase === "one") {
+      this.phase = "two";
+    } else {
+      this.chosen = this.rates.two > this.rates.one * DepthTuner.GAIN ? 2 : 1;
+      this.phase = "done";
+    }
+  }
+}
+
+export async function runLoop({ engine, els, shouldRun = () => true }) {
+  const { video } = els;
+  const grab = document.createElement("canvas");
+  const inflight = [];
+  const tuner = new DepthTuner(engine);
+  let frames = 0;
+  let since = performance.now();
+  let fps = 0;
+  const start = () => {
+    const t0 = performance.now();
+    // Each frame's result, or its error: one failed frame must not stop the frames queued behind it.
+    return engine.classify(grabFrame(video, grab)).then((result) => ({ result, t0, t1: performance.now() }),
+      (error) => ({ error }));
+  };
+  while (shouldRun() || inflight.length) {
+    while (shouldRun() && inflight.length < tuner.depth()) inflight.push(start());
+    const done = await inflight.shift();  // results are shown in frame order
+    if (done.error) throw done.error;
+    tuner.done(done.t1);
+    els.stats.dataset.depth = String(tuner.depth());
+    const { result } = done;
+    const latency = done.t1 - done.t0;
+    frames += 1;
+    if (performance.now() - since > 1000) {
+      fps = (frames * 1000) / (performance.now() - since);
+      frames = 0;
+      since = performance.now();
+    }
+    drawLabels(els.labels, result.top);
+    drawMap(els.map, video, result.parts, els.legend, engine.nameOf ? (d) => engine.nameOf(d) : undefined);
+    els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}`;
+    els.stats.dataset.latencyMs = latency.toFixed(1);
+    els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);
+    els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
+    // Yield so the video and the UI repaint between frames.
+    await new Promise((resolve) => requestAnimationFrame(resolve));
+  }
+}
+
+// The standalone page (/ar): this device alone.
+export async function startAr() {
+  const els = arElements();
+  try {
+    const runtime = new PeerRuntime({ onProgress: bindProgress(document.getElementById("boot")) });
+    const [stream] = await Promise.all([openCamera(els.video), runtime.boot({ files: MODEL_FILES })]);
+    const engine = new LocalEngine(runtime);
+    await engine.load();
+    document.getElementById("boot").hidden = true;
+    window.tilemeshAr = { runtime, engine, stream };
+    await runLoop({ engine, els });
+  } catch (err) {
+    showError(els, err);
+  }
+}
+
+// Inside a room (the join page): the camera opens on demand and frames go through the room's plan.
+export async function startRoomAr(app) {
+  const els = arElements();
+  els.root.hidden = false;
+  let running = true;
+  let stream = null;
+  const close = document.getElementById("ar-close");
+  if (close) close.onclick = () => { running = false; };
+  try {
+    stream = await openCamera(els.video);
+    const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime));
+    await engine.load();
+    app.ar = { engine, stream };
+    await runLoop({ engine, els, shouldRun: () => running });
+  } catch (err) {
+    showError(els, err);
+    return;
+  } finally {
+    if (!running) {
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      els.root.hidden = true;
+    }
+  }
+}

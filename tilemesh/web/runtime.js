@@ -1,0 +1,61 @@
+// Main-thread handle on the peer runtime Worker: boot with progress, then call Python functions by name.
+//
+//   const rt = new PeerRuntime({ onProgress: (stage, fraction, detail) => ... });
+//   const info = await rt.boot();                       // {runtime, numpy, python, pyodide, bootMs}
+//   const out = await rt.call("tilemesh.runtime.wire", "encode_tensor", [args...], [transferables]);
+// The demo model's files, fetched into the worker's file system at boot (tilemesh.runtime.peer.load reads them).
+export const MODEL_FILES = [
+  { url: "/static/model/mobilenet_v2.json", path: "/model/mobilenet_v2.json" },
+  { url: "/static/model/mobilenet_v2.bin", path: "/model/mobilenet_v2.bin" },
+  { url: "/static/model/labels.json", path: "/model/labels.json" },
+];
+
+export class PeerRuntime {
+  constructor({ onProgress = () => {}, workerUrl = "/web/runtime_worker.js" } = {}) {
+    this.worker = new Worker(workerUrl, { type: "module" });
+    this.pending = new Map();
+    this.nextId = 1;
+    this.onProgress = onProgress;
+    this.worker.onmessage = (event) => this._onMessage(event.data);
+    this.worker.onerror = (event) => {
+      const err = new Error(`runtime worker failed: ${event.message || "load error"}`);
+      for (const { reject } of this.pending.values()) reject(err);
+      this.pending.clear();
+    };
+  }
+
+  _onMessage(msg) {
+    if (msg.type === "progress") return this.onProgress(msg.stage, msg.fraction, msg.detail);
+    const entry = this.pending.get(msg.id);
+    if (!entry) return;
+    this.pending.delete(msg.id);
+    if (msg.type === "result") entry.resolve(msg.value);
+    else entry.reject(new Error(msg.message));
+  }
+
+  _send(payload, transfer = []) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ id, ...payload }, transfer);
+    });
+  }
+
+  boot(options = {}) { return this._send({ cmd: "boot", options }); }
+  call(module, fn, args = [], transfer = []) { return this._send({ cmd: "call", module, fn, args }, transfer); }
+  exec(code) { return this._send({ cmd: "exec", code }); }
+  terminate() { this.worker.terminate(); }
+}
+
+// A progress bar bound to an element holding <progress> and a label; shared by every page that boots.
+export function bindProgress(root) {
+  const bar = root.querySelector("progress");
+  const label = root.querySelector(".label");
+  return (stage, fraction, detail) => {
+    bar.value = fraction;
+    label.textContent = `${stage}${detail ? ": " + detail : ""}`;
+    root.dataset.stage = stage;
+    // Once booted the bar has nothing left to say; the roster shows the device's state from then on.
+    if (stage === "ready") setTimeout(() => root.classList.add("done"), 1500);
+  };
+}

@@ -20,7 +20,7 @@ from tilemesh.runtime.deps import cut_candidates, live_tensors
 from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.preprocess import centre_crop_u8, normalize_u8
 from tilemesh.runtime.regions import plane
-from tilemesh.runtime.runner import DeviceRunner, PlanMismatch
+from tilemesh.runtime.runner import ComputeRequest, DeviceRunner, PlanMismatch
 from tilemesh.runtime.tiling import Split, build_plan
 
 
@@ -205,3 +205,62 @@ def test_a_peer_announcing_a_huge_tensor_is_refused_without_allocating_it(mobile
     chunk = head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
     with pytest.raises(wire.WireError, match="max_pending_bytes"):
         runner.on_chunk("phone", chunk)
+
+
+class DeferredEngine:
+    """Stands in for an engine outside Python (onnxruntime-web): takes `ComputeRequest`s from the runners' effects,
+    answers them later, interleaved with chunk delivery in a seeded order, through `on_computed`."""
+
+    def __init__(self, graph, mesh: FakeMesh, backend):
+        self.graph, self.mesh, self.backend = graph, mesh, backend
+        self.pending: list[tuple[str, object]] = []
+        self.answered = 0
+
+    def effects(self, device: str, effects) -> None:
+        self.pending += [(device, e) for e in effects if isinstance(e, ComputeRequest)]
+        self.mesh.post(device, [e for e in effects if not isinstance(e, ComputeRequest)])
+
+    def run(self) -> None:
+        from tilemesh.runtime.tiling import run_steps
+
+        while self.pending or self.mesh.queue:
+            if self.pending and (not self.mesh.queue or self.mesh.rng.random() < 0.5):
+                device, req = self.pending.pop(self.mesh.rng.randrange(len(self.pending)))
+                runner = self.mesh.runners[device]
+                task = runner.dplan.tasks[req.task]
+                vals = run_steps(self.graph, task.deps, req.inputs, keep=req.keep, backend=self.backend)
+                self.answered += 1
+                self.effects(device, runner.on_computed(req.frame, req.task, vals))
+            else:
+                src, dst, chunk = self.mesh.queue.pop(self.mesh.rng.randrange(len(self.mesh.queue)))
+                self.effects(dst, self.mesh.runners[dst].on_chunk(src, chunk))
+
+
+def test_deferred_compute_equals_inline(mobilenet):
+    """Runners that hand each task out (`deferred=True`) and resume on its result give the inline answer; one
+    task per frame is out at a time, frames in flight interleave, and a stale result is ignored."""
+    from tilemesh.runtime.backend import OnnxRuntimeBackend
+
+    graph, _ = mobilenet
+    plan = three_device_plan(graph)
+    runners = {d: DeviceRunner(graph, plan.device_plan(d), 7, source="phone", deferred=True) for d in plan.devices}
+    mesh = FakeMesh(runners, seed=5)
+    engine = DeferredEngine(graph, mesh, OnnxRuntimeBackend(graph))
+    crops = {f: centre_crop_u8(frame(20 + f)) for f in (1, 2)}
+    for f, px in crops.items():
+        engine.effects("phone", runners["phone"].start_frame(f, px))
+    engine.run()
+    assert engine.answered == sum(len(plan.device_plan(d).tasks) for d in plan.devices) * len(crops)
+    for f, px in crops.items():
+        np.testing.assert_allclose(runners["phone"].result(f), run_graph(graph, normalize_u8(px)), atol=1e-4)
+        assert all(r.report(f)["tasks"] for r in runners.values())
+    # A result nobody asked for (the frame is finished) changes nothing; a wrong-sized one is refused.
+    assert runners["laptop"].on_computed(1, 0, {}) == []
+    mesh2 = FakeMesh(runners, seed=6)
+    engine2 = DeferredEngine(graph, mesh2, OnnxRuntimeBackend(graph))
+    engine2.effects("phone", runners["phone"].start_frame(3, centre_crop_u8(frame(30))))
+    req = next(e for d, e in engine2.pending if d == "phone")
+    task = runners["phone"].dplan.tasks[req.task]
+    bad = {k: np.zeros((1, 1, 1, 1), np.float32) for k in task.owned}
+    with pytest.raises(ValueError, match="the plan computes"):
+        runners["phone"].on_computed(3, req.task, bad)

@@ -15,7 +15,7 @@ import time
 from . import wire
 from .classify import LocalClassifier, frame_from_bytes, top_entries
 from .preprocess import centre_crop_u8
-from .runner import DeviceRunner
+from .runner import ComputeRequest, DeviceRunner
 from .tiling import Split, build_plan
 
 
@@ -42,8 +42,12 @@ class Peer:
     """One device's runtime. Chunks may outrun the `plan` message they belong to (the data channel is faster
     than the signaling path through the server), so chunks of a newer plan are held and replayed on adoption."""
 
-    def __init__(self, classifier: LocalClassifier, device: str = "local"):
+    def __init__(self, classifier: LocalClassifier, device: str = "local", backend=None, deferred: bool = False):
+        """`backend` computes tasks in Python; `deferred` hands them out instead (`compute` in every reply, answered
+        through `computed`), for an engine outside Python such as onnxruntime-web."""
         self.classifier = classifier
+        self.backend = backend
+        self.deferred = deferred
         self.graph = classifier.graph
         self.device = device
         self.runner: DeviceRunner | None = None
@@ -69,7 +73,8 @@ class Peer:
             return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
         self.device = device
         self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
-                                   max_message={k: int(v) for k, v in (max_message or {}).items()})
+                                   max_message={k: int(v) for k, v in (max_message or {}).items()},
+                                   backend=self.backend, deferred=self.deferred)
         self.spec = spec
         dplan = self.runner.dplan
         out, errors = [], []
@@ -111,8 +116,16 @@ class Peer:
         for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
             del self.started[frame]
         reports = [self.runner.report(f) for f in finished]
-        return {"out": _outgoing(out), "results": results, "reports": [r for r in reports if r],
+        compute = [o for o in out if isinstance(o, ComputeRequest)]
+        return {"out": _outgoing([o for o in out if not isinstance(o, ComputeRequest)]), "compute": compute,
+                "results": results, "reports": [r for r in reports if r],
                 "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
+
+    def computed(self, plan_id: int, frame: int, task: int, outputs: dict) -> dict:
+        """The engine's answer to a `ComputeRequest` of the reply's `compute` list (deferred mode)."""
+        if self.runner is None or int(plan_id) != self.runner.plan_id:
+            return {"out": [], "results": [], "ignored": True}
+        return self._reply(self.runner.on_computed(int(frame), int(task), outputs))
 
     def on_chunk(self, peer: str, chunk) -> dict:
         chunk = bytes(chunk)

@@ -25,7 +25,7 @@ import numpy as np
 from . import wire
 from .preprocess import normalize_u8
 from .regions import Region
-from .tiling import DevicePlan, crop, run_task
+from .tiling import DevicePlan, crop, finish_task, run_task, task_inputs
 
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 
@@ -38,6 +38,21 @@ class Outgoing:
     chunks: list[bytes]
     tensor: str
     nbytes: int
+
+
+@dataclass(frozen=True)
+class ComputeRequest:
+    """A task whose inputs are all here, for an engine outside Python to run (runner built with `deferred=True`).
+
+    `inputs`: each segment input's needed region, assembled (`tiling.task_inputs`); the engine returns, through
+    `DeviceRunner.on_computed`, the tile of every tensor in `keep` (each holding `task.deps.regions[t]`).
+    """
+
+    frame: int
+    task: int  # index into the device plan's tasks
+    segment: int
+    inputs: dict[str, np.ndarray]
+    keep: tuple[str, ...]
 
 
 @dataclass
@@ -62,6 +77,9 @@ class FrameState:
     bytes_received: int = 0
     output: np.ndarray | None = None
     done: bool = False
+    computing: int | None = None  # deferred mode: the task handed out and not yet answered
+    compute_ready: float = 0.0
+    compute_start: float = 0.0
 
 
 class PlanMismatch(ValueError):
@@ -73,10 +91,13 @@ class DeviceRunner:
 
     source: the device holding the camera; it starts frames and receives the final output.
     max_message: per-destination wire chunk limit (the remote's SCTP maxMessageSize); default 256 KiB.
+    deferred: instead of computing a runnable task itself, return a `ComputeRequest` among the effects and go on
+        when `on_computed` brings its result (an engine that runs asynchronously, e.g. onnxruntime-web); one task
+        per frame is out at a time, in plan order.
     """
 
     def __init__(self, graph, dplan: DevicePlan, plan_id: int, source: str, backend=None, window: int = 4,
-                 max_message: dict[str, int] | None = None, clock=time.perf_counter):
+                 max_message: dict[str, int] | None = None, clock=time.perf_counter, deferred: bool = False):
         self.graph = graph
         self.dplan = dplan
         self.device = dplan.device
@@ -86,6 +107,7 @@ class DeviceRunner:
         self.window = window
         self.max_message = dict(max_message or {})
         self.clock = clock
+        self.deferred = deferred
         # Tensor ids on the wire: position in the graph, the same on every device running the same model.
         self.tensor_ids = {graph.input: 0, **{n.output: i + 1 for i, n in enumerate(graph.nodes)}}
         self.tensor_names = {i: t for t, i in self.tensor_ids.items()}
@@ -191,25 +213,24 @@ class DeviceRunner:
     def _runnable(self, st: FrameState, task) -> bool:
         return all((t.src, t.tensor, t.region) in st.arrived for t in task.recv)
 
-    def _advance(self, st: FrameState) -> list[Outgoing]:
-        """Run every task whose inputs are all here, in plan order; collect sends; finish the frame."""
-        out: list[Outgoing] = []
+    def _advance(self, st: FrameState) -> list:
+        """Run every task whose inputs are all here, in plan order; collect sends; finish the frame.
+
+        Returns `Outgoing` messages and, in deferred mode, at most one `ComputeRequest` for this frame.
+        """
+        out: list = []
         tasks = self.dplan.tasks
-        while st.next_task < len(tasks) and self._runnable(st, tasks[st.next_task]):
+        while st.computing is None and st.next_task < len(tasks) and self._runnable(st, tasks[st.next_task]):
             task = tasks[st.next_task]
             ready = max(st.ready_at, st.t0)
             start = self.clock()
+            if self.deferred:
+                st.computing, st.compute_ready, st.compute_start = st.next_task, ready, start
+                inputs = task_inputs(self.graph, task, st.store)
+                out.append(ComputeRequest(st.frame, st.next_task, task.segment, inputs, tuple(task.owned)))
+                return out
             owned, outgoing = run_task(self.graph, task, st.store, self.backend)
-            end = self.clock()
-            st.timings.append(TaskTiming(task.segment, (ready - st.t0) * 1e3, (start - st.t0) * 1e3,
-                                         (end - st.t0) * 1e3, task.macs))
-            for tensor, piece in owned.items():
-                st.store.setdefault(tensor, []).append(piece)
-            for tr, arr in outgoing:
-                out.append(self._encode(st, tr.dst, tr.tensor, tr.region, arr))
-            st.next_task += 1
-            self.tasks_run += 1
-            self._release(st)
+            out += self._complete(st, task, owned, outgoing, ready, start)
         if st.next_task == len(tasks):
             final = st.store.get(self.output_tensor)
             if self.device == self.source:
@@ -223,6 +244,39 @@ class DeviceRunner:
                     out.append(self._encode(st, self.source, self.output_tensor, region, arr))
                 self._finish(st)
         return out
+
+    def _complete(self, st: FrameState, task, owned, outgoing, ready: float, start: float) -> list[Outgoing]:
+        end = self.clock()
+        st.timings.append(TaskTiming(task.segment, (ready - st.t0) * 1e3, (start - st.t0) * 1e3,
+                                     (end - st.t0) * 1e3, task.macs))
+        for tensor, piece in owned.items():
+            st.store.setdefault(tensor, []).append(piece)
+        out = [self._encode(st, tr.dst, tr.tensor, tr.region, arr) for tr, arr in outgoing]
+        st.next_task += 1
+        self.tasks_run += 1
+        self._release(st)
+        return out
+
+    def on_computed(self, frame: int, task: int, outputs: dict[str, np.ndarray]) -> list:
+        """Deferred mode: the engine's result for `ComputeRequest(frame, task)`; returns the effects that follow.
+
+        A result for a frame given up meanwhile (window, replaced plan) is dropped, as a late chunk is.
+        """
+        st = self.frames.get(frame)
+        if st is None or st.computing != task:
+            return []
+        t = self.dplan.tasks[task]
+        missing = [k for k in t.owned if k not in outputs]
+        if missing:
+            raise ValueError(f"computed task {task} of frame {frame} lacks {missing}")
+        for k in t.owned:
+            want, got = t.deps.regions[k], outputs[k].shape[2:]
+            if outputs[k].ndim == 4 and got != (want.rows, want.cols):
+                raise ValueError(f"computed {k} of frame {frame} has {got}, the plan computes {want}")
+        st.computing = None
+        owned, outgoing = finish_task(t, outputs)
+        out = self._complete(st, t, owned, outgoing, st.compute_ready, st.compute_start)
+        return out + self._advance(st)
 
     def _release(self, st: FrameState) -> None:
         """Free tensors no remaining task reads (a 112x112 map is megabytes; phones are short of memory)."""

@@ -407,8 +407,19 @@ def run_task(graph, task: DeviceTask, pieces: dict[str, list], backend=None):
     Returns (owned, outgoing): owned = tensor -> (Region, array) for `task.owned`; outgoing = list of
     (Transfer, array) to deliver to other devices.
     """
-    inputs = {t: assemble(pieces.get(t, ()), r, graph.shapes[t]) for t, r in task.deps.inputs.items()}
-    vals = run_steps(graph, task.deps, inputs, keep=task.owned, backend=backend)
+    inputs = task_inputs(graph, task, pieces)
+    return finish_task(task, run_steps(graph, task.deps, inputs, keep=task.owned, backend=backend))
+
+
+def task_inputs(graph, task: DeviceTask, pieces: dict[str, list]) -> dict[str, np.ndarray]:
+    """The first half of `run_task`: each segment input's needed region (`task.deps.inputs`) assembled from pieces."""
+    return {t: assemble(pieces.get(t, ()), r, graph.shapes[t]) for t, r in task.deps.inputs.items()}
+
+
+def finish_task(task: DeviceTask, vals: dict[str, np.ndarray]):
+    """The second half of `run_task`: from the computed tile of each owned tensor (`vals[t]` holds
+    `task.deps.regions[t]`), what this device keeps and what it sends. An engine that computes elsewhere
+    (onnxruntime-web in the browser) takes `task_inputs` and hands its results back here."""
     owned = {t: (r, np.ascontiguousarray(crop(vals[t], task.deps.regions[t], r))) for t, r in task.owned.items()}
     outgoing = [
         (tr, np.ascontiguousarray(crop(owned[tr.tensor][1], owned[tr.tensor][0], tr.region))) for tr in task.send

@@ -1,0 +1,78 @@
+"""The early-exit rule: normalized entropy, the exit decision, and threshold calibration, as pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilemesh.runtime.early_exit import calibration_table, choose_threshold, decide, normalized_entropy
+
+
+def test_entropy_bounds_and_extremes():
+    assert normalized_entropy(np.zeros(1000)) == pytest.approx(1.0)
+    assert normalized_entropy(np.zeros((1, 10))) == pytest.approx(1.0)
+    sharp = np.full(1000, -50.0)
+    sharp[7] = 50.0
+    assert normalized_entropy(sharp) < 1e-6
+    # Two equal classes out of four: H = log 2, normalised by log 4.
+    assert normalized_entropy(np.array([0.0, 0.0, -1e9, -1e9])) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        normalized_entropy(np.array([1.0]))
+    with pytest.raises(ValueError):
+        normalized_entropy(np.array([1.0, np.nan]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=2, max_size=50), st.floats(-20, 20))
+def test_entropy_is_shift_invariant_and_in_range(scores, shift):
+    z = np.array(scores)
+    h = normalized_entropy(z)
+    assert 0.0 <= h <= 1.0
+    assert normalized_entropy(z + shift) == pytest.approx(h, abs=1e-9)
+    # Sharpening (a larger temperature-free scale) never raises the entropy.
+    assert normalized_entropy(z * 3) <= h + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=2, max_size=50), st.floats(0, 1))
+def test_an_exit_shows_only_the_cheap_pass_label(scores, threshold):
+    z = np.array(scores)
+    d = decide(z, threshold)
+    assert d.top1 == int(np.argmax(z))
+    assert d.exit == (d.entropy <= threshold)
+    assert not decide(np.zeros(10), 0.99).exit and decide(np.zeros(10), 1.0).exit
+
+
+def test_threshold_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        decide(np.zeros(3), 1.5)
+
+
+def test_calibration_table_counts():
+    h = [0.01, 0.02, 0.2, 0.3, 0.6]
+    agree = [True, False, True, True, False]
+    rows = {r.threshold: r for r in calibration_table(h, agree, [0.0, 0.015, 0.25, 1.0], cheap_cost=0.25)}
+    assert rows[0.0].exit_rate == 0 and rows[0.0].exit_agreement == 1.0 and rows[0.0].overall_agreement == 1.0
+    assert rows[0.0].relative_cost == pytest.approx(1.25)
+    assert rows[0.015].exit_rate == pytest.approx(0.2) and rows[0.015].exit_agreement == 1.0
+    assert rows[0.25].exit_rate == pytest.approx(0.6) and rows[0.25].exit_agreement == pytest.approx(2 / 3)
+    # The one disagreeing exit is the only wrong label shown.
+    assert rows[0.25].overall_agreement == pytest.approx(0.8)
+    assert rows[1.0].exit_rate == 1 and rows[1.0].overall_agreement == pytest.approx(0.6)
+    assert rows[1.0].relative_cost == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        calibration_table([], [], [0.1], 0.25)
+
+
+def test_choose_threshold_keeps_agreement_and_needs_enough_exits():
+    h = np.linspace(0, 0.5, 101)
+    agree = h < 0.2  # confident cheap answers agree, unsure ones do not
+    rows = calibration_table(h, agree, [0.0, 0.1, 0.19, 0.2, 0.21, 0.3], cheap_cost=0.3)
+    # 40 of 41 exits agree at 0.2 (97.6%); at 0.21 only 40 of 43 (93.0%).
+    assert choose_threshold(rows, 0.97) == 0.2
+    assert choose_threshold(rows, 1.0) == 0.19
+    # A threshold is only chosen when it makes enough exits to be judged on.
+    assert choose_threshold(rows, 1.0, min_exits=30, n=101) == 0.19
+    assert choose_threshold(rows, 1.0, min_exits=50, n=101) == 0.0

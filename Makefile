@@ -9,12 +9,12 @@ PORT   ?= 8443
 EDGE   ?= --edge
 ARGS   ?=
 
-.PHONY: run test setup system python assets lint bench
+.PHONY: run test setup system python assets lint bench test-deps
 
 run: setup
 	$(BIN)/tilemesh serve --host $(HOST) --port $(PORT) $(EDGE) $(ARGS)
 
-test: setup
+test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -32,6 +32,14 @@ $(STAMP): pyproject.toml
 
 assets: $(STAMP)
 	$(BIN)/python -m tilemesh.server.assets
+
+# Test-only node packages (puppeteer-core drives Firefox ESR), installed from package-lock.json's integrity hashes.
+FIREFOX_DRIVER := playwright/firefox/node_modules/.package-lock.json
+test-deps: $(FIREFOX_DRIVER)
+
+$(FIREFOX_DRIVER): playwright/firefox/package-lock.json
+	npm ci --prefix playwright/firefox --no-audit --no-fund --loglevel=error
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System packages the project needs: Debian's Chromium (real-browser tests and link benchmarks), iproute2 (network
-# namespaces for WebRTC tests), npm (browser assets come from the npm registry). Installs only what is missing.
+# System packages the project needs: Debian's Chromium (real-browser tests and link benchmarks), Firefox ESR (the
+# cross-browser room test), iproute2 (network namespaces for WebRTC tests), npm (browser assets come from the npm
+# registry). Installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -8,10 +9,11 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium chromium-driver)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v tc >/dev/null 2>&1 || need+=(iproute2)
+command -v firefox-esr >/dev/null 2>&1 || need+=(firefox-esr)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "[system] chromium, iproute2, npm, python3-venv: present"
+  echo "[system] chromium, firefox-esr, iproute2, npm, python3-venv: present"
   exit 0
 fi
 echo "[system] installing: ${need[*]}"

@@ -1,0 +1,91 @@
+"""The camera phone's stream scheduler: lane choice by weight within depth, frame order, drops, failures, replans."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilemesh.runtime.stream import finished, new_stream, next_frame, replan
+
+
+def test_frames_follow_the_weights_when_lanes_have_room():
+    s = new_stream([(1, 3.0, 2), (2, 1.0, 2)])
+    lanes = []
+    for _ in range(400):
+        s, got = next_frame(s)
+        lanes.append(got[1])
+        s, _ = finished(s, got[0])
+    c = Counter(lanes)
+    assert c[1] == 300 and c[2] == 100  # smooth WRR is exact over whole cycles
+    # ... and interleaved, not in bursts: never more than 3 lane-1 frames in a row.
+    run = best = 0
+    for ln in lanes:
+        run = run + 1 if ln == 1 else 0
+        best = max(best, run)
+    assert best == 3
+
+
+def test_full_lanes_skip_the_camera_frame_and_free_slots_on_results():
+    s = new_stream([(7, 1.0, 2)])
+    s, a = next_frame(s)
+    s, b = next_frame(s)
+    s, c = next_frame(s)
+    assert a == (1, 7) and b == (2, 7) and c is None and s.skipped == 1
+    s, show = finished(s, 1)
+    assert show
+    s, d = next_frame(s)
+    assert d == (3, 7)
+
+
+def test_results_are_shown_in_frame_order_and_late_ones_counted():
+    s = new_stream([(1, 1.0, 4), (2, 1.0, 4)])
+    for _ in range(4):
+        s, _ = next_frame(s)
+    s, show3 = finished(s, 3)
+    s, show1 = finished(s, 1)  # older than a shown result: dropped
+    s, show2 = finished(s, 2, ok=False)
+    s, show4 = finished(s, 4)
+    assert (show3, show1, show2, show4) == (True, False, False, True)
+    assert s.dropped_late == 1 and s.failed == 1 and s.shown == 4
+    s, again = finished(s, 4)
+    assert not again and s.dropped_late == 1
+
+
+def test_replan_keeps_slots_of_lanes_that_stay():
+    s = new_stream([(1, 1.0, 1), (2, 1.0, 1)])
+    s, a = next_frame(s)
+    s, b = next_frame(s)
+    s = replan(s, [(2, 1.0, 1), (3, 1.0, 1)])
+    s, c = next_frame(s)
+    assert c[1] == 3  # lane 2 still holds its frame
+    s, _ = finished(s, a[0])  # a frame of the removed lane 1 still finishes
+    assert a[0] not in s.frame_lane
+    with pytest.raises(ValueError):
+        replan(s, [(4, 0.0, 1)])
+    with pytest.raises(ValueError):
+        replan(s, [(4, 1.0, 1), (4, 1.0, 1)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.1, 5), st.integers(1, 3)), min_size=1, max_size=4),
+       st.lists(st.integers(0, 10), min_size=1, max_size=80), st.randoms(use_true_random=False))
+def test_no_lane_ever_exceeds_its_depth_and_shown_frames_increase(lanes, script, rnd):
+    s = new_stream([(i + 1, w, d) for i, (w, d) in enumerate(lanes)])
+    shown = []
+    for step in script:
+        if step < 6:
+            s, got = next_frame(s)
+            assert got is None or got[1] in {ln.lane for ln in s.lanes}
+        elif s.frame_lane:
+            frame = rnd.choice(sorted(s.frame_lane))
+            s, show = finished(s, frame, ok=step != 10)
+            if show:
+                shown.append(frame)
+        for ln in s.lanes:
+            assert len(ln.in_flight) <= ln.depth
+        assert sum(len(ln.in_flight) for ln in s.lanes) == len(s.frame_lane)
+    assert shown == sorted(shown)
+    assert len(set(shown)) == len(shown)

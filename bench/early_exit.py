@@ -24,7 +24,7 @@ from tilemesh.runtime.preprocess import CROP_SIZE, RESIZE_SHORTER, normalize_u8,
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = [0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
-SIZES = (96, 112, 128, 160)
+SIZES = (96, 112, 128, 160, 192)
 # Photos of things ImageNet has classes for; the rest are textures, text and micrographs, where the full model's
 # own answer is a guess and a camera pointed at them is a hard frame by any measure.
 OBJECTS = {"astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "clock", "camera", "china", "flower"}

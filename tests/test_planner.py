@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_tiling import SETTINGS, random_cnn, to_graph
 
 from tilemesh.planning import planner as PL
 from tilemesh.planning.costmodel import predict_plan
+from tilemesh.runtime.deps import ELEMENTWISE_OPS, cut_candidates, live_tensors
 from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.profile import scaled_profile
 from tilemesh.runtime.tiling import build_plan, simulate
@@ -56,7 +60,11 @@ def _area_share(plan, tensor):
 def test_block_cuts_and_fusions(g):
     cuts = PL.block_cuts(g)
     assert cuts[0] == 2 and cuts[-1] == PL.head_start(g) == 97 and len(cuts) == 19  # 19 blocks, then the head
-    assert all(g.nodes[k].name.split(".")[:2] != g.nodes[k - 1].name.split(".")[:2] for k in cuts)
+    # Found from the structure alone, they are exactly where torchvision's module names change (`features.N`
+    # -> `features.N+1`) at a single-tensor cut: the names serve here as the oracle, never in the planner.
+    named = [k for k in cut_candidates(g)
+             if k <= PL.head_start(g) and g.nodes[k].name.split(".")[:2] != g.nodes[k - 1].name.split(".")[:2]]
+    assert cuts == named
     pair = PL.fusion_cuts(g, "pair")
     assert set(pair) <= set(cuts) and pair[-1] == cuts[-1] and len(cuts) // 2 <= len(pair) < len(cuts)
     stage = PL.fusion_cuts(g, "stage")
@@ -288,3 +296,78 @@ def test_large_rooms_cap_the_split(g):
     split_sizes = {len(e.spec.splits[0].devices) * len(e.spec.splits[0].devices[0])
                    for e in est if e.spec.strategy == "tilemesh"}
     assert split_sizes and max(split_sizes) <= 3
+
+
+# --------------------------------------------------------------------------- random CNNs
+
+
+def _renamed(graph, seed: int):
+    """The same graph with every node and tensor renamed at random (and weights under new keys)."""
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    tensors = [graph.input, *(n.output for n in graph.nodes)]
+    names = {t: f"t{rng.randrange(10**9)}_{i}" for i, t in enumerate(tensors)}
+    params = {k: f"w{rng.randrange(10**9)}_{i}" for i, k in enumerate(graph.weights)}
+    nodes = [dataclasses.replace(n, name=f"n{rng.randrange(10**9)}", output=names[n.output],
+                                 inputs=tuple(names[t] for t in n.inputs), params=tuple(params[p] for p in n.params))
+             for n in graph.nodes]
+    return dataclasses.replace(graph, nodes=nodes, input=names[graph.input], output=names[graph.output],
+                               shapes={names[t]: graph.shapes[t] for t in tensors},
+                               weights={params[k]: v for k, v in graph.weights.items()})
+
+
+@SETTINGS
+@given(data=st.data())
+def test_block_cuts_of_random_cnns_come_from_structure(data):
+    graph = to_graph(data.draw(random_cnn()))
+    cuts = PL.block_cuts(graph)
+    head = PL.head_start(graph)
+    assert cuts == sorted(set(cuts))
+    for k in cuts:
+        assert 0 < k <= head and len(live_tensors(graph, k)) == 1
+        # Never between an activation and its producer.
+        node = graph.nodes[k]
+        assert not (node.op in ELEMENTWISE_OPS and tuple(node.inputs) == (graph.nodes[k - 1].output,)
+                    and graph.shapes[node.output] == graph.shapes[graph.nodes[k - 1].output])
+    # Names play no part: the same graph under random names has the same cuts, fusions and baselines.
+    other = _renamed(graph, data.draw(st.integers(0, 2**31)))
+    assert PL.block_cuts(other) == cuts
+    for mode in PL.FUSIONS:
+        assert PL.fusion_cuts(other, mode) == PL.fusion_cuts(graph, mode)
+        assert set(PL.fusion_cuts(graph, mode)) <= set(cuts)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_planner_on_random_cnns_is_exact_and_never_worse_than_a_strategy(data):
+    graph = to_graph(data.draw(random_cnn()))
+    speeds = data.draw(st.lists(st.sampled_from([0.1, 0.25, 0.5, 1.0, 2.0, 8.0]), min_size=1, max_size=4))
+    profs = {f"d{i}": scaled_profile(LAPTOP, s) for i, s in enumerate(speeds)}
+    links = data.draw(st.sampled_from([WIFI, SLOW]))
+    edge = data.draw(st.sampled_from([None, *profs]))
+    x = np.random.default_rng(1).standard_normal(graph.shapes[graph.input]).astype(np.float32)
+    want = run_graph(graph, x)
+    best = PL.plan_frame(graph, profs, links, "d0", {"edge": edge, "margin": 0})
+    np.testing.assert_allclose(simulate(graph, best.plan, x), want, atol=1e-4, rtol=1e-4)
+    for strategy in PL.STRATEGIES:
+        ch = PL.make_plan(strategy, graph, profs, links, "d0", edge)
+        assert best.predicted_s <= ch.predicted_s + 1e-12, strategy
+        np.testing.assert_allclose(simulate(graph, ch.plan, x), want, atol=1e-4, rtol=1e-4, err_msg=strategy)
+
+
+def test_a_graph_without_block_boundaries_still_plans():
+    from tilemesh.runtime.graph import Graph, Node
+
+    rng = np.random.default_rng(0)
+    w = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    node = Node("only", "Conv", ("x",), "y", {"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1),
+                                              "dilations": (1, 1), "group": 1}, ("w", "b"))
+    graph = Graph([node], "x", "y", {"x": (1, 3, 8, 8), "y": (1, 4, 8, 8)}, w)
+    assert PL.block_cuts(graph) == []
+    profs = room(a=1.0, b=2.0)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for strategy in PL.STRATEGIES:
+        ch = PL.make_plan(strategy, graph, profs, WIFI, "a")
+        np.testing.assert_allclose(simulate(graph, ch.plan, x), run_graph(graph, x), atol=1e-5, err_msg=strategy)

@@ -14,9 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tilemesh.planning import planner
 from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime import wire
-from tilemesh.runtime.deps import cut_candidates, live_tensors
+from tilemesh.runtime.deps import live_tensors
 from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.preprocess import centre_crop_u8, normalize_u8
 from tilemesh.runtime.regions import plane
@@ -31,12 +32,11 @@ def mobilenet(demo_model_dir):
 
 
 def block_cuts(graph) -> dict[int, int]:
-    """Block-boundary cut index -> stride of the tensor live there."""
+    """Block-boundary cut index (as the planner finds it from the structure) -> stride of the tensor live there."""
     out = {}
-    for k in cut_candidates(graph):
-        if graph.nodes[k - 1].name.split(".")[:2] != graph.nodes[k].name.split(".")[:2]:
-            (t,) = live_tensors(graph, k)
-            out[k] = plane(graph.shapes[graph.input])[0] // plane(graph.shapes[t])[0]
+    for k in planner.block_cuts(graph):
+        (t,) = live_tensors(graph, k)
+        out[k] = plane(graph.shapes[graph.input])[0] // plane(graph.shapes[t])[0]
     return out
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime.backend import OnnxRuntimeBackend
-from tilemesh.runtime.deps import cut_candidates, input_halo, live_tensors, make_segments, segment_is_spatial
+from tilemesh.runtime.deps import input_halo, live_tensors, make_segments, segment_is_spatial
 from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.regions import Region, check_partition, plane
 from tilemesh.runtime.tiling import Plan, Split, Transfer, build_plan, fused_tiling_report, run_task, simulate
@@ -384,14 +384,11 @@ def mobilenet(request):
 
 
 def _block_outputs(graph):
-    """(cut index, tensor) at each MobileNetV2 block boundary: a single-tensor cut where the node
-    names change from one `features.N` module to the next."""
-    out = []
-    for k in cut_candidates(graph):
-        if graph.nodes[k - 1].name.split(".")[:2] != graph.nodes[k].name.split(".")[:2]:
-            (tensor,) = live_tensors(graph, k)
-            out.append((k, tensor))
-    return out
+    """(cut index, tensor) at each block boundary before the head, as the planner finds them from the graph's
+    structure (MobileNetV2: between its `features.N` modules)."""
+    from tilemesh.planning.planner import block_cuts, head_start
+
+    return [(k, live_tensors(graph, k)[0]) for k in block_cuts(graph) if k < head_start(graph)]
 
 
 def mobilenet_report(graph) -> list[str]:

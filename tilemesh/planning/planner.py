@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilemesh.runtime.deps import GLOBAL_OPS, cut_candidates, live_tensors, node_macs
+from tilemesh.runtime.deps import ELEMENTWISE_OPS, GLOBAL_OPS, cut_candidates, live_tensors, node_macs
 from tilemesh.runtime.profile import predict_node_seconds, validate_profile
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.tiling import Plan, Split, build_plan
@@ -113,31 +113,38 @@ def spec_devices(spec: Spec) -> set[str]:
     return out
 
 
-def _block_key(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
-
-
 def head_start(graph) -> int:
     """Index of the first node of the non-spatial head (the first global op), or len(nodes)."""
     return next((i for i, n in enumerate(graph.nodes) if n.op in GLOBAL_OPS), len(graph.nodes))
 
 
+def _inside_layer(graph, k: int) -> bool:
+    """True if the cut before nodes[k] would separate an elementwise op (an activation) from the node whose
+    output is its only input: such a cut moves the same tensor one op later and is never a block boundary."""
+    node, prev = graph.nodes[k], graph.nodes[k - 1]
+    return (node.op in ELEMENTWISE_OPS and tuple(node.inputs) == (prev.output,)
+            and graph.shapes[node.output] == graph.shapes[prev.output])
+
+
 def block_cuts(graph) -> list[int]:
-    """Cut points between blocks, at or before the head: single-tensor cuts where the node names'
-    block prefix changes (torchvision-style "features.N"), else single-tensor cuts where the crossing
-    tensor is no larger than at the neighbouring cuts (the narrow projection outputs)."""
+    """Cut points between blocks, found from the graph's structure alone (node names play no part).
+
+    A block boundary is a single-tensor cut (`deps.cut_candidates`: residual branches are never cut) that
+    does not split an activation from its producer, where the crossing tensor is no larger than at the
+    neighbouring such cuts: the narrow points between blocks (MobileNetV2's projection outputs, not its
+    6x-expanded insides). The start of the head (the first global op) is added when one tensor crosses it.
+    On the demo MobileNetV2 this gives exactly the boundaries of its 19 `features.N` modules."""
     head = head_start(graph)
-    cands = [k for k in cut_candidates(graph) if k <= head]
-    by_key = [k for k in cands if _block_key(graph.nodes[k].name) != _block_key(graph.nodes[k - 1].name)]
-    if len(by_key) >= 2:
-        return by_key
+    bounds = [k for k in cut_candidates(graph) if k < head and not _inside_layer(graph, k)]
 
     def size(k):
         return sum(math.prod(graph.shapes[t]) for t in live_tensors(graph, k))
 
-    return [k for i, k in enumerate(cands)
-            if (i == 0 or size(k) <= size(cands[i - 1])) and (i + 1 == len(cands) or size(k) <= size(cands[i + 1]))]
+    out = [k for i, k in enumerate(bounds)
+           if (i == 0 or size(k) <= size(bounds[i - 1])) and (i + 1 == len(bounds) or size(k) <= size(bounds[i + 1]))]
+    if 0 < head < len(graph.nodes) and len(live_tensors(graph, head)) == 1:
+        out.append(head)
+    return out
 
 
 def _resolution_after(graph, k: int) -> int:
@@ -395,14 +402,16 @@ def fixed_grid_depth(graph) -> int:
     resolution (MobileNetV2: the end of the 28x28 stage, about 38% of the MACs)."""
     ih, iw = plane(graph.shapes[graph.input])
     cuts = block_cuts(graph)
+    if not cuts:
+        raise ValueError("the graph has no block boundary to fuse up to")
     ok = [k for k in cuts if _resolution_after(graph, k) * 64 >= ih * iw]
     return ok[-1] if ok else cuts[0]
 
 
 def _fixed_grid_spec(graph, devices, source, edge, speed) -> Spec | None:
     """DeepThings: one fused segment up to a fixed depth on an equal grid (2x2 for 4 devices, rows
-    otherwise), the rest gathered on the edge (or the fastest device)."""
-    if len(devices) < 2:
+    otherwise), the rest gathered on the edge (or the fastest device); None without a block boundary."""
+    if len(devices) < 2 or not block_cuts(graph):
         return None
     order = [source] + [d for d in devices if d != source]
     if len(order) == 4:
@@ -548,8 +557,10 @@ def make_plan(strategy: str, graph, profiles: dict[str, dict], links, source: st
         return ch
     if strategy == "equal_split":
         return _choice(graph, _equal_split_spec(graph, devices, source), profiles, links, source, options)
-    return _choice(graph, _fixed_grid_spec(graph, devices, source, options.get("edge"), speed),
-                   profiles, links, source, options)
+    spec = _fixed_grid_spec(graph, devices, source, options.get("edge"), speed)
+    if spec is None:  # nothing to fuse up to (a graph without a block boundary): the source alone
+        spec = Spec("fixed_grid", "source alone (no block boundary)", (), (Split.whole(source),))
+    return _choice(graph, spec, profiles, links, source, options)
 
 
 # --------------------------------------------------------------------------- scenarios and CLI

@@ -10,6 +10,8 @@ and once on the real host page. No WebRTC: the views only draw messages.
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from collections import deque
 
 import numpy as np
@@ -23,6 +25,7 @@ from tilemesh.runtime.profile import OP_CLASSES, measure_profile, op_class, pred
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.runner import DeviceRunner
 from tilemesh.server.inference import Inference
+from tilemesh.server.model import default_model, prepare
 from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.ids import PeerId, ResumeToken
 
@@ -34,8 +37,9 @@ FIXTURE = """<!doctype html>
 <body><main class="page host">
 <ul id="roster"></ul><div id="plan" class="panel"></div><div id="live" class="panel"></div>
 </main>
+MODEL_ELEMENT
 <script type="module">
-import { HostView, DEMO_MODEL, modelSeconds, effectiveGflops } from "/web/host_view.js";
+import { HostView, pageModel, modelSeconds, effectiveGflops } from "/web/host_view.js";
 import { RoomView } from "/web/room_view.js";
 import { DEVICE_COLOURS } from "/web/ar.js";
 // Signaling's event surface only: on(type, handler) gets the message, as SignalingClient passes it.
@@ -50,7 +54,7 @@ const host = new HostView({ planEl: document.getElementById("plan"), liveEl: doc
 host.onColours = (c) => view.setColours(c);
 host.attach(signaling, engine);
 signaling.on("roster", ({ peers }) => view.update(peers, window.t.selfId));
-window.t = { signaling, engine, view, host, DEMO_MODEL, modelSeconds, effectiveGflops, DEVICE_COLOURS, selfId: null,
+window.t = { signaling, engine, view, host, pageModel, modelSeconds, effectiveGflops, DEVICE_COLOURS, selfId: null,
   report: (detail) => engine.dispatchEvent(new CustomEvent("report", { detail })) };
 </script></body></html>
 """
@@ -79,7 +83,7 @@ def fmt_bytes(n: int) -> str:
 @pytest.fixture(scope="module")
 def room_data():
     """(plan message, {frame: {device: report}}, roster peers, the Python graph) for three devices."""
-    inference = Inference(REPO / "static")
+    inference = Inference(prepare(default_model(REPO / "static"), REPO / "static"))
     graph = inference.graph
     base = measure_profile(graph, budget_s=0.05)
     ids = {k: PeerId("p" + k.ljust(11, "x")) for k in NAMES}
@@ -121,7 +125,11 @@ def room_data():
 
 @pytest.fixture
 def fixture_page(page, server):
-    page.route(server.url + FIXTURE_PATH, lambda route: route.fulfill(body=FIXTURE, content_type="text/html"))
+    # The served model's summary as the server renders it into its real pages.
+    html = urllib.request.urlopen(server.url + "/runtime", timeout=10).read().decode()
+    element = re.search(r'<script type="application/json" id="tilemesh-model">.*?</script>', html, re.S).group(0)
+    body = FIXTURE.replace("MODEL_ELEMENT", element)
+    page.route(server.url + FIXTURE_PATH, lambda route: route.fulfill(body=body, content_type="text/html"))
     page.goto(server.url + FIXTURE_PATH)
     page.wait_for_function("() => window.t && window.t.host")
     return page
@@ -251,13 +259,14 @@ def test_live_timeline_from_frame_reports(fixture_page, room_data):
 def test_roster_shows_speed_and_links(fixture_page, room_data):
     page = fixture_page
     msg, _, roster, graph = room_data
-    # The JS model totals are the demo model's, and the JS time formula is predict_graph_seconds.
+    # The model totals the server renders into the page are the served model's, and the JS time formula is
+    # predict_graph_seconds.
     totals = {c: 0 for c in OP_CLASSES}
     for n in graph.nodes:
         c = op_class(graph, n)
         if c:
             totals[c] += node_macs(n, graph, Region.full(*plane(graph.shapes[n.output])))
-    model = page.evaluate("() => window.t.DEMO_MODEL")
+    model = page.evaluate("() => window.t.pageModel()")
     assert model["nodes"] == len(graph.nodes) and model["macs"] == totals
     page.evaluate("(peers) => window.t.signaling.emit('roster', {peers})", roster)
     names = {p["id"]: p["name"] for p in roster}

@@ -19,8 +19,8 @@ LOAD_MODEL = """
 from pyodide.http import pyfetch
 import os
 os.makedirs('/model', exist_ok=True)
-for name in ('mobilenet_v2.json', 'mobilenet_v2.bin', 'labels.json'):
-    resp = await pyfetch('/static/model/' + name)
+for name in ('graph.json', 'graph.bin', 'labels.json'):
+    resp = await pyfetch('/model/' + name)
     open('/model/' + name, 'wb').write(await resp.bytes())
 """
 
@@ -37,7 +37,7 @@ def test_full_model_in_pyodide_matches_onnxruntime_top5(page, server):
     assert page.locator("#info").get_attribute("data-state") == "ready"
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
     page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
-                  "['/model/mobilenet_v2.json', '/model/labels.json'])")
+                  "['/model/graph.json', '/model/labels.json'])")
     sess = ort.InferenceSession(str(REPO / "static/model/mobilenet_v2.onnx"), providers=["CPUExecutionProvider"])
     labels = json.loads((REPO / "static/model/labels.json").read_text())
     for photo in (skimage.data.chelsea(), skimage.data.coffee()):

@@ -252,7 +252,7 @@ def test_smoke_run_in_namespaces(tmp_path):
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())
-    if not (REPO / "static/model/mobilenet_v2.json").exists():
+    if not (REPO / "static/model/mobilenet_v2.onnx").exists():
         pytest.skip("browser assets missing: run `python -m tilemesh.server.assets`")
     res = subprocess.run([sys.executable, "-m", "bench.harness", "smoke", "--frames", "2", "--no-plots",
                           "--strategies", "single,tilemesh", "--results", str(tmp_path)],

@@ -25,6 +25,7 @@ from tilemesh.runtime.classify import frame_from_bytes
 from tilemesh.runtime.peer import Peer
 from tilemesh.runtime.profile import scaled_profile
 from tilemesh.server.app import ServerConfig
+from tilemesh.server.model import default_model, prepare
 from tilemesh.server.signaling.protocol import MAX_PROFILE_BYTES
 
 SIZE = 256
@@ -33,9 +34,9 @@ SIZE = 256
 @pytest.fixture(scope="module")
 def model() -> ModelRuntime:
     static = ServerConfig().static_dir
-    if not (static / "model" / "mobilenet_v2.json").exists():
-        pytest.skip("static/model is not built (python -m tilemesh.models)")
-    return load_model_runtime(static)
+    if not default_model(static).exists():
+        pytest.skip("static/model is not built (python -m tilemesh.server.assets)")
+    return load_model_runtime(prepare(default_model(static), static).dir)
 
 
 def crop(image: np.ndarray) -> bytes:

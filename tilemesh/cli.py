@@ -10,9 +10,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tilemesh.paths import default_static_dir, source_root
 from tilemesh.server import netinfo, tls
 from tilemesh.server.app import create_app
-from tilemesh.server.context import REPO_ROOT, ServerConfig
+from tilemesh.server.context import ServerConfig
 
 log = logging.getLogger("tilemesh")
 
@@ -61,8 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_url=public_url,
         ice_servers=_parse_ice(args.ice_server),
         edge_peer=args.edge,
+        model=Path(args.model) if args.model else None,
     )
-    app = create_app(config)
+    from tilemesh.server.model import CardError, ModelError  # noqa: PLC0415
+
+    try:
+        app = create_app(config)
+    except (ModelError, CardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"tilemesh is running: open {public_url} on a laptop, then scan the QR code with phones", flush=True)
     others = [a for a in netinfo.lan_addresses() if a != host] if args.host in ("0.0.0.0", "::") else []
     if others:
@@ -82,8 +90,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     # The benchmark lives in the source checkout (bench/), outside the installed package: it drives Playwright,
     # namespaces and cgroups, which serving never needs.
-    if (REPO_ROOT / "bench" / "harness.py").exists() and str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    root = source_root()
+    if root and (root / "bench" / "harness.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from bench import harness as bench  # noqa: PLC0415
     except ImportError as exc:
@@ -107,13 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     tls_mode.add_argument("--http", action="store_true", help="plain http even off loopback (phones lose the camera)")
     tls_mode.add_argument("--https", action="store_true", help="https even on loopback (default: https off loopback)")
     serve.add_argument("--state-dir", default=str(Path.home() / ".tilemesh"), help="where the certificate is kept")
-    serve.add_argument("--static-dir", default=str(REPO_ROOT / "static"))
+    serve.add_argument("--static-dir", default=str(default_static_dir()),
+                       help="where `tilemesh setup` put the browser assets (default: %(default)s)")
     serve.add_argument("--ice-server", action="append", default=[], help="STUN/TURN URL[|user|credential]")
     serve.add_argument("--edge", action="store_true", help="the server joins each room as an aiortc edge peer")
+    serve.add_argument("--model", metavar="FILE.onnx",
+                       help="the CNN to serve, with its model card FILE.json beside it (labels, preprocessing; "
+                            "see tilemesh.models.card); default: the demo model `tilemesh setup` built")
     serve.set_defaults(func=cmd_serve)
 
     setup = sub.add_parser("setup", help="fetch, verify and unpack the browser and model assets")
-    setup.add_argument("--static-dir", default=str(REPO_ROOT / "static"))
+    setup.add_argument("--static-dir", default=str(default_static_dir()),
+                       help="where to put the browser assets (default: %(default)s; env TILEMESH_STATIC)")
     setup.set_defaults(func=cmd_setup)
 
     bench = sub.add_parser("bench", add_help=False,

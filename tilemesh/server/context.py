@@ -13,8 +13,8 @@ import jinja2
 from aiohttp import web
 
 import tilemesh
+from tilemesh.paths import default_static_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 TEMPLATES = WEB_DIR / "templates"
 
@@ -25,20 +25,26 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8443
-    static_dir: Path = REPO_ROOT / "static"
+    static_dir: Path = field(default_factory=default_static_dir)
     web_dir: Path = WEB_DIR
     # The URL phones should open (scheme, LAN address, port); the CLI computes it, tests may override it.
     public_url: str | None = None
     ice_servers: list[dict] = field(default_factory=list)
     # Start the aiortc edge peer (the server joins each room as one more device).
     edge_peer: bool = False
+    # The ONNX model to serve (its model card beside it); None: the demo model `tilemesh setup` built.
+    model: Path | None = None
 
 
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 JINJA_KEY = web.AppKey("jinja", jinja2.Environment)
+# The served model (`tilemesh.server.model.ModelBundle`), or None when none is set up.
+MODEL_KEY = web.AppKey("model", object)
 
 
 def render(request: web.Request, template: str, status: int = 200, **context) -> web.Response:
     env = request.app[JINJA_KEY]
-    html = env.get_template(template).render(version=tilemesh.__version__, **context)
+    bundle = request.app.get(MODEL_KEY)
+    model = bundle.page_info() if bundle is not None else None
+    html = env.get_template(template).render(version=tilemesh.__version__, model=model, **context)
     return web.Response(text=html, content_type="text/html", status=status)

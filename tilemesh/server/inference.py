@@ -12,25 +12,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from pathlib import Path
 
 from aiohttp import web
 
 from tilemesh.planning import planner
-from tilemesh.runtime.graph import Graph, load_compact
-from tilemesh.server.context import CONFIG_KEY
+from tilemesh.runtime.graph import Graph
+from tilemesh.server.context import MODEL_KEY
 from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.ids import PeerId
 
 log = logging.getLogger("tilemesh.inference")
 
-MODEL_NAME = "mobilenet_v2"
 READY_STATES = ("ready", "busy")
 MAX_CANDIDATES = 12
-
-
-def load_model_graph(static_dir: Path) -> Graph:
-    return load_compact(static_dir / "model" / MODEL_NAME)
 
 
 def planner_inputs(room: rooms.Room, requester: PeerId, devices=None) -> tuple[dict, dict, str | None]:
@@ -78,17 +72,19 @@ def shortlist(candidates: list[dict], top: int = MAX_CANDIDATES) -> list[dict]:
 
 
 class Inference:
-    """Holds the model graph (loaded once, lazily) and numbers plans."""
+    """Holds the served model's graph (loaded once, lazily, from its bundle) and numbers plans."""
 
-    def __init__(self, static_dir: Path):
-        self.static_dir = static_dir
+    def __init__(self, bundle):
+        self.bundle = bundle  # tilemesh.server.model.ModelBundle, or None when no model is set up
         self._graph: Graph | None = None
         self._ids = itertools.count(1)
 
     @property
     def graph(self) -> Graph:
         if self._graph is None:
-            self._graph = load_model_graph(self.static_dir)
+            if self.bundle is None:
+                raise ValueError("the server has no model: run `tilemesh setup` (or serve with --model FILE.onnx)")
+            self._graph = self.bundle.graph()
         return self._graph
 
     def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
@@ -121,7 +117,7 @@ INFERENCE_KEY = web.AppKey("inference", Inference)
 def setup(app: web.Application) -> Inference:
     from tilemesh.server.signaling import hub as signaling  # noqa: PLC0415  (signaling imports app; keep the import graph acyclic)
 
-    inference = Inference(app[CONFIG_KEY].static_dir)
+    inference = Inference(app[MODEL_KEY])
     app[INFERENCE_KEY] = inference
     app[signaling.HUB_KEY].planner = inference
     return inference

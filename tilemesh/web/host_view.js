@@ -10,19 +10,23 @@ import { DEVICE_COLOURS } from "/web/ar.js";
 const SVG_NS = "http://www.w3.org/2000/svg";
 const KEEP_PLANS = 8;
 
-// The demo model's size, for turning a compute profile into one speed figure. tests check these against
-// tilemesh.runtime (node count, and MACs per profile op class at full resolution; "elementwise" counts elements).
-export const DEMO_MODEL = {
-  name: "MobileNetV2",
-  nodes: 100,
-  macs: { conv_dense: 10838016, conv_pointwise: 267939840, conv_depthwise: 20716416, elementwise: 6384896,
-    gemm: 1280000 },
-};
+// The served model's size, as the server renders it into every page (tilemesh.server.model.graph_summary: name,
+// node count, MACs per profile op class at full resolution, "elementwise" counting elements). Null without one.
+export function pageModel(doc = globalThis.document) {
+  const el = doc?.getElementById("tilemesh-model");
+  if (!el) return null;
+  try {
+    return JSON.parse(el.textContent);
+  } catch {
+    return null;
+  }
+}
 
 // tilemesh.runtime.profile.predict_graph_seconds for the whole model at full size: each node costs the fixed
 // overhead plus its MACs at its class's rate, all times chain_factor. Null for a malformed profile (they
-// come from other people's devices).
-export function modelSeconds(profile, model = DEMO_MODEL) {
+// come from other people's devices) or without a model.
+export function modelSeconds(profile, model = pageModel()) {
+  if (!model || !model.macs) return null;
   if (!profile || typeof profile.sec_per_mac !== "object" || profile.sec_per_mac === null) return null;
   let t = model.nodes * Number(profile.overhead_s);
   for (const [cls, macs] of Object.entries(model.macs)) t += macs * Number(profile.sec_per_mac[cls]);
@@ -30,8 +34,8 @@ export function modelSeconds(profile, model = DEMO_MODEL) {
   return Number.isFinite(t) && t > 0 ? t : null;
 }
 
-// Effective speed on the demo model: 2 FLOP per multiply-accumulate of its convolutions and classifier.
-export function effectiveGflops(profile, model = DEMO_MODEL) {
+// Effective speed on the served model: 2 FLOP per multiply-accumulate of its convolutions and classifier.
+export function effectiveGflops(profile, model = pageModel()) {
   const s = modelSeconds(profile, model);
   if (s === null) return null;
   const { elementwise, ...real } = model.macs;  // elements, not multiply-accumulates

@@ -59,7 +59,7 @@ export class RoomEngine extends EventTarget {
   _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
 
   // Loads the model into the worker (once); resolves with its size.
-  load(modelJson = "/model/mobilenet_v2.json", labelsJson = "/model/labels.json") {
+  load(modelJson = "/model/graph.json", labelsJson = "/model/labels.json") {
     this.loaded ??= this.runtime.call("tilemesh.runtime.peer", "load", [modelJson, labelsJson]);
     return this.loaded;
   }

@@ -6,7 +6,7 @@ import { SignalingClient } from "/web/signaling.js";
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
 import { Mesh } from "/web/mesh.js";
 import { RoomEngine } from "/web/room_engine.js";
-import { effectiveGflops, modelSeconds, fmtMs, DEMO_MODEL } from "/web/host_view.js";
+import { effectiveGflops, modelSeconds, fmtMs, pageModel } from "/web/host_view.js";
 
 const STYLE = `
 .roster { list-style: none; padding: 0; margin: .5rem 0; display: grid; gap: .4rem; }
@@ -152,8 +152,8 @@ export class RoomView {
     } else {
       const b = document.createElement("b");
       b.textContent = `${gflops >= 10 ? gflops.toFixed(0) : gflops.toFixed(1)} GFLOP/s`;
-      row.speed.replaceChildren(b, ` · ${DEMO_MODEL.name} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`);
-      row.speed.title = "effective speed on the demo model, predicted from this device's measured profile";
+      row.speed.replaceChildren(b, ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`);
+      row.speed.title = "effective speed on the served model, predicted from this device's measured profile";
       row.li.dataset.gflops = gflops.toPrecision(6);
     }
     const names = new Map(this.peers.map((p) => [p.id, p.name]));

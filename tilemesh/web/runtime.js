@@ -3,11 +3,12 @@
 //   const rt = new PeerRuntime({ onProgress: (stage, fraction, detail) => ... });
 //   const info = await rt.boot();                       // {runtime, numpy, python, pyodide, bootMs}
 //   const out = await rt.call("tilemesh.runtime.wire", "encode_tensor", [args...], [transferables]);
-// The demo model's files, fetched into the worker's file system at boot (tilemesh.runtime.peer.load reads them).
+// The served model's files (whatever `tilemesh serve --model` serves, under fixed names), fetched into the
+// worker's file system at boot (tilemesh.runtime.peer.load reads them).
 export const MODEL_FILES = [
-  { url: "/static/model/mobilenet_v2.json", path: "/model/mobilenet_v2.json" },
-  { url: "/static/model/mobilenet_v2.bin", path: "/model/mobilenet_v2.bin" },
-  { url: "/static/model/labels.json", path: "/model/labels.json" },
+  { url: "/model/graph.json", path: "/model/graph.json" },
+  { url: "/model/graph.bin", path: "/model/graph.bin" },
+  { url: "/model/labels.json", path: "/model/labels.json" },
 ];
 
 export class PeerRuntime {

@@ -1,0 +1,128 @@
+"""The model card: what `tilemesh serve --model FILE.onnx` needs to know beside the graph (standard library only).
+
+It is `FILE.json` next to `FILE.onnx`:
+
+    {
+      "name": "MobileNetV2 (ImageNet-1k)",          # shown on the pages (default: the file's stem)
+      "labels": "labels.json",                       # a JSON list of class names, or {"0": name, ...}: a file
+                                                     # relative to the card, or the list itself inline
+      "preprocess": {                                # how a camera frame becomes the input tensor
+        "resize_shorter_side": 256,                  # scale the frame's shorter side to this (default: crop)
+        "crop": 224,                                 # then take the centre crop x crop (default: the input's size)
+        "mean": [0.485, 0.456, 0.406],               # per RGB channel, on pixels scaled to [0, 1] (default 0)
+        "std": [0.229, 0.224, 0.225]                 # (default 1): x = (pixel / 255 - mean) / std
+      }
+    }
+
+The model takes one NCHW float32 RGB input of a fixed square size and gives one row of class scores (logits)
+per frame; the card is checked against the graph (crop == input size, one label per class) when it is loaded,
+and every mistake is an error naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class CardError(ValueError):
+    """The model card is missing, malformed or does not fit the model; the message says which field."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    resize_shorter_side: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    labels: tuple[str, ...]
+    preprocess: Preprocess
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+
+def card_path(model: str | Path) -> Path:
+    return Path(model).with_suffix(".json")
+
+
+def load_card(model: str | Path, input_shape: tuple[int, ...], classes: int) -> ModelCard:
+    """The card next to `model` (an .onnx path), checked against the model's input shape and class count."""
+    path = card_path(model)
+    if not path.is_file():
+        raise CardError(f"no model card {path}: write one beside {Path(model).name} (fields in tilemesh.models.card)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardError(f"{path}: not readable JSON: {exc}") from None
+    return parse_card(raw, path, input_shape, classes, default_name=Path(model).stem)
+
+
+def parse_card(raw, path: Path, input_shape, classes: int, default_name: str = "model") -> ModelCard:
+    if not isinstance(raw, dict):
+        raise CardError(f"{path}: a model card is a JSON object")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise CardError(f"{path}: 'name' must be a non-empty string")
+    labels = _labels(raw.get("labels"), path)
+    if len(labels) != classes:
+        raise CardError(f"{path}: 'labels' has {len(labels)} names but the model has {classes} classes")
+    if len(input_shape) != 4 or input_shape[0] != 1 or input_shape[1] != 3 or input_shape[2] != input_shape[3]:
+        raise CardError(f"{path}: the model's input {tuple(input_shape)} is not one square RGB image (1, 3, S, S)")
+    size = int(input_shape[2])
+    pre = raw.get("preprocess", {})
+    if not isinstance(pre, dict):
+        raise CardError(f"{path}: 'preprocess' must be an object")
+    unknown = set(pre) - {"resize_shorter_side", "crop", "mean", "std"}
+    if unknown:
+        raise CardError(f"{path}: unknown 'preprocess' fields {sorted(unknown)}")
+    crop = _int(pre.get("crop", size), "preprocess.crop", path)
+    if crop != size:
+        raise CardError(f"{path}: 'preprocess.crop' is {crop} but the model's input is {size}x{size}")
+    shorter = _int(pre.get("resize_shorter_side", crop), "preprocess.resize_shorter_side", path)
+    if not crop <= shorter <= 4096:
+        raise CardError(f"{path}: 'preprocess.resize_shorter_side' must lie in {crop}..4096")
+    mean = _triple(pre.get("mean", (0.0, 0.0, 0.0)), "preprocess.mean", path)
+    std = _triple(pre.get("std", (1.0, 1.0, 1.0)), "preprocess.std", path)
+    if min(std) <= 0:
+        raise CardError(f"{path}: 'preprocess.std' must be positive")
+    return ModelCard(name.strip(), labels, Preprocess(shorter, crop, mean, std))
+
+
+def _labels(value, path: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        file = path.parent / value
+        try:
+            value = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CardError(f"{path}: 'labels' file {file} not readable JSON: {exc}") from None
+    if isinstance(value, dict):
+        if set(value) != {str(i) for i in range(len(value))}:
+            raise CardError(f"{path}: 'labels' as an object must map '0'..'{len(value) - 1}' to names")
+        value = [value[str(i)] for i in range(len(value))]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CardError(f"{path}: 'labels' must be a list of names (or a file holding one)")
+    return tuple(value)
+
+
+def _int(value, field: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CardError(f"{path}: '{field}' must be a positive integer")
+    return value
+
+
+def _triple(value, field: str, path: Path) -> tuple[float, float, float]:
+    ok = isinstance(value, list | tuple) and len(value) == 3 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        raise CardError(f"{path}: '{field}' must be three numbers (R, G, B)")
+    return tuple(float(v) for v in value)

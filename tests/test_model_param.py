@@ -70,7 +70,10 @@ def test_bundle_of_a_second_model_classifies_like_onnxruntime(tiny, tmp_path):
     assert card["preprocess"] == {"resize_shorter_side": 36, "crop": SIZE, "mean": [0.5, 0.4, 0.3],
                                   "std": [0.2, 0.25, 0.3]}
     # The compact form (what Pyodide and the edge load) computes what onnxruntime computes on the ONNX file.
-    classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json")
+    with pytest.raises(ValueError, match="crops 224x224"):  # without its card: ImageNet's 224 does not fit
+        LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json")
+    classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json",
+                                            bundle.dir / "card.json")
     x = np.random.default_rng(3).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
     want = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     from tilemesh.runtime.executor import run_graph
@@ -116,6 +119,31 @@ def _room(profiles: dict[str, dict]) -> tuple[rooms.Room, PeerId]:
                                                                      for o in profiles if o != name}})
         for name, prof in profiles.items())
     return rooms.Room(id="r" * 22, created_at=0.0, peers=peers), ids[next(iter(profiles))]
+
+
+def test_camera_frames_follow_the_card_locally_and_through_a_plan(tiny, tmp_path):
+    """A 36x36 RGBA frame (the card's resize_shorter_side): the centre 32 crop, normalised with the card's mean
+    and std, classified alone and through a single-device plan; both equal onnxruntime on the same input."""
+    from tilemesh.runtime.peer import Peer
+
+    bundle = model_mod.prepare(tiny, tmp_path / "static")
+    classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json",
+                                            bundle.dir / "card.json")
+    frame = np.random.default_rng(11).integers(0, 256, (36, 36, 4), dtype=np.uint8)
+    crop = frame[2:34, 2:34, :3].astype(np.float32) / 255.0
+    x = ((crop - np.float32([0.5, 0.4, 0.3])) / np.float32([0.2, 0.25, 0.3])).transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0][0]
+    want_top = [LABELS[i] for i in np.argsort(-want, kind="stable")[:3]]
+    local = classifier.classify(frame.tobytes(), 36, 36, 3)
+    assert [e["label"] for e in local["top"]] == want_top
+    peer = Peer(classifier)
+    peer.set_plan({"plan_id": 1, "source": "me", "cuts": [], "splits": [{"devices": [["me"]]}]}, "me")
+    reply = peer.start_frame(1, frame.tobytes(), 36, 36)
+    (result,) = reply["results"]
+    assert [e["label"] for e in result["top"]][:3] == want_top
+    with pytest.raises(ValueError, match="shorter side scaled to 36"):
+        peer.start_frame(2, np.zeros((256, 256, 4), np.uint8).tobytes(), 256, 256)
 
 
 def test_inference_plans_over_the_second_model(tiny, tmp_path):

@@ -559,7 +559,7 @@ def load_model_runtime(model_dir: Path) -> ModelRuntime:
     """The served model (its bundle, `tilemesh.server.model`) and this device's profile on it (blocking: call it
     in a thread)."""
     model_json = model_dir / "graph.json"
-    classifier = LocalClassifier.from_files(model_json, model_dir / "labels.json")
+    classifier = LocalClassifier.from_files(model_json, model_dir / "labels.json", model_dir / "card.json")
     return ModelRuntime(classifier, measured_profile(model_json, classifier))
 
 

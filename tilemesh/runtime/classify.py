@@ -16,7 +16,7 @@ import numpy as np
 from .backend import Backend, NumpyBackend
 from .executor import run_graph
 from .graph import Graph, load_compact
-from .preprocess import preprocess, top_k
+from .preprocess import IMAGENET, Preprocessing, top_k
 
 
 def frame_from_bytes(data, height: int, width: int) -> np.ndarray:
@@ -36,23 +36,30 @@ def top_entries(logits: np.ndarray, labels: list[str], k: int = 5) -> list[dict]
 class LocalClassifier:
     """Holds the model and labels; `classify` runs the whole network on this device."""
 
-    def __init__(self, graph: Graph, labels: list[str], backend: Backend | None = None):
+    def __init__(self, graph: Graph, labels: list[str], backend: Backend | None = None,
+                 pre: Preprocessing = IMAGENET):
         if len(labels) != graph.shapes[graph.output][-1]:
             raise ValueError(f"{len(labels)} labels for {graph.shapes[graph.output][-1]} classes")
+        if tuple(graph.shapes[graph.input][2:]) != (pre.crop, pre.crop):
+            raise ValueError(f"preprocessing crops {pre.crop}x{pre.crop}, the model takes {graph.shapes[graph.input]}")
         self.graph = graph
         self.labels = labels
         self.backend = backend or NumpyBackend(graph)
+        self.pre = pre
 
     @classmethod
-    def from_files(cls, model_json: str | Path, labels_json: str | Path) -> LocalClassifier:
-        return cls(load_compact(model_json), json.loads(Path(labels_json).read_text()))
+    def from_files(cls, model_json: str | Path, labels_json: str | Path,
+                   card_json: str | Path | None = None) -> LocalClassifier:
+        """The compact model, its labels and (optionally) its card's preprocessing (default: ImageNet's)."""
+        pre = Preprocessing.from_card(json.loads(Path(card_json).read_text())) if card_json else IMAGENET
+        return cls(load_compact(model_json), json.loads(Path(labels_json).read_text()), pre=pre)
 
     def logits(self, frame: np.ndarray) -> np.ndarray:
-        return run_graph(self.graph, preprocess(frame), self.backend)
+        return run_graph(self.graph, self.pre.preprocess(frame), self.backend)
 
     def classify(self, data, height: int, width: int, k: int = 5) -> dict:
         t0 = time.perf_counter()
-        x = preprocess(frame_from_bytes(data, height, width))
+        x = self.pre.preprocess(frame_from_bytes(data, height, width))
         t1 = time.perf_counter()
         logits = run_graph(self.graph, x, self.backend)
         t2 = time.perf_counter()

@@ -14,7 +14,6 @@ import time
 
 from . import wire
 from .classify import LocalClassifier, frame_from_bytes, top_entries
-from .preprocess import centre_crop_u8
 from .runner import ComputeRequest, DeviceRunner
 from .tiling import Split, build_plan
 
@@ -74,7 +73,8 @@ class Peer:
         self.device = device
         self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
                                    max_message={k: int(v) for k, v in (max_message or {}).items()},
-                                   backend=self.backend, deferred=self.deferred)
+                                   backend=self.backend, deferred=self.deferred,
+                                   normalize=self.classifier.pre.normalize_u8)
         self.spec = spec
         dplan = self.runner.dplan
         out, errors = [], []
@@ -101,7 +101,7 @@ class Peer:
     def start_frame(self, frame: int, data, height: int, width: int) -> dict:
         if self.runner is None:
             raise RuntimeError("no plan: the room has not planned this device in")
-        pixels = centre_crop_u8(frame_from_bytes(data, height, width))
+        pixels = self.classifier.pre.centre_crop_u8(frame_from_bytes(data, height, width))
         self.started[frame] = time.perf_counter()
         out = self.runner.start_frame(int(frame), pixels)
         return self._reply(out)
@@ -198,10 +198,11 @@ def _outgoing(out) -> list[dict]:
 _peer: Peer | None = None
 
 
-def load(model_json: str, labels_json: str) -> dict:
-    """Worker entry: load the model once (shared with single-device classification)."""
+def load(model_json: str, labels_json: str, card_json: str | None = None) -> dict:
+    """Worker entry: load the model once (shared with single-device classification); the card gives its
+    preprocessing (`tilemesh.models.card`; default: ImageNet's)."""
     global _peer
-    classifier = LocalClassifier.from_files(model_json, labels_json)
+    classifier = LocalClassifier.from_files(model_json, labels_json, card_json)
     _peer = Peer(classifier)
     g = classifier.graph
     return {"nodes": len(g.nodes), "classes": len(classifier.labels)}

@@ -20,6 +20,7 @@ without the uint8 rounding PIL does between its two passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,26 +99,30 @@ def resize_window(
     return cols.swapaxes(0, 1)
 
 
-def preprocess(image: np.ndarray, *, antialias: bool = True) -> np.ndarray:
-    """HxWx3 (or HxWx4) uint8 RGB image -> (1, 3, 224, 224) float32, normalised for ImageNet models."""
+def preprocess(image: np.ndarray, *, antialias: bool = True, pre: Preprocessing | None = None) -> np.ndarray:
+    """HxWx3 (or HxWx4) uint8 RGB image -> (1, 3, crop, crop) float32, normalised (default: 224, ImageNet)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"expected an HxWx3 (or HxWx4) uint8 image, got {image.dtype} {image.shape}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image is empty: {image.shape}")
     image = image[:, :, :3]
-    out_h, out_w = resized_size(image.shape[0], image.shape[1])
+    size = CROP_SIZE if pre is None else pre.crop
+    out_h, out_w = resized_size(image.shape[0], image.shape[1], RESIZE_SHORTER if pre is None else
+                                pre.resize_shorter_side)
     # Python's round, like torchvision's CenterCrop (halves round to even).
-    top = int(round((out_h - CROP_SIZE) / 2.0))
-    left = int(round((out_w - CROP_SIZE) / 2.0))
-    crop = resize_window(image, (out_h, out_w), top, left, (CROP_SIZE, CROP_SIZE), antialias=antialias)
-    crop *= _SCALE
-    crop += _OFFSET
+    top = int(round((out_h - size) / 2.0))
+    left = int(round((out_w - size) / 2.0))
+    crop = resize_window(image, (out_h, out_w), top, left, (size, size), antialias=antialias)
+    scale, offset = (_SCALE, _OFFSET) if pre is None else pre._affine()
+    crop *= scale
+    crop += offset
     return np.ascontiguousarray(crop.transpose(2, 0, 1))[None]
 
 
-def centre_crop_u8(frame: np.ndarray) -> np.ndarray:
-    """A camera frame already scaled so its shorter side is 256 -> the (1, 3, 224, 224) uint8 centre crop.
+def centre_crop_u8(frame: np.ndarray, *, pre: Preprocessing | None = None) -> np.ndarray:
+    """A camera frame already scaled so its shorter side is 256 -> the (1, 3, 224, 224) uint8 centre crop (or
+    `pre`'s sizes).
 
     The browser scales frames on a canvas, so no resampling is left to do: the crop is exactly what
     `preprocess` would feed the network, kept in uint8 so that sending it to other devices costs a quarter of
@@ -126,11 +131,12 @@ def centre_crop_u8(frame: np.ndarray) -> np.ndarray:
     frame = np.asarray(frame)
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"expected an HxWx3 (or HxWx4) uint8 frame, got {frame.dtype} {frame.shape}")
-    if min(frame.shape[:2]) != RESIZE_SHORTER:
-        raise ValueError(f"frame {frame.shape[:2]} must have its shorter side scaled to {RESIZE_SHORTER}")
-    top = int(round((frame.shape[0] - CROP_SIZE) / 2.0))
-    left = int(round((frame.shape[1] - CROP_SIZE) / 2.0))
-    crop = frame[top:top + CROP_SIZE, left:left + CROP_SIZE, :3]
+    shorter, size = (RESIZE_SHORTER, CROP_SIZE) if pre is None else (pre.resize_shorter_side, pre.crop)
+    if min(frame.shape[:2]) != shorter:
+        raise ValueError(f"frame {frame.shape[:2]} must have its shorter side scaled to {shorter}")
+    top = int(round((frame.shape[0] - size) / 2.0))
+    left = int(round((frame.shape[1] - size) / 2.0))
+    crop = frame[top:top + size, left:left + size, :3]
     return np.ascontiguousarray(crop.transpose(2, 0, 1))[None]
 
 
@@ -140,6 +146,47 @@ def normalize_u8(x: np.ndarray) -> np.ndarray:
     out *= _SCALE[:, None, None]
     out += _OFFSET[:, None, None]
     return out
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """One model's preprocessing, from its card (`tilemesh.models.card`): frames have their shorter side scaled to
+    `resize_shorter_side` (the browser does that on a canvas), then the centre `crop` x `crop` is taken and
+    normalised as (pixel / 255 - mean) / std. The default is the ImageNet recipe the module functions use."""
+
+    resize_shorter_side: int = RESIZE_SHORTER
+    crop: int = CROP_SIZE
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_card(cls, card: dict | None) -> Preprocessing:
+        """From a card's `preprocess` object (as the served `card.json` holds it, already checked)."""
+        pre = (card or {}).get("preprocess") or {}
+        return cls(int(pre.get("resize_shorter_side", RESIZE_SHORTER)), int(pre.get("crop", CROP_SIZE)),
+                   tuple(float(v) for v in pre.get("mean", IMAGENET_MEAN)),
+                   tuple(float(v) for v in pre.get("std", IMAGENET_STD)))
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        scale = (1.0 / (255.0 * np.asarray(self.std))).astype(np.float32)
+        offset = (-np.asarray(self.mean) / np.asarray(self.std)).astype(np.float32)
+        return scale, offset
+
+    def preprocess(self, image: np.ndarray, *, antialias: bool = True) -> np.ndarray:
+        return preprocess(image, antialias=antialias, pre=self)
+
+    def centre_crop_u8(self, frame: np.ndarray) -> np.ndarray:
+        return centre_crop_u8(frame, pre=self)
+
+    def normalize_u8(self, x: np.ndarray) -> np.ndarray:
+        scale, offset = self._affine()
+        out = x.astype(np.float32)
+        out *= scale[:, None, None]
+        out += offset[:, None, None]
+        return out
+
+
+IMAGENET = Preprocessing()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

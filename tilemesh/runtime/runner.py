@@ -97,8 +97,10 @@ class DeviceRunner:
     """
 
     def __init__(self, graph, dplan: DevicePlan, plan_id: int, source: str, backend=None, window: int = 4,
-                 max_message: dict[str, int] | None = None, clock=time.perf_counter, deferred: bool = False):
+                 max_message: dict[str, int] | None = None, clock=time.perf_counter, deferred: bool = False,
+                 normalize=normalize_u8):
         self.graph = graph
+        self.normalize = normalize  # uint8 camera pixels -> the model's input values (its card's mean/std)
         self.dplan = dplan
         self.device = dplan.device
         self.plan_id = int(plan_id)
@@ -168,7 +170,7 @@ class DeviceRunner:
         out = []
         if self.dplan.input_owned is not None:
             own = crop(pixels, full, self.dplan.input_owned)
-            st.store.setdefault(self.graph.input, []).append((self.dplan.input_owned, normalize_u8(own)))
+            st.store.setdefault(self.graph.input, []).append((self.dplan.input_owned, self.normalize(own)))
         for tr in self.dplan.input_send:
             out.append(self._encode(st, tr.dst, tr.tensor, tr.region, crop(pixels, full, tr.region)))
         return out + self._advance(st)
@@ -191,7 +193,7 @@ class DeviceRunner:
         st.bytes_received += got.array.nbytes
         array = got.array
         if tensor == self.graph.input:
-            array = normalize_u8(array)
+            array = self.normalize(array)
         if tensor == self.output_tensor and self.device == self.source:
             st.output = np.array(array)
             return self._advance(st)

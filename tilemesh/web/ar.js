@@ -10,7 +10,7 @@ export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911
 export class LocalEngine {
   constructor(runtime) { this.runtime = runtime; this.name = "this device"; }
   async load() {
-    return this.runtime.call("tilemesh.runtime.peer", "load", ["/model/graph.json", "/model/labels.json"]);
+    return this.runtime.call("tilemesh.runtime.peer", "load", ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
   }
   async classify(frame) {
     const out = await this.runtime.call("tilemesh.runtime.peer", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],

@@ -1,8 +1,11 @@
 // The phone's camera: the rear camera when there is one, and frames cut to what the model wants.
 //
-// A frame is the centre square of the video scaled to 256x256 RGBA (torchvision's "shorter side to 256"); the
-// peer runtime then crops the centre 224 and normalises, exactly as on the server side.
-export const FRAME_SIZE = 256;
+import { pageModel } from "/web/model.js";
+
+// A frame is the centre square of the video scaled to the model card's `resize_shorter_side` (the demo: 256x256
+// RGBA, torchvision's "shorter side to 256"); the peer runtime then crops the card's centre `crop` and
+// normalises with its mean and std, exactly as on the server side.
+export const FRAME_SIZE = pageModel()?.preprocess?.resize_shorter_side ?? 256;
 
 export async function openCamera(video) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {

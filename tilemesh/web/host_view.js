@@ -6,21 +6,14 @@
 //   const view = new HostView({ planEl, liveEl });
 //   view.attach(signaling, engine);    // plans, frame_report broadcasts, this device's own reports, names
 import { DEVICE_COLOURS } from "/web/ar.js";
+import { pageModel } from "/web/model.js";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const KEEP_PLANS = 8;
 
-// The served model's size, as the server renders it into every page (tilemesh.server.model.graph_summary: name,
-// node count, MACs per profile op class at full resolution, "elementwise" counting elements). Null without one.
-export function pageModel(doc = globalThis.document) {
-  const el = doc?.getElementById("tilemesh-model");
-  if (!el) return null;
-  try {
-    return JSON.parse(el.textContent);
-  } catch {
-    return null;
-  }
-}
+// The served model's size comes from the server (web/model.js: node count, MACs per profile op class at full
+// resolution, "elementwise" counting elements); null without a model.
+export { pageModel };
 
 // tilemesh.runtime.profile.predict_graph_seconds for the whole model at full size: each node costs the fixed
 // overhead plus its MACs at its class's rate, all times chain_factor. Null for a malformed profile (they

@@ -59,8 +59,8 @@ export class RoomEngine extends EventTarget {
   _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
 
   // Loads the model into the worker (once); resolves with its size.
-  load(modelJson = "/model/graph.json", labelsJson = "/model/labels.json") {
-    this.loaded ??= this.runtime.call("tilemesh.runtime.peer", "load", [modelJson, labelsJson]);
+  load(modelJson = "/model/graph.json", labelsJson = "/model/labels.json", cardJson = "/model/card.json") {
+    this.loaded ??= this.runtime.call("tilemesh.runtime.peer", "load", [modelJson, labelsJson, cardJson]);
     return this.loaded;
   }
 

@@ -6,7 +6,8 @@ import { SignalingClient } from "/web/signaling.js";
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
 import { Mesh } from "/web/mesh.js";
 import { RoomEngine } from "/web/room_engine.js";
-import { effectiveGflops, modelSeconds, fmtMs, pageModel } from "/web/host_view.js";
+import { effectiveGflops, modelSeconds, fmtMs } from "/web/host_view.js";
+import { pageModel } from "/web/model.js";
 
 const STYLE = `
 .roster { list-style: none; padding: 0; margin: .5rem 0; display: grid; gap: .4rem; }

@@ -9,6 +9,7 @@ export const MODEL_FILES = [
   { url: "/model/graph.json", path: "/model/graph.json" },
   { url: "/model/graph.bin", path: "/model/graph.bin" },
   { url: "/model/labels.json", path: "/model/labels.json" },
+  { url: "/model/card.json", path: "/model/card.json" },
 ];
 
 export class PeerRuntime {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 CHROMIUM = os.environ.get("TILEMESH_CHROMIUM", "/usr/bin/chromium")
-# Flags from shared/PLATFORM.md: the background-networking ones keep Chromium from reaching for the internet.
+# Headless flags that work on Debian's Chromium: the background-networking ones keep it from reaching for the
+# internet.
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -56,7 +56,7 @@ TBF_BURST = 96 * 1024
 def unavailable_reason() -> str | None:
     """None when the emulation can run here, else why not."""
     if os.geteuid() != 0:
-        return "the benchmark needs root: network namespaces, tc and cgroups (see shared/PLATFORM.md)"
+        return "the benchmark needs root: network namespaces, tc and cgroups"
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (apt-get install iproute2)"
@@ -100,14 +100,6 @@ class CpuGroup:
 
     def usage_seconds(self) -> float:
         return int((self.acct / "cpuacct.usage").read_text()) / 1e9
-
-    def throttled_seconds(self) -> float:
-        """Time the quota held the group back (cpu.stat throttled_time, ns)."""
-        for line in (self.cpu / "cpu.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "throttled_time":
-                return int(value) / 1e9
-        return float("nan")
 
     def remove(self, wait_s: float = 5.0) -> None:
         """Delete both groups. Processes still inside (a browser shutting down) are moved to the root group; a

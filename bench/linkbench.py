@@ -2,7 +2,7 @@
 
     sudo python -m bench.linkbench [--total-mb 8] [--rounds 20]
 
-Makes its own network namespace (Chromium and aiortc never use loopback; see shared/PLATFORM.md), re-runs itself
+Makes its own network namespace (Chromium and aiortc never use loopback), re-runs itself
 inside it, starts `tilemesh serve --https` there, opens two diagnostics pages (`/diag/mesh`) in headless
 Chromium and joins an aiortc `EdgePeer` to the same room. Then, per link and message size (16, 64, 256 KiB,
 capped at what the receiver advertises), it measures the median round trip of a message echoed whole and the

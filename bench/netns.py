@@ -33,7 +33,7 @@ def unavailable_reason() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2 `ip` is not installed (apt-get install iproute2)"
     if os.geteuid() != 0:
-        return "creating a network namespace needs root (WebRTC cannot use loopback; see shared/PLATFORM.md)"
+        return "creating a network namespace needs root (WebRTC cannot use loopback)"
     return None
 
 

@@ -15,7 +15,7 @@ from tilemesh.runtime.tiling import Split, build_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Roughly a laptop running Pyodide numpy (PLATFORM.md): ~3 GMAC/s pointwise, ~1 depthwise.
+# Roughly a laptop running Pyodide numpy: ~3 GMAC/s pointwise, ~1 depthwise.
 SYNTH = {
     "version": 1,
     "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,

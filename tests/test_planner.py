@@ -23,7 +23,7 @@ from tilemesh.runtime.tiling import build_plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A laptop in Pyodide, roughly (PLATFORM.md); an edge peer runs native numpy, ~10x faster overall.
+# A laptop in Pyodide, roughly; an edge peer runs native numpy, ~10x faster overall.
 LAPTOP = {
     "version": 1,
     "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,

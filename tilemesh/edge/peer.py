@@ -529,7 +529,7 @@ class EdgePeer:
 
 # --- a computing room member -----------------------------------------------------------------------------------
 
-# A plan device whose channel has not opened yet gets chunks every browser accepts (shared/PLATFORM.md).
+# A plan device whose channel has not opened yet gets chunks every browser accepts (16 KiB).
 FALLBACK_MAX_MESSAGE = 16 * 1024
 MAX_LINKS_REPORTED = 40  # keeps profile JSON under protocol.MAX_PROFILE_BYTES
 

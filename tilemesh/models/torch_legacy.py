@@ -27,7 +27,6 @@ import io
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -246,7 +245,3 @@ def load_state_dict_bytes(data: bytes) -> OrderedDict[str, np.ndarray]:
         out[name] = np.array(strided, dtype=storage.dtype.newbyteorder("="), copy=True)
     return out
 
-
-def load_state_dict(path: str | Path) -> OrderedDict[str, np.ndarray]:
-    """Load a legacy torch ``.pth`` state_dict from ``path``; raises :class:`CheckpointError`."""
-    return load_state_dict_bytes(Path(path).read_bytes())

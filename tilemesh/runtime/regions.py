@@ -81,13 +81,6 @@ class Region:
 EMPTY = Region(0, 0, 0, 0)
 
 
-def hull_all(regions) -> Region:
-    out = EMPTY
-    for r in regions:
-        out = out.hull(r)
-    return out
-
-
 def plane(shape: tuple[int, ...]) -> tuple[int, int]:
     """(H, W) of an activation shape; anything that is not NCHW counts as a single 1x1 cell."""
     if len(shape) == 4:

@@ -38,8 +38,9 @@ import numpy as np
 MAGIC = b"TMWT"
 VERSION = 1
 MAX_NDIM = 4
+# Chunk size when the remote's SCTP maxMessageSize is not known: 256 KiB, what Chromium and aiortc 1.16 both
+# advertise (16 KiB is what every browser accepts from every other). Below 1 KiB a max_message is refused.
 DEFAULT_MAX_MESSAGE = 256 * 1024
-# 16 KiB is what every browser accepts from every other; nothing smaller is worth supporting.
 MIN_MAX_MESSAGE = 1024
 
 _HEAD = struct.Struct("<4sBBBBIII4i4IIII")

@@ -2,7 +2,8 @@
 //
 //   const rt = new PeerRuntime({ onProgress: (stage, fraction, detail) => ... });
 //   const info = await rt.boot();                       // {runtime, numpy, python, pyodide, bootMs}
-//   const out = await rt.call("tilemesh.runtime.wire", "encode_tensor", [args...], [transferables]);
+//   await rt.boot({ files: MODEL_FILES });             // the served model into the worker's file system
+//   const out = await rt.call("tilemesh.runtime.peer", "classify_local", [rgba, 256, 256, 5], [rgba.buffer]);
 // The served model's files (whatever `tilemesh serve --model` serves, under fixed names), fetched into the
 // worker's file system at boot (tilemesh.runtime.peer.load reads them).
 export const MODEL_FILES = [

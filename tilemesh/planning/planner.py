@@ -651,14 +651,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeline", action="store_true", help="also draw the tilemesh plan's timeline")
     args = ap.parse_args(argv)
 
-    from tilemesh.runtime.graph import load_compact, load_onnx
-
-    if args.model is None:
-        from tilemesh.models.demo import MODEL_FILE
-        from tilemesh.paths import default_static_dir
-
-        args.model = str(default_static_dir() / "model" / MODEL_FILE)
-    graph = load_compact(args.model) if args.model.endswith(".json") else load_onnx(args.model)
+    graph = cli_graph(args.model)
     if args.profile == "reference":
         native = NATIVE_EDGE
     elif args.profile == "measure":
@@ -684,6 +677,18 @@ def main(argv=None) -> int:
             ch = plan_frame(graph, sc["profiles"], sc["links"], sc["source"], {"edge": sc.get("edge")})
             print(f"\n{sc['name']}: {ch.label}\n{format_timeline(ch.prediction)}")
     return 0
+
+
+def cli_graph(model: str | None):
+    """The graph a planning CLI works on: an ONNX file or a compact .json; default: the demo model setup built."""
+    from tilemesh.runtime.graph import load_compact, load_onnx
+
+    if model is None:
+        from tilemesh.models.demo import MODEL_FILE
+        from tilemesh.paths import default_static_dir
+
+        model = str(default_static_dir() / "model" / MODEL_FILE)
+    return load_compact(model) if model.endswith(".json") else load_onnx(model)
 
 
 def predict_graph_seconds_text(profile: dict, graph) -> str:

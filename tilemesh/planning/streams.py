@@ -228,16 +228,13 @@ def plan_streams(graph, profiles: dict[str, dict], links, sources: list[str], ob
 def main(argv=None) -> int:
     """Print stream plans (rate, latency, lanes) for rooms of equal phones, mixed rooms and two cameras."""
     import argparse  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
-    from tilemesh.runtime.graph import load_compact  # noqa: PLC0415
-
-    from .planner import browser_profile  # noqa: PLC0415
+    from .planner import browser_profile, cli_graph  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "static/model/mobilenet_v2.json"))
+    ap.add_argument("--model", help="ONNX file or compact .json (default: the demo model `tilemesh setup` built)")
     args = ap.parse_args(argv)
-    g = load_compact(args.model)
+    g = cli_graph(args.model)
     wifi = {"*": {"rtt_ms": 4.0, "mbps": 200.0}}
     phone = browser_profile(0.5)
 

@@ -216,7 +216,7 @@ async def test_chunks_that_outrun_their_plan_are_held_until_it_arrives(model):
         edge._on_server(plan_message(["phone"], "phone", 8))
         assert edge.plan_id == 7
         pixels = np.zeros(model.classifier.graph.shapes[model.classifier.graph.input], np.uint8)
-        stale = wire.encode(pixels, frame=5, tensor=0, layer=6, region=[0, 224, 0, 224], max_message=16384)
+        stale = wire.encode(pixels, frame=5, tensor=0, plan_id=6, region=[0, 224, 0, 224], max_message=16384)
         for c in stale:
             edge._on_binary("phone", c)
         await until(lambda: edge.peer.dropped_chunks >= len(stale), timeout=10, what="stale chunks dropped")

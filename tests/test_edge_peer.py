@@ -130,8 +130,8 @@ def test_two_aiortc_peers_exchange_tensors_bit_exact():
                 assert a.max_message_size(b.peer_id) == b.max_message_size(a.peer_id) > 16 * 1024
                 ta, tb = wire.test_pattern((64, 56, 56), 1), wire.test_pattern((24, 56, 56), 2, np.float16)
                 await asyncio.gather(
-                    a.send_tensor(b.peer_id, ta, frame=3, tensor=7, layer=2, region=(0, 56, 0, 56)),
-                    b.send_tensor(a.peer_id, tb, frame=3, tensor=8, layer=5, region=(-1, 55, 0, 56)),
+                    a.send_tensor(b.peer_id, ta, frame=3, tensor=7, plan_id=2, region=(0, 56, 0, 56)),
+                    b.send_tensor(a.peer_id, tb, frame=3, tensor=8, plan_id=5, region=(-1, 55, 0, 56)),
                 )
                 await rb.until(lambda: rb.tensors)
                 await ra.until(lambda: ra.tensors)
@@ -139,7 +139,7 @@ def test_two_aiortc_peers_exchange_tensors_bit_exact():
                 assert src == a.peer_id and src2 == b.peer_id
                 assert got_b.array.tobytes() == ta.tobytes() and got_b.array.shape == ta.shape
                 assert got_a.array.tobytes() == tb.tobytes() and got_a.array.dtype == np.float16
-                assert (got_b.header.frame, got_b.header.tensor, got_b.header.layer) == (3, 7, 2)
+                assert (got_b.header.frame, got_b.header.tensor, got_b.header.plan_id) == (3, 7, 2)
                 assert got_a.header.region == (-1, 55, 0, 56)
                 assert a.wire_errors == b.wire_errors == 0
                 assert ("open" in [s for r, s, _ in ra.peer_events if r == b.peer_id])

@@ -1,4 +1,4 @@
-"""The worker-facing Peer: plan specs as JSON, frames in as canvas bytes, top-5 out; same answer as one device."""
+"""The plan runtime under every device session: plan specs as JSON, frames in as canvas bytes, top-5 out; same answer as one device."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime import wire
 from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
-from tilemesh.runtime.peer import Peer, parts_of, plan_from_spec
+from tilemesh.runtime.peer import PlanRuntime, parts_of, plan_from_spec
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def spec_for(graph, plan_id=3):
             "splits": [rows, {"devices": [["laptop"]], "row_shares": None, "col_shares": None}]}
 
 
-def run_mesh(peers: dict[str, Peer], first: dict, seed=0) -> list[dict]:
+def run_mesh(peers: dict[str, PlanRuntime], first: dict, seed=0) -> list[dict]:
     rng = random.Random(seed)
     queue = [("phone", o["dst"], c) for o in first["out"] for c in o["chunks"]]
     results = list(first["results"])
@@ -44,7 +44,7 @@ def run_mesh(peers: dict[str, Peer], first: dict, seed=0) -> list[dict]:
 
 def test_distributed_top5_equals_single_device(classifier):
     spec = json.loads(json.dumps(spec_for(classifier.graph)))  # as it arrives over signaling
-    peers = {d: Peer(classifier) for d in ("phone", "laptop")}
+    peers = {d: PlanRuntime(classifier) for d in ("phone", "laptop")}
     roles = {d: p.set_plan(spec, d, {"phone": 65536, "laptop": 262144}) for d, p in peers.items()}
     assert roles["phone"]["role"] == "source" and roles["laptop"]["role"] == "worker"
     assert roles["laptop"]["macs"] > roles["phone"]["macs"] > 0
@@ -65,7 +65,7 @@ def test_parts_cover_the_frame(classifier):
 
 
 def test_idle_device_and_missing_plan(classifier):
-    peer = Peer(classifier)
+    peer = PlanRuntime(classifier)
     with pytest.raises(RuntimeError, match="no plan"):
         peer.start_frame(1, bytes(256 * 256 * 4), 256, 256)
     assert peer.set_plan(spec_for(classifier.graph), "tablet")["role"] == "idle"
@@ -75,7 +75,7 @@ def test_idle_device_and_missing_plan(classifier):
 def test_chunks_that_outrun_their_plan_are_held_then_replayed(classifier):
     """The phone's first chunks may reach the laptop before the server's `plan` message does."""
     spec = spec_for(classifier.graph, plan_id=5)
-    phone, laptop = Peer(classifier), Peer(classifier)
+    phone, laptop = PlanRuntime(classifier), PlanRuntime(classifier)
     phone.set_plan(spec, "phone")
     frame = np.random.default_rng(9).integers(0, 256, (256, 256, 4), dtype=np.uint8)
     first = phone.start_frame(1, frame.tobytes(), 256, 256)
@@ -83,7 +83,7 @@ def test_chunks_that_outrun_their_plan_are_held_then_replayed(classifier):
     assert early and all(laptop.on_chunk("phone", c)["held"] for c in early)
     assert laptop.held_bytes == sum(len(c) for c in early)
     # A chunk of an older plan (4) is held too while nothing is adopted, and dropped when plan 5 is.
-    stale = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, layer=4, region=(0, 4, 0, 4))[0]
+    stale = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, plan_id=4, region=(0, 4, 0, 4))[0]
     assert laptop.on_chunk("phone", stale)["held"]
     adopted = laptop.set_plan(spec, "laptop")
     assert laptop.held == [] and adopted["role"] == "worker" and laptop.dropped_chunks == 1

@@ -175,7 +175,7 @@ def test_chunks_of_another_plan_or_unexpected_pieces_are_refused(mobilenet):
         for c in to_laptop.chunks:
             other_plan.on_chunk("phone", c)
     # The edge expects nothing from the phone at its first task in this plan's layout: a stray piece is refused.
-    stray = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, layer=7, region=(0, 4, 0, 4))
+    stray = wire.encode(np.zeros((1, 3, 4, 4), np.uint8), frame=1, tensor=0, plan_id=7, region=(0, 4, 0, 4))
     with pytest.raises(PlanMismatch, match="did not expect"):
         for c in stray:
             runners["edge"].on_chunk("phone", c)

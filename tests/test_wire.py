@@ -38,14 +38,14 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 @SETTINGS
 @given(a=arrays(), max_message=st.integers(1024, 8192), seed=st.randoms(use_true_random=False),
-       frame=st.integers(0, 2**32 - 1), tensor=st.integers(0, 2**32 - 1), layer=st.integers(0, 2**32 - 1))
-def test_round_trip_bit_exact_any_order(a, max_message, seed, frame, tensor, layer):
+       frame=st.integers(0, 2**32 - 1), tensor=st.integers(0, 2**32 - 1), plan_id=st.integers(0, 2**32 - 1))
+def test_round_trip_bit_exact_any_order(a, max_message, seed, frame, tensor, plan_id):
     region = (-3, 5, 2, 2 + 7)
-    chunks = encode(a, frame=frame, tensor=tensor, layer=layer, region=region, max_message=max_message)
+    chunks = encode(a, frame=frame, tensor=tensor, plan_id=plan_id, region=region, max_message=max_message)
     assert all(len(c) <= max_message for c in chunks)
     seed.shuffle(chunks)
     got = decode(chunks)
-    assert got.header.frame == frame and got.header.tensor == tensor and got.header.layer == layer
+    assert got.header.frame == frame and got.header.tensor == tensor and got.header.plan_id == plan_id
     assert got.header.region == region
     assert got.array.dtype == a.dtype.newbyteorder("<")
     assert same_bits(a, got.array)

@@ -1,4 +1,4 @@
-"""A peer's runtime as the browser worker and the edge peer hold it: the model, the current plan, the runner.
+"""A device's plan runtime, under its session (`session.DeviceSession`): the model, the current plan, the runner.
 
 Everything here takes and returns plain values (str, int, bytes-like, dicts and lists of them), so the browser
 worker can call it through Pyodide without this package importing anything of the browser's.
@@ -37,7 +37,7 @@ def plan_from_spec(graph, spec: dict):
 MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
-class Peer:
+class PlanRuntime:
     """One device's runtime. Chunks may outrun the `plan` message they belong to (the data channel is faster
     than the signaling path through the server), so chunks of a newer plan are held and replayed on adoption."""
 
@@ -129,7 +129,7 @@ class Peer:
 
     def on_chunk(self, peer: str, chunk) -> dict:
         chunk = bytes(chunk)
-        plan_id = wire.peek_layer(chunk)
+        plan_id = wire.peek_plan_id(chunk)
         if plan_id is not None and (self.runner is None or plan_id != self.runner.plan_id):
             # Held or dropped without reaching a runner: check it here, so a corrupt chunk is a clear error
             # now rather than a silent drop (or a failed replay later).
@@ -172,9 +172,6 @@ class Peer:
             "report": self.runner.report(frame),
         }
 
-    def report(self, frame: int) -> dict | None:
-        return None if self.runner is None else self.runner.report(int(frame))
-
     def forget_peer(self, peer: str) -> None:
         """A device left: drop its half-received messages."""
         if self.runner is not None:
@@ -193,45 +190,3 @@ def parts_of(plan) -> list[dict]:
 
 def _outgoing(out) -> list[dict]:
     return [{"dst": o.dst, "chunks": o.chunks, "tensor": o.tensor, "nbytes": o.nbytes} for o in out]
-
-
-_peer: Peer | None = None
-
-
-def load(model_json: str, labels_json: str, card_json: str | None = None) -> dict:
-    """Worker entry: load the model once (shared with single-device classification); the card gives its
-    preprocessing (`tilemesh.models.card`; default: ImageNet's)."""
-    global _peer
-    classifier = LocalClassifier.from_files(model_json, labels_json, card_json)
-    _peer = Peer(classifier)
-    g = classifier.graph
-    return {"nodes": len(g.nodes), "classes": len(classifier.labels)}
-
-
-def current() -> Peer:
-    if _peer is None:
-        raise RuntimeError("model not loaded: call tilemesh.runtime.peer.load first")
-    return _peer
-
-
-def set_plan(spec: dict, device: str, max_message: dict | None = None) -> dict:
-    return current().set_plan(spec, device, max_message)
-
-
-def start_frame(frame: int, data, height: int, width: int) -> dict:
-    return current().start_frame(frame, data, height, width)
-
-
-def on_chunk(peer: str, chunk) -> dict:
-    return current().on_chunk(peer, chunk)
-
-
-def profile() -> dict:
-    """This device's compute profile on the loaded model's own layers (a second or two; done once at ready)."""
-    from .profile import measure_profile
-
-    return measure_profile(current().graph)
-
-
-def classify_local(data, height: int, width: int, k: int = 5) -> dict:
-    return current().classifier.classify(data, height, width, k)

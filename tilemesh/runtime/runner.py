@@ -5,7 +5,7 @@ The browser's worker and the aiortc edge peer run the same class. It is fed wire
 `DevicePlan` as soon as every piece the task waits for has arrived, and answers with the wire messages to
 send on (`Outgoing`). The transport stays outside: a data channel, an aiortc channel or an in-memory fake.
 
-Frame identity: every chunk carries the frame id and the plan id (in the wire header's `layer` field), so a
+Frame identity: every chunk carries the frame id and the plan id (in the wire header), so a
 late halo of an old frame or of a replaced plan is never mixed into a new one. Per-frame state is bounded by
 `window` frames; older unfinished frames are dropped (the requester's timeout reports them).
 
@@ -181,8 +181,8 @@ class DeviceRunner:
         if got is None:
             return []
         h = got.header
-        if h.layer != self.plan_id:
-            raise PlanMismatch(f"chunk from {peer} for plan {h.layer}, running plan {self.plan_id}")
+        if h.plan_id != self.plan_id:
+            raise PlanMismatch(f"chunk from {peer} for plan {h.plan_id}, running plan {self.plan_id}")
         tensor = self.tensor_names.get(h.tensor)
         if tensor is None:
             raise PlanMismatch(f"unknown tensor id {h.tensor} from {peer}")
@@ -206,7 +206,7 @@ class DeviceRunner:
 
     def _encode(self, st: FrameState, dst: str, tensor: str, region: Region, array: np.ndarray) -> Outgoing:
         chunks = wire.encode(
-            array, frame=st.frame, tensor=self.tensor_ids[tensor], layer=self.plan_id, region=region.to_list(),
+            array, frame=st.frame, tensor=self.tensor_ids[tensor], plan_id=self.plan_id, region=region.to_list(),
             max_message=self.max_message.get(dst, wire.DEFAULT_MAX_MESSAGE),
         )
         st.bytes_sent += array.nbytes

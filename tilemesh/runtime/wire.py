@@ -11,7 +11,7 @@ first and needs no per-link state beyond a `Reassembler`:
          7    1 flags (reserved, 0)
          8    4 frame id (u32)
         12    4 tensor id (u32)
-        16    4 layer / segment index (u32)
+        16    4 plan id (u32; 0 for tensors outside any plan, e.g. diagnostics)
         20   16 region r0, r1, c0, c1 (i32; rows/cols of the full map this piece covers; may be negative)
         36   16 shape (u32 x 4, unused slots 0)
         52    4 stride: payload bytes per chunk (every chunk but the last carries exactly this many)
@@ -22,7 +22,7 @@ first and needs no per-link state beyond a `Reassembler`:
 
 SCTP already checksums packets; the CRC is there so that a bug anywhere between two numpy arrays (a JS slice
 off by one, a reused buffer) fails loudly instead of feeding a neighbour a wrong halo. zlib's crc32 runs in C,
-also in Pyodide. A message is identified by (frame, tensor, layer, region) within one sender's stream, so keep
+also in Pyodide. A message is identified by (frame, tensor, plan_id, region) within one sender's stream, so keep
 one `Reassembler` per remote peer.
 """
 
@@ -60,14 +60,14 @@ class WireError(ValueError):
 class TensorHeader:
     frame: int
     tensor: int
-    layer: int
+    plan_id: int
     region: tuple[int, int, int, int]
     dtype: np.dtype
     shape: tuple[int, ...]
 
     @property
     def key(self) -> tuple:
-        return (self.frame, self.tensor, self.layer, self.region)
+        return (self.frame, self.tensor, self.plan_id, self.region)
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +101,7 @@ def encode(
     *,
     frame: int,
     tensor: int,
-    layer: int = 0,
+    plan_id: int = 0,
     region=None,
     max_message: int = DEFAULT_MAX_MESSAGE,
 ) -> list[bytes]:
@@ -129,7 +129,7 @@ def encode(
     chunks = []
     for index in range(count):
         piece = payload[index * stride : (index + 1) * stride]
-        head = _HEAD.pack(MAGIC, VERSION, code, a.ndim, 0, frame, tensor, layer, *r, *shape, stride, index, count)
+        head = _HEAD.pack(MAGIC, VERSION, code, a.ndim, 0, frame, tensor, plan_id, *r, *shape, stride, index, count)
         crc = zlib.crc32(piece, zlib.crc32(head))
         chunks.append(b"".join((head, _CRC.pack(crc), piece)))
     return chunks
@@ -150,7 +150,7 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
     if len(mv) < HEADER_SIZE:
         raise WireError(f"truncated chunk: {len(mv)} bytes, header alone is {HEADER_SIZE}")
     try:
-        (magic, version, code, ndim, flags, frame, tensor, layer, r0, r1, c0, c1, s0, s1, s2, s3,
+        (magic, version, code, ndim, flags, frame, tensor, plan_id, r0, r1, c0, c1, s0, s1, s2, s3,
          stride, index, count) = _HEAD.unpack_from(mv)
     except struct.error as exc:  # pragma: no cover (length checked above)
         raise WireError(str(exc)) from exc
@@ -173,7 +173,7 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
         raise WireError(f"inverted region {(r0, r1, c0, c1)}")
     if stride < 1 or count < 1 or index >= count:
         raise WireError(f"bad chunking: index {index} of {count}, stride {stride}")
-    header = TensorHeader(frame, tensor, layer, (r0, r1, c0, c1), DTYPES[code], tuple(dims[:ndim]))
+    header = TensorHeader(frame, tensor, plan_id, (r0, r1, c0, c1), DTYPES[code], tuple(dims[:ndim]))
     total = header.nbytes
     if count != max(1, -(-total // stride)):
         raise WireError(f"{count} chunks of {stride} bytes cannot carry {total} bytes")
@@ -184,9 +184,9 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
     return header, stride, index, count, payload
 
 
-def peek_layer(chunk) -> int | None:
-    """The `layer` field of a chunk without validating it (None if it is not a chunk): lets a receiver decide
-    where a chunk belongs (tilemesh puts the plan id there) before paying for the checksum."""
+def peek_plan_id(chunk) -> int | None:
+    """The plan id of a chunk without validating it (None if it is not a chunk): lets a receiver decide where a
+    chunk belongs before paying for the checksum."""
     mv = memoryview(chunk).cast("B")
     if len(mv) < HEADER_SIZE or bytes(mv[:4]) != MAGIC:
         return None

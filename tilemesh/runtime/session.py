@@ -1,0 +1,645 @@
+"""One device's session in a room, as events in and effects out: the core the browser's worker and the edge share.
+
+A device (a phone's browser tab, a laptop's, the server's aiortc edge peer) hears things: the server's `plan`
+message, a chunk from a peer, a link opening (with the remote's max message size), a link measured, a peer
+leaving, a frame from the camera, a compute result, a broadcast from a peer, a timer tick. For each it must do
+things: send chunks to a peer, send a signaling message (its state and profile, a plan request, a broadcast),
+hand a result or a failure to the UI, profile itself, run a link probe, run a compute request. This module
+decides all of that and does none of it: `DeviceSession.handle(event, now)` returns the effects, and the
+executor next to it (`web/room_engine.js` in a browser, `tilemesh.edge.device` on the edge) carries them out
+and feeds the outcomes back as events. It performs no I/O, reads no clock (time comes in as `now`, seconds on
+any monotonic clock), and imports nothing of the browser or the server, so every rule is a plain unit test and
+the same rules hold on every device.
+
+The rules, each in one place:
+- plan adoption (`PlanIn`): chunks that outrun their plan are held and replayed (`peer.PlanRuntime`); a device
+  not in a plan ignores it and keeps running its own; a source whose plan is replaced fails its frames at once;
+- per-link max message size (`LinkOpened`, `LinkUpdated`): recorded whenever it is known or changes, applied to
+  the running plan, and `UNKNOWN_MAX_MESSAGE` (what every browser accepts) for a plan device with no open link;
+- link probes (`Probe` effect, `LinkMeasured` event): one set of parameters, and one unit: megabits per second;
+- frames (`FrameIn`, `Tick`): a frame without a plan fails at once, one that takes longer than `FRAME_TIMEOUT_S`
+  fails at the next tick, every frame of a plan fails when a device of that plan leaves;
+- reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast);
+- drift: a device whose measured compute stays `DRIFT_FACTOR` off the planner's prediction for `DRIFT_FRAMES`
+  frames profiles itself again (at most once per `DRIFT_COOLDOWN_S`) and tells the room (`profile_changed`);
+  a source hearing that from a device of its plan drops the plan so the next frame asks for a new one.
+
+Events and effects are small frozen dataclasses; `event_from_dict` / `effect_to_dict` convert them for the
+browser's worker boundary (`handle` at the bottom of this module is the worker's entry point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from .classify import LocalClassifier
+from .peer import PlanRuntime
+from .runner import ComputeRequest
+
+# --- the rules' numbers ---------------------------------------------------------------------------------------
+
+FRAME_TIMEOUT_S = 8.0
+REPORT_EVERY = 4
+DRIFT_FACTOR = 2.0
+DRIFT_FRAMES = 5
+DRIFT_COOLDOWN_S = 30.0
+# A plan device whose link is not open yet (so its size is unknown) gets chunks every browser accepts.
+UNKNOWN_MAX_MESSAGE = 16 * 1024
+# Chromium refuses a single send above this whatever the remote advertises.
+SEND_LIMIT = 256 * 1024
+MAX_LINKS_REPORTED = 40  # keeps the profile JSON under the signaling protocol's MAX_PROFILE_BYTES
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How every device measures a link: `rtt_count` round trips of `rtt_size` bytes, then `total` bytes as
+    messages of `message` bytes (capped by the link's max message size). A 1 MiB burst gets past SCTP's slow
+    start (a 256 KiB burst read 3-4x low in browsers; 64 KiB messages read several times low again)."""
+
+    rtt_size: int = 64
+    rtt_count: int = 10
+    message: int = 256 * 1024
+    total: int = 1024 * 1024
+
+
+LINK_PROBE = ProbeSpec()
+
+
+def link_figures(rtts_ms: list[float], nbytes: float, seconds: float) -> dict:
+    """A probe's raw outcome as the planner reads it: median round trip (ms) and megabits per second."""
+    if not rtts_ms or seconds <= 0 or nbytes < 0:
+        raise ValueError(f"unusable link probe: {len(rtts_ms)} round trips, {nbytes} bytes in {seconds} s")
+    ordered = sorted(rtts_ms)
+    return {"rtt_ms": round(float(ordered[len(ordered) // 2]), 3), "mbps": round(nbytes * 8 / 1e6 / seconds, 2)}
+
+
+def chunk_limit(advertised: int | None) -> int:
+    """The chunk size for a link from the remote's advertised SCTP max message size (0 or None: any size)."""
+    if not advertised or advertised <= 0:
+        return SEND_LIMIT
+    return min(int(advertised), SEND_LIMIT)
+
+
+def plan_max_messages(devices, me: str, links: dict[str, int]) -> dict[str, int]:
+    """Chunk size towards every other device of a plan: the link's when it is known, else `UNKNOWN_MAX_MESSAGE`."""
+    return {d: links.get(d, UNKNOWN_MAX_MESSAGE) for d in devices if d != me}
+
+
+def should_report(frame: int) -> bool:
+    """Every device reports the same frames (chosen by id), so the host's timeline has every device's view."""
+    return frame % REPORT_EVERY == 1
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Recent measured/predicted compute ratios and when the device last profiled itself."""
+
+    ratios: tuple[float, ...] = ()
+    profiled_at: float | None = None
+
+
+def drift_step(drift: Drift, measured_ms: float, predicted_s: float, now: float) -> tuple[Drift, float | None]:
+    """Add one frame's measured compute; returns the new state and the median ratio when it is time to re-profile."""
+    if not predicted_s or predicted_s <= 0 or not measured_ms:
+        return drift, None
+    ratios = (*drift.ratios, measured_ms / (predicted_s * 1e3))[-DRIFT_FRAMES:]
+    drift = Drift(ratios, drift.profiled_at)
+    median = sorted(ratios)[len(ratios) // 2]
+    off = median > DRIFT_FACTOR or median < 1 / DRIFT_FACTOR
+    cooled = drift.profiled_at is None or now - drift.profiled_at >= DRIFT_COOLDOWN_S
+    if len(ratios) < DRIFT_FRAMES or not off or not cooled:
+        return drift, None
+    return Drift((), now), median
+
+
+# --- events ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class ModelLoaded(Event):
+    """The model is in memory (the session cannot adopt plans before)."""
+
+    kind: ClassVar[str] = "model_loaded"
+    classifier: Any
+
+
+@dataclass(frozen=True)
+class PlanIn(Event):
+    """The server's `plan` message; `me` is this device's current peer id."""
+
+    kind: ClassVar[str] = "plan"
+    msg: dict
+    me: str
+
+
+@dataclass(frozen=True)
+class ChunkIn(Event):
+    kind: ClassVar[str] = "chunk"
+    peer: str
+    data: Any  # bytes-like
+
+
+@dataclass(frozen=True)
+class LinkOpened(Event):
+    """The data channel to `peer` is open; `max_message` is the remote's advertised SCTP max message size."""
+
+    kind: ClassVar[str] = "link_opened"
+    peer: str
+    max_message: int = 0
+
+
+@dataclass(frozen=True)
+class LinkUpdated(Event):
+    """The remote's advertised max message size became known or changed (a renegotiated SDP)."""
+
+    kind: ClassVar[str] = "link_updated"
+    peer: str
+    max_message: int = 0
+
+
+@dataclass(frozen=True)
+class LinkMeasured(Event):
+    """The outcome of a `Probe`: round trips (ms) and `nbytes` counted by the remote in `seconds`."""
+
+    kind: ClassVar[str] = "link_measured"
+    peer: str
+    rtts_ms: tuple = ()
+    nbytes: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProbeFailed(Event):
+    kind: ClassVar[str] = "probe_failed"
+    peer: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PeerLeft(Event):
+    kind: ClassVar[str] = "peer_left"
+    peer: str
+
+
+@dataclass(frozen=True)
+class FrameIn(Event):
+    """A camera frame (RGBA or RGB bytes, `height` x `width`) to classify with the room's plan as frame `frame`."""
+
+    kind: ClassVar[str] = "frame"
+    frame: int
+    data: Any
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Computed(Event):
+    """The executor's answer to a `Compute` effect."""
+
+    kind: ClassVar[str] = "computed"
+    plan_id: int
+    frame: int
+    task: int
+    outputs: dict
+
+
+@dataclass(frozen=True)
+class Profiled(Event):
+    """This device's compute profile (tilemesh.runtime.profile.measure_profile), first or after a `Profile`."""
+
+    kind: ClassVar[str] = "profiled"
+    compute: dict
+
+
+@dataclass(frozen=True)
+class BroadcastIn(Event):
+    kind: ClassVar[str] = "broadcast"
+    sender: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class RequestPlan(Event):
+    kind: ClassVar[str] = "request_plan"
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class Tick(Event):
+    kind: ClassVar[str] = "tick"
+
+
+# --- effects --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effect:
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Send(Effect):
+    """Send `chunks` to `dst`, one data-channel message each, in order."""
+
+    kind: ClassVar[str] = "send"
+    dst: str
+    chunks: list
+    tensor: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Signal(Effect):
+    """A client message of the signaling protocol (`plan_request`, `broadcast`...)."""
+
+    kind: ClassVar[str] = "signal"
+    type: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportProfile(Effect):
+    """Report this device's profile to the roster (the executor adds what only it knows: kind, cores...)."""
+
+    kind: ClassVar[str] = "report_profile"
+    compute: dict | None
+    links: dict
+
+
+@dataclass(frozen=True)
+class FrameDone(Effect):
+    kind: ClassVar[str] = "frame_done"
+    frame: int
+    result: dict
+
+
+@dataclass(frozen=True)
+class FrameFailed(Effect):
+    kind: ClassVar[str] = "frame_failed"
+    frame: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Profile(Effect):
+    """Measure this device's compute profile and answer with `Profiled`."""
+
+    kind: ClassVar[str] = "profile"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Probe(Effect):
+    """Measure the link to `peer` (see `ProbeSpec`) and answer with `LinkMeasured` or `ProbeFailed`."""
+
+    kind: ClassVar[str] = "probe"
+    peer: str
+    rtt_size: int
+    rtt_count: int
+    message: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Compute(Effect):
+    """Run `request` (a `runner.ComputeRequest`) and answer with `Computed` (sessions built `deferred=True`)."""
+
+    kind: ClassVar[str] = "compute"
+    plan_id: int
+    request: ComputeRequest
+
+
+@dataclass(frozen=True)
+class Notice(Effect):
+    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report`, `error`."""
+
+    kind: ClassVar[str] = "notice"
+    what: str
+    detail: dict = field(default_factory=dict)
+
+
+# --- the session ----------------------------------------------------------------------------------------------
+
+
+class DeviceSession:
+    """One device's session. `handle(event, now)` returns the effects; state lives in the attributes below."""
+
+    def __init__(self, classifier: LocalClassifier | None = None, *, backend=None, deferred: bool = False):
+        self.backend, self.deferred = backend, deferred
+        self.runtime: PlanRuntime | None = None
+        self.max_message: dict[str, int] = {}  # peer -> chunk size, for every open link
+        self.links: dict[str, dict] = {}  # peer -> {"rtt_ms", "mbps"} (megabits/s), as the planner reads them
+        self.probing: set[str] = set()
+        self.compute: dict | None = None
+        self.plan: dict | None = None  # the plan this device is the source of, while it is usable
+        self.last_plan: dict | None = None  # the last plan message adopted (any role)
+        self.parts: list[dict] = []
+        self.waiting: dict[int, float] = {}  # frames started here -> when
+        self.last_frame = 0
+        self.drift = Drift()
+        self.pending_drift: float | None = None  # a re-profile asked for by drift, until `Profiled`
+        self.tasks_run: dict[int, int] = {}  # plan id -> tasks this device computed under it
+        self.errors: list[str] = []
+        if classifier is not None:
+            self._load(classifier)
+
+    def _load(self, classifier) -> None:
+        self.runtime = PlanRuntime(classifier, backend=self.backend, deferred=self.deferred)
+
+    # --- dispatch -------------------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        method = getattr(self, f"_on_{event.kind}", None)
+        if method is None:
+            raise TypeError(f"not a session event: {event!r}")
+        return method(event, float(now))
+
+    # --- model, profile, links ------------------------------------------------------------------------------
+
+    def _on_model_loaded(self, ev: ModelLoaded, now: float) -> list[Effect]:
+        if self.runtime is None:
+            self._load(ev.classifier)
+        return []
+
+    def _on_profiled(self, ev: Profiled, now: float) -> list[Effect]:
+        self.compute = ev.compute
+        out: list[Effect] = [self._report()]
+        if self.pending_drift is not None:
+            out.append(Signal("broadcast", {"data": {"kind": "profile_changed", "ratio": self.pending_drift}}))
+            self.pending_drift = None
+        return out
+
+    def _report(self) -> ReportProfile:
+        links = dict(sorted(self.links.items(), key=lambda kv: kv[1]["rtt_ms"])[:MAX_LINKS_REPORTED])
+        return ReportProfile(self.compute, links)
+
+    def _on_link_opened(self, ev: LinkOpened, now: float) -> list[Effect]:
+        self._set_max_message(ev.peer, ev.max_message)
+        if ev.peer in self.probing or ev.peer in self.links:
+            return []
+        self.probing.add(ev.peer)
+        spec = LINK_PROBE
+        return [Probe(ev.peer, spec.rtt_size, spec.rtt_count, min(spec.message, self.max_message[ev.peer]),
+                      spec.total)]
+
+    def _on_link_updated(self, ev: LinkUpdated, now: float) -> list[Effect]:
+        self._set_max_message(ev.peer, ev.max_message)
+        return []
+
+    def _set_max_message(self, peer: str, advertised: int) -> None:
+        size = chunk_limit(advertised)
+        self.max_message[peer] = size
+        if self.runtime is not None:
+            self.runtime.set_max_message(peer, size)
+
+    def _on_link_measured(self, ev: LinkMeasured, now: float) -> list[Effect]:
+        self.probing.discard(ev.peer)
+        if ev.peer not in self.max_message:
+            return []  # the link closed while it was measured
+        try:
+            self.links[ev.peer] = link_figures(list(ev.rtts_ms), ev.nbytes, ev.seconds)
+        except ValueError as exc:
+            return self._error(f"link to {ev.peer}: {exc}")
+        return [self._report()]
+
+    def _on_probe_failed(self, ev: ProbeFailed, now: float) -> list[Effect]:
+        self.probing.discard(ev.peer)
+        return []
+
+    def _on_peer_left(self, ev: PeerLeft, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        self.max_message.pop(ev.peer, None)
+        self.probing.discard(ev.peer)
+        if self.runtime is not None:
+            self.runtime.forget_peer(ev.peer)
+        if self.links.pop(ev.peer, None) is not None:
+            out.append(self._report())
+        if self.plan is not None and ev.peer in self.plan["devices"]:
+            out += self._drop_plan(f"device {ev.peer} left")
+        return out
+
+    def _drop_plan(self, reason: str) -> list[Effect]:
+        """The source's plan can no longer run: fail its frames now (not at their timeout) and ask for another."""
+        self.plan = None
+        out: list[Effect] = self._fail_all(reason)
+        out.append(Notice("replan", {"reason": reason}))
+        return out
+
+    def _fail_all(self, reason: str) -> list[Effect]:
+        out: list[Effect] = [FrameFailed(f, f"{reason} during frame {f}") for f in sorted(self.waiting)]
+        self.waiting.clear()
+        return out
+
+    # --- plans ----------------------------------------------------------------------------------------------
+
+    def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
+        return [Signal("plan_request", {} if ev.strategy is None else {"strategy": ev.strategy})]
+
+    def _on_plan(self, ev: PlanIn, now: float) -> list[Effect]:
+        msg, me = ev.msg, ev.me
+        try:
+            devices, source, spec = list(msg["devices"]), msg["source"], msg["spec"]
+        except (KeyError, TypeError) as exc:
+            return self._error(f"unusable plan message: {exc!r}")
+        if me not in devices and source != me:
+            # Another camera's plan without us: keep running ours.
+            return [Notice("plan", {"plan": msg, "role": {"role": "idle", "plan_id": msg.get("plan_id")}})]
+        if self.runtime is None:
+            return self._error(f"plan {msg.get('plan_id')} includes this device, but it has no model")
+        try:
+            role = self.runtime.set_plan(spec, me, plan_max_messages({*devices, source}, me, self.max_message))
+        except (KeyError, TypeError, ValueError) as exc:
+            return self._error(f"adopting plan {msg.get('plan_id')} failed: {exc}")
+        self.last_plan = msg
+        out: list[Effect] = [self._error_notice(e) for e in role.pop("errors", [])]
+        out += self._reply(role)  # chunks that outran this plan message, replayed now
+        if source == me:
+            out += self._fail_all(f"plan replaced by plan {msg.get('plan_id')}")
+            self.plan = msg
+            self.parts = role.get("parts", [])
+        summary = {k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")}
+        out.append(Notice("plan", {"plan": msg, "role": summary}))
+        return out
+
+    def _on_broadcast(self, ev: BroadcastIn, now: float) -> list[Effect]:
+        data = ev.data if isinstance(ev.data, dict) else {}
+        if data.get("kind") == "profile_changed" and self.plan is not None and ev.sender in self.plan["devices"]:
+            try:
+                ratio = float(data.get("ratio"))
+            except (TypeError, ValueError):
+                ratio = 0.0
+            return self._drop_plan(f"device {ev.sender} changed speed (x{ratio:.1f})")
+        return []
+
+    # --- frames and chunks ----------------------------------------------------------------------------------
+
+    def _on_frame(self, ev: FrameIn, now: float) -> list[Effect]:
+        frame = int(ev.frame)
+        if self.plan is None or self.runtime is None:
+            return [FrameFailed(frame, "no plan yet")]
+        if frame <= self.last_frame:
+            return [FrameFailed(frame, f"frame {frame} is not newer than frame {self.last_frame}")]
+        self.last_frame = frame
+        self.waiting[frame] = now
+        try:
+            res = self.runtime.start_frame(frame, ev.data, int(ev.height), int(ev.width))
+        except (RuntimeError, ValueError) as exc:
+            del self.waiting[frame]
+            return [FrameFailed(frame, str(exc))]
+        return self._reply(res, now)
+
+    def _on_chunk(self, ev: ChunkIn, now: float) -> list[Effect]:
+        if self.runtime is None:
+            return self._error(f"chunk from {ev.peer} before the model was loaded")
+        try:
+            res = self.runtime.on_chunk(ev.peer, ev.data)
+        except ValueError as exc:  # a bad chunk costs that chunk, never the session
+            return self._error(f"chunk from {ev.peer} refused: {type(exc).__name__}: {exc}")
+        return self._reply(res, now)
+
+    def _on_computed(self, ev: Computed, now: float) -> list[Effect]:
+        if self.runtime is None:
+            return []
+        try:
+            res = self.runtime.computed(ev.plan_id, ev.frame, ev.task, ev.outputs)
+        except ValueError as exc:
+            return self._error(f"compute result refused: {exc}")
+        return self._reply(res, now)
+
+    def _on_tick(self, ev: Tick, now: float) -> list[Effect]:
+        late = [f for f, t0 in self.waiting.items() if now - t0 > FRAME_TIMEOUT_S]
+        for f in late:
+            del self.waiting[f]
+        return [FrameFailed(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
+
+    def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
+        """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift."""
+        out: list[Effect] = [Send(o["dst"], o["chunks"], o["tensor"], o["nbytes"]) for o in res.get("out", [])]
+        plan_id = res.get("plan_id")
+        if plan_id is not None and "tasks_run" in res:
+            self.tasks_run[int(plan_id)] = int(res["tasks_run"])
+        out += [Compute(int(plan_id), c) for c in res.get("compute", [])]
+        for r in res.get("results", []):
+            t0 = self.waiting.pop(r["frame"], None)
+            if t0 is None:
+                continue  # failed meanwhile (timeout, replaced plan): its caller was told already
+            ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
+            out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": self.plan}))
+        for report in res.get("reports", []):
+            out += self._on_report(int(plan_id), report, now)
+        return out
+
+    def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:
+        out: list[Effect] = []
+        if should_report(int(report["frame"])):
+            out.append(Signal("broadcast", {"data": {"kind": "frame_report", "plan_id": plan_id, "report": report}}))
+            out.append(Notice("report", {"plan_id": plan_id, "report": report}))
+        plan = self.last_plan
+        if plan is None or plan.get("plan_id") != plan_id or now is None:
+            return out
+        predicted = (((plan.get("timeline") or {}).get("devices") or {}).get(report.get("device")) or {})
+        self.drift, ratio = drift_step(self.drift, float(report.get("compute_ms") or 0), 
+                                       float(predicted.get("compute_s") or 0), now)
+        if ratio is not None:
+            self.pending_drift = ratio
+            out += [Notice("drift", {"ratio": ratio}), Profile("drift")]
+        return out
+
+    # --- errors ---------------------------------------------------------------------------------------------
+
+    def _error_notice(self, text: str) -> Notice:
+        self.errors.append(text)
+        del self.errors[:-32]
+        return Notice("error", {"message": text})
+
+    def _error(self, text: str) -> list[Effect]:
+        return [self._error_notice(text)]
+
+
+# --- the browser worker's boundary ----------------------------------------------------------------------------
+
+EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, LinkUpdated, LinkMeasured,
+                                     ProbeFailed, PeerLeft, FrameIn, Computed, Profiled, BroadcastIn, RequestPlan,
+                                     Tick)}
+
+
+def event_from_dict(d: dict) -> Event:
+    """`{"on": kind, **fields}` (as the worker receives it from JS) -> the event; unknown kinds or fields raise."""
+    d = dict(d)
+    kind = d.pop("on", None)
+    cls = EVENTS.get(kind)
+    if cls is None or cls is ModelLoaded:
+        raise ValueError(f"unknown session event {kind!r}")
+    names = {f.name for f in fields(cls)}
+    extra = set(d) - names
+    if extra:
+        raise ValueError(f"{kind} event has unknown fields {sorted(extra)}")
+    if cls is LinkMeasured and "rtts_ms" in d:
+        d["rtts_ms"] = tuple(d["rtts_ms"])
+    return cls(**d)
+
+
+def effect_to_dict(e: Effect) -> dict:
+    """`{"do": kind, **fields}` with plain values for JS (a compute request's arrays as shape/dtype/bytes)."""
+    if isinstance(e, Compute):
+        r = e.request
+        return {"do": e.kind, "plan_id": e.plan_id, "frame": r.frame, "task": r.task, "segment": r.segment,
+                "keep": list(r.keep),
+                "inputs": {k: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tobytes()}
+                           for k, a in r.inputs.items()}}
+    return {"do": e.kind, **{f.name: getattr(e, f.name) for f in fields(e)}}
+
+
+_session: DeviceSession | None = None
+
+
+def session() -> DeviceSession:
+    global _session
+    if _session is None:
+        _session = DeviceSession()
+    return _session
+
+
+def load(model_json: str, labels_json: str, card_json: str | None = None) -> dict:
+    """Worker entry: load the model once (shared with single-device classification); the card gives its
+    preprocessing (`tilemesh.models.card`; default: ImageNet's)."""
+    s = session()
+    if s.runtime is None:
+        s.handle(ModelLoaded(LocalClassifier.from_files(model_json, labels_json, card_json)), 0.0)
+    g = s.runtime.graph
+    return {"nodes": len(g.nodes), "classes": len(s.runtime.classifier.labels)}
+
+
+def handle(event: dict, now: float) -> list[dict]:
+    """Worker entry: one event (a dict from JS, `now` in seconds) -> the effects as dicts."""
+    return [effect_to_dict(e) for e in session().handle(event_from_dict(event), now)]
+
+
+def state() -> dict:
+    """What the page shows and tests read: current plans, tasks run, errors, links."""
+    s = session()
+    return {"plan": s.plan, "last_plan": s.last_plan, "tasks_run": s.tasks_run, "errors": list(s.errors),
+            "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting)}
+
+
+def profile() -> dict:
+    """This device's compute profile on the loaded model's own layers (a second or two)."""
+    from .profile import measure_profile
+
+    s = session()
+    if s.runtime is None:
+        raise RuntimeError("model not loaded: call tilemesh.runtime.session.load first")
+    return measure_profile(s.runtime.graph)
+
+
+def classify_local(data, height: int, width: int, k: int = 5) -> dict:
+    s = session()
+    if s.runtime is None:
+        raise RuntimeError("model not loaded: call tilemesh.runtime.session.load first")
+    return s.runtime.classifier.classify(data, height, width, k)

@@ -1,4 +1,4 @@
-"""The plan runtime under every device session: plan specs as JSON, frames in as canvas bytes, top-5 out; same answer as one device."""
+"""The plan runtime under every device session: plan specs as JSON, frames in as bytes, top-5 out, as one device."""
 
 from __future__ import annotations
 

@@ -544,7 +544,7 @@ class DeviceSession:
         if plan is None or plan.get("plan_id") != plan_id or now is None:
             return out
         predicted = (((plan.get("timeline") or {}).get("devices") or {}).get(report.get("device")) or {})
-        self.drift, ratio = drift_step(self.drift, float(report.get("compute_ms") or 0), 
+        self.drift, ratio = drift_step(self.drift, float(report.get("compute_ms") or 0),
                                        float(predicted.get("compute_s") or 0), now)
         if ratio is not None:
             self.pending_drift = ratio

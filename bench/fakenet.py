@@ -1,0 +1,164 @@
+"""An in-memory room for device sessions: links with scripted loss, delay and reordering, on a fake clock.
+
+`FakeRoom` plays every executor's part for a set of `tilemesh.runtime.session.DeviceSession`s, as the browser's
+room_engine.js and the edge's device do over real data channels and signaling: it carries `Send` effects over
+`FakeLink`s (each chunk delayed by the link's latency plus its bandwidth time plus a seeded jitter, so chunks
+overtake each other unless the link is `ordered`; `lose(src, dst, chunk, n)` drops the n-th chunk of that
+pair), delivers broadcasts, answers `Probe` with what the scripted link would measure, `Profile` with a given
+profile, and `Compute` by running the task with the runtime's own kernels. Everything happens on `now`, a fake
+clock advanced from one delivery to the next, and a `Tick` reaches every session every `tick` seconds, so
+timeouts fire deterministically and a test of a lossy link takes milliseconds of real time per event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tilemesh.runtime import session as S
+from tilemesh.runtime.tiling import run_steps
+
+
+@dataclass
+class FakeLink:
+    """One direction of a link: latency (s), bandwidth (bytes/s), max message size, jitter (s) and order."""
+
+    latency: float = 0.002
+    bandwidth: float = 20e6
+    max_message: int = 256 * 1024
+    jitter: float = 0.001
+    ordered: bool = False
+    busy_until: float = 0.0
+
+
+@dataclass
+class FakeRoom:
+    sessions: dict[str, S.DeviceSession]
+    seed: int = 0
+    tick: float = 0.5
+    lose: Callable[[str, str, bytes, int], bool] = lambda src, dst, chunk, n: False
+    links: dict[tuple[str, str], FakeLink] = field(default_factory=dict)
+    profiles: dict[str, dict] = field(default_factory=dict)  # what `Profile` answers, per device
+    now: float = 0.0
+    done: dict[str, dict[int, dict]] = field(default_factory=dict)
+    failed: dict[str, dict[int, str]] = field(default_factory=dict)
+    signals: list[tuple[str, S.Signal]] = field(default_factory=list)
+    notices: list[tuple[str, S.Notice]] = field(default_factory=list)
+    reports: list[tuple[str, S.ReportProfile]] = field(default_factory=list)
+    delivered: int = 0
+    dropped: int = 0
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+        self.queue: list = []  # (time, seq, kind, device, payload)
+        self.seq = itertools.count()
+        self.sent_counts: dict[tuple[str, str], int] = {}
+        self.next_tick = self.tick
+        for a in self.sessions:
+            for b in self.sessions:
+                if a != b:
+                    self.links.setdefault((a, b), FakeLink())
+
+    # --- events in --------------------------------------------------------------------------------------
+
+    def fire(self, device: str, event: S.Event) -> list[S.Effect]:
+        """Hand `event` to `device` now and carry out its effects; returns them."""
+        effects = self.sessions[device].handle(event, self.now)
+        for e in effects:
+            self._execute(device, e)
+        return effects
+
+    def at(self, delay: float, device: str, event: S.Event) -> None:
+        """Deliver `event` to `device` `delay` seconds from now (a plan message on a slow signaling path...)."""
+        heapq.heappush(self.queue, (self.now + delay, next(self.seq), device, event))
+
+    def open_links(self) -> None:
+        """Every link opens now (each end learns the other's max message size; each end probes)."""
+        for (a, b), link in self.links.items():
+            self.fire(a, S.LinkOpened(b, self.links[(b, a)].max_message if (b, a) in self.links else link.max_message))
+
+    def run(self, until: float | None = None, max_events: int = 1_000_000) -> None:
+        """Deliver everything queued (and what it causes), in time order, ticking sessions on the way."""
+        for _ in range(max_events):
+            head = self.queue[0][0] if self.queue else None
+            if head is None or (until is not None and head > until):
+                if until is not None:
+                    self._tick_to(until)
+                    self.now = max(self.now, until)
+                return
+            self._tick_to(head)
+            self.now = head
+            _, _, device, event = heapq.heappop(self.queue)
+            if device in self.sessions:
+                if isinstance(event, S.ChunkIn):
+                    self.delivered += 1
+                self.fire(device, event)
+        raise RuntimeError("fake room did not settle")
+
+    def _tick_to(self, t: float) -> None:
+        while self.next_tick <= t:
+            self.now = self.next_tick
+            self.next_tick += self.tick
+            for d in list(self.sessions):
+                self.fire(d, S.Tick())
+
+    def leave(self, device: str) -> None:
+        """`device` vanishes: nothing more from or to it; every other session hears it left."""
+        self.sessions.pop(device)
+        self.queue = [q for q in self.queue if q[2] != device and getattr(q[3], "peer", None) != device]
+        heapq.heapify(self.queue)
+        for d in list(self.sessions):
+            self.fire(d, S.PeerLeft(device))
+
+    # --- effects out ------------------------------------------------------------------------------------
+
+    def _execute(self, device: str, e: S.Effect) -> None:
+        if isinstance(e, S.Send):
+            self._send(device, e)
+        elif isinstance(e, S.Signal):
+            self.signals.append((device, e))
+            if e.type == "broadcast":
+                for d in self.sessions:
+                    if d != device:
+                        self.at(0.001, d, S.BroadcastIn(device, e.fields["data"]))
+        elif isinstance(e, S.FrameDone):
+            self.done.setdefault(device, {})[e.frame] = e.result
+        elif isinstance(e, S.FrameFailed):
+            self.failed.setdefault(device, {})[e.frame] = e.reason
+        elif isinstance(e, S.Notice):
+            self.notices.append((device, e))
+        elif isinstance(e, S.ReportProfile):
+            self.reports.append((device, e))
+        elif isinstance(e, S.Probe):
+            link = self.links[(device, e.peer)]
+            # What a burst would show on this link: round trips of the latency both ways, `total` at bandwidth.
+            rtt = 2 * link.latency * 1e3
+            seconds = link.latency + e.total / link.bandwidth
+            self.at(seconds, device, S.LinkMeasured(e.peer, (rtt,) * e.rtt_count, float(e.total), seconds))
+        elif isinstance(e, S.Profile):
+            self.at(0.5, device, S.Profiled(self.profiles.get(device, {"sec_per_mac": {}})))
+        elif isinstance(e, S.Compute):
+            runtime = self.sessions[device].runtime
+            task = runtime.runner.dplan.tasks[e.request.task]
+            outputs = run_steps(runtime.graph, task.deps, e.request.inputs, keep=e.request.keep)
+            self.at(0.0, device, S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
+
+    def _send(self, src: str, e: S.Send) -> None:
+        link = self.links[(src, e.dst)]
+        for chunk in e.chunks:
+            # The sender must respect the limit of the link it was told about.
+            assert len(chunk) <= link.max_message, (src, e.dst, len(chunk), link.max_message)
+            n = self.sent_counts.get((src, e.dst), 0)
+            self.sent_counts[(src, e.dst)] = n + 1
+            if self.lose(src, e.dst, chunk, n):
+                self.dropped += 1
+                continue
+            start = max(self.now, link.busy_until)
+            link.busy_until = start + len(chunk) / link.bandwidth
+            arrive = link.busy_until + link.latency
+            if not link.ordered:
+                arrive += self.rng.uniform(0, link.jitter)
+            self.at(arrive - self.now, e.dst, S.ChunkIn(src, bytes(chunk)))

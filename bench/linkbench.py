@@ -41,8 +41,9 @@ def _load_netns():
 
 
 def megabytes(t: dict) -> dict:
-    """The edge probe reports megabits/s (what the planner wants); this table, like the browsers', MB/s."""
-    return {**t, "mbps": t["mbps"] / 8}
+    """A throughput probe's raw outcome (bytes counted, ms) with this table's rate: megabytes per second.
+    (The planner's figures, in megabits per second, are `tilemesh.runtime.session.link_figures`.)"""
+    return {**t, "mb_s": t["bytes"] / 1e6 / (t["ms"] / 1e3)}
 
 
 def http_json(url: str, ctx, body: dict | None = None, timeout: float = 10) -> dict:
@@ -108,17 +109,17 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                         if isinstance(size, str):
                             nbytes = len(wire.encode_joined(wire.test_pattern(TENSORS[size], 0), frame=0, tensor=0,
                                                             max_message=limit))
-                            t = await src.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
-                                                   [dst, limit, nbytes])
+                            t = megabytes(await src.evaluate(
+                                "([id, s, n]) => window.meshtest.probe.throughput(id, s, n)", [dst, limit, nbytes]))
                             rows.append({"link": label, "size": size, "limit": limit, "rtt": None, **t})
                             continue
                         if size > limit:
-                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mbps": None})
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mb_s": None})
                             continue
                         r = await src.evaluate("([id, s, n]) => window.meshtest.probe.rtt(id, s, n)",
                                                [dst, size, rounds])
-                        t = await src.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
-                                               [dst, size, total])
+                        t = megabytes(await src.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
+                                                         [dst, size, total]))
                         rows.append({"link": label, "size": size, "limit": limit, "rtt": statistics.median(r), **t})
 
                 async def py_link(label, dst):
@@ -131,7 +132,7 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                             rows.append({"link": label, "size": size, "limit": limit, "rtt": None, **t})
                             continue
                         if size > limit:
-                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mbps": None})
+                            rows.append({"link": label, "size": size, "limit": limit, "rtt": None, "mb_s": None})
                             continue
                         r = await probe.rtt(dst, size, rounds, timeout=30)
                         t = megabytes(await probe.throughput(dst, size, total, timeout=120))
@@ -158,17 +159,17 @@ def print_table(rows: list[dict]) -> None:
           f"{'vs 16 KiB':>9} {'vs browser':>10}")
     first: dict[str, float] = {}
     for r in rows:
-        mbps = r.get("mbps")
+        mb_s = r.get("mb_s")
         rtt = f"{r['rtt']:.2f}" if r.get("rtt") is not None else "-"
-        if mbps is None:
+        if mb_s is None:
             print(f"{r['link']:<20} {_fmt_size(r['size']):>15} {r['limit']:>8} {'(above the receiver limit)':>36}")
             continue
-        first.setdefault(r["link"], mbps)
-        vs16 = f"{mbps / first[r['link']]:.2f}x" if not isinstance(r["size"], str) else ""
-        ref = base.get(r["size"], {}).get("mbps")
-        vsb = f"{mbps / ref:.2f}x" if ref and r["link"] != "browser -> browser" else ""
+        first.setdefault(r["link"], mb_s)
+        vs16 = f"{mb_s / first[r['link']]:.2f}x" if not isinstance(r["size"], str) else ""
+        ref = base.get(r["size"], {}).get("mb_s")
+        vsb = f"{mb_s / ref:.2f}x" if ref and r["link"] != "browser -> browser" else ""
         xfer = f"{r['ms']:.1f}" if isinstance(r["size"], str) else ""
-        print(f"{r['link']:<20} {_fmt_size(r['size']):>15} {r['limit']:>8} {rtt:>8} {mbps:>7.1f} {xfer:>8} "
+        print(f"{r['link']:<20} {_fmt_size(r['size']):>15} {r['limit']:>8} {rtt:>8} {mb_s:>7.1f} {xfer:>8} "
               f"{vs16:>9} {vsb:>10}")
 
 

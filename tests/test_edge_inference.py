@@ -2,8 +2,8 @@
 
 The integration test runs the real server with `--edge` in a private network namespace (like
 tests/test_edge_peer.py) and a Python aiortc `ComputeDevice` standing in for a phone: it reports a (slower)
-compute profile, asks for plans, runs its own part with its own `tilemesh.runtime.peer.Peer`, and must get the
-same top-5 and logits as one device running the whole model. The in-memory tests drive two ComputeDevices
+compute profile, asks for plans, runs its own part with its own `tilemesh.runtime.session.DeviceSession`, and
+must get the same top-5 and logits as one device running the whole model. The in-memory tests drive two ComputeDevices
 whose data channels are replaced by direct calls, to pin down ordering and plan races deterministically.
 """
 
@@ -19,11 +19,12 @@ import pytest
 from skimage import data as skdata
 from test_edge_peer import Server, run_in_netns
 
-from tilemesh.edge.peer import EDGE_KEY, ComputeDevice, ModelRuntime, load_model_runtime
+from tilemesh.edge.device import ComputeDevice, ModelRuntime, load_model_runtime
+from tilemesh.edge.manager import EDGE_KEY
 from tilemesh.runtime import wire
 from tilemesh.runtime.classify import frame_from_bytes
-from tilemesh.runtime.peer import Peer
 from tilemesh.runtime.profile import scaled_profile
+from tilemesh.runtime.session import DeviceSession
 from tilemesh.server.app import ServerConfig
 from tilemesh.server.model import default_model, prepare
 from tilemesh.server.signaling.protocol import MAX_PROFILE_BYTES
@@ -137,7 +138,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                     figures["offload_ms"] = (time.perf_counter() - t0) * 1e3
                 figures["loop_lag_ms"] = lag.worst * 1e3
                 assert_same_as_single_device(model, FRAMES["chelsea"], result,
-                                             phone.peer.runner.result(result["frame"]))
+                                             phone.runtime.runner.result(result["frame"]))
                 described = manager.describe(room)["compute"]
                 assert described["role"] == "worker" and described["chunks_in"] > 0 and described["errors"] == 0
                 assert described["chunks_out"] > 0
@@ -151,7 +152,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                 assert len(errors) >= 2 and "refused" in errors[0].getMessage()
                 result = await phone.classify(FRAMES["coffee"], SIZE, SIZE)
                 assert_same_as_single_device(model, FRAMES["coffee"], result,
-                                             phone.peer.runner.result(result["frame"]))
+                                             phone.runtime.runner.result(result["frame"]))
                 assert edge_id in phone.edge.open_peers()
 
                 # The planner's own choice: whatever it splits or offloads must give the same answer.
@@ -163,7 +164,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                     result = await phone.classify(FRAMES[name], SIZE, SIZE)
                     figures[f"tilemesh_ms_{name}"] = round((time.perf_counter() - t0) * 1e3, 1)
                     assert_same_as_single_device(model, FRAMES[name], result,
-                                                 phone.peer.runner.result(result["frame"]))
+                                                 phone.runtime.runner.result(result["frame"]))
                 assert phone.error_count == 0
             finally:
                 await phone.close()
@@ -199,17 +200,17 @@ async def test_chunks_that_outrun_their_plan_are_held_until_it_arrives(model):
     connect({"phone": phone, "edge": edge})
     drains = [asyncio.ensure_future(dev._drain()) for dev in (phone, edge)]
     for dev in (phone, edge):
-        dev.model, dev.peer = model, Peer(model.classifier)
+        dev.model, dev.session = model, DeviceSession(model.classifier)
     try:
         # The phone adopts plan 7 and sends its frame before the edge has heard of plan 7.
         phone._on_server(plan_message(["edge"], "phone", 7))
         pending = asyncio.ensure_future(phone.classify(FRAMES["chelsea"], SIZE, SIZE))
-        await until(lambda: edge.peer.held, timeout=10, what="chunks held")
+        await until(lambda: edge.runtime.held, timeout=10, what="chunks held")
         assert not pending.done()
         edge._on_server(plan_message(["edge"], "phone", 7))
         result = await asyncio.wait_for(pending, 30)
-        assert_same_as_single_device(model, FRAMES["chelsea"], result, phone.peer.runner.result(result["frame"]))
-        assert edge.error_count == 0 and not edge.peer.held and edge.chunks_in > 0
+        assert_same_as_single_device(model, FRAMES["chelsea"], result, phone.runtime.runner.result(result["frame"]))
+        assert edge.error_count == 0 and not edge.runtime.held and edge.chunks_in > 0
 
         # Another camera's plan without the edge leaves its runner alone; chunks of an older plan are dropped
         # (counted, not fed to the runner), and the current plan still runs.
@@ -219,10 +220,10 @@ async def test_chunks_that_outrun_their_plan_are_held_until_it_arrives(model):
         stale = wire.encode(pixels, frame=5, tensor=0, plan_id=6, region=[0, 224, 0, 224], max_message=16384)
         for c in stale:
             edge._on_binary("phone", c)
-        await until(lambda: edge.peer.dropped_chunks >= len(stale), timeout=10, what="stale chunks dropped")
+        await until(lambda: edge.runtime.dropped_chunks >= len(stale), timeout=10, what="stale chunks dropped")
         assert edge.error_count == 0
         result = await asyncio.wait_for(phone.classify(FRAMES["coffee"], SIZE, SIZE), 30)
-        assert_same_as_single_device(model, FRAMES["coffee"], result, phone.peer.runner.result(result["frame"]))
+        assert_same_as_single_device(model, FRAMES["coffee"], result, phone.runtime.runner.result(result["frame"]))
     finally:
         for task in drains:
             task.cancel()

@@ -17,14 +17,9 @@ import pytest
 from aiohttp import web
 
 from bench import netns
-from tilemesh.edge.peer import (
-    EDGE_KEY,
-    EdgePeer,
-    PeerGone,
-    own_ws_url,
-    remote_max_message_size,
-    tensor_digest,
-)
+from tilemesh.edge.link import PeerGone, remote_max_message_size
+from tilemesh.edge.manager import EDGE_KEY, own_ws_url, tensor_digest
+from tilemesh.edge.peer import EdgePeer
 from tilemesh.runtime import wire
 from tilemesh.server.app import ServerConfig, create_app
 from tilemesh.server.signaling.hub import HUB_KEY

@@ -12,7 +12,7 @@ import jinja2
 from aiohttp import web
 
 import tilemesh
-from tilemesh.edge import peer as edge_peer
+from tilemesh.edge import manager as edge_manager
 from tilemesh.server import inference, model, pages
 from tilemesh.server.context import CONFIG_KEY, JINJA_KEY, TEMPLATES, ServerConfig, render
 from tilemesh.server.signaling import hub as signaling
@@ -97,7 +97,7 @@ def _setup_features(app: web.Application) -> None:
     signaling.setup(app)
     inference.setup(app)
     pages.setup(app)
-    edge_peer.setup(app)
+    edge_manager.setup(app)
     app.router.add_get("/ar", ar_page)
 
 

@@ -317,7 +317,8 @@ class Compute(Effect):
 
 @dataclass(frozen=True)
 class Notice(Effect):
-    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report`, `error`."""
+    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report`, `tasks_run`
+    (tasks computed under a plan so far), `error`."""
 
     kind: ClassVar[str] = "notice"
     what: str
@@ -522,8 +523,9 @@ class DeviceSession:
         """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift."""
         out: list[Effect] = [Send(o["dst"], o["chunks"], o["tensor"], o["nbytes"]) for o in res.get("out", [])]
         plan_id = res.get("plan_id")
-        if plan_id is not None and "tasks_run" in res:
+        if plan_id is not None and "tasks_run" in res and self.tasks_run.get(int(plan_id)) != int(res["tasks_run"]):
             self.tasks_run[int(plan_id)] = int(res["tasks_run"])
+            out.append(Notice("tasks_run", {"plan_id": int(plan_id), "tasks_run": int(res["tasks_run"])}))
         out += [Compute(int(plan_id), c) for c in res.get("compute", [])]
         for r in res.get("results", []):
             t0 = self.waiting.pop(r["frame"], None)

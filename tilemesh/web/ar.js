@@ -10,10 +10,11 @@ export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911
 export class LocalEngine {
   constructor(runtime) { this.runtime = runtime; this.name = "this device"; }
   async load() {
-    return this.runtime.call("tilemesh.runtime.peer", "load", ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
+    return this.runtime.call("tilemesh.runtime.session", "load",
+      ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
   }
   async classify(frame) {
-    const out = await this.runtime.call("tilemesh.runtime.peer", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
+    const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
       [frame.buffer]);
     return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
   }

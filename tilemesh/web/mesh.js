@@ -6,7 +6,7 @@
 //   await mesh.send(peerId, uint8array);        // at most mesh.maxMessageSize(peerId) bytes
 //   await mesh.sendChunks(peerId, joined);      // the bytes of tilemesh.runtime.wire.encode_joined(...)
 //
-// Conventions shared with server/edge_peer.py (the aiortc side):
+// Conventions shared with tilemesh/edge (the aiortc side):
 // - the newcomer offers to every peer in its welcome; existing peers answer (the signaling offer rule);
 // - one ordered binary channel per pair, pre-negotiated with id 0, so both ends have it before connecting;
 // - signal data: {kind: "offer"|"answer", sdp} | {kind: "candidate", candidate, sdpMid, sdpMLineIndex} | {kind: "bye"}
@@ -312,7 +312,7 @@ export class Mesh extends EventTarget {
 //
 // Probe messages start with a tag byte from 0xB0, which never begins a wire chunk (magic "TMWT"):
 //   0xB0 ping (echoed whole as 0xB1), 0xB2 bulk data (counted), 0xB3 end of a burst (answered by 0xB4 with the
-//   byte count received since the previous end, as a float64). server/linkbench.py speaks the same from aiortc.
+//   byte count received since the previous end, as a float64). tilemesh/edge/probe.py speaks the same from aiortc.
 export const PROBE = { PING: 0xb0, PONG: 0xb1, BULK: 0xb2, END: 0xb3, DONE: 0xb4 };
 
 export class LinkProbe {
@@ -381,6 +381,7 @@ export class LinkProbe {
     const reply = await done;
     const ms = performance.now() - t0;
     const got = new DataView(reply.buffer, reply.byteOffset).getFloat64(1, true);
-    return { bytes: got, sent: n * size, ms, mbps: got / 1e6 / (ms / 1e3) };
+    // Raw figures only: the planner's rate (Mbit/s) is tilemesh.runtime.session.link_figures, one definition.
+    return { bytes: got, sent: n * size, ms };
   }
 }

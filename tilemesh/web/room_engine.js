@@ -1,25 +1,19 @@
-// Distributed inference in the browser: the main-thread glue between the WebRTC mesh and the peer runtime's
-// worker. The worker (tilemesh.runtime.peer) owns the plan and the frames; this file only moves bytes.
+// Distributed inference in the browser: plumbing between the device session in the worker
+// (tilemesh.runtime.session, the same core the edge runs) and what only the page has: the WebRTC mesh, the
+// signaling socket, the camera's frames and the UI. Events go to the session; its effects are carried out here.
 //
 //   const engine = new RoomEngine({ runtime, signaling, mesh });
 //   await engine.measure();                    // compute profile + links, reported in state.profile
 //   engine.requestPlan();                      // the device with the camera asks the server's planner
 //   const result = await engine.classify(rgbaFrame);   // {top, parts, ms, report, plan}
 //
-// Every device runs one: devices without a camera just answer chunks as they come. Calls into the worker are
-// posted in arrival order and the worker handles them one at a time, so chunks are never reordered here.
+// Every device runs one: devices without a camera just answer chunks as they come. Events are posted in
+// arrival order and the worker handles them one at a time, so chunks are never reordered here.
 import { LinkProbe } from "/web/mesh.js";
 import { FRAME_SIZE } from "/web/camera.js";
 
-const FRAME_TIMEOUT_MS = 8000;
-// Long enough to get past SCTP's slow start (a 256 KiB burst read 3-4x low), short enough for every pair at boot.
-const LINK_PROBE_BYTES = 1024 * 1024;
-const REPORT_EVERY = 4;
-// A device whose measured compute per frame stays this far off the planner's prediction re-measures itself
-// (a phone heating up and throttling, a laptop that started another job) and the source replans.
-const DRIFT_FACTOR = 2;
-const DRIFT_FRAMES = 5;
-const DRIFT_COOLDOWN_MS = 30000;
+const SESSION = "tilemesh.runtime.session";
+const TICK_MS = 500;
 
 export class RoomEngine extends EventTarget {
   constructor({ runtime, signaling, mesh }) {
@@ -28,8 +22,9 @@ export class RoomEngine extends EventTarget {
     this.signaling = signaling;
     this.mesh = mesh;
     this.probe = new LinkProbe(mesh);
-    this.plan = null;       // the `plan` message this device runs
-    this.parts = [];        // which device computes which part of the frame (fractions), for the AR map
+    this.plan = null;       // the plan this device is the source of (set from the session's notices)
+    this.lastPlan = null;   // the last plan message this device adopted
+    this.parts = [];
     this.frameId = 0;
     this.waiting = new Map();
     this.compute = null;
@@ -38,168 +33,153 @@ export class RoomEngine extends EventTarget {
     this.loaded = null;
     this.errors = [];
     this.tasksRun = {};     // plan id -> tasks this device has computed under it
+    this.ticker = null;
+    this.probing = new Map();  // peer -> the probe running on its link
     mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
-    signaling.on("plan", (msg) => this._onPlan(msg));
-    signaling.on("peer_left", ({ id }) => this._onPeerLeft(id));
+    signaling.on("plan", (msg) => this._fire({ on: "plan", msg, me: signaling.peerId }));
+    signaling.on("peer_left", ({ id }) => this._fire({ on: "peer_left", peer: id }));
     signaling.on("broadcast", ({ from, data }) => {
-      // A device of our plan re-measured itself: plan again with its new speed at the next frame.
-      if (data && data.kind === "profile_changed" && this.plan && this.plan.devices.includes(from)) {
-        this.plan = null;
-        this._emit("replan", { reason: `device ${from} changed speed (x${Number(data.ratio).toFixed(1)})` });
-      }
+      if (data && typeof data === "object") this._fire({ on: "broadcast", sender: from, data });
     });
     signaling.on("error", (e) => {
       if (e.code === "plan_failed") this._emit("plan_failed", e);
     });
     mesh.addEventListener("peer", (e) => {
-      if (e.detail.state === "open") this._measureLink(e.detail.peerId).catch(() => {});
+      const { peerId, state } = e.detail;
+      if (state === "open") this._fire({ on: "link_opened", peer: peerId, max_message: mesh.maxMessageSize(peerId) });
+      // A link that closed without the server saying the peer left (a failed connection) is gone all the same.
+      else if (state === "gone") this._fire({ on: "peer_left", peer: peerId });
     });
   }
 
   _emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
 
-  // Loads the model into the worker (once); resolves with its size.
+  // Loads the model into the worker once it has booted; resolves with its size.
   load(modelJson = "/model/graph.json", labelsJson = "/model/labels.json", cardJson = "/model/card.json") {
-    this.loaded ??= this.runtime.call("tilemesh.runtime.peer", "load", [modelJson, labelsJson, cardJson]);
+    this.loaded ??= this.runtime.ready.then(() => this.runtime.call(SESSION, "load",
+      [modelJson, labelsJson, cardJson]));
     return this.loaded;
   }
 
-  // Speed on the model's own layers, then links to every open peer; both go into this peer's roster profile.
+  // Speed on the model's own layers, and the links being probed: reported to the roster when this resolves.
   async measure() {
     await this.load();
-    this.compute = await this.runtime.call("tilemesh.runtime.peer", "profile", []);
-    this.lastMeasured = performance.now();
-    for (const peer of this.mesh.openPeers()) await this._measureLink(peer).catch(() => {});
-    this._report();
+    await this._profile();
+    await Promise.allSettled([...this.probing.values()]);
     return { compute: this.compute, links: this.links };
   }
 
-  async _measureLink(peer) {
-    const rtts = await this.probe.rtt(peer, 64, 10);
-    const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), 262144),
-      LINK_PROBE_BYTES);
-    rtts.sort((a, b) => a - b);
-    // LinkProbe reports megabytes per second; the planner wants megabits.
-    this.links[peer] = { rtt_ms: +rtts[rtts.length >> 1].toFixed(3), mbps: +(bulk.mbps * 8).toFixed(2) };
-    if (this.compute) this._report();
-  }
-
-  _report() {
-    const state = (this.signaling.lastState || {}).state || "ready";
-    this.signaling.setState(state, { profile: { ...(this.signaling.lastState?.profile || {}),
-      compute: this.compute, links: this.links } });
-  }
-
   requestPlan(strategy = "tilemesh") {
-    this.signaling.send("plan_request", { strategy });
+    this._fire({ on: "request_plan", strategy });
     return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
   }
 
-  async _onPlan(msg) {
-    const me = this.signaling.peerId;
-    this.lastPlan = msg;
-    const involved = msg.devices.includes(me) || msg.source === me;
-    const maxMessage = {};
-    for (const d of msg.devices) {
-      if (d !== me && this.mesh.state(d) === "open") maxMessage[d] = this.mesh.maxMessageSize(d);
-    }
-    if (!involved) { this._emit("plan", { plan: msg, role: "idle" }); return; }
-    try {
-      await this.load();
-      const role = await this.runtime.call("tilemesh.runtime.peer", "set_plan", [msg.spec, me, maxMessage]);
-      this._handle(role);  // chunks that outran this plan message were held in the worker and replayed now
-      if (msg.source === me) {
-        this.plan = msg;
-        this.parts = role.parts || [];
-        // Frames of the previous plan can no longer finish: fail them now rather than at their timeout.
-        for (const [frame, w] of this.waiting) w.reject(new Error(`plan replaced while frame ${frame} ran`));
-      }
-      this._emit("plan", { plan: msg, role });
-    } catch (err) {
-      this.errors.push(String(err.message || err));
-      console.error("tilemesh: adopting plan failed", err);
-    }
-  }
-
-  _onPeerLeft(id) {
-    if (this.plan && this.plan.devices.includes(id)) {
-      for (const [frame, w] of this.waiting) w.reject(new Error(`device ${id} left during frame ${frame}`));
-      this.plan = null;
-      this._emit("replan", { reason: `device ${id} left` });
-    }
+  // Classify one 256x256 RGBA frame with the room's plan; rejects on timeout, replan or when a device leaves.
+  classify(frame) {
+    if (!this.plan) return Promise.reject(new Error("no plan yet"));
+    const id = ++this.frameId;
+    const result = new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject }));
+    this._fire({ on: "frame", frame: id, data: frame, height: FRAME_SIZE, width: FRAME_SIZE }, [frame.buffer]);
+    this.ticker ??= setInterval(() => {
+      if (this.waiting.size) this._fire({ on: "tick" });
+    }, TICK_MS);
+    return result;
   }
 
   _onMessage(from, bytes) {
     if (this.probe.onMessage(from, bytes)) return;
-    this.runtime.call("tilemesh.runtime.peer", "on_chunk", [from, bytes], [bytes.buffer])
-      .then((res) => this._handle(res))
-      .catch((err) => {
-        this.errors.push(String(err.message || err));
-        console.warn("tilemesh: chunk from", from, "refused:", err.message);
-      });
+    this._fire({ on: "chunk", peer: from, data: bytes }, [bytes.buffer]);
   }
 
-  _handle(res) {
-    if (res.plan_id !== undefined) this.tasksRun[res.plan_id] = res.tasks_run;
-    for (const report of res.reports || []) {
-      this._shareReport(res.plan_id, report);
-      this._checkDrift(res.plan_id, report);
+  // One event to the session; its effects are carried out in order. Events queue in the worker in call order.
+  async _fire(event, transfer = []) {
+    let effects;
+    try {
+      await this.load();
+      effects = await this.runtime.call(SESSION, "handle", [event, performance.now() / 1e3], transfer);
+    } catch (err) {
+      this._error(`${event.on}: ${err.message || err}`);
+      if (event.on === "frame") this._settle(event.frame, null, err);
+      return;
     }
-    for (const out of res.out || []) {
-      for (const chunk of out.chunks) {
-        this.mesh.send(out.dst, chunk).catch((err) => console.warn("tilemesh: send failed", err.message));
-      }
+    for (const e of effects) this._execute(e);
+  }
+
+  _execute(e) {
+    switch (e.do) {
+      case "send":
+        for (const chunk of e.chunks) {
+          this.mesh.send(e.dst, chunk).catch((err) => console.warn("tilemesh: send failed", err.message));
+        }
+        break;
+      case "signal": this.signaling.send(e.type, e.fields); break;
+      case "report_profile": this._report(e.compute, e.links); break;
+      case "frame_done": this._settle(e.frame, e.result, null); break;
+      case "frame_failed": this._settle(e.frame, null, new Error(e.reason)); break;
+      case "probe":
+        if (!this.probing.has(e.peer)) {
+          this.probing.set(e.peer, this._probe(e).finally(() => this.probing.delete(e.peer)));
+        }
+        break;
+      case "profile": this._profile().catch((err) => this._error(`profile: ${err.message}`)); break;
+      case "notice": this._notice(e.what, e.detail); break;
+      default: this._error(`unknown effect ${e.do}`);
     }
-    for (const r of res.results || []) {
-      const w = this.waiting.get(r.frame);
-      if (w) { this.waiting.delete(r.frame); clearTimeout(w.timer); w.resolve(r); }
+  }
+
+  _notice(what, detail) {
+    if (what === "plan") {
+      const { plan, role } = detail;
+      if (role.role !== "idle") this.lastPlan = plan;
+      if (role.role === "source") { this.plan = plan; this.parts = role.parts || []; }
+      this._emit("plan", { plan, role });
+    } else if (what === "replan") {
+      this.plan = null;
+      this._emit("replan", detail);
+    } else if (what === "tasks_run") {
+      this.tasksRun[detail.plan_id] = detail.tasks_run;
+    } else if (what === "report") {
+      this._emit("report", { ...detail, from: this.signaling.peerId });
+    } else if (what === "error") {
+      this._error(detail.message);
+    } else {
+      this._emit(what, detail);  // drift
     }
   }
 
-  _checkDrift(planId, report) {
-    const plan = this.lastPlan;
-    const predicted = plan && plan.plan_id === planId ? plan.timeline?.devices?.[this.signaling.peerId]?.compute_s : 0;
-    if (!predicted || !report.compute_ms) return;
-    this.driftRatios = [...(this.driftRatios || []).slice(1 - DRIFT_FRAMES), report.compute_ms / (predicted * 1e3)];
-    const sorted = [...this.driftRatios].sort((a, b) => a - b);
-    const median = sorted[sorted.length >> 1];
-    const off = median > DRIFT_FACTOR || median < 1 / DRIFT_FACTOR;
-    const now = performance.now();
-    if (this.driftRatios.length < DRIFT_FRAMES || !off || now - (this.lastMeasured || 0) < DRIFT_COOLDOWN_MS) return;
-    this.lastMeasured = now;
-    this.driftRatios = [];
-    this._emit("drift", { ratio: median });
-    this.runtime.call("tilemesh.runtime.peer", "profile", []).then((compute) => {
-      this.compute = compute;
-      this._report();
-      this.signaling.broadcast({ kind: "profile_changed", ratio: median });
-    }).catch((err) => this.errors.push(String(err.message || err)));
+  _settle(frame, result, error) {
+    const w = this.waiting.get(frame);
+    if (!w) return;
+    this.waiting.delete(frame);
+    if (error) w.reject(error);
+    else w.resolve(result);
+    if (!this.waiting.size && this.ticker) { clearInterval(this.ticker); this.ticker = null; }
   }
 
-  // Each device's timings of a frame go to the whole room (the host page draws the timeline). Only every
-  // REPORT_EVERY-th frame, chosen by frame id so all devices report the same frames and signaling is not flooded.
-  _shareReport(planId, report) {
-    if (report.frame % REPORT_EVERY !== 1) return;
-    this.signaling.broadcast({ kind: "frame_report", plan_id: planId, report });
-    this._emit("report", { plan_id: planId, report, from: this.signaling.peerId });
+  _error(text) {
+    this.errors.push(text);
+    console.warn("tilemesh:", text);
   }
 
-  // Classify one 256x256 RGBA frame with the room's plan; rejects on timeout or when a device leaves.
-  classify(frame) {
-    if (!this.plan) return Promise.reject(new Error("no plan yet"));
-    const id = ++this.frameId;
-    const result = new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiting.delete(id);
-        reject(new Error(`frame ${id} timed out after ${FRAME_TIMEOUT_MS} ms`));
-      }, FRAME_TIMEOUT_MS);
-      this.waiting.set(id, { resolve, reject: (e) => { clearTimeout(timer); this.waiting.delete(id); reject(e); },
-        timer });
-    });
-    this.runtime.call("tilemesh.runtime.peer", "start_frame", [id, frame, FRAME_SIZE, FRAME_SIZE], [frame.buffer])
-      .then((res) => this._handle(res))
-      .catch((err) => { const w = this.waiting.get(id); if (w) w.reject(err); });
-    const plan = this.plan;
-    return result.then((r) => ({ ...r, parts: this.parts, plan }));
+  // Resolves once the session has reported the new profile.
+  async _profile() {
+    await this._fire({ on: "profiled", compute: await this.runtime.call(SESSION, "profile", []) });
+  }
+
+  async _probe({ peer, rtt_size: rttSize, rtt_count: rttCount, message, total }) {
+    try {
+      const rtts = await this.probe.rtt(peer, rttSize, rttCount);
+      const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), message), total);
+      await this._fire({ on: "link_measured", peer, rtts_ms: rtts, nbytes: bulk.bytes, seconds: bulk.ms / 1e3 });
+    } catch (err) {
+      await this._fire({ on: "probe_failed", peer, reason: String(err.message || err) });
+    }
+  }
+
+  _report(compute, links) {
+    this.compute = compute;
+    this.links = links;
+    const last = this.signaling.lastState || {};
+    this.signaling.setState(last.state || "ready", { profile: { ...(last.profile || {}), compute, links } });
   }
 }

@@ -3,9 +3,10 @@
 //   const rt = new PeerRuntime({ onProgress: (stage, fraction, detail) => ... });
 //   const info = await rt.boot();                       // {runtime, numpy, python, pyodide, bootMs}
 //   await rt.boot({ files: MODEL_FILES });             // the served model into the worker's file system
-//   const out = await rt.call("tilemesh.runtime.peer", "classify_local", [rgba, 256, 256, 5], [rgba.buffer]);
+//   await rt.ready;                                     // resolves once a boot() (anyone's) has finished
+//   const out = await rt.call("tilemesh.runtime.session", "classify_local", [rgba, 256, 256, 5], [rgba.buffer]);
 // The served model's files (whatever `tilemesh serve --model` serves, under fixed names), fetched into the
-// worker's file system at boot (tilemesh.runtime.peer.load reads them).
+// worker's file system at boot (tilemesh.runtime.session.load reads them).
 export const MODEL_FILES = [
   { url: "/model/graph.json", path: "/model/graph.json" },
   { url: "/model/graph.bin", path: "/model/graph.bin" },
@@ -19,6 +20,7 @@ export class PeerRuntime {
     this.pending = new Map();
     this.nextId = 1;
     this.onProgress = onProgress;
+    this.ready = new Promise((resolve) => { this._booted = resolve; });
     this.worker.onmessage = (event) => this._onMessage(event.data);
     this.worker.onerror = (event) => {
       const err = new Error(`runtime worker failed: ${event.message || "load error"}`);
@@ -44,7 +46,11 @@ export class PeerRuntime {
     });
   }
 
-  boot(options = {}) { return this._send({ cmd: "boot", options }); }
+  boot(options = {}) {
+    const booting = this._send({ cmd: "boot", options });
+    booting.then(this._booted, () => {});
+    return booting;
+  }
   call(module, fn, args = [], transfer = []) { return this._send({ cmd: "call", module, fn, args }, transfer); }
   exec(code) { return this._send({ cmd: "exec", code }); }
   terminate() { this.worker.terminate(); }

@@ -23,7 +23,7 @@ export class RoomEngine extends EventTarget {
     this.mesh = mesh;
     this.probe = new LinkProbe(mesh);
     this.plan = null;       // the plan this device is the source of (set from the session's notices)
-    this.lastPlan = null;   // the last plan message this device adopted
+    this.lastPlan = null;   // the last plan message the room made
     this.parts = [];
     this.frameId = 0;
     this.waiting = new Map();
@@ -130,7 +130,7 @@ export class RoomEngine extends EventTarget {
   _notice(what, detail) {
     if (what === "plan") {
       const { plan, role } = detail;
-      if (role.role !== "idle") this.lastPlan = plan;
+      this.lastPlan = plan;  // the room's latest plan, whether or not this device is in it (the host page)
       if (role.role === "source") { this.plan = plan; this.parts = role.parts || []; }
       this._emit("plan", { plan, role });
     } else if (what === "replan") {

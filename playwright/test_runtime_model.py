@@ -27,7 +27,7 @@ for name in ('graph.json', 'graph.bin', 'labels.json'):
 CLASSIFY = """async ([b64, h, w]) => {
     const rt = window.tilemeshRuntime;
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    return await rt.call("tilemesh.runtime.peer", "classify_local", [bytes, h, w, 5], [bytes.buffer]);
+    return await rt.call("tilemesh.runtime.session", "classify_local", [bytes, h, w, 5], [bytes.buffer]);
 }"""
 
 
@@ -36,7 +36,7 @@ def test_full_model_in_pyodide_matches_onnxruntime_top5(page, server):
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
     assert page.locator("#info").get_attribute("data-state") == "ready"
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
-    page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
+    page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'load', "
                   "['/model/graph.json', '/model/labels.json'])")
     sess = ort.InferenceSession(str(REPO / "static/model/mobilenet_v2.onnx"), providers=["CPUExecutionProvider"])
     labels = json.loads((REPO / "static/model/labels.json").read_text())

@@ -95,7 +95,7 @@ def room_data():
             if k in (a, b):
                 mine[ids[b if k == a else a]] = {"rtt_ms": rtt, "mbps": mbps}
         profile = {"compute": scaled_profile(base, SPEEDS[k]), "links": mine, "cores": 4}
-        peers.append(rooms.Peer(id=ids[k], name=name, kind="phone" if k == "phone" else "laptop",
+        peers.append(rooms.Member(id=ids[k], name=name, kind="phone" if k == "phone" else "laptop",
                                 token=ResumeToken.new(), joined_at=1.0, state="ready", progress=1.0, profile=profile))
     room = rooms.Room(id="r" * 22, created_at=0.0, peers=tuple(peers))
     msg = protocol.plan(inference.choose(room, ids["phone"], protocol.PlanRequest()))

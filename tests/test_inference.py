@@ -14,8 +14,8 @@ from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.ids import PeerId, ResumeToken
 
 
-def peer(pid: str, kind="phone", state="ready", profile=None, detached=None) -> rooms.Peer:
-    return rooms.Peer(id=PeerId(pid), name=pid, kind=kind, token=ResumeToken.new(), joined_at=0.0, state=state,
+def peer(pid: str, kind="phone", state="ready", profile=None, detached=None) -> rooms.Member:
+    return rooms.Member(id=PeerId(pid), name=pid, kind=kind, token=ResumeToken.new(), joined_at=0.0, state=state,
                       profile=profile, detached_at=detached)
 
 

@@ -10,8 +10,8 @@ from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
 T0 = 1_700_000_000.0
 
 
-def peer(name: str = "", kind: str = "phone", **kw) -> rooms.Peer:
-    return rooms.Peer(id=PeerId.new(), name=name, kind=kind, token=ResumeToken.new(), joined_at=T0, **kw)
+def peer(name: str = "", kind: str = "phone", **kw) -> rooms.Member:
+    return rooms.Member(id=PeerId.new(), name=name, kind=kind, token=ResumeToken.new(), joined_at=T0, **kw)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ ICE = [{"urls": ["stun:10.99.0.1:3478"]}]
 FAST = signaling.SignalingConfig(heartbeat=1.0, resume_grace=0.4, room_ttl=60, tick=0.05)
 
 
-class Peer:
+class WsClient:
     """A test client: sends protocol messages and reads them back one at a time."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse):
@@ -74,8 +74,8 @@ def make_server(aiohttp_client, tmp_path):
         client = await aiohttp_client(app)
         client.hub = app[signaling.HUB_KEY]
 
-        async def connect() -> Peer:
-            return Peer(await client.ws_connect("/ws"))
+        async def connect() -> WsClient:
+            return WsClient(await client.ws_connect("/ws"))
 
         async def new_room() -> str:
             resp = await client.post("/api/rooms")

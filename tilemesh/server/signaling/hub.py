@@ -258,7 +258,7 @@ class Hub:
                 old.close(CLOSE_REPLACED, "resumed on another socket")
         else:
             peer_id, resumed = PeerId.new(), False
-            peer = rooms.Peer(id=peer_id, name=join.name, kind=join.kind, token=ResumeToken.new(),
+            peer = rooms.Member(id=peer_id, name=join.name, kind=join.kind, token=ResumeToken.new(),
                               joined_at=round(time.time(), 3))
             self.state = rooms.add_peer(self.state, join.room, peer)
         conn.room, conn.peer = join.room, peer_id

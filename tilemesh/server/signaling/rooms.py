@@ -31,7 +31,9 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Peer:
+class Member:
+    """A device in a room (the signaling view of it: id, name, kind, state, profile); not a WebRTC peer."""
+
     id: PeerId
     name: str
     kind: protocol.Kind
@@ -67,11 +69,11 @@ class Peer:
 class Room:
     id: RoomId
     created_at: float
-    peers: tuple[Peer, ...] = ()
+    peers: tuple[Member, ...] = ()
     # When the room last became (or was created) empty; None while anyone is in it.
     empty_since: float | None = None
 
-    def peer(self, peer_id: PeerId) -> Peer | None:
+    def peer(self, peer_id: PeerId) -> Member | None:
         return next((p for p in self.peers if p.id == peer_id), None)
 
     def roster(self) -> list[dict]:
@@ -109,7 +111,7 @@ def open_room(state: Rooms, room_id: RoomId, now: float) -> Rooms:
     return state._with_room(Room(id=room_id, created_at=now, empty_since=now))
 
 
-def add_peer(state: Rooms, room_id: RoomId, peer: Peer) -> Rooms:
+def add_peer(state: Rooms, room_id: RoomId, peer: Member) -> Rooms:
     room = state.room(room_id)
     if room.peer(peer.id) is not None:
         raise RoomError(protocol.ALREADY_JOINED, "peer id already in this room")
@@ -174,12 +176,12 @@ def close_idle_rooms(state: Rooms, now: float, ttl: float) -> tuple[Rooms, list[
     return state, idle
 
 
-def _peer(room: Room, peer_id: PeerId) -> Peer:
+def _peer(room: Room, peer_id: PeerId) -> Member:
     peer = room.peer(peer_id)
     if peer is None:
         raise RoomError(protocol.UNKNOWN_PEER, "no such peer in this room")
     return peer
 
 
-def _replace_peer(state: Rooms, room: Room, peer: Peer) -> Rooms:
+def _replace_peer(state: Rooms, room: Room, peer: Member) -> Rooms:
     return state._with_room(replace(room, peers=tuple(peer if p.id == peer.id else p for p in room.peers)))

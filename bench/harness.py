@@ -165,7 +165,7 @@ def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict]
         w["error"] = "every frame fell back to the phone alone (no plan)"
         return w
     plan_id = ours[-1]["plan_id"]
-    # More than one id: the room replanned mid-window (RoomEngine re-measures a device whose compute drifts 2x).
+    # More than one id: the room replanned mid-window (the device session re-measures a device whose compute drifts 2x).
     w["plan_ids"] = sorted({f["plan_id"] for f in ours})
     # Bytes: the source reports every frame; the others every 4th (room_engine REPORT_EVERY). A device's mean
     # over its reports under this plan stands for each of its frames: a plan's transfers do not vary by frame.

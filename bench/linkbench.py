@@ -9,6 +9,12 @@ capped at what the receiver advertises), it measures the median round trip of a 
 bulk throughput, plus the time to move one tensor as the executor would (a 24x56x56 halo-sized and a
 64x56x56 full float32 map, chunked by `tilemesh.runtime.wire` at the receiver's maxMessageSize). Prints a table
 with ratios. The probe protocol (tag bytes 0xB0..0xB4) is `LinkProbe` in web/mesh.js.
+
+    sudo python -m bench.linkbench --probes [--rounds 20]
+
+compares instead the link figures (Mbit/s, as the planner reads them) that the session's probe
+(`tilemesh.runtime.session.LINK_PROBE`) reports with those the edge's former probe gave (256 KiB as 64 KiB
+messages), interleaved on the same links in one run, and prints their ratio.
 """
 
 from __future__ import annotations
@@ -67,7 +73,35 @@ def wait_up(url: str, ctx, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
-async def bench(addr: str, total: int, rounds: int) -> list[dict]:
+# What the edge peer measured before the device session core: a 256 KiB burst of 64 KiB messages.
+OLD_EDGE_PROBE = {"message": 64 * 1024, "total": 256 * 1024}
+
+
+async def compare_probes(edge, page, browser_id: str, rounds: int) -> list[dict]:
+    """Mbit/s of the former edge probe and the session's, alternating, on aiortc -> browser and browser -> aiortc."""
+    from tilemesh.runtime import session  # noqa: PLC0415
+
+    new = {"message": session.LINK_PROBE.message, "total": session.LINK_PROBE.total}
+    out = []
+    for link in ("aiortc -> browser", "browser -> aiortc"):
+        got: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(rounds):
+            for name, spec in (("old", OLD_EDGE_PROBE), ("new", new)):
+                if link == "aiortc -> browser":
+                    size = min(edge.max_message_size(browser_id), spec["message"])
+                    t = await edge.probe.throughput(browser_id, size, spec["total"], timeout=60)
+                else:
+                    size = min(await page.evaluate("(id) => window.meshtest.mesh.maxMessageSize(id)", edge.peer_id),
+                               spec["message"])
+                    t = await page.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
+                                            [edge.peer_id, size, spec["total"]])
+                got[name].append(session.link_figures([1.0], t["bytes"], t["ms"] / 1e3)["mbps"])
+        old, cur = statistics.median(got["old"]), statistics.median(got["new"])
+        out.append({"link": link, "old_mbit_s": old, "new_mbit_s": cur, "ratio": cur / old})
+    return out
+
+
+async def bench(addr: str, total: int, rounds: int, probes: bool = False) -> list[dict]:
     from playwright.async_api import async_playwright  # noqa: PLC0415
 
     from bench.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: PLC0415
@@ -138,6 +172,12 @@ async def bench(addr: str, total: int, rounds: int) -> list[dict]:
                         t = megabytes(await probe.throughput(dst, size, total, timeout=120))
                         rows.append({"link": label, "size": size, "limit": limit, "rtt": statistics.median(r), **t})
 
+                if probes:
+                    await a.evaluate("(id) => window.meshtest.mesh.waitOpen(id)", edge.peer_id)
+                    rows = await compare_probes(edge, a, ida, rounds)
+                    await edge.close()
+                    await browser.close()
+                    return rows
                 await js_link("browser -> browser", a, idb)
                 await js_link("browser -> aiortc", a, edge.peer_id)
                 await py_link("aiortc -> browser", ida)
@@ -177,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.linkbench", description=__doc__.splitlines()[0])
     parser.add_argument("--total-mb", type=float, default=8.0, help="bytes per throughput run (MB)")
     parser.add_argument("--rounds", type=int, default=20, help="echoes per round-trip measurement")
+    parser.add_argument("--probes", action="store_true", help="compare the former edge probe with the session's")
     parser.add_argument("--inside", metavar="ADDR", help=argparse.SUPPRESS)  # set by the re-run in the namespace
     args = parser.parse_args(argv)
     if args.inside:
-        rows = asyncio.run(bench(args.inside, int(args.total_mb * 1e6), args.rounds))
-        print_table(rows)
+        rows = asyncio.run(bench(args.inside, int(args.total_mb * 1e6), args.rounds, args.probes))
+        if args.probes:
+            print(f"{'link':<20} {'former edge probe':>18} {'session probe':>14} {'ratio':>6}  (Mbit/s, medians)")
+            for r in rows:
+                print(f"{r['link']:<20} {r['old_mbit_s']:>18.1f} {r['new_mbit_s']:>14.1f} {r['ratio']:>5.2f}x")
+        else:
+            print_table(rows)
         return 0
     netns = _load_netns()
     reason = netns.unavailable_reason()
@@ -190,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with netns.NetNS() as ns:
         cmd = ns.wrap([sys.executable, "-m", "bench.linkbench", "--inside", ns.inner,
-                       "--total-mb", str(args.total_mb), "--rounds", str(args.rounds)])
+                       "--total-mb", str(args.total_mb), "--rounds", str(args.rounds),
+                       *(["--probes"] if args.probes else [])])
         return subprocess.run(cmd, cwd=REPO).returncode
 
 

@@ -80,12 +80,8 @@ INSTRUMENT = """() => {
 # On every browser device: its own report of every frame it finished (the room shares only every 4th).
 DEVICE_REPORTS = """() => {
   if (window.__benchReports) return;
-  const e = window.tilemesh.engine, handle = e._handle.bind(e);
   window.__benchReports = [];
-  e._handle = (res) => {
-    for (const r of res.reports || []) window.__benchReports.push({ plan_id: res.plan_id, report: r });
-    return handle(res);
-  };
+  window.tilemesh.engine.addEventListener("timings", (e) => window.__benchReports.push(e.detail));
 }"""
 PAUSE = "() => { window.__bench.paused = true; }"
 IDLE = "() => window.__bench.idle"

@@ -47,7 +47,7 @@ def test_drifting_device_remeasures_and_tells_the_room(page, server):
         }""",
         DRIFT,
     )
-    assert out["kinds"] == ["notice", "profile"]
+    assert out["kinds"].count("profile") == 1 and out["kinds"][-1] == "profile"
     assert out["ratio"] == pytest.approx(10.0)
     assert out["replaced"] and out["profile"]["sec_per_mac"]["conv_pointwise"] > 0
     assert out["changed"]

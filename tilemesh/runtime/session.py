@@ -317,8 +317,9 @@ class Compute(Effect):
 
 @dataclass(frozen=True)
 class Notice(Effect):
-    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report`, `tasks_run`
-    (tasks computed under a plan so far), `error`."""
+    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report` (timings shared
+    with the room), `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so
+    far), `error`."""
 
     kind: ClassVar[str] = "notice"
     what: str
@@ -538,7 +539,7 @@ class DeviceSession:
         return out
 
     def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:
-        out: list[Effect] = []
+        out: list[Effect] = [Notice("timings", {"plan_id": plan_id, "report": report})]  # every frame, locally
         if should_report(int(report["frame"])):
             out.append(Signal("broadcast", {"data": {"kind": "frame_report", "plan_id": plan_id, "report": report}}))
             out.append(Notice("report", {"plan_id": plan_id, "report": report}))

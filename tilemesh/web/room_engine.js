@@ -143,7 +143,7 @@ export class RoomEngine extends EventTarget {
     } else if (what === "error") {
       this._error(detail.message);
     } else {
-      this._emit(what, detail);  // drift
+      this._emit(what, detail);  // drift; timings (every frame this device finished, for benchmarks)
     }
   }
 

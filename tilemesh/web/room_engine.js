@@ -14,6 +14,8 @@ import { FRAME_SIZE } from "/web/camera.js";
 
 const SESSION = "tilemesh.runtime.session";
 const TICK_MS = 500;
+// A probe whose answers stop coming (the peer vanished mid-probe) gives up, so `measure()` always resolves.
+const PROBE_TIMEOUT_MS = 20000;
 
 export class RoomEngine extends EventTarget {
   constructor({ runtime, signaling, mesh }) {
@@ -167,11 +169,19 @@ export class RoomEngine extends EventTarget {
   }
 
   async _probe({ peer, rtt_size: rttSize, rtt_count: rttCount, message, total }) {
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer in ${PROBE_TIMEOUT_MS} ms`)), PROBE_TIMEOUT_MS);
+    });
     try {
-      const rtts = await this.probe.rtt(peer, rttSize, rttCount);
-      const bulk = await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), message), total);
+      const { rtts, bulk } = await Promise.race([late, (async () => ({
+        rtts: await this.probe.rtt(peer, rttSize, rttCount),
+        bulk: await this.probe.throughput(peer, Math.min(this.mesh.maxMessageSize(peer), message), total),
+      }))()]);
+      clearTimeout(timer);
       await this._fire({ on: "link_measured", peer, rtts_ms: rtts, nbytes: bulk.bytes, seconds: bulk.ms / 1e3 });
     } catch (err) {
+      clearTimeout(timer);
       await this._fire({ on: "probe_failed", peer, reason: String(err.message || err) });
     }
   }

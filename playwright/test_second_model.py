@@ -69,13 +69,13 @@ LOAD = """async (files) => {
         `os.makedirs('${f.path.slice(0, f.path.lastIndexOf("/"))}', exist_ok=True)\\n` +
         `open('${f.path}', 'wb').write(await (await pyfetch('${f.url}')).bytes())\\n`).join("");
     await window.tilemeshRuntime.exec(code);
-    return await window.tilemeshRuntime.call("tilemesh.runtime.peer", "load",
+    return await window.tilemeshRuntime.call("tilemesh.runtime.session", "load",
         ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
 }"""
 
 CLASSIFY = """async ([b64, h, w]) => {
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    return await window.tilemeshRuntime.call("tilemesh.runtime.peer", "classify_local", [bytes, h, w, 5],
+    return await window.tilemeshRuntime.call("tilemesh.runtime.session", "classify_local", [bytes, h, w, 5],
                                              [bytes.buffer]);
 }"""
 

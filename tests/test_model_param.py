@@ -114,7 +114,7 @@ async def test_server_serves_and_plans_the_model_it_was_given(tiny, tmp_path, ai
 def _room(profiles: dict[str, dict]) -> tuple[rooms.Room, PeerId]:
     ids = {name: PeerId(f"p{i}".ljust(12, "x")) for i, name in enumerate(profiles)}
     peers = tuple(
-        rooms.Peer(id=ids[name], name=name, kind="laptop", token=ResumeToken.new(), joined_at=1.0, state="ready",
+        rooms.Member(id=ids[name], name=name, kind="laptop", token=ResumeToken.new(), joined_at=1.0, state="ready",
                    progress=1.0, profile={"compute": prof, "links": {ids[o]: {"rtt_ms": 3.0, "mbps": 200.0}
                                                                      for o in profiles if o != name}})
         for name, prof in profiles.items())
@@ -124,7 +124,7 @@ def _room(profiles: dict[str, dict]) -> tuple[rooms.Room, PeerId]:
 def test_camera_frames_follow_the_card_locally_and_through_a_plan(tiny, tmp_path):
     """A 36x36 RGBA frame (the card's resize_shorter_side): the centre 32 crop, normalised with the card's mean
     and std, classified alone and through a single-device plan; both equal onnxruntime on the same input."""
-    from tilemesh.runtime.peer import Peer
+    from tilemesh.runtime.peer import PlanRuntime
 
     bundle = model_mod.prepare(tiny, tmp_path / "static")
     classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json",
@@ -137,7 +137,7 @@ def test_camera_frames_follow_the_card_locally_and_through_a_plan(tiny, tmp_path
     want_top = [LABELS[i] for i in np.argsort(-want, kind="stable")[:3]]
     local = classifier.classify(frame.tobytes(), 36, 36, 3)
     assert [e["label"] for e in local["top"]] == want_top
-    peer = Peer(classifier)
+    peer = PlanRuntime(classifier)
     peer.set_plan({"plan_id": 1, "source": "me", "cuts": [], "splits": [{"devices": [["me"]]}]}, "me")
     reply = peer.start_frame(1, frame.tobytes(), 36, 36)
     (result,) = reply["results"]

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 from tilemesh.runtime import session
 
-if TYPE_CHECKING:
-    from .peer import EdgePeer
+
+class LinkOwner(Protocol):
+    """What a link reports to (`peer.EdgePeer`): its state changes, messages, outgoing signals and its end."""
+
+    ice_servers: list[dict]
+
+    def _emit_peer(self, remote: str, state: str) -> None: ...
+    def _on_data(self, remote: str, data) -> None: ...
+    def _signal(self, to: str, data: dict) -> None: ...
+    def _drop(self, remote: str | None, reason: str, only: Link | None = None) -> None: ...
 
 CHANNEL_ID = 0
 CHANNEL_LABEL = "tilemesh"
@@ -52,7 +60,7 @@ def ice_servers_from(entries: list[dict]) -> list[RTCIceServer]:
 class Link:
     """One remote peer: its RTCPeerConnection and the pre-negotiated data channel."""
 
-    def __init__(self, owner: EdgePeer, remote: str):
+    def __init__(self, owner: LinkOwner, remote: str):
         self.owner, self.remote = owner, remote
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers_from(owner.ice_servers)))
         self.channel = self.pc.createDataChannel(CHANNEL_LABEL, negotiated=True, id=CHANNEL_ID, ordered=True)

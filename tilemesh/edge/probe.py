@@ -10,14 +10,21 @@ import asyncio
 import contextlib
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .link import PeerGone
 
 if TYPE_CHECKING:
     from tilemesh.runtime.session import Probe
 
-    from .peer import EdgePeer
+
+class ProbeOwner(Protocol):
+    """What a probe sends through (`peer.EdgePeer`)."""
+
+    async def send(self, remote: str, data: bytes) -> None: ...
+    def max_message_size(self, remote: str) -> int: ...
+    def _spawn(self, coro) -> asyncio.Task: ...
+
 
 # Link probes of web/mesh.js's LinkProbe, by first byte: 0xB0 ping (echoed whole as 0xB1), 0xB2 bulk (counted),
 # 0xB3 end of a burst (answered 0xB4 + float64 LE byte count). Wire chunks start with b"TMWT", never 0xB*.
@@ -28,7 +35,7 @@ PROBE_TAGS = frozenset((PING, PONG, BULK, END, DONE))
 class LinkProbe:
     """The aiortc side of web/mesh.js's LinkProbe: answers the browsers' probes and measures its own links."""
 
-    def __init__(self, peer: EdgePeer):
+    def __init__(self, peer: ProbeOwner):
         self.peer = peer
         self.counted: dict[str, int] = {}
         self.waiting: dict[tuple[str, int], asyncio.Future] = {}

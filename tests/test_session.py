@@ -331,6 +331,14 @@ def test_deferred_compute_through_the_session_equals_inline(classifier):
     first = next(iter(as_dict["inputs"].values()))
     assert as_dict["do"] == "compute" and first["dtype"] == "float32" and len(first["data"]) == 4 * np.prod(
         first["shape"])
+    # What an engine outside Python (the worker's onnxruntime-web) answers comes back through the same boundary.
+    x = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    ev = S.event_from_dict({"on": "computed", "plan_id": 3, "frame": 9, "task": 0,
+                            "outputs": {"t": S.array_to_dict(x)}})
+    np.testing.assert_array_equal(ev.outputs["t"], x)
+    with pytest.raises(ValueError, match="cannot hold"):
+        S.event_from_dict({"on": "computed", "plan_id": 3, "frame": 9, "task": 0,
+                           "outputs": {"t": {**S.array_to_dict(x), "shape": [1, 2, 3, 5]}}})
 
 
 def test_ordered_links_deliver_in_order(classifier):

@@ -585,7 +585,26 @@ def event_from_dict(d: dict) -> Event:
         raise ValueError(f"{kind} event has unknown fields {sorted(extra)}")
     if cls is LinkMeasured and "rtts_ms" in d:
         d["rtts_ms"] = tuple(d["rtts_ms"])
+    if cls is Computed and isinstance(d.get("outputs"), dict):
+        d["outputs"] = {k: array_from_dict(v) if isinstance(v, dict) else v for k, v in d["outputs"].items()}
     return cls(**d)
+
+
+def array_to_dict(a) -> dict:
+    """An array as plain values for JS: `{"shape", "dtype", "data"}` (little-endian bytes)."""
+    return {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tobytes()}
+
+
+def array_from_dict(d: dict):
+    """The inverse of `array_to_dict`, checked: the byte count must match the shape and dtype."""
+    import numpy as np
+
+    dtype = np.dtype(str(d["dtype"])).newbyteorder("<")
+    shape = tuple(int(n) for n in d["shape"])
+    data = bytes(d["data"])
+    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError(f"{len(data)} bytes cannot hold a {dtype} array of shape {shape}")
+    return np.frombuffer(data, dtype).reshape(shape)
 
 
 def effect_to_dict(e: Effect) -> dict:
@@ -594,8 +613,7 @@ def effect_to_dict(e: Effect) -> dict:
         r = e.request
         return {"do": e.kind, "plan_id": e.plan_id, "frame": r.frame, "task": r.task, "segment": r.segment,
                 "keep": list(r.keep),
-                "inputs": {k: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tobytes()}
-                           for k, a in r.inputs.items()}}
+                "inputs": {k: array_to_dict(a) for k, a in r.inputs.items()}}
     return {"do": e.kind, **{f.name: getattr(e, f.name) for f in fields(e)}}
 
 

@@ -84,8 +84,6 @@ def test_join_field_errors(fields, needle):
     ("state", {"state": "booting", "progress": "half"}, "progress"),
     ("state", {"state": "booting", "progress": True}, "progress"),
     ("state", {"state": "booting", "detail": ["x"]}, "detail"),
-    ("state", {"state": "booting", "profile": "fast"}, "profile"),
-    ("state", {"state": "booting", "profile": {"blob": "x" * 5000}}, "profile"),
     ("signal", {"data": {}}, "to"),
     ("signal", {"to": PEER}, "data"),
     ("signal", {"to": PEER, "data": "sdp"}, "data"),
@@ -116,3 +114,44 @@ def test_server_messages_are_versioned_json():
     assert protocol.error("x", "y", "join")["ref"] == "join"
     with pytest.raises(ValueError):
         protocol.encode({"bad": float("nan")})
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    """JSON text of `depth` nested objects around `leaf`: {"a":{"a":...1...}}."""
+    return '{"a":' * depth + leaf + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [protocol.MAX_DEPTH + 1, 975, 20_000])
+def test_over_deep_message_is_bad_json_not_an_exception(depth):
+    # 20,000 levels is 120 KB of brackets: past the size limit, so arrays (2 bytes a level) stay under it.
+    text = '{"v":1,"type":"broadcast","data":' + (nested(depth) if depth < 10_000 else "[" * 30_000 + "]" * 30_000) \
+        + "}"
+    assert len(text.encode()) <= protocol.MAX_MESSAGE_BYTES
+    err = error_of(text)
+    assert err.code == protocol.BAD_JSON and "nested" in err.message
+
+
+def test_message_at_the_depth_limit_parses():
+    # The envelope is one level, so data may hold MAX_DEPTH - 1.
+    text = '{"v":1,"type":"broadcast","data":' + nested(protocol.MAX_DEPTH - 2) + "}"
+    assert isinstance(protocol.parse(text), protocol.Broadcast)
+
+
+@pytest.mark.parametrize("profile", [
+    json.loads(nested(protocol.MAX_PROFILE_DEPTH + 1)),  # one level too deep (the profile itself is the first)
+    {"links": [[[[[[[[1]]]]]]]]},
+    "fast",
+    [1, 2],
+    {"blob": "x" * 5000},
+])
+def test_over_deep_profile_is_bad_state(profile):
+    err = error_of(msg("state", state="ready", profile=profile))
+    assert err.code == protocol.BAD_STATE and err.ref == "state" and "profile" in err.message
+
+
+def test_real_profile_shape_passes():
+    profile = {"compute": {"classes": {"conv_dense": 1.2e9}, "samples": [{"node": "c1", "seconds": 0.01}]},
+               "links": {"pabcdef12": {"rtt_ms": 0.5, "mbps": 300.0}}, "kind": "laptop"}
+    assert protocol.parse(msg("state", state="ready", profile=profile)).profile == profile
+    at_limit = json.loads(nested(protocol.MAX_PROFILE_DEPTH))
+    assert protocol.parse(msg("state", state="ready", profile=at_limit)).profile == at_limit

@@ -396,3 +396,30 @@ async def test_join_url_falls_back_to_the_request_host(server):
     resp = await server.post("/api/rooms")
     body = await resp.json()
     assert body["join_url"] == f"http://{server.host}:{server.port}/join/{body['room']}"
+
+
+async def test_deep_profile_is_refused_and_newcomers_still_get_welcome(server):
+    # The probe's attack: a 2 KB profile nested ~970 deep, under the size limit, used to be stored; building
+    # every later roster then raised RecursionError, so newcomers never got `welcome`.
+    room = await server.new_room()
+    attacker = await server.connect()
+    await attacker.join(room)
+    deep = '{"a":' * 970 + "1" + "}" * 970
+    await attacker.ws.send_str('{"v":1,"type":"state","state":"ready","profile":' + deep + "}")
+    err = await attacker.expect("error", skip=())
+    assert err["code"] in (protocol.BAD_JSON, protocol.BAD_STATE), err
+    await attacker.send("ping")
+    await attacker.expect("pong")
+    newcomer = await server.connect()
+    welcome = await newcomer.join(room)
+    assert [p["profile"] for p in welcome["peers"]] == [None, None]
+
+
+@pytest.mark.parametrize("depth", [980, 5000])
+async def test_deep_message_gets_bad_json_and_the_socket_stays(server, depth):
+    p = await server.connect()
+    await p.ws.send_str('{"v":1,"type":"broadcast","data":' + "[" * depth + "]" * depth + "}")
+    err = await p.expect("error", skip=())
+    assert err["code"] == protocol.BAD_JSON
+    await p.send("ping")
+    await p.expect("pong", skip=())

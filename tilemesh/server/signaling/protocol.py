@@ -1,7 +1,8 @@
 """The signaling protocol, version 1: message schema, validation of client messages, builders of server messages.
 
 Transport: one WebSocket per peer at `/ws`. Every message is one JSON text frame holding an object
-`{"v": 1, "type": <type>, ...fields}`. Binary frames are refused. At most 64 KiB per message (`MAX_MESSAGE_BYTES`).
+`{"v": 1, "type": <type>, ...fields}`. Binary frames are refused. At most 64 KiB per message (`MAX_MESSAGE_BYTES`)
+and 32 levels of nesting (`MAX_DEPTH`, the envelope counting as one; deeper is `bad_json`).
 Unknown extra fields are ignored, so the protocol grows by adding optional fields only.
 
 Client -> server
@@ -13,7 +14,8 @@ Client -> server
     state      {state: "booting"|"ready"|"busy", progress?: 0..1, detail?: str, profile?: object, name?: str}
                The peer's own status, shown in every roster. Fields left out keep their previous value
                (`ready` without `progress` sets it to 1). `detail` at most 200 characters, `name` 40,
-               `profile` (cores, memory, runtime versions, benchmark results...) at most 4 KiB of JSON.
+               `profile` (cores, memory, runtime versions, benchmark results...) an object of at most 4 KiB of
+               JSON nested at most 8 levels (it is stored and re-sent in every roster); otherwise `bad_state`.
     signal     {to: peer_id, data: object}
                Relayed to `to` (same room only) as `signal {from, data}`; `data` (SDP offer/answer, ICE
                candidate) is opaque to the server. If `to` is momentarily disconnected (inside its resume
@@ -46,12 +48,13 @@ Server -> client
     error      {code, message, ref?: the offending message's type}
     pong       {}
 
-Errors (`error.code`): bad_json, bad_message (not an object, binary frame), bad_version, unknown_type,
-invalid_field, too_large, rate_limited, not_joined, already_joined, unknown_room, unknown_peer, room_full,
-server_full, bad_resume, peer_unavailable (the target is reconnecting and its queue is full), plan_failed (no
-plan could be made: the sender has no profile yet, or the planner is not available). Every one leaves
-the connection usable, except floods of oversized or rate-limited messages, which close it (WebSocket code
-1008), and a frame above the hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
+Errors (`error.code`): bad_json (malformed, or nested too deep), bad_message (not an object, binary frame),
+bad_version, unknown_type, invalid_field, too_large, rate_limited, not_joined, already_joined, unknown_room,
+unknown_peer, room_full, server_full, bad_resume, bad_state (a `state` profile that cannot be stored),
+peer_unavailable (the target is reconnecting and its queue is full), plan_failed (no plan could be made: the
+sender has no profile yet, or the planner is not available). Every one leaves the connection usable, except
+floods of oversized or rate-limited messages, which close it (WebSocket code 1008), and a frame above the
+hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
 another socket (do not reconnect), 4001 missed heartbeats, 1000 after `leave`.
 
 Offer rule (avoids glare): the newcomer sends an offer to every peer listed in its `welcome`; peers already in
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +83,11 @@ MAX_NAME = 40
 MAX_DETAIL = 200
 # The profile rides in every roster, to every peer, on every change: keep it a summary, not a payload.
 MAX_PROFILE_BYTES = 4096
+# Nesting limits, counted in JSON containers (`{}` and `[]`), the envelope being level 1. Real messages need 4
+# (a signal's SDP) to 6 (a state with a profile of per-class speeds); a stored profile is re-encoded in every
+# roster, and Python's json recurses once per level, so depth is refused at the door, not when a roster is built.
+MAX_DEPTH = 32
+MAX_PROFILE_DEPTH = 8
 
 KINDS = ("phone", "laptop", "edge")
 STATES = ("booting", "ready", "busy")
@@ -102,6 +111,7 @@ SERVER_FULL = "server_full"
 BAD_RESUME = "bad_resume"
 PEER_UNAVAILABLE = "peer_unavailable"
 PLAN_FAILED = "plan_failed"
+BAD_STATE = "bad_state"
 MAX_PLAN_DEVICES = 32
 STRATEGY_NAMES = ("tilemesh", "single", "offload", "partition_offload", "equal_split", "fixed_grid")
 
@@ -180,6 +190,9 @@ def parse(text: str | bytes) -> ClientMessage:
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(TOO_LARGE, f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    # The decoder recurses once per level; bracket nesting is checked first, so no input reaches its limit.
+    if _bracket_depth(text) > MAX_DEPTH:
+        raise ProtocolError(BAD_JSON, f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -198,6 +211,40 @@ def parse(text: str | bytes) -> ClientMessage:
         return parser(obj)
     except ValueError as exc:
         raise ProtocolError(INVALID_FIELD, f"{mtype}: {exc}", ref) from None
+
+
+_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _bracket_depth(text: str | bytes) -> int:
+    """The deepest nesting of `[`/`{` outside JSON strings (an upper bound of the decoded depth; malformed text
+    is left to the decoder). Linear time, no recursion."""
+    data = text.encode() if isinstance(text, str) else text
+    depth = deepest = 0
+    for m in _STRING_OR_BRACKET.finditer(data):
+        c = m.group()[:1]
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value in containers (a scalar is 0, `{}` is 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _text(obj: dict, key: str, limit: int, *, required: bool = False) -> str | None:
@@ -269,10 +316,17 @@ def _parse_state(obj: dict) -> State:
 
 
 def _profile(obj: dict) -> dict | None:
-    profile = _object(obj, "profile", required=False)
-    if profile is not None and len(json.dumps(profile, separators=(",", ":")).encode()) > MAX_PROFILE_BYTES:
-        raise ValueError(f"'profile' is larger than {MAX_PROFILE_BYTES} bytes")
-    return profile
+    """The profile is stored and re-sent in every roster: refuse what could not be stored safely (`bad_state`)."""
+    value = obj.get("profile")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_STATE, "state: 'profile' must be an object", "state")
+    if json_depth(value) > MAX_PROFILE_DEPTH:
+        raise ProtocolError(BAD_STATE, f"state: 'profile' is nested deeper than {MAX_PROFILE_DEPTH} levels", "state")
+    if len(json.dumps(value, separators=(",", ":")).encode()) > MAX_PROFILE_BYTES:
+        raise ProtocolError(BAD_STATE, f"state: 'profile' is larger than {MAX_PROFILE_BYTES} bytes", "state")
+    return value
 
 
 def _parse_signal(obj: dict) -> Signal:

@@ -6,7 +6,12 @@ Covers the room pages too, since they share the hub: a room made over HTTP is th
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
 import json
+import os
+import socket
+import struct
 from dataclasses import replace
 
 import aiohttp
@@ -18,8 +23,20 @@ from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.ids import PeerId, RoomId
 
 ICE = [{"urls": ["stun:10.99.0.1:3478"]}]
-# Heartbeat silence is 3 s here, far beyond any test's duration, except in the test that is about it.
-FAST = signaling.SignalingConfig(heartbeat=1.0, resume_grace=0.4, room_ttl=60, tick=0.05)
+# The hub runs on a FakeClock: time moves only when a test says so, and the test then runs the janitor's tick
+# itself. Nothing here sleeps to let a deadline pass. The real janitor is off (its tick is an hour).
+FAST = signaling.SignalingConfig(heartbeat=1.0, resume_grace=0.4, room_ttl=60, tick=3600, close_timeout=0.5)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class WsClient:
@@ -68,11 +85,23 @@ class WsClient:
 
 @pytest.fixture
 def make_server(aiohttp_client, tmp_path):
-    async def make(config: signaling.SignalingConfig = FAST, public_url: str | None = None):
+    async def make(config: signaling.SignalingConfig = FAST, public_url: str | None = None, **overrides):
         app = create_app(ServerConfig(static_dir=tmp_path / "static", ice_servers=ICE, public_url=public_url))
-        signaling.configure(app, config)
+        config = copy.copy(config)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        clock = FakeClock()
+        signaling.configure(app, config, clock=clock)
         client = await aiohttp_client(app)
         client.hub = app[signaling.HUB_KEY]
+        client.clock = clock
+
+        def advance(seconds: float) -> None:
+            """Let `seconds` pass for the hub, then run its janitor once."""
+            clock.advance(seconds)
+            client.hub.tick()
+
+        client.advance = advance
 
         async def connect() -> WsClient:
             return WsClient(await client.ws_connect("/ws"))
@@ -213,7 +242,7 @@ async def test_rate_limit(make_server):
     # The burst goes through; the rest is dropped with one error, not thirty.
     assert 10 <= got.count("pong") <= 12
     assert got.count("error") == 1
-    await asyncio.sleep(0.5)
+    srv.advance(0.5)
     await p.send("ping")
     assert (await p.recv())["type"] == "pong"
 
@@ -243,7 +272,7 @@ async def test_signal_to_a_reconnecting_peer_is_queued_and_delivered_on_resume(s
     back = await a.expect("roster", skip=())
     assert [p["connected"] for p in back["peers"]] == [True, True]
     # Past the grace period nothing happens: the resumed peer stays.
-    await asyncio.sleep(FAST.resume_grace + 0.2)
+    server.advance(FAST.resume_grace + 0.2)
     await a.silent(0.1)
 
 
@@ -256,7 +285,7 @@ async def test_resume_takes_over_a_socket_that_has_not_noticed_it_died(server):
     w = await b2.join(room, resume=b.id, token=b.token)
     assert w["resumed"] is True
     assert await b.closed() == signaling.CLOSE_REPLACED
-    await asyncio.sleep(FAST.resume_grace + 0.2)
+    server.advance(FAST.resume_grace + 0.2)
     assert len(server.hub.state.room(RoomId(room)).peers) == 2
     await b2.send("signal", to=a.id, data={"x": 1})
     assert (await a.expect("signal"))["from"] == b.id
@@ -281,8 +310,14 @@ async def test_dropped_peer_is_removed_after_the_grace_period(server):
     a, b = await server.connect(), await server.connect()
     await a.join(room)
     await b.join(room)
+    await a.expect("roster", skip=())  # b joined
     await b.ws.close()
-    left = await a.expect("peer_left", timeout=FAST.resume_grace + 1)
+    detached = await a.expect("roster", skip=())
+    assert [p["connected"] for p in detached["peers"]] == [True, False]
+    server.advance(FAST.resume_grace - 0.1)
+    await a.silent(0.05)
+    server.advance(0.2)
+    left = await a.expect("peer_left", skip=())
     assert left == {"v": 1, "type": "peer_left", "id": b.id, "reason": "disconnected"}
     assert [p["id"] for p in (await a.expect("roster", skip=()))["peers"]] == [a.id]
     # Too late to resume; the client then joins as a new peer.
@@ -299,24 +334,19 @@ async def test_silent_peer_is_dropped_after_missed_heartbeats(make_server):
     a, b = await srv.connect(), await srv.connect()
     await a.join(room)
     await b.join(room)
-
-    async def keep_alive():
-        while True:
-            await a.send("ping")
-            await asyncio.sleep(0.05)
-
-    pinger = asyncio.create_task(keep_alive())
+    await a.expect("roster")
+    silence = 0.15 * FAST.heartbeat_misses
     # b keeps reading, so its WebSocket layer answers the server's pings: like a frozen page, whose browser
     # still pongs while the script sends nothing. Only the app-level heartbeat can catch that.
-    b_closed = asyncio.create_task(b.closed())
-    try:
-        left = await a.expect("peer_left", skip=("roster", "pong"), timeout=2)
-        assert left["id"] == b.id and left["reason"] == "timeout"
-        assert await b_closed == signaling.CLOSE_TIMEOUT
-        roster = await a.expect("roster", skip=("pong",))
-        assert [p["id"] for p in roster["peers"]] == [a.id]
-    finally:
-        pinger.cancel()
+    srv.advance(silence - 0.01)
+    await a.send("ping")
+    await a.expect("pong", skip=())
+    srv.advance(0.01)
+    left = await a.expect("peer_left", skip=())
+    assert left["id"] == b.id and left["reason"] == "timeout"
+    assert await b.closed() == signaling.CLOSE_TIMEOUT
+    roster = await a.expect("roster", skip=())
+    assert [p["id"] for p in roster["peers"]] == [a.id]
 
 
 async def test_leave(server):
@@ -328,7 +358,8 @@ async def test_leave(server):
     assert await b.closed() == 1000
     assert (await a.expect("peer_left"))["reason"] == "leave"
     assert [p["id"] for p in (await a.expect("roster", skip=()))["peers"]] == [a.id]
-    await a.silent(FAST.resume_grace + 0.2)  # no second peer_left after the grace period
+    server.advance(FAST.resume_grace + 0.2)
+    await a.silent(0.1)  # no second peer_left after the grace period
 
 
 async def test_room_full_and_server_full(make_server):
@@ -356,7 +387,7 @@ async def test_empty_room_expires(make_server):
     await p.send("leave")
     await p.closed()
     assert (await srv.get(f"/room/{room}")).status == 200
-    await asyncio.sleep(0.5)
+    srv.advance(0.5)
     resp = await srv.get(f"/room/{room}")
     assert resp.status == 404 and "does not exist or has ended" in await resp.text()
     late = await srv.connect()
@@ -423,3 +454,167 @@ async def test_deep_message_gets_bad_json_and_the_socket_stays(server, depth):
     assert err["code"] == protocol.BAD_JSON
     await p.send("ping")
     await p.expect("pong", skip=())
+
+
+class RawSocket:
+    """A WebSocket client that reads nothing unless asked: asyncio stops reading its socket once `limit` bytes
+    wait unread, and a small receive buffer makes the kernel stop accepting soon after (a phone stuck behind a
+    dead Wi-Fi link, or a client that means harm)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> RawSocket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send(self, mtype: str, **fields) -> None:
+        payload = json.dumps({"v": 1, "type": mtype, **fields}).encode()
+        mask = os.urandom(4)
+        assert len(payload) < 65536
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) if len(payload) > 125 else \
+            struct.pack("!BB", 0x81, 0x80 | len(payload))
+        self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    async def read_to_eof(self, timeout: float) -> int:
+        """Drain everything the server sent until it closes the TCP connection; the byte count."""
+        total = 0
+        async with asyncio.timeout(timeout):
+            try:
+                while chunk := await self.reader.read(65536):
+                    total += len(chunk)
+            except ConnectionResetError:  # an aborted transport sends RST: also the end
+                pass
+        return total
+
+
+async def test_slow_reader_is_dropped_and_the_room_hears_it(make_server):
+    # The probe's defect: the server said it dropped a socket that reads too slowly, but its close waited on the
+    # blocked send, so the peer stayed in the roster, nobody got `peer_left`, and its queue stayed pinned.
+    srv = await make_server(send_queue_limit=8, rate=10_000, burst=10_000, strike_budget=10_000)
+    room = await srv.new_room()
+    a = await srv.connect()
+    await a.join(room, "A")
+    slow = await RawSocket.open(srv.host, srv.port)
+    slow.send("join", room=room, name="slow", kind="phone")
+    roster = await a.expect("roster", skip=())
+    slow_id = next(p["id"] for p in roster["peers"] if p["name"] == "slow")
+
+    blob = "x" * 60_000
+    for i in range(400):  # 24 MB: far more than the loopback socket buffers hold
+        await a.send("broadcast", data={"i": i, "blob": blob})
+        if i % 50 == 0:
+            await asyncio.sleep(0)  # let the server's writers run, as a real sender's pace would
+    left = await a.expect("peer_left", timeout=5)
+    assert left == {"v": 1, "type": "peer_left", "id": slow_id, "reason": "too_slow"}
+    assert [p["id"] for p in (await a.expect("roster", skip=()))["peers"]] == [a.id]
+    # The transport is aborted, not left to a close handshake the client will never read.
+    await slow.read_to_eof(timeout=5)
+    for _ in range(50):
+        if len(srv.hub.connections) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert [c.peer for c in srv.hub.connections] == [a.id]
+    assert slow_id not in srv.hub.attached and slow_id not in srv.hub.pending
+    slow.writer.close()
+    # The room goes on.
+    await a.send("ping")
+    await a.expect("pong")
+
+
+async def test_connections_are_capped_per_client_address_and_in_total(make_server):
+    srv = await make_server(max_connections_per_client=3, max_connections=100)
+    held = [await srv.connect() for _ in range(3)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await srv.connect()
+    assert refused.value.status == 503
+    # A slot frees as soon as a socket closes; the others never noticed.
+    await held.pop().ws.close()
+    for _ in range(50):
+        if len(srv.hub.connections) == 2:
+            break
+        await asyncio.sleep(0.01)
+    p = await srv.connect()
+    await p.send("ping")
+    await p.expect("pong", skip=())
+    for q in held:
+        await q.send("ping")
+        await q.expect("pong", skip=())
+
+    total = await make_server(max_connections_per_client=100, max_connections=4)
+    _ = [await total.connect() for _ in range(4)]
+    resp = await total.get("/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                           "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+                                           "Sec-WebSocket-Version": "13"})
+    assert resp.status == 503 and (await resp.json())["error"] == protocol.TOO_MANY_CONNECTIONS
+
+
+async def test_socket_that_never_joins_is_dropped_after_the_deadline(server):
+    p = await server.connect()
+    for _ in range(int(FAST.join_deadline) - 1):  # pinging (which keeps the heartbeat) is not joining
+        server.advance(1)
+        await p.send("ping")
+        await p.expect("pong", skip=())
+    server.advance(1)
+    assert await p.closed() == signaling.CLOSE_NO_JOIN
+    # A joined peer is not touched by the deadline.
+    room = await server.new_room()
+    q = await server.connect()
+    await q.join(room)
+    for _ in range(6):  # 12 s: past the join deadline, with the heartbeat kept
+        server.advance(2)
+        await q.send("ping")
+        assert (await q.expect("pong"))["type"] == "pong"
+
+
+async def test_closing_socket_that_never_reads_is_cut_by_the_sweep(server):
+    # A client that holds TCP open but never reads (nor answers the close frame) must not keep its socket, its
+    # queue and its connection slot: the janitor cuts the transport once the close has taken too long.
+    raw = await RawSocket.open(server.host, server.port)
+    raw.send("ping")
+    for _ in range(50):
+        if server.hub.connections:
+            break
+        await asyncio.sleep(0.01)
+    server.advance(FAST.join_deadline)  # closes it: no join
+    server.advance(FAST.close_timeout)  # still closing: cut
+    await raw.read_to_eof(timeout=3)
+    raw.writer.close()
+    for _ in range(100):
+        if not server.hub.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.hub.connections and not server.hub.per_client
+
+
+async def test_plan_requests_are_bounded_one_per_peer(server):
+    # Each plan costs up to a second of CPU off the loop: a peer may not pile them up.
+    release = asyncio.Event()
+    calls = []
+
+    async def planner(room, requester, request):
+        calls.append(requester)
+        await release.wait()
+        return {"plan_id": len(calls), "source": requester}
+
+    server.hub.planner = planner
+    room = await server.new_room()
+    p = await server.connect()
+    await p.join(room)
+    for _ in range(5):
+        await p.send("plan_request")
+    errors = [await p.expect("error") for _ in range(4)]
+    assert {e["code"] for e in errors} == {protocol.PLAN_FAILED} and "still running" in errors[0]["message"]
+    release.set()
+    assert (await p.expect("plan"))["source"] == p.id
+    assert calls == [p.id] and not server.hub._plans

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +31,7 @@ log = logging.getLogger("tilemesh.signaling")
 # reconnecting makes sense.
 CLOSE_REPLACED = 4000  # another socket resumed this peer
 CLOSE_TIMEOUT = 4001  # missed heartbeats
+CLOSE_NO_JOIN = 4002  # no `join` within the deadline
 CLOSE_LEFT = 1000
 
 
@@ -53,8 +54,24 @@ class SignalingConfig:
     hard_cap: int = 1024 * 1024
     # Relayed messages kept for a peer that is reconnecting.
     pending_limit: int = 256
-    # Messages waiting to be written to one socket before it counts as too slow and is dropped.
+    # Messages (and their bytes) waiting to be written to one socket before it counts as too slow and is dropped:
+    # the bytes bound what one stuck client can pin (a roster of 16 peers with full profiles is about 70 KB).
     send_queue_limit: int = 2048
+    send_queue_bytes: int = 2 * 1024 * 1024
+    # A closing socket gets this long for its close handshake; then its transport is aborted.
+    close_timeout: float = 2.0
+    # A socket must send `join` within this many seconds of connecting (the browser joins on open).
+    join_deadline: float = 10.0
+    # WebSocket connections open at once: per client address, and in total.
+    max_connections_per_client: int = 32
+    max_connections: int = 1024
+    # Room creation (`POST /` from the host page, `POST /api/rooms`): a token bucket per client address.
+    room_rate: float = 0.2
+    room_burst: float = 8.0
+    # Client addresses whose room bucket is remembered (buckets that refilled are forgotten every tick).
+    room_clients: int = 4096
+    # Plans being made at once, in the whole server (one per requesting peer).
+    max_plans: int = 4
     tick: float = 0.5
     limits: rooms.Limits = field(default_factory=rooms.Limits)
 
@@ -64,63 +81,108 @@ class TokenBucket:
         self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
 
     def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
 
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.burst
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+
 
 class Connection:
-    """One WebSocket: its outbound queue, its budget, and which peer (if any) it speaks for."""
+    """One WebSocket: its bounded outbound queue, its budgets, and which peer (if any) it speaks for.
 
-    def __init__(self, ws: web.WebSocketResponse, config: SignalingConfig, now: float):
-        self.ws = ws
+    `on_overflow(conn)` is called (once) when the queue is full: the hub then drops the socket as too slow.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None, client: str,
+                 config: SignalingConfig, now: float, on_overflow: Callable[[Connection], None]):
+        self.ws, self.transport, self.client = ws, transport, client
+        self.config = config
         self.room: RoomId | None = None
         self.peer: PeerId | None = None
-        self.last_seen = now
+        self.opened_at = self.last_seen = now
         self.bucket = TokenBucket(config.rate, config.burst, now)
         self.strikes = TokenBucket(config.strike_refill, config.strike_budget, now)
         self.last_rate_error = -1e9
-        self.out: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue(config.send_queue_limit)
+        self.out: deque[str | tuple[int, str]] = deque()
+        self.queued_bytes = 0
+        self._ready = asyncio.Event()
         self.closing = False
-        self.writer = asyncio.get_running_loop().create_task(self._write())
+        self.closing_since: float | None = None
+        self.on_overflow = on_overflow
+        loop = asyncio.get_running_loop()
+        self.writer = loop.create_task(self._write())
+        self.closer: asyncio.Task | None = None
 
     def send(self, message: dict | str) -> None:
         if self.closing:
             return
         text = message if isinstance(message, str) else protocol.encode(message)
-        try:
-            self.out.put_nowait(text)
-        except asyncio.QueueFull:
-            log.warning("peer %s reads too slowly; dropping its socket", self.peer)
-            self._close_now(WSCloseCode.POLICY_VIOLATION, "too slow")
+        if len(self.out) >= self.config.send_queue_limit or \
+                self.queued_bytes + len(text) > self.config.send_queue_bytes:
+            self.on_overflow(self)
+            return
+        self.out.append(text)
+        self.queued_bytes += len(text)
+        self._ready.set()
 
-    def close(self, code: int, reason: str) -> None:
-        """Close after everything already queued has been written."""
+    def close(self, code: int, reason: str, now: float) -> None:
+        """Close after everything already queued has been written (bounded: see `Hub.tick`)."""
         if self.closing:
             return
-        try:
-            self.out.put_nowait((code, reason))
-            self.closing = True
-        except asyncio.QueueFull:
-            self._close_now(code, reason)
+        self.closing, self.closing_since = True, now
+        self.out.append((code, reason))
+        self._ready.set()
 
-    def _close_now(self, code: int, reason: str) -> None:
+    def abort(self, code: int, reason: str, now: float) -> None:
+        """Drop the queue, try a close frame for `close_timeout` seconds, then cut the TCP connection."""
+        if self.closer is not None:
+            return
         self.closing = True
+        self.closing_since = self.closing_since if self.closing_since is not None else now
+        self.out.clear()
+        self.queued_bytes = 0
         self.writer.cancel()
         # Kept on self: the event loop holds only weak references to tasks.
-        self.closer = asyncio.get_running_loop().create_task(self.ws.close(code=code, message=reason.encode()))
+        self.closer = asyncio.get_running_loop().create_task(self._close_or_abort(code, reason))
+
+    def cut(self) -> None:
+        """Abort the transport now: the reader sees the connection lost and the handler cleans up."""
+        self.out.clear()
+        self.queued_bytes = 0
+        self.writer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _close_or_abort(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), self.config.close_timeout)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            self.cut()
 
     async def _write(self) -> None:
         try:
             while True:
-                item = await self.out.get()
+                if not self.out:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                item = self.out.popleft()
                 if isinstance(item, tuple):
                     code, reason = item
                     await self.ws.close(code=code, message=reason.encode())
                     return
+                self.queued_bytes -= len(item)
                 await self.ws.send_str(item)
         except (ConnectionError, RuntimeError):
             # The socket died under us; the reader side notices and cleans up.
@@ -128,42 +190,70 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, config: SignalingConfig | None = None, ice_servers: list[dict] | None = None):
+    """`clock` (monotonic seconds) times everything: heartbeats, grace periods, room expiry, rate limits; `wall`
+    (Unix seconds) only stamps `joined_at` for people to read. Tests pass a fake clock and call `tick()`."""
+
+    def __init__(self, config: SignalingConfig | None = None, ice_servers: list[dict] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.config = config or SignalingConfig()
         self.ice_servers = ice_servers or []
+        self.clock, self.wall = clock, wall
         self.state = rooms.Rooms(limits=self.config.limits)
         self.attached: dict[PeerId, Connection] = {}
         self.pending: dict[PeerId, deque[str]] = {}
         self.connections: set[Connection] = set()
+        self.per_client: Counter[str] = Counter()
+        self.room_buckets: dict[str, TokenBucket] = {}
         self._janitor: asyncio.Task | None = None
         # Answers `plan_request`: async (room, requester, request) -> plan fields (tilemesh.server.inference sets it).
         # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
-        self._plans: set[asyncio.Task] = set()
+        self._plans: dict[PeerId, asyncio.Task] = {}
 
     # --- used by the HTTP pages ---------------------------------------------------------------------------
 
-    def create_room(self) -> RoomId:
+    def create_room(self, client: str = "") -> RoomId:
+        """A new room for `client` (its address), within its rate limit; RoomError `rate_limited` or
+        `server_full` otherwise."""
+        now = self.clock()
+        bucket = self.room_buckets.get(client)
+        if bucket is None:
+            if len(self.room_buckets) >= self.config.room_clients:
+                self._forget_room_buckets(now)
+            if len(self.room_buckets) >= self.config.room_clients:
+                raise rooms.RoomError(protocol.RATE_LIMITED, "too many clients are opening rooms; try again soon")
+            bucket = self.room_buckets[client] = TokenBucket(self.config.room_rate, self.config.room_burst, now)
+        if not bucket.take(now):
+            raise rooms.RoomError(protocol.RATE_LIMITED, "you opened rooms too quickly; try again in a minute")
         room_id = RoomId.new()
-        self.state = rooms.open_room(self.state, room_id, time.time())
+        self.state = rooms.open_room(self.state, room_id, now)
         log.info("room %s… opened", room_id[:6])
         return room_id
 
     def room_exists(self, room_id: RoomId) -> bool:
         return room_id in self.state.rooms
 
+    def _forget_room_buckets(self, now: float) -> None:
+        for client in [c for c, b in self.room_buckets.items() if b.full(now)]:
+            del self.room_buckets[client]
+
     # --- the socket --------------------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        client = request.remote or ""
+        if len(self.connections) >= self.config.max_connections:
+            return _refuse(f"this server already holds {self.config.max_connections} connections")
+        if self.per_client[client] >= self.config.max_connections_per_client:
+            return _refuse(f"at most {self.config.max_connections_per_client} connections per client address")
         # aiohttp's own ping/pong catches dead TCP connections; the app-level `ping` catches frozen pages.
         ws = web.WebSocketResponse(heartbeat=self.config.heartbeat * 2, max_msg_size=self.config.hard_cap)
-        await ws.prepare(request)
-        loop = asyncio.get_running_loop()
-        conn = Connection(ws, self.config, loop.time())
+        await ws.prepare(request)  # a request that is no WebSocket upgrade gets its HTTP error here
+        conn = Connection(ws, request.transport, client, self.config, self.clock(), self._too_slow)
         self.connections.add(conn)
+        self.per_client[client] += 1
         try:
             async for msg in ws:
-                conn.last_seen = loop.time()
+                conn.last_seen = self.clock()
                 if msg.type == WSMsgType.TEXT:
                     self._receive(conn, msg.data)
                 elif msg.type == WSMsgType.BINARY:
@@ -172,20 +262,42 @@ class Hub:
                     break
         finally:
             self.connections.discard(conn)
+            self.per_client[client] -= 1
+            if self.per_client[client] <= 0:
+                del self.per_client[client]
             self._socket_gone(conn)
-            if not conn.closing:
-                conn.closing = True
-                conn.writer.cancel()
-            # A dead client can leave the writer stuck in drain; do not hold the handler hostage to it.
-            _, stuck = await asyncio.wait({conn.writer}, timeout=5)
-            for task in stuck:
-                task.cancel()
-            if not ws.closed:
-                await ws.close()
+            await self._finish(conn)
         return ws
 
+    async def _finish(self, conn: Connection) -> None:
+        """Let queued messages and a close frame out for `close_timeout`, then cut; never waits longer."""
+        if not conn.closing:
+            conn.close(CLOSE_LEFT, "", self.clock())
+        if conn.closer is None:
+            _, stuck = await asyncio.wait({conn.writer}, timeout=self.config.close_timeout)
+            if stuck:
+                conn.cut()
+        else:
+            await asyncio.wait({conn.closer}, timeout=self.config.close_timeout * 2)
+        conn.out.clear()
+        if not conn.ws.closed:
+            conn.cut()
+
+    def _too_slow(self, conn: Connection) -> None:
+        """The socket's queue is full: the client reads too slowly (or not at all). It leaves the room now,
+        its queue is freed, and its transport is aborted if the close frame cannot get through in time."""
+        if conn.closer is not None:
+            return
+        log.warning("peer %s reads too slowly; dropping its socket", conn.peer)
+        room_id, peer_id = conn.room, conn.peer
+        conn.peer = None
+        conn.abort(WSCloseCode.POLICY_VIOLATION, "too slow", self.clock())
+        if peer_id is not None and room_id is not None and self.attached.get(peer_id) is conn \
+                and self.room_exists(room_id):
+            self._remove(room_id, peer_id, "too_slow")
+
     def _receive(self, conn: Connection, text: str) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         if not conn.bucket.take(now):
             # One error per second at most: answering every dropped message would amplify the flood.
             if now - conn.last_rate_error >= 1.0:
@@ -210,7 +322,7 @@ class Hub:
         for _ in range(weight):
             if not conn.strikes.take(now):
                 log.warning("closing abusive socket (peer %s)", conn.peer)
-                conn.close(WSCloseCode.POLICY_VIOLATION, "too many oversized or rate-limited messages")
+                conn.close(WSCloseCode.POLICY_VIOLATION, "too many oversized or rate-limited messages", now)
                 return
 
     def _dispatch(self, conn: Connection, message: protocol.ClientMessage) -> None:
@@ -236,14 +348,19 @@ class Hub:
             case protocol.PlanRequest():
                 if self.planner is None:
                     raise protocol.ProtocolError(protocol.PLAN_FAILED, "this server has no planner")
+                if conn.peer in self._plans:
+                    raise protocol.ProtocolError(protocol.PLAN_FAILED, "your previous plan_request is still running")
+                if len(self._plans) >= self.config.max_plans:
+                    raise protocol.ProtocolError(protocol.PLAN_FAILED, "the planner is busy; try again in a moment")
                 # Planning takes up to a second of CPU: it runs beside the loop, never inside a message handler.
-                task = asyncio.get_running_loop().create_task(self._plan(conn.room, conn.peer, message))
-                self._plans.add(task)
-                task.add_done_callback(self._plans.discard)
+                peer = conn.peer
+                task = asyncio.get_running_loop().create_task(self._plan(conn.room, peer, message))
+                self._plans[peer] = task
+                task.add_done_callback(lambda _: self._plans.pop(peer, None))
             case protocol.Leave():
                 room, peer = conn.room, conn.peer
                 self._remove(room, peer, "leave")
-                conn.close(CLOSE_LEFT, "left")
+                conn.close(CLOSE_LEFT, "left", self.clock())
 
     def _on_join(self, conn: Connection, join: protocol.Join) -> None:
         if conn.peer is not None:
@@ -255,11 +372,11 @@ class Hub:
             old = self.attached.get(peer_id)
             if old is not None and old is not conn:
                 old.peer = None  # so its close handler does not detach the peer we just resumed
-                old.close(CLOSE_REPLACED, "resumed on another socket")
+                old.close(CLOSE_REPLACED, "resumed on another socket", self.clock())
         else:
             peer_id, resumed = PeerId.new(), False
             peer = rooms.Member(id=peer_id, name=join.name, kind=join.kind, token=ResumeToken.new(),
-                              joined_at=round(time.time(), 3))
+                                joined_at=round(self.wall(), 3))
             self.state = rooms.add_peer(self.state, join.room, peer)
         conn.room, conn.peer = join.room, peer_id
         self.attached[peer_id] = conn
@@ -303,6 +420,8 @@ class Hub:
         if conn is not None and not conn.closing:
             conn.send(text)
             return True
+        if conn is None and not any(peer_id == p.id for r in self.state.rooms.values() for p in r.peers):
+            return False  # a removed peer's messages go nowhere (its queue would never be freed)
         queue = self.pending.setdefault(peer_id, deque())
         if len(queue) >= self.config.pending_limit:
             return False
@@ -316,11 +435,11 @@ class Hub:
         del self.attached[peer_id]
         if not self.room_exists(room_id) or self.state.room(room_id).peer(peer_id) is None:
             return
-        self.state = rooms.detach_peer(self.state, room_id, peer_id, time.time())
+        self.state = rooms.detach_peer(self.state, room_id, peer_id, self.clock())
         self._send_roster(room_id)
 
     def _remove(self, room_id: RoomId, peer_id: PeerId, reason: str) -> None:
-        self.state = rooms.remove_peer(self.state, room_id, peer_id, time.time())
+        self.state = rooms.remove_peer(self.state, room_id, peer_id, self.clock())
         self.attached.pop(peer_id, None)
         self.pending.pop(peer_id, None)
         notice = protocol.encode(protocol.peer_left(peer_id, reason))
@@ -339,22 +458,33 @@ class Hub:
     # --- time-driven events -------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Drop silent sockets, expire peers past their resume grace, close long-empty rooms."""
-        loop_now, now = asyncio.get_running_loop().time(), time.time()
+        """Drop silent sockets and sockets that never joined, cut sockets stuck closing, expire peers past their
+        resume grace, close long-empty rooms, forget refilled room-creation buckets."""
+        now = self.clock()
         silence = self.config.heartbeat * self.config.heartbeat_misses
         for conn in list(self.connections):
-            if conn.closing or loop_now - conn.last_seen < silence:
+            if conn.closing:
+                # A close waits on the client to read what was queued; a client that never reads would hold it
+                # (and its queue) forever.
+                if conn.closing_since is not None and now - conn.closing_since >= self.config.close_timeout:
+                    conn.cut()
+                continue
+            if conn.peer is None and now - conn.opened_at >= self.config.join_deadline:
+                conn.close(CLOSE_NO_JOIN, "join first", now)
+                continue
+            if now - conn.last_seen < silence:
                 continue
             room_id, peer_id = conn.room, conn.peer
             conn.peer = None
             if peer_id is not None and self.attached.get(peer_id) is conn:
                 self._remove(room_id, peer_id, "timeout")
-            conn.close(CLOSE_TIMEOUT, "missed heartbeats")
+            conn.close(CLOSE_TIMEOUT, "missed heartbeats", now)
         for room_id, peer_id in rooms.expired_detached(self.state, now, self.config.resume_grace):
             self._remove(room_id, peer_id, "disconnected")
         self.state, closed = rooms.close_idle_rooms(self.state, now, self.config.room_ttl)
         for room_id in closed:
             log.info("room %s… closed after %g s empty", room_id[:6], self.config.room_ttl)
+        self._forget_room_buckets(now)
 
     async def _run_janitor(self) -> None:
         while True:
@@ -369,10 +499,10 @@ class Hub:
 
     async def on_shutdown(self, app: web.Application) -> None:
         for conn in list(self.connections):
-            conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
+            conn.close(WSCloseCode.GOING_AWAY, "server shutting down", self.clock())
 
     async def on_cleanup(self, app: web.Application) -> None:
-        for task in list(self._plans):
+        for task in list(self._plans.values()):
             task.cancel()
         if self._janitor is not None:
             self._janitor.cancel()
@@ -380,11 +510,18 @@ class Hub:
                 await self._janitor
 
 
+def _refuse(message: str) -> web.Response:
+    """Over the connection caps: refused before the upgrade, cheaply (a browser's WebSocket then retries)."""
+    return web.json_response({"error": protocol.TOO_MANY_CONNECTIONS, "message": message}, status=503,
+                             headers={"Retry-After": "5"})
+
+
 HUB_KEY = web.AppKey("signaling_hub", Hub)
 
 
-def setup(app: web.Application, config: SignalingConfig | None = None) -> Hub:
-    hub = Hub(config, app[CONFIG_KEY].ice_servers)
+def setup(app: web.Application, config: SignalingConfig | None = None, *,
+          clock: Callable[[], float] = time.monotonic) -> Hub:
+    hub = Hub(config, app[CONFIG_KEY].ice_servers, clock=clock)
     app[HUB_KEY] = hub
     app.router.add_get("/ws", hub.handle)
     app.on_startup.append(hub.on_startup)
@@ -393,9 +530,11 @@ def setup(app: web.Application, config: SignalingConfig | None = None) -> Hub:
     return hub
 
 
-def configure(app: web.Application, config: SignalingConfig) -> Hub:
-    """Swap in other timeouts and limits (tests use short ones) before the app starts serving."""
+def configure(app: web.Application, config: SignalingConfig, clock: Callable[[], float] | None = None) -> Hub:
+    """Swap in other timeouts and limits (tests use short ones), and a clock, before the app starts serving."""
     hub = app[HUB_KEY]
     hub.config = config
+    if clock is not None:
+        hub.clock = clock
     hub.state = replace(hub.state, limits=config.limits)
     return hub

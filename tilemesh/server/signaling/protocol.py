@@ -40,7 +40,7 @@ Server -> client
                but it may still resume.
     signal     {from: peer_id, data: object}
     broadcast  {from: peer_id, data: object}
-    peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"}
+    peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"|"too_slow"}
     plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits}, devices,
                 predicted_ms, timeline, candidates}
                The planner's answer to a `plan_request`, sent to every peer of the room: devices in `devices`
@@ -55,7 +55,13 @@ peer_unavailable (the target is reconnecting and its queue is full), plan_failed
 sender has no profile yet, or the planner is not available). Every one leaves the connection usable, except
 floods of oversized or rate-limited messages, which close it (WebSocket code 1008), and a frame above the
 hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
-another socket (do not reconnect), 4001 missed heartbeats, 1000 after `leave`.
+another socket (do not reconnect), 4001 missed heartbeats, 4002 no `join` within 10 s of connecting, 1000 after
+`leave`, 1008 "too slow" when the socket's outbound queue is full (the client does not read: it leaves the room
+at once, `peer_left` reason "too_slow", and its TCP connection is cut if the close frame cannot get through).
+
+Connections: at most 32 WebSockets per client address and 1024 in all; an upgrade over either cap is refused
+with HTTP 503 and the JSON body `{"error": "too_many_connections", "message"}` (the browser's socket then
+closes with 1006 and the client retries with backoff).
 
 Offer rule (avoids glare): the newcomer sends an offer to every peer listed in its `welcome`; peers already in
 the room answer and never offer to a newcomer. The server sends the new roster to existing peers before it
@@ -112,6 +118,8 @@ BAD_RESUME = "bad_resume"
 PEER_UNAVAILABLE = "peer_unavailable"
 PLAN_FAILED = "plan_failed"
 BAD_STATE = "bad_state"
+# Not a WebSocket message: the HTTP 503 body of an upgrade refused over the connection caps.
+TOO_MANY_CONNECTIONS = "too_many_connections"
 MAX_PLAN_DEVICES = 32
 STRATEGY_NAMES = ("tilemesh", "single", "offload", "partition_offload", "equal_split", "fixed_grid")
 

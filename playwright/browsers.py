@@ -71,3 +71,12 @@ def require_browser_assets() -> None:
         pytest.fail("browser assets missing: run `python -m tilemesh.server.assets` (make test does)")
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} missing: `apt-get install chromium` (make test does)")
+
+
+def start_room(page, base_url: str) -> str:
+    """Do what a host does: open the front page and press "Start a room" (only a POST makes a room); the room id
+    of the host page it lands on."""
+    page.goto(base_url + "/")
+    page.locator("#new-room").click()
+    page.wait_for_url("**/room/*")
+    return page.url.rsplit("/", 1)[-1]

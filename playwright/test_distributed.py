@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import skimage.data
-from browsers import CHROMIUM, CHROMIUM_ARGS, REPO
+from browsers import CHROMIUM, CHROMIUM_ARGS, REPO, start_room
 from roomkit import decode_qr, get_json, netns_server
 
 from bench.env import CpuGroup
@@ -89,7 +89,7 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
         pages = []
         try:
             host = fast.new_context(ignore_https_errors=True).new_page()
-            host.goto(srv.url + "/")
+            start_room(host, srv.url)
             join_url = decode_qr(host)
             phone = fast.new_context(ignore_https_errors=True).new_page()
             phone.goto(join_url + "?kind=phone")

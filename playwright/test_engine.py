@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from browsers import start_room
 
 pytestmark = pytest.mark.browser
 
@@ -24,7 +25,7 @@ json.dumps([S.effect_to_dict(e) for e in effects])
 
 
 def test_drifting_device_remeasures_and_tells_the_room(page, server):
-    page.goto(server.url + "/")
+    start_room(page, server.url)
     page.wait_for_function(READY, timeout=120_000)
     out = page.evaluate(
         """async (code) => {

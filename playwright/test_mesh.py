@@ -15,7 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from browsers import CHROMIUM, CHROMIUM_ARGS
+from browsers import CHROMIUM, CHROMIUM_ARGS, start_room
 from roomkit import decode_qr, get_json, netns_server
 
 from tilemesh.runtime import wire
@@ -107,9 +107,8 @@ def test_full_mesh_moves_tensors_bit_exact_and_notices_departures(ns_server, ns_
     try:
         ctx = ns_browser.new_context(ignore_https_errors=True)
         host = ctx.new_page()
-        host.goto(srv.url + "/")
-        assert "/room/" in host.url
-        room = urlsplit(host.url).path.rsplit("/", 1)[-1]
+        room = start_room(host, srv.url)
+        assert urlsplit(host.url).path == f"/room/{room}"
         join_url = decode_qr(host)
         assert join_url == host.locator("#join-url").inner_text().strip()
         assert join_url.endswith(f"/join/{room}") and urlsplit(join_url).hostname == srv.ns.inner

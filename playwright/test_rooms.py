@@ -10,6 +10,7 @@ import io
 from urllib.parse import urlsplit
 
 import pytest
+from browsers import start_room
 
 pytestmark = pytest.mark.browser
 
@@ -43,9 +44,8 @@ def phone(browser):
 
 
 def test_phone_joins_by_qr_and_leaves(page, phone, server):
-    page.goto(server.url + "/")
-    assert "/room/" in page.url, "GET / should redirect to a new room's host page"
-    room_id = urlsplit(page.url).path.rsplit("/", 1)[1]
+    room_id = start_room(page, server.url)
+    assert urlsplit(page.url).path == f"/room/{room_id}"
 
     join_url = decode_qr(page.locator("#qr svg").screenshot())
     assert join_url == f"{server.url}/join/{room_id}"
@@ -88,14 +88,14 @@ def test_unknown_room_is_a_clear_404(page, server):
     resp = page.goto(server.url + "/join/" + "x" * 22)
     assert resp.status == 404
     assert "does not exist or has ended" in page.content()
-    page.get_by_role("link", name="Start a new room").click()
+    page.get_by_role("button", name="Start a new room").click()
     page.wait_for_url("**/room/*")
     page.locator("#qr svg").wait_for()
 
 
 def test_signaling_client_relays_and_resumes_after_a_drop(page, phone, server):
     """What the mesh relies on: signals between pages, and a dropped socket coming back as the same peer."""
-    page.goto(server.url + "/")
+    start_room(page, server.url)
     page.wait_for_function("window.tilemesh?.peerId")
     host_id = page.evaluate("window.tilemesh.peerId")
     phone.goto(page.locator("#join-url").inner_text())

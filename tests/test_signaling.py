@@ -375,7 +375,7 @@ async def test_room_full_and_server_full(make_server):
     await srv.new_room()
     resp = await srv.post("/api/rooms")
     assert resp.status == 503 and (await resp.json())["error"] == protocol.SERVER_FULL
-    page = await srv.get("/", allow_redirects=False)
+    page = await srv.post("/", allow_redirects=False)
     assert page.status == 503 and "No room available" in await page.text()
 
 
@@ -397,8 +397,10 @@ async def test_empty_room_expires(make_server):
 
 async def test_pages(make_server):
     srv = await make_server(public_url="https://10.99.0.1:8443/")
-    resp = await srv.get("/", allow_redirects=False)
-    assert resp.status == 302
+    front = await (await srv.get("/")).text()
+    assert '<form method="post" action="/">' in front and 'id="new-room"' in front
+    resp = await srv.post("/", allow_redirects=False)
+    assert resp.status == 303
     host_url = resp.headers["Location"]
     room = host_url.rsplit("/", 1)[1]
     assert host_url == f"/room/{room}" and len(room) >= 22
@@ -420,7 +422,8 @@ async def test_pages(make_server):
     for path in (f"/join/{RoomId.new()}", f"/room/{RoomId.new()}", "/join/short", f"/room/{RoomId.new()}/qr.svg"):
         resp = await srv.get(path)
         assert resp.status == 404, path
-        assert "Start a new room" in await resp.text()
+        text = await resp.text()
+        assert "Start a new room" in text and '<form method="post" action="/">' in text
 
 
 async def test_join_url_falls_back_to_the_request_host(server):
@@ -618,3 +621,30 @@ async def test_plan_requests_are_bounded_one_per_peer(server):
     release.set()
     assert (await p.expect("plan"))["source"] == p.id
     assert calls == [p.id] and not server.hub._plans
+
+
+async def test_get_and_head_make_no_room(make_server):
+    # The probe filled the room cap with 256 plain GETs in 0.02 s (link previews, prefetchers and crawlers do
+    # the same by accident): looking at the front page must not make a room.
+    srv = await make_server(limits=rooms.Limits(max_peers_per_room=2, max_rooms=4))
+    for _ in range(20):
+        assert (await srv.get("/", allow_redirects=False)).status == 200
+        assert (await srv.head("/", allow_redirects=False)).status == 200
+    assert len(srv.hub.state.rooms) == 0
+    resp = await srv.post("/", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"].startswith("/room/")
+    assert len(srv.hub.state.rooms) == 1
+
+
+async def test_room_creation_is_rate_limited_per_client(make_server):
+    srv = await make_server(room_burst=3, room_rate=0.1)
+    for _ in range(3):
+        assert (await srv.post("/", allow_redirects=False)).status == 303
+    page = await srv.post("/", allow_redirects=False)
+    assert page.status == 429 and "too quickly" in await page.text()
+    api = await srv.post("/api/rooms")
+    assert api.status == 429 and (await api.json())["error"] == protocol.RATE_LIMITED
+    assert len(srv.hub.state.rooms) == 3
+    srv.advance(10)  # one token back
+    assert (await srv.post("/api/rooms")).status == 201
+    assert (await srv.post("/api/rooms")).status == 429

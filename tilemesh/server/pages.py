@@ -1,4 +1,9 @@
-"""HTTP side of rooms: `/` opens a room, `/room/<id>` is the host's page with the QR code, `/join/<id>` the phone's.
+"""HTTP side of rooms: `/` offers to start a room (a POST makes it), `/room/<id>` is the host's page with the QR
+code, `/join/<id>` the phone's.
+
+Only an explicit POST makes a room (`POST /` from the front page's button, `POST /api/rooms` for scripts), within a
+per-client rate limit (`SignalingConfig.room_rate`/`room_burst`): a GET, which link previews, prefetchers and
+crawlers send freely, never does.
 
 The room id in these URLs is the only credential a room has (see `tilemesh.server.signaling.ids`), so the QR
 code carries it and nothing else; everything live happens over the signaling socket (`tilemesh.server.signaling.hub`).
@@ -14,7 +19,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from tilemesh.server.context import CONFIG_KEY, render
-from tilemesh.server.signaling import rooms
+from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.hub import HUB_KEY
 from tilemesh.server.signaling.ids import RoomId
 
@@ -53,21 +58,31 @@ def _room_or_404(request: web.Request) -> RoomId:
     return room_id
 
 
+def _refusal_status(exc: rooms.RoomError) -> int:
+    return 429 if exc.code == protocol.RATE_LIMITED else 503
+
+
+async def index_page(request: web.Request) -> web.Response:
+    return render(request, "index.html", title="tilemesh")
+
+
 async def new_room(request: web.Request) -> web.Response:
+    """The front page's button: make a room and go to its host page (303: the browser follows with a GET)."""
     try:
-        room_id = request.app[HUB_KEY].create_room()
+        room_id = request.app[HUB_KEY].create_room(request.remote or "")
     except rooms.RoomError as exc:
-        return render(request, "error.html", status=503, title="Server full", heading="No room available",
-                      message=exc.message)
-    raise web.HTTPFound(f"/room/{room_id}")
+        status = _refusal_status(exc)
+        return render(request, "error.html", status=status, title="No room available",
+                      heading="No room available", message=exc.message)
+    raise web.HTTPSeeOther(f"/room/{room_id}")
 
 
 async def api_new_room(request: web.Request) -> web.Response:
     """For scripts and tests: open a room without following a redirect."""
     try:
-        room_id = request.app[HUB_KEY].create_room()
+        room_id = request.app[HUB_KEY].create_room(request.remote or "")
     except rooms.RoomError as exc:
-        return web.json_response({"error": exc.code, "message": exc.message}, status=503)
+        return web.json_response({"error": exc.code, "message": exc.message}, status=_refusal_status(exc))
     return web.json_response({"room": room_id, "host_url": f"/room/{room_id}", "join_url": join_url(request, room_id)},
                              status=201)
 
@@ -95,7 +110,8 @@ async def join_page(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/", new_room)
+    app.router.add_get("/", index_page)
+    app.router.add_post("/", new_room)
     app.router.add_post("/api/rooms", api_new_room)
     app.router.add_get("/room/{room}", host_page)
     app.router.add_get("/room/{room}/qr.svg", qr_image)

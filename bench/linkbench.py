@@ -111,7 +111,8 @@ async def bench(addr: str, total: int, rounds: int, probes: bool = False) -> lis
     insecure = ssl._create_unverified_context()  # the server's own self-signed certificate
     with tempfile.TemporaryDirectory() as state, open(os.path.join(state, "server.log"), "w+") as log:
         server = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", addr, "--port", str(port),
-                                   "--https", "--state-dir", state], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                   "--https", "--diagnostics", "--state-dir", state],
+                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_up(base + "/healthz", insecure)
             room = http_json(base + "/api/rooms", insecure, {})["room"]

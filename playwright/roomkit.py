@@ -28,7 +28,9 @@ def netns_server(extra: list[str] | None = None, port: int = 8443):
         pytest.skip(reason)
     require_browser_assets()
     with NetNS() as ns, tempfile.TemporaryDirectory() as state:
-        srv = ServerProcess(ns.inner, port, prefix=ns.wrap([]), extra=["--https", "--state-dir", state, *(extra or [])])
+        # --diagnostics: these tests read the edge's links and make it send test tensors (/diag/mesh*).
+        srv = ServerProcess(ns.inner, port, prefix=ns.wrap([]),
+                            extra=["--https", "--diagnostics", "--state-dir", state, *(extra or [])])
         srv.url = f"https://{ns.inner}:{port}"
         srv.ns = ns
         srv.insecure = ssl._create_unverified_context()  # our own self-signed certificate, inside the namespace

@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ice_servers=_parse_ice(args.ice_server),
         edge_peer=args.edge,
         model=Path(args.model) if args.model else None,
+        diagnostics=args.diagnostics,
     )
     from tilemesh.server.model import CardError, ModelError  # noqa: PLC0415
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", metavar="FILE.onnx",
                        help="the CNN to serve, with its model card FILE.json beside it (labels, preprocessing; "
                             "see tilemesh.models.card); default: the demo model `tilemesh setup` built")
+    serve.add_argument("--diagnostics", action="store_true",
+                       help="serve the /diag/mesh test pages and routes (tests and link benchmarks only)")
     serve.set_defaults(func=cmd_serve)
 
     setup = sub.add_parser("setup", help="fetch, verify and unpack the browser and model assets")

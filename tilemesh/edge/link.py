@@ -9,6 +9,7 @@ without bound.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Protocol
 
@@ -17,6 +18,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from tilemesh.runtime import session
 
+log = logging.getLogger("tilemesh.edge")
 
 class LinkOwner(Protocol):
     """What a link reports to (`peer.EdgePeer`): its state changes, messages, outgoing signals and its end."""
@@ -36,6 +38,9 @@ HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
 # RFC 8841: without a max-message-size attribute the remote accepts 64 KiB.
 DEFAULT_REMOTE_MAX_MESSAGE = 65536
+# ICE candidates that arrive before the remote description are held until it comes; a browser trickles a handful
+# per interface, so anything past this bound is a peer that never answers (or means harm) and is dropped.
+MAX_EARLY_CANDIDATES = 64
 _MAX_MSG_RE = re.compile(r"^a=max-message-size:(\d+)", re.M)
 
 
@@ -115,8 +120,11 @@ class Link:
         elif kind == "candidate":
             if self._remote_set:
                 await self._add_candidate(data)
-            else:
+            elif len(self._early_candidates) < MAX_EARLY_CANDIDATES:
                 self._early_candidates.append(data)
+            else:
+                log.warning("dropping early ICE candidates from %s: more than %d before its description",
+                            self.remote, MAX_EARLY_CANDIDATES)
         elif kind == "bye":
             self.owner._drop(self.remote, "bye", only=self)
 

@@ -204,31 +204,65 @@ async def diag_edge(request: web.Request) -> web.Response:
     return web.json_response(request.app[EDGE_KEY].describe(request.match_info["room"]))
 
 
+def _diag_send_request(body: object) -> dict:
+    """The send route's body, validated: {to: str, shape: [1..4 positive ints], seed, frame, tensor: ints}."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    to = body.get("to")
+    if not isinstance(to, str) or not 1 <= len(to) <= 64:
+        raise ValueError("'to' must be a peer id")
+    shape = body.get("shape", [64, 56, 56])
+    if not isinstance(shape, list) or not 1 <= len(shape) <= wire.MAX_NDIM \
+            or not all(type(v) is int and v > 0 for v in shape):
+        raise ValueError(f"'shape' must be a list of 1 to {wire.MAX_NDIM} positive integers")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_DIAG_ELEMENTS:
+        raise ValueError(f"'shape' holds more than {MAX_DIAG_ELEMENTS} elements")
+    out = {"to": to, "shape": tuple(shape)}
+    for key in ("seed", "frame", "tensor"):
+        value = body.get(key, 0)
+        if type(value) is not int or not 0 <= value < 2**31:
+            raise ValueError(f"'{key}' must be an integer from 0 to 2**31-1")
+        out[key] = value
+    return out
+
+
 async def diag_edge_send(request: web.Request) -> web.Response:
     """Make the edge peer send a deterministic test tensor to one peer (no data of the caller's choosing)."""
+    try:
+        args = _diag_send_request(await request.json())
+    except ValueError as exc:  # json.JSONDecodeError included
+        return web.json_response({"error": str(exc)}, status=400)
     if EDGE_KEY not in request.app:
         return web.json_response({"error": "the edge peer is off"}, status=404)
-    body = await request.json()
-    shape = tuple(int(v) for v in body.get("shape", (64, 56, 56)))
-    if len(shape) > wire.MAX_NDIM or int(np.prod(shape)) > 16 * 1024 * 1024:
-        raise web.HTTPBadRequest(text="shape too large")
-    try:
-        out = await asyncio.wait_for(request.app[EDGE_KEY].send_pattern(
-            request.match_info["room"], str(body["to"]), seed=int(body.get("seed", 0)), shape=shape,
-            frame=int(body.get("frame", 0)), tensor=int(body.get("tensor", 0))), 30)
-    except (KeyError, PeerGone, TimeoutError) as exc:
-        return web.json_response({"error": repr(exc)}, status=409)
+    busy = request.app[DIAG_SEND_KEY]
+    if busy.locked():
+        return web.json_response({"error": "another test tensor is being sent; try again"}, status=429)
+    async with busy:
+        try:
+            out = await asyncio.wait_for(request.app[EDGE_KEY].send_pattern(request.match_info["room"], **args), 30)
+        except (KeyError, PeerGone, TimeoutError) as exc:
+            return web.json_response({"error": repr(exc)}, status=409)
     return web.json_response(out)
 
 
+# The diagnostics route's test tensor: at most this many float32 elements (4 MiB; the mesh test sends 0.8 MiB),
+# and one such send at a time per server.
+MAX_DIAG_ELEMENTS = 1 << 20
+DIAG_SEND_KEY = web.AppKey("diag_send_lock", asyncio.Lock)
+
+
 def setup(app: web.Application) -> None:
-    """Diagnostics routes always; the edge manager when ServerConfig.edge_peer is set."""
+    """The edge manager when ServerConfig.edge_peer is set; the diagnostics routes only when
+    ServerConfig.diagnostics is (`tilemesh serve --diagnostics`, or a test's app): they show peer ids and link
+    stats to anyone holding a room id, and make the edge send test tensors."""
     from tilemesh.server.context import CONFIG_KEY, MODEL_KEY  # noqa: PLC0415
 
-    app.router.add_get("/diag/mesh", diag_page)
-    app.router.add_get("/diag/mesh/edge/{room}", diag_edge)
-    app.router.add_post("/diag/mesh/edge/{room}/send", diag_edge_send)
     config = app[CONFIG_KEY]
+    if config.diagnostics:
+        app[DIAG_SEND_KEY] = asyncio.Lock()
+        app.router.add_get("/diag/mesh", diag_page)
+        app.router.add_get("/diag/mesh/edge/{room}", diag_edge)
+        app.router.add_post("/diag/mesh/edge/{room}/send", diag_edge_send)
     if config.edge_peer:
         # Our own certificate is self-signed, and this connection never leaves the host: no verification.
         bundle = app.get(MODEL_KEY)

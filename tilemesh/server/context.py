@@ -34,6 +34,8 @@ class ServerConfig:
     edge_peer: bool = False
     # The ONNX model to serve (its model card beside it); None: the demo model `tilemesh setup` built.
     model: Path | None = None
+    # Register the `/diag/mesh*` routes (mesh tests, link benchmarks); off in normal serving.
+    diagnostics: bool = False
 
 
 CONFIG_KEY = web.AppKey("config", ServerConfig)

@@ -7,10 +7,10 @@ Unknown extra fields are ignored, so the protocol grows by adding optional field
 
 Client -> server
     join       {room, name, kind: "phone"|"laptop"|"edge", resume?: peer_id, token?: resume_token}
-               First message on a socket. `room` must exist (rooms are created over HTTP: `GET /` or
-               `POST /api/rooms`). With `resume` + `token` (both from an earlier `welcome`) the socket takes over
-               that peer: same id, its queued signals are delivered, nobody else sees it leave. A resume needs
-               the token because peer ids are public to the whole room.
+               First message on a socket. `room` must exist (rooms are created over HTTP, by a POST only:
+               `POST /` from the front page's button, or `POST /api/rooms`). With `resume` + `token` (both from
+               an earlier `welcome`) the socket takes over that peer: same id, its queued signals are delivered,
+               nobody else sees it leave. A resume needs the token because peer ids are public to the whole room.
     state      {state: "booting"|"ready"|"busy", progress?: 0..1, detail?: str, profile?: object, name?: str}
                The peer's own status, shown in every roster. Fields left out keep their previous value
                (`ready` without `progress` sets it to 1). `detail` at most 200 characters, `name` 40,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import skimage.data
-from browsers import CHROMIUM, CHROMIUM_ARGS
+from browsers import CHROMIUM, CHROMIUM_ARGS, start_room
 from roomkit import decode_qr, netns_server
 from test_distributed import READY, expected_top1, frames, wait_frames
 
@@ -92,7 +92,7 @@ def test_firefox_joins_a_chromium_room_and_computes_its_share(tmp_path: Path, pw
         pages = []
         try:
             host = chromium.new_context(ignore_https_errors=True).new_page()
-            host.goto(srv.url + "/")
+            start_room(host, srv.url)
             join_url = decode_qr(host)
             phone = chromium.new_context(ignore_https_errors=True).new_page()
             phone.goto(join_url + "?kind=phone")

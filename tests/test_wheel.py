@@ -122,7 +122,11 @@ def test_setup_and_serve_from_any_folder(installed):
                     raise AssertionError((work.parent / "serve.log").read_text()[-3000:]) from None
                 time.sleep(0.3)
         assert json.loads(body)["ok"] is True
-        status, page, url = _get(base + "/")  # opens a room and redirects to its host page
+        status, front, _ = _get(base + "/")  # the front page: a GET makes no room
+        assert status == 200 and b'id="new-room"' in front
+        # Its button POSTs; the 303 leads to the new room's host page.
+        with urllib.request.urlopen(urllib.request.Request(base + "/", data=b"", method="POST"), timeout=10) as r:
+            status, page, url = r.status, r.read(), r.geturl()
         assert status == 200 and "/room/" in url
         html = page.decode()
         assert 'id="tilemesh-model"' in html and "MobileNetV2" in html

@@ -115,10 +115,10 @@ def test_identity_and_dropout_disappear_and_names_are_filled_in():
 
 
 def test_unsupported_op_names_op_and_node():
-    model = make_model([helper.make_node("LRN", ["x"], ["y"], name="norm1", size=3)], (1, 2, 3, 3), {})
-    with pytest.raises(G.UnsupportedOpError, match=r"'LRN'.*'norm1'") as e:
+    model = make_model([helper.make_node("LpNormalization", ["x"], ["y"], name="norm1", axis=1)], (1, 2, 3, 3), {})
+    with pytest.raises(G.UnsupportedOpError, match=r"'LpNormalization'.*'norm1'") as e:
         G.load_onnx(model)
-    assert e.value.op == "LRN" and e.value.node == "norm1"
+    assert e.value.op == "LpNormalization" and e.value.node == "norm1"
 
 
 def test_batch_must_be_one_and_a_symbolic_batch_becomes_one():

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilemesh.runtime.deps import ELEMENTWISE_OPS, GLOBAL_OPS, cut_candidates, live_tensors, node_macs
+from tilemesh.runtime.deps import ELEMENTWISE_OPS, cut_candidates, is_global, live_tensors, node_macs
 from tilemesh.runtime.profile import predict_node_seconds, validate_profile
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.tiling import Plan, Split, build_plan
@@ -115,7 +115,7 @@ def spec_devices(spec: Spec) -> set[str]:
 
 def head_start(graph) -> int:
     """Index of the first node of the non-spatial head (the first global op), or len(nodes)."""
-    return next((i for i, n in enumerate(graph.nodes) if n.op in GLOBAL_OPS), len(graph.nodes))
+    return next((i for i, n in enumerate(graph.nodes) if is_global(n, graph)), len(graph.nodes))
 
 
 def _inside_layer(graph, k: int) -> bool:

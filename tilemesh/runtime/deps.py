@@ -8,8 +8,18 @@ branch) gets the hull of all its consumers' needs. Regions are clipped to the te
 outside is padding, which the kernel supplies from the `pads` we compute here (the node's true padding
 at image borders, 0 at interior tile edges).
 
-Global ops (GlobalAveragePool, Flatten, Reshape, Gemm, MatMul) need the whole input, so spatial tiling
-ends there: a segment containing one can only be computed whole by a single device.
+Op families and their rules:
+* window ops (Conv, MaxPool, AveragePool, SpaceToDepth): an output region reads the hull of its taps;
+  the step carries per-tile zero/-inf padding for the parts that fall outside the image;
+* channel-local ops (activations, PRelu, LRN, channel Softmax, channel Gather, Add/Mul/Sum/Max/Min/...,
+  Concat on channels): the output region reads the same region of every input (a broadcast operand of
+  1x1 plane, e.g. a squeeze-excite scale, is read whole);
+* resampling ops (Pad, Resize, ConvTranspose, DepthToSpace): the region maps through the op's geometry
+  (scaled by a Resize factor, a ConvTranspose stride or a DepthToSpace block); the step's `pads` is then
+  the adjustment that turns the op's raw output on that input into the wanted region (see `kernels`);
+* global ops (GlobalAveragePool, GlobalMaxPool, Flatten, Reshape, Gemm, MatMul, Softmax over H or W)
+  need the whole input, so spatial tiling ends there: a segment containing one can only be computed
+  whole by a single device.
 
 The module also finds cut points (where few activation tensors are live) and splits a graph into
 segments. It needs only the fields of the IR dataclasses, never numpy arrays.
@@ -23,8 +33,109 @@ from .graph import external_inputs
 from .regions import EMPTY, Region, is_spatial, plane
 
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
-ELEMENTWISE_OPS = frozenset({"Clip", "Relu", "Add", "Mul", "Sigmoid", "HardSwish", "Sub", "Div", "Identity"})
+ELEMENTWISE_OPS = frozenset({
+    "Clip", "Relu", "Add", "Mul", "Sigmoid", "HardSwish", "Sub", "Div", "Identity",
+    "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Exp", "PRelu",
+    "LRN", "Gather", "Sum", "Max", "Min", "Mean", "Softmax", "LogSoftmax",
+})
+RESAMPLING_OPS = frozenset({"Pad", "Resize", "ConvTranspose", "DepthToSpace"})
 GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Gemm", "MatMul"})
+
+
+def is_global(node, graph) -> bool:
+    """Whether `node` needs the whole of its input whatever output region is wanted (ends spatial tiling)."""
+    if node.op in GLOBAL_OPS:
+        return True
+    if node.op in ("Softmax", "LogSoftmax") and len(graph.shapes[node.inputs[0]]) == 4:
+        return node.attrs.get("legacy", False) or node.attrs.get("axis", -1) % 4 != 1
+    return False
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_axis(a: int, b: int, n: int, p0: int, mode: str) -> tuple[int, int, int]:
+    """Pad along one axis: (input lo, input hi, raw output start) for output [a, b) of an n-long input."""
+    lo, hi = max(a - p0, 0), min(b - p0, n)
+    need = [(lo, hi)] if lo < hi else []
+    if a < p0:  # top padding: reflect reads rows 1..p0-a, edge and constant row 0 (kept so the tile is not empty)
+        need.append((0, min(p0 - a + 1, n) if mode == "reflect" else 1))
+    if b > p0 + n:
+        if mode == "reflect":
+            need.append((max(2 * (n - 1) - (b - 1 - p0), 0), n))
+        else:
+            need.append((n - 1, n))
+    i0, i1 = min(x for x, _ in need), max(y for _, y in need)
+    return i0, i1, i0 + p0
+
+
+def _resize_src(y: int, n_in: int, n_out: int, scale: float, a) -> tuple[int, int]:
+    """Lowest and highest input index read by Resize output position y (ONNX formulas, pure Python)."""
+    import math
+
+    ct = a.get("coordinate_transformation_mode", "half_pixel")
+    if ct == "asymmetric":
+        x = y / scale
+    elif ct == "tf_half_pixel_for_nn":
+        x = (y + 0.5) / scale
+    elif ct == "align_corners":
+        x = y * (n_in - 1) / (n_in * scale - 1) if n_out > 1 else 0.0
+    elif ct == "pytorch_half_pixel" and n_out <= 1:
+        x = 0.0
+    else:
+        x = (y + 0.5) / scale - 0.5
+    if a.get("mode", "nearest") == "nearest":
+        nm = a.get("nearest_mode", "round_prefer_floor")
+        i = {"round_prefer_floor": lambda v: math.ceil(v - 0.5), "round_prefer_ceil": lambda v: math.floor(v + 0.5),
+             "floor": math.floor, "ceil": math.ceil}[nm](x)
+        i = min(max(i, 0), n_in - 1)
+        return i, i
+    x = min(max(x, 0.0), n_in - 1)
+    lo = math.floor(x)
+    return lo, min(lo + 1, n_in - 1)
+
+
+def _resample_axis(node, axis: int, a: int, b: int, n: int) -> tuple[int, int, int, int]:
+    """(input lo, input hi, raw output start, raw output end) of a resampling op along one spatial axis for
+    output [a, b) of an n-long input; the raw output is what the op makes from exactly that input."""
+    at = node.attrs
+    if node.op == "Pad":
+        i0, i1, r0 = _pad_axis(a, b, n, at["pads"][axis], at.get("mode", "constant"))
+        return i0, i1, r0, r0 + (i1 - i0)
+    if node.op == "DepthToSpace":
+        bs = int(at["blocksize"])
+        i0, i1 = a // bs, min(_ceil_div(b, bs), n)
+        return i0, i1, i0 * bs, i1 * bs
+    if node.op == "Resize":
+        scale, n_out = at["scales"][axis], at["sizes"][axis]
+        s = round(scale)
+        if abs(scale - s) > 1e-9 or s < 1 or at.get("coordinate_transformation_mode") == "align_corners":
+            return 0, n, 0, n_out  # not translation-equivariant: the whole axis, cropped
+        # The sources of [a, b), and the input rows whose raw output covers [a, b) at all.
+        i0 = min(_resize_src(a, n, n_out, scale, at)[0], a // s)
+        i1 = min(max(_resize_src(b - 1, n, n_out, scale, at)[1] + 1, _ceil_div(b, s)), n)
+        return i0, i1, i0 * s, i1 * s
+    # ConvTranspose: input i adds to raw rows i*s + t*d; raw row z is output row z - begin.
+    k = node.attrs["kernel"][axis]
+    s, d = at["strides"][axis], at["dilations"][axis]
+    begin = -at["pads"][axis]
+    z0, z1 = a + begin, b + begin
+    i0 = max(_ceil_div(z0 - (k - 1) * d, s), 0)
+    i1 = min((z1 - 1) // s, n - 1) + 1
+    if i0 >= i1:  # no input reaches these rows (output padding, or gaps of a kernel smaller than its stride)
+        i0 = min(max((z1 - 1) // s, 0), n - 1)
+        i1 = i0 + 1
+    return i0, i1, i0 * s - begin, (i1 - 1) * s + (k - 1) * d + 1 - begin
+
+
+def resample_rule(node, graph, out: Region) -> tuple[Region, tuple[int, int, int, int]]:
+    """Input region a resampling op reads for output region `out`, and the adjustment (top, left, bottom,
+    right) that turns its raw output on that input into exactly `out` (positive: add, negative: remove)."""
+    h, w = plane(graph.shapes[node.inputs[0]])
+    ri0, ri1, rr0, rr1 = _resample_axis(node, 0, out.r0, out.r1, h)
+    ci0, ci1, cr0, cr1 = _resample_axis(node, 1, out.c0, out.c1, w)
+    return Region(ri0, ri1, ci0, ci1), (rr0 - out.r0, cr0 - out.c0, out.r1 - rr1, out.c1 - cr1)
 
 
 def window_attrs(
@@ -127,6 +238,13 @@ def node_macs(node, graph, out: Region) -> int:
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
         ishape = graph.shapes[node.inputs[0]]
         return int(ishape[1]) * int(ishape[2]) * int(ishape[3])
+    if op == "ConvTranspose":
+        cin, cout_g, kh, kw = graph.weights[node.params[0]].shape
+        return resample_rule(node, graph, out)[0].area * int(cin) * int(cout_g) * int(kh) * int(kw)
+    if op == "LRN":
+        return out.area * int(oshape[1]) * (int(node.attrs["size"]) + 3)
+    if op in ("Gather", "Pad", "DepthToSpace", "SpaceToDepth"):
+        return 0
     if op in ("Gemm", "MatMul"):
         if node.params:
             w = graph.weights[node.params[0]]
@@ -160,8 +278,16 @@ def node_input_needs(
             raise ValueError(f"{node.name}: output {out} reads only padding")
         tile_pads = (got.r0 - want.r0, got.c0 - want.c0, want.r1 - got.r1, want.c1 - got.c1)
         return (got,), tile_pads
-    if op in GLOBAL_OPS:
+    if is_global(node, graph):
         return tuple(Region.full(*plane(s)) for s in in_shapes), None
+    if op in RESAMPLING_OPS:
+        want, adj = resample_rule(node, graph, out)
+        if not clip:
+            return (want,), None
+        return (want,), adj
+    if op == "SpaceToDepth":
+        bs = int(node.attrs["blocksize"])
+        return (Region(out.r0 * bs, out.r1 * bs, out.c0 * bs, out.c1 * bs),), None
     if op in ELEMENTWISE_OPS or op == "Concat":
         if op == "Concat" and is_spatial(graph.shapes[node.output]):
             axis = int(node.attrs.get("axis", 1))
@@ -280,7 +406,7 @@ def make_segments(graph, cuts) -> list[Segment]:
 def segment_is_spatial(graph, seg: Segment) -> bool:
     """True if the segment can be tiled: no global op and all its outputs are NCHW."""
     by_name = {n.name: n for n in graph.nodes}
-    return all(by_name[n].op not in GLOBAL_OPS for n in seg.nodes) and all(
+    return all(not is_global(by_name[n], graph) for n in seg.nodes) and all(
         is_spatial(graph.shapes[t]) for t in seg.outputs
     )
 

@@ -34,11 +34,27 @@ SUPPORTED_OPS = frozenset(
     {
         "Conv", "Clip", "Relu", "Add", "Mul", "Sub", "Div", "Sigmoid", "HardSwish", "MaxPool",
         "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
+        # activations and channel-local ops
+        "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Exp",
+        "PRelu", "Softmax", "LogSoftmax", "LRN", "Gather", "Sum", "Max", "Min", "Mean", "GlobalMaxPool",
+        # resampling ops: their per-tile `pads` adjust the raw output (see kernels)
+        "Pad", "Resize", "ConvTranspose", "DepthToSpace", "SpaceToDepth",
     }
 )
 # Ops the importer removes or rewrites; they never appear in a Graph.
 _ELIDED_OPS = frozenset({"Identity", "Dropout", "Constant", "BatchNormalization"})
+# Layout ops: folded into the Reshape or channel Gather (channel shuffle) their chain amounts to.
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+# Rewritten: Upsample -> Resize, ReduceMean/ReduceMax over H and W -> GlobalAveragePool/GlobalMaxPool.
+_REWRITTEN_OPS = frozenset({"Upsample", "ReduceMean", "ReduceMax"})
+_IMPORTABLE_OPS = SUPPORTED_OPS | _ELIDED_OPS | _LAYOUT_OPS | _REWRITTEN_OPS
 _BINARY_OPS = ("Add", "Mul", "Sub", "Div")
+_NARY_OPS = ("Sum", "Max", "Min", "Mean")
+_ACTIVATION_ATTRS = {
+    "LeakyRelu": {"alpha": 0.01}, "Elu": {"alpha": 1.0}, "HardSigmoid": {"alpha": 0.2, "beta": 0.5},
+    "Selu": {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875},
+    "Tanh": {}, "Softplus": {}, "Softsign": {}, "Abs": {}, "Neg": {}, "Exp": {},
+}
 
 COMPACT_FORMAT = "tilemesh-compact"
 COMPACT_VERSION = 1
@@ -123,7 +139,12 @@ def node_flops(graph: Graph, node: Node) -> int:
         a = graph.shapes[node.inputs[0]]
         k = a[-2] if node.op == "Gemm" and node.attrs.get("transA") else a[-1]
         return 2 * size * k
-    if node.op in ("Flatten", "Reshape", "Concat"):
+    if node.op == "ConvTranspose":
+        cin, cout_g, kh, kw = graph.weights[node.params[0]].shape
+        return 2 * math.prod(graph.shapes[node.inputs[0]]) * cout_g * kh * kw
+    if node.op == "LRN":
+        return size * (int(node.attrs["size"]) + 3)
+    if node.op in ("Flatten", "Reshape", "Concat", "Gather", "Pad", "DepthToSpace", "SpaceToDepth"):
         return 0
     return size
 
@@ -143,25 +164,26 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model))
     for i, n in enumerate(model.graph.node):
-        if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS | _ELIDED_OPS:
-            raise UnsupportedOpError(n.op_type if not n.domain else f"{n.domain}.{n.op_type}",
-                                     n.name or f"{n.op_type}_{i}")
+        if n.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"{n.domain}.{n.op_type}", n.name or f"{n.op_type}_{i}")
     model = _fix_input_shape(model, input_shape)
     model = shape_inference.infer_shapes(model)
     g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
     consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = _constant_value(n)
+    shapes_onnx = {vi.name: _static_shape(vi) for vi in [*g.input, *g.value_info, *g.output]}
+    folded = _fold_constants(model, consts, shapes_onnx)
+    for i, n in enumerate(g.node):
+        if i not in folded and n.op_type not in _IMPORTABLE_OPS:
+            raise UnsupportedOpError(n.op_type, n.name or f"{n.op_type}_{i}")
     inputs = [vi for vi in g.input if vi.name not in consts]
     if len(inputs) != 1:
         raise ValueError(f"expected one graph input, got {[vi.name for vi in inputs]}")
     if len(g.output) != 1:
         raise ValueError(f"expected one graph output, got {[o.name for o in g.output]}")
-    shapes_onnx = {vi.name: _static_shape(vi) for vi in [*g.input, *g.value_info, *g.output]}
 
-    b = _Builder(consts, inputs[0].name)
+    b = _Builder(consts, inputs[0].name, opset)
     uses: dict[str, int] = {}
     for n in g.node:
         for t in n.input:
@@ -170,22 +192,23 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
 
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
-        if n.op_type == "Constant":
+        if i in folded:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         for extra in n.output[1:]:
             if extra and uses.get(extra):
                 raise UnsupportedOpError(n.op_type, name, f"its second output {extra!r} is used")
         b.add(n.op_type, name, list(n.input), n.output[0], attrs, shapes_onnx, uses)
 
     graph_in = inputs[0].name
-    graph_out = b.resolve(g.output[0].name)
+    graph_out = b.materialize(b.resolve(g.output[0].name), shapes_onnx)
     shape = shapes_onnx.get(graph_in)
     if shape is None or len(shape) not in (2, 4) or shape[0] != 1:
         raise ValueError(f"graph input must have batch 1 and a static 2D or 4D shape, got {shape}")
     shapes = {graph_in: shape}
     for node in b.nodes:
-        shapes[node.output] = shapes_onnx.get(node.output)
+        shapes[node.output] = b.shapes.get(node.output) or shapes_onnx.get(node.output)
     graph = Graph(b.nodes, graph_in, graph_out, shapes, b.weights)
     if any(s is None for s in shapes.values()):
         _fill_shapes_by_running(graph)
@@ -193,6 +216,45 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
         if s[0] != 1:
             raise ValueError(f"tensor {t!r} has batch {s[0]}; only batch 1 is supported")
     return graph
+
+
+def _fold_constants(model, consts: dict, shapes: dict) -> set[int]:
+    """Evaluate nodes whose inputs are all constants (shape arithmetic: Shape of a static tensor, Gather,
+    Concat, Unsqueeze, Cast, ...) with onnx's reference evaluator; their outputs join `consts`.
+
+    Returns the indices of the folded nodes. Constant nodes are always folded.
+    """
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    done: set[int] = set()
+    for i, n in enumerate(model.graph.node):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if n.op_type == "Constant":
+            consts[n.output[0]] = _constant_value(n)
+            done.add(i)
+            continue
+        if n.op_type == "Shape" and shapes.get(n.input[0]) is not None and not n.attribute:
+            consts[n.output[0]] = np.asarray(shapes[n.input[0]], np.int64)
+            done.add(i)
+            continue
+        if not n.input or any(t and t not in consts for t in n.input) or n.op_type in ("Identity", "Dropout"):
+            continue
+        try:
+            ins = [t for t in n.input if t]
+            sub = helper.make_model(
+                helper.make_graph([n], "fold", [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(
+                    consts[t].dtype), consts[t].shape) for t in ins], [helper.make_value_info(o, helper.TypeProto())
+                                                                       for o in n.output]),
+                opset_imports=model.opset_import)
+            outs = ReferenceEvaluator(sub).run(None, {t: consts[t] for t in ins})
+        except Exception:  # noqa: BLE001 - not foldable: the importer then names the op if it cannot run it
+            continue
+        for o, v in zip(n.output, outs, strict=False):
+            consts[o] = np.asarray(v)
+        done.add(i)
+    return done
 
 
 def _fix_input_shape(model, input_shape):
@@ -272,13 +334,98 @@ def _explicit_pads(auto_pad, pads, in_hw, kernel, strides, dilations) -> tuple[i
 class _Builder:
     """Accumulates normalized nodes and weights while walking the ONNX nodes in order."""
 
-    def __init__(self, consts: dict[str, np.ndarray], graph_input: str):
+    def __init__(self, consts: dict[str, np.ndarray], graph_input: str, opset: int = 17):
         self.consts = consts
         self.graph_input = graph_input
+        self.opset = opset
         self.nodes: list[Node] = []
         self.weights: dict[str, np.ndarray] = {}
         self.alias: dict[str, str] = {}
         self.names: set[str] = set()
+        self.shapes: dict[str, tuple[int, ...]] = {}  # shapes of tensors the importer names itself
+        # Pending layout chains: tensor -> (source tensor, int array of the tensor's shape indexing the
+        # source's flat elements, (op, node) of the chain's last layout node). See `materialize`.
+        self.views: dict[str, tuple[str, np.ndarray, tuple[str, str]]] = {}
+
+    def shape_of(self, t: str, shapes) -> tuple[int, ...] | None:
+        if t in self.views:
+            return tuple(self.views[t][1].shape)
+        return self.shapes.get(t) or shapes.get(t)
+
+    def materialize(self, t: str, shapes) -> str:
+        """Turn a pending layout chain ending in `t` into IR nodes: nothing (identity), a Reshape, or a
+        channel Gather (a channel shuffle); anything that moves data across positions is refused."""
+        if t not in self.views:
+            return t
+        src, idx, (op, name) = self.views.pop(t)
+        src_shape = self.shape_of(src, shapes)
+        flat = idx.reshape(-1)
+        if tuple(idx.shape) == tuple(src_shape) and np.array_equal(flat, np.arange(flat.size)):
+            self.alias[t] = src
+            return src
+        if len(idx.shape) not in (2, 4):
+            raise UnsupportedOpError(op, name, f"output rank {len(idx.shape)}; only 2D and 4D tensors")
+        if np.array_equal(flat, np.arange(flat.size)):
+            self.emit(Node(name, "Reshape", (src,), t, {"shape": tuple(int(d) for d in idx.shape)}))
+        elif len(src_shape) == 4 and len(idx.shape) == 4 and tuple(idx.shape[2:]) == tuple(src_shape[2:]):
+            hw = src_shape[2] * src_shape[3]
+            perm = idx[0, :, 0, 0] // hw
+            want = perm[:, None, None] * hw + np.arange(hw).reshape(src_shape[2:])
+            if not np.array_equal(idx[0], want):
+                raise UnsupportedOpError(op, name, "moves data across spatial positions")
+            self.emit(Node(name, "Gather", (src,), t, {"axis": 1, "indices": tuple(int(c) for c in perm)}))
+        else:
+            raise UnsupportedOpError(op, name, "a layout change that is neither a reshape nor a channel permutation")
+        self.shapes[t] = tuple(int(d) for d in idx.shape)
+        return t
+
+    def _layout(self, op, name, ins, out, attrs, shapes):
+        x = ins[0]
+        if x in self.consts:  # constant folding missed it (e.g. an unusual dtype): do it with numpy
+            src, idx = None, self.consts[x]
+        else:
+            src_shape = self.shape_of(x, shapes)
+            if src_shape is None:
+                raise UnsupportedOpError(op, name, f"input {x!r} has no static shape")
+            if x in self.views:
+                src, idx, _ = self.views[x]
+            else:
+                src, idx = x, np.arange(math.prod(src_shape)).reshape(src_shape)
+        if op == "Transpose":
+            perm = attrs.get("perm")
+            y = idx.transpose(tuple(perm) if perm is not None else None)
+        elif op == "Flatten":
+            axis = int(attrs.get("axis", 1))
+            axis += idx.ndim if axis < 0 else 0
+            y = idx.reshape(math.prod(idx.shape[:axis]), -1)
+        else:
+            target = shapes.get(out)
+            if op == "Reshape" and self.const(ins[1]) is not None:
+                spec = [int(v) for v in self.const(ins[1]).reshape(-1)]
+                if not attrs.get("allowzero", 0):
+                    spec = [idx.shape[i] if v == 0 else v for i, v in enumerate(spec)]
+                target = spec
+            elif op in ("Squeeze", "Unsqueeze"):
+                axes = attrs.get("axes")
+                if axes is None and len(ins) > 1 and ins[1]:
+                    if self.const(ins[1]) is None:
+                        raise UnsupportedOpError(op, name, "axes must be a constant")
+                    axes = [int(v) for v in self.const(ins[1]).reshape(-1)]
+                if op == "Squeeze":
+                    axes = [a + idx.ndim for a in axes] if axes is not None else None
+                    y0 = np.squeeze(idx, axis=tuple(a % idx.ndim for a in axes) if axes is not None else None)
+                    target = y0.shape
+                else:
+                    rank = idx.ndim + len(axes)
+                    y0 = np.expand_dims(idx, tuple(sorted(a % rank for a in axes)))
+                    target = y0.shape
+            if target is None:
+                raise UnsupportedOpError(op, name, "the target shape must be static")
+            y = idx.reshape(tuple(int(d) for d in target))
+        if src is None:
+            self.consts[out] = np.ascontiguousarray(y)
+        else:
+            self.views[out] = (src, y, (op, name))
 
     def resolve(self, t: str) -> str:
         while t in self.alias:
@@ -305,22 +452,29 @@ class _Builder:
         self.nodes.append(replace(node, name=name) if name != node.name else node)
 
     def add(self, op, name, ins, out, attrs, shapes, uses):
-        if op not in SUPPORTED_OPS and op not in _ELIDED_OPS:
+        if op not in _IMPORTABLE_OPS:
             raise UnsupportedOpError(op, name)
         ins = [self.resolve(t) if t else t for t in ins]
         if op in ("Identity", "Dropout"):
             self.alias[out] = ins[0]
             return
+        if op in _LAYOUT_OPS and not (op in ("Flatten", "Reshape") and ins[0] not in self.views
+                                      and self._plain_reshape_ok(op, ins, out, shapes)):
+            self._layout(op, name, ins, out, attrs, shapes)
+            return
+        ins = [self.materialize(t, shapes) if t else t for t in ins]
         if op == "BatchNormalization":
             self._batch_norm(name, ins, out, attrs, shapes, uses)
             return
 
         acts = [t for t in ins if t and t not in self.consts]
         for t in acts:
-            s = shapes.get(t)
+            s = self.shape_of(t, shapes)
             if s is not None and len(s) not in (2, 4):
                 raise UnsupportedOpError(op, name, f"input {t!r} has rank {len(s)}; only 2D and 4D tensors")
-        in_shape = shapes.get(acts[0]) if acts else None
+        in_shape = self.shape_of(acts[0], shapes) if acts else None
+        if not acts:
+            raise UnsupportedOpError(op, name, "every input is a constant")
 
         if op == "Conv":
             w = self.const(ins[1])
@@ -337,6 +491,8 @@ class _Builder:
                  "group": int(attrs.get("group", 1))}
             self.emit(Node(name, op, (ins[0],), out, a, (wk, bk)))
         elif op in ("MaxPool", "AveragePool"):
+            if len(in_shape) != 4:
+                raise UnsupportedOpError(op, name, "only 2D pooling of 4D tensors")
             kernel = _pair(attrs["kernel_shape"], 1)
             strides = _pair(attrs.get("strides"), 1)
             dil = _pair(attrs.get("dilations"), 1)
@@ -360,20 +516,95 @@ class _Builder:
                     else:
                         hi = c
             self.emit(Node(name, op, (ins[0],), out, {"min": float(lo), "max": float(hi)}))
-        elif op in ("Relu", "Sigmoid", "HardSwish", "GlobalAveragePool"):
+        elif op in ("Relu", "Sigmoid", "HardSwish", "GlobalAveragePool", "GlobalMaxPool"):
+            if op.startswith("Global") and len(in_shape) != 4:
+                raise UnsupportedOpError(op, name, "only on 4D tensors")
             self.emit(Node(name, op, (ins[0],), out, {}))
+        elif op in _ACTIVATION_ATTRS:
+            a = {k: float(attrs.get(k, v)) for k, v in _ACTIVATION_ATTRS[op].items()}
+            self.emit(Node(name, op, (ins[0],), out, a))
         elif op in _BINARY_OPS or op == "MatMul":
             cidx = [i for i, t in enumerate(ins[:2]) if t in self.consts]
-            if len(cidx) == 2:
-                raise UnsupportedOpError(op, name, "both operands are constants")
             if not cidx:
                 self.emit(Node(name, op, (ins[0], ins[1]), out, {}))
             else:
                 c = cidx[0]
                 if op == "MatMul" and c != 1:
                     raise UnsupportedOpError(op, name, "a constant first operand")
+                if op != "MatMul":
+                    self._check_broadcast(op, name, self.consts[ins[c]], in_shape)
                 key = self.weight(ins[c], self.consts[ins[c]])
                 self.emit(Node(name, op, (ins[1 - c],), out, {"const_index": c}, (key,)))
+        elif op in _NARY_OPS:
+            pos = tuple(i for i, t in enumerate(ins) if t in self.consts)
+            for i in pos:
+                self._check_broadcast(op, name, self.consts[ins[i]], in_shape)
+            params = tuple(self.weight(ins[i], self.consts[ins[i]]) for i in pos)
+            a = {"const_positions": pos} if pos else {}
+            self.emit(Node(name, op, tuple(t for t in ins if t not in self.consts), out, a, params))
+        elif op == "PRelu":
+            slope = self.const(ins[1])
+            if slope is None:
+                raise UnsupportedOpError(op, name, "the slope must be a constant")
+            self._check_broadcast(op, name, slope, in_shape)
+            self.emit(Node(name, op, (ins[0],), out, {}, (self.weight(ins[1], slope),)))
+        elif op in ("Softmax", "LogSoftmax"):
+            rank = len(in_shape)
+            legacy = self.opset < 13
+            axis = int(attrs.get("axis", 1 if legacy else -1))
+            axis = axis + rank if axis < 0 else axis
+            if legacy and axis == rank - 1:
+                legacy = False
+            a = {"axis": axis}
+            if legacy:
+                a["legacy"] = True
+            self.emit(Node(name, op, (ins[0],), out, a))
+        elif op == "LRN":
+            if len(in_shape) != 4:
+                raise UnsupportedOpError(op, name, "only on 4D tensors")
+            a = {"size": int(attrs["size"]), "alpha": float(attrs.get("alpha", 1e-4)),
+                 "beta": float(attrs.get("beta", 0.75)), "bias": float(attrs.get("bias", 1.0))}
+            self.emit(Node(name, op, (ins[0],), out, a))
+        elif op == "Gather":
+            idx = self.const(ins[1])
+            axis = int(attrs.get("axis", 0))
+            axis += len(in_shape) if axis < 0 else 0
+            if len(in_shape) != 4 or axis != 1 or idx is None or idx.ndim != 1:
+                raise UnsupportedOpError(op, name, "only a constant 1-D channel selection (axis 1) of a 4D tensor")
+            c = in_shape[1]
+            self.emit(Node(name, op, (ins[0],), out, {"axis": 1, "indices": tuple(int(i) % c for i in idx)}))
+        elif op in ("ReduceMean", "ReduceMax"):
+            axes = attrs.get("axes")
+            if axes is None and len(ins) > 1 and ins[1]:
+                if self.const(ins[1]) is None:
+                    raise UnsupportedOpError(op, name, "axes must be a constant")
+                axes = [int(v) for v in self.const(ins[1]).reshape(-1)]
+            rank = len(in_shape)
+            axes = sorted(a % rank for a in axes) if axes else list(range(rank))
+            if rank != 4 or axes != [2, 3]:
+                raise UnsupportedOpError(op, name, f"only over H and W (axes 2, 3) of a 4D tensor, got {axes}")
+            gop = "GlobalAveragePool" if op == "ReduceMean" else "GlobalMaxPool"
+            pooled = out if attrs.get("keepdims", 1) else f"{out}.pooled"
+            self.emit(Node(name, gop, (ins[0],), pooled, {}))
+            self.shapes[pooled] = (1, in_shape[1], 1, 1)
+            if pooled != out:
+                self.views[out] = (pooled, np.arange(in_shape[1]).reshape(1, in_shape[1]), (op, name))
+        elif op == "Pad":
+            self._pad(name, ins, out, attrs, in_shape)
+        elif op in ("Resize", "Upsample"):
+            self._resize(op, name, ins, out, attrs, in_shape, shapes)
+        elif op == "ConvTranspose":
+            self._conv_transpose(name, ins, out, attrs, in_shape, shapes)
+        elif op in ("DepthToSpace", "SpaceToDepth"):
+            bs = int(attrs["blocksize"])
+            if len(in_shape) != 4:
+                raise UnsupportedOpError(op, name, "only on 4D tensors")
+            if op == "SpaceToDepth" and (in_shape[2] % bs or in_shape[3] % bs):
+                raise UnsupportedOpError(op, name, f"H and W of {in_shape} must be multiples of {bs}")
+            a = {"blocksize": bs, "mode": attrs.get("mode", "DCR")}
+            if op == "DepthToSpace":
+                a["pads"] = (0, 0, 0, 0)
+            self.emit(Node(name, op, (ins[0],), out, a))
         elif op == "Gemm":
             bw = self.const(ins[1])
             if bw is None:
@@ -391,8 +622,6 @@ class _Builder:
             axis = int(attrs.get("axis", 1))
             self.emit(Node(name, op, (ins[0],), out, {"axis": axis + len(in_shape) if axis < 0 else axis}))
         elif op == "Reshape":
-            if self.const(ins[1]) is None or shapes.get(out) is None:
-                raise UnsupportedOpError(op, name, "the target shape must be a constant")
             self.emit(Node(name, op, (ins[0],), out, {"shape": tuple(shapes[out])}))
         elif op == "Concat":
             if any(t in self.consts for t in ins):
@@ -400,8 +629,140 @@ class _Builder:
             axis = int(attrs["axis"])
             rank = len(shapes[out]) if shapes.get(out) else len(in_shape)
             self.emit(Node(name, op, tuple(ins), out, {"axis": axis + rank if axis < 0 else axis}))
-        else:  # pragma: no cover - SUPPORTED_OPS and this chain must list the same ops
+        else:  # pragma: no cover - _IMPORTABLE_OPS and this chain must list the same ops
             raise UnsupportedOpError(op, name)
+
+    def _plain_reshape_ok(self, op, ins, out, shapes) -> bool:
+        """Flatten/Reshape of a materialized tensor to rank 2 or 4: the IR's own Flatten/Reshape (as before)."""
+        x, o = self.shape_of(ins[0], shapes), shapes.get(out)
+        if x is None or o is None or len(o) not in (2, 4) or len(x) not in (2, 4) or ins[0] in self.consts:
+            return False
+        if op == "Reshape" and (self.const(ins[1]) is None or tuple(o) == tuple(x)):
+            return False
+        return not (len(o) == 4 and len(x) == 4)  # 4D -> 4D may be a shuffle step: let the view decide
+
+    @staticmethod
+    def _check_broadcast(op, name, c: np.ndarray, in_shape) -> None:
+        """A constant operand must not vary over H or W of a 4D activation (tiles would misalign it)."""
+        if in_shape is not None and len(in_shape) == 4 and c.ndim >= 2:
+            hw = (1,) * max(0, 4 - c.ndim) + tuple(c.shape)
+            if hw[-2] > 1 or hw[-1] > 1:
+                raise UnsupportedOpError(op, name, f"a constant of shape {c.shape} varying over H or W")
+
+    def _pad(self, name, ins, out, attrs, in_shape):
+        mode = attrs.get("mode", "constant")
+        if self.opset < 11:
+            pads, value = attrs.get("pads"), float(attrs.get("value", 0.0))
+        else:
+            pads = self.const(ins[1]) if len(ins) > 1 else None
+            value = self.const(ins[2]) if len(ins) > 2 and ins[2] else None
+            if (len(ins) > 1 and pads is None) or (len(ins) > 2 and ins[2] and value is None):
+                raise UnsupportedOpError("Pad", name, "pads and value must be constants")
+            value = float(value.reshape(-1)[0]) if value is not None else 0.0
+            if len(ins) > 3 and ins[3]:
+                axes = self.const(ins[3])
+                if axes is None:
+                    raise UnsupportedOpError("Pad", name, "axes must be a constant")
+                full = [0] * (2 * len(in_shape))
+                axes = [int(a) % len(in_shape) for a in axes.reshape(-1)]
+                for k, ax in enumerate(axes):
+                    full[ax] = int(pads[k])
+                    full[ax + len(in_shape)] = int(pads[k + len(axes)])
+                pads = full
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        rank = len(in_shape)
+        if mode not in ("constant", "reflect", "edge"):
+            raise UnsupportedOpError("Pad", name, f"mode {mode!r}")
+        if rank != 4 or len(pads) != 8:
+            raise UnsupportedOpError("Pad", name, "only on 4D tensors")
+        if min(pads) < 0 or pads[0] or pads[4] or (mode != "constant" and (pads[1] or pads[5])):
+            raise UnsupportedOpError("Pad", name, f"pads {pads}: negative, on the batch, or non-constant on channels")
+        if mode == "reflect" and (max(pads[2], pads[6]) >= in_shape[2] or max(pads[3], pads[7]) >= in_shape[3]):
+            raise UnsupportedOpError("Pad", name, f"reflect pads {pads} not smaller than the input {in_shape}")
+        a = {"pads": (pads[2], pads[3], pads[6], pads[7]), "mode": mode, "value": value,
+             "channel_pads": (pads[1], pads[5])}
+        self.emit(Node(name, "Pad", (ins[0],), out, a))
+
+    def _resize(self, op, name, ins, out, attrs, in_shape, shapes):
+        if len(in_shape) != 4:
+            raise UnsupportedOpError(op, name, "only on 4D tensors")
+        mode = attrs.get("mode", "nearest")
+        if mode not in ("nearest", "linear", "bilinear"):
+            raise UnsupportedOpError(op, name, f"mode {mode!r}")
+        mode = "linear" if mode == "bilinear" else mode
+        scales = sizes = None
+        if op == "Upsample" or self.opset < 11:
+            scales = attrs.get("scales") if "scales" in attrs else self.const(ins[1] if len(ins) > 1 else "")
+            if scales is None:
+                raise UnsupportedOpError(op, name, "scales must be constants")
+            ct, nm = "asymmetric", "floor"
+        else:
+            for k in ("antialias", "exclude_outside"):
+                if attrs.get(k, 0):
+                    raise UnsupportedOpError(op, name, f"{k}={attrs[k]}")
+            if attrs.get("axes") is not None or attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+                raise UnsupportedOpError(op, name, "axes / keep_aspect_ratio_policy")
+            ct = attrs.get("coordinate_transformation_mode", "half_pixel")
+            nm = attrs.get("nearest_mode", "round_prefer_floor")
+            if ct not in ("half_pixel", "pytorch_half_pixel", "asymmetric", "tf_half_pixel_for_nn", "align_corners"):
+                raise UnsupportedOpError(op, name, f"coordinate_transformation_mode {ct!r}")
+            sc = self.const(ins[2]) if len(ins) > 2 and ins[2] else None
+            sz = self.const(ins[3]) if len(ins) > 3 and ins[3] else None
+            if (len(ins) > 2 and ins[2] and sc is None) or (len(ins) > 3 and ins[3] and sz is None):
+                raise UnsupportedOpError(op, name, "scales and sizes must be constants")
+            scales = sc if sc is not None and sc.size else None
+            sizes = sz if sz is not None and sz.size else None
+        if scales is not None:
+            scales = [float(v) for v in np.asarray(scales).reshape(-1)]
+            if len(scales) != 4 or scales[:2] != [1.0, 1.0]:
+                raise UnsupportedOpError(op, name, f"scales {scales}: only H and W may be resized")
+            out_hw = tuple(int(math.floor(n * sc)) for n, sc in zip(in_shape[2:], scales[2:], strict=True))
+            sc_hw = tuple(scales[2:])
+        elif sizes is not None:
+            sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+            if len(sizes) != 4 or tuple(sizes[:2]) != tuple(in_shape[:2]):
+                raise UnsupportedOpError(op, name, f"sizes {sizes}: only H and W may be resized")
+            out_hw = tuple(sizes[2:])
+            sc_hw = tuple(o / n for o, n in zip(out_hw, in_shape[2:], strict=True))
+        else:
+            raise UnsupportedOpError(op, name, "neither scales nor sizes")
+        a = {"mode": mode, "coordinate_transformation_mode": ct, "nearest_mode": nm, "scales": sc_hw,
+             "sizes": out_hw, "in_size": tuple(in_shape[2:]), "pads": (0, 0, 0, 0)}
+        self.shapes[out] = (*in_shape[:2], *out_hw)
+        self.emit(Node(name, "Resize", (ins[0],), out, a))
+
+    def _conv_transpose(self, name, ins, out, attrs, in_shape, shapes):
+        w = self.const(ins[1])
+        if w is None or w.ndim != 4 or len(in_shape) != 4:
+            raise UnsupportedOpError("ConvTranspose", name, "weights must be a constant 4D tensor (2D)")
+        group = int(attrs.get("group", 1))
+        k = (int(w.shape[2]), int(w.shape[3]))
+        s, d = _pair(attrs.get("strides"), 1), _pair(attrs.get("dilations"), 1)
+        op_ = _pair(attrs.get("output_padding"), 0)
+        raw = [(n - 1) * st + (kk - 1) * dd + 1 for n, st, kk, dd in zip(in_shape[2:], s, k, d, strict=True)]
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if attrs.get("output_shape") is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            if attrs.get("output_shape") is not None:
+                want = [int(v) for v in attrs["output_shape"]][-2:]
+            else:
+                want = [n * st for n, st in zip(in_shape[2:], s, strict=True)]
+            begin = []
+            for r, o, p in zip(raw, want, op_, strict=True):
+                total = r + p - o
+                begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+            out_hw = want
+        else:
+            p = (0, 0, 0, 0) if auto_pad == "VALID" else tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0)))
+            begin = [p[0], p[1]]
+            out_hw = [r + o - p[i] - p[i + 2] for i, (r, o) in enumerate(zip(raw, op_, strict=True))]
+        adj = (-begin[0], -begin[1], out_hw[0] - (raw[0] - begin[0]), out_hw[1] - (raw[1] - begin[1]))
+        cout = w.shape[1] * group
+        bias = self.const(ins[2]) if len(ins) > 2 and ins[2] else np.zeros(cout, np.float32)
+        wk = self.weight(ins[1], w)
+        bk = self.weight(ins[2], bias) if len(ins) > 2 and ins[2] else self.weight(f"{name}.B", bias)
+        a = {"kernel": k, "strides": s, "dilations": d, "group": group, "pads": adj}
+        self.shapes[out] = (1, cout, *out_hw)
+        self.emit(Node(name, "ConvTranspose", (ins[0],), out, a, (wk, bk)))
 
     def _ceil_pads(self, op, name, pads, in_shape, out_shape, kernel, strides, dil):
         """Extra bottom/right padding that reproduces ceil_mode's output size with floor arithmetic."""
@@ -442,9 +803,16 @@ class _Builder:
                 if k not in used:
                     self.weights.pop(k, None)
             return
-        in_shape = shapes.get(x)
+        in_shape = self.shape_of(x, shapes)
+        if in_shape is not None and len(in_shape) == 2:
+            mid = f"{out}.scaled"
+            self.emit(Node(f"{name}.scale", "Mul", (x,), mid, {"const_index": 1},
+                           (self.weight(f"{name}.scale", s),)))
+            self.shapes[mid] = tuple(in_shape)
+            self.emit(Node(name, "Add", (mid,), out, {"const_index": 1}, (self.weight(f"{name}.shift", shift),)))
+            return
         if in_shape is None or len(in_shape) != 4:
-            raise UnsupportedOpError("BatchNormalization", name, "only on 4D tensors or after a Conv")
+            raise UnsupportedOpError("BatchNormalization", name, "only on 2D or 4D tensors")
         c = in_shape[1]
         a = {"kernel": (1, 1), "strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": c}
         wk = self.weight(f"{name}.W", s.reshape(c, 1, 1, 1))
@@ -516,7 +884,31 @@ def to_onnx(graph: Graph, nodes: list[Node] | None = None, outputs: list[str] | 
             extra = {"axis": a["axis"]}
         elif op == "Reshape":
             ins.append(init(f"{n.name}.shape", np.asarray(a["shape"], np.int64)))
-        onodes.append(helper.make_node(op, ins, [n.output], name=n.name, **extra))
+        elif op in _ACTIVATION_ATTRS or op == "LRN":
+            extra = dict(a)
+        elif op in ("Softmax", "LogSoftmax"):
+            if a.get("legacy"):  # over every axis from `axis` on: flatten, normalize the last axis, restore
+                shape = input_shapes.get(ins[0], graph.shapes[ins[0]])
+                k = f"{n.name}.2d"
+                onodes.append(helper.make_node("Flatten", ins, [k], name=f"{k}.flatten", axis=a["axis"]))
+                onodes.append(helper.make_node(op, [k], [k + ".y"], name=n.name, axis=-1))
+                ins, op = [k + ".y", init(f"{n.name}.shape", np.asarray(shape, np.int64))], "Reshape"
+            else:
+                extra = {"axis": a["axis"]}
+        elif op == "PRelu":
+            ins.append(init(n.params[0], graph.weights[n.params[0]]))
+        elif op in _NARY_OPS:
+            for pos, key in zip(a.get("const_positions", ()), n.params, strict=True):
+                ins.insert(pos, init(key, graph.weights[key]))
+        elif op == "Gather":
+            ins.append(init(f"{n.name}.indices", np.asarray(a["indices"], np.int64)))
+            extra = {"axis": 1}
+        elif op == "SpaceToDepth":
+            extra = {"blocksize": a["blocksize"]}
+            if a.get("mode", "DCR") != "DCR":
+                extra["mode"] = a["mode"]
+        onodes += _export_resampling(n, ins, init, helper, graph, input_shapes) if op in _RESAMPLING_OPS else [
+            helper.make_node(op, ins, [n.output], name=n.name, **extra)]
 
     def vi(t, shape):
         return helper.make_tensor_value_info(t, TensorProto.FLOAT, list(shape))
@@ -532,6 +924,73 @@ def to_onnx(graph: Graph, nodes: list[Node] | None = None, outputs: list[str] | 
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+_RESAMPLING_OPS = frozenset({"Pad", "Resize", "ConvTranspose", "DepthToSpace"})
+
+
+def _export_resampling(n: Node, ins, init, helper, graph: Graph, input_shapes) -> list:
+    """ONNX nodes for an op whose attrs["pads"] adjusts its raw output (positive: add, negative: remove):
+    the op on the given input, then Pad (positive part) and Slice (negative part)."""
+    a = n.attrs
+    adj = [int(v) for v in a.get("pads", (0, 0, 0, 0))]
+    raw = f"{n.output}.raw"
+    x_shape = input_shapes.get(ins[0], graph.shapes[ins[0]])
+    out: list = []
+    mode, value = "constant", 0.0
+    if n.op == "Pad":
+        mode, value = a["mode"], a["value"]
+        c0, c1 = a.get("channel_pads", (0, 0))
+        if c0 or c1:
+            out.append(helper.make_node("Pad", [ins[0], init(f"{n.name}.cpads", np.int64([0, c0, 0, 0, 0, c1, 0, 0])),
+                                                init(f"{n.name}.value", np.float32(value))], [raw], name=f"{raw}.c"))
+        else:
+            raw = ins[0]
+    elif n.op == "Resize":
+        from .kernels import resize_out_len
+
+        hw = [resize_out_len(x_shape[2 + i], a["in_size"][i], a["sizes"][i], a["scales"][i]) for i in (0, 1)]
+        sizes = init(f"{n.name}.sizes.{hw[0]}x{hw[1]}", np.int64([*x_shape[:2], *hw]))
+        extra = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate_transformation_mode"]}
+        if a["mode"] == "nearest":
+            extra["nearest_mode"] = a["nearest_mode"]
+        integer = all(abs(sc - round(sc)) < 1e-9 for sc in a["scales"])
+        if integer:  # scales keep the coordinate mapping exact; sizes would recompute them from the tile
+            scales = init(f"{n.name}.scales", np.float32([1, 1, *a["scales"]]))
+            out.append(helper.make_node("Resize", [ins[0], "", scales], [raw], name=n.name, **extra))
+        else:
+            out.append(helper.make_node("Resize", [ins[0], "", "", sizes], [raw], name=n.name, **extra))
+    elif n.op == "ConvTranspose":
+        out.append(helper.make_node(
+            "ConvTranspose", [ins[0], init(n.params[0], graph.weights[n.params[0]])], [raw], name=n.name,
+            kernel_shape=a["kernel"], strides=a["strides"], dilations=a["dilations"], group=a["group"]))
+    else:  # DepthToSpace
+        out.append(helper.make_node("DepthToSpace", ins, [raw], name=n.name, blocksize=a["blocksize"],
+                                    mode=a["mode"]))
+    pos = [max(v, 0) for v in adj]
+    neg = [max(-v, 0) for v in adj]
+    cur = raw
+    if any(pos) or cur == ins[0]:
+        nxt = f"{n.output}.padded"
+        out.append(helper.make_node("Pad", [cur, init(f"{n.name}.pads.{'_'.join(map(str, pos))}", np.int64(
+            [0, 0, pos[0], pos[1], 0, 0, pos[2], pos[3]])), init(f"{n.name}.value", np.float32(value))], [nxt],
+            name=f"{n.name}.pad", mode=mode))
+        cur = nxt
+    if any(neg):
+        nxt = f"{n.output}.cropped"
+        big = np.iinfo(np.int64).max
+        out.append(helper.make_node("Slice", [
+            cur, init(f"{n.name}.starts.{neg[0]}_{neg[1]}", np.int64([neg[0], neg[1]])),
+            init(f"{n.name}.ends.{neg[2]}_{neg[3]}",
+                 np.int64([-neg[2] if neg[2] else big, -neg[3] if neg[3] else big])),
+            init(f"{n.name}.axes", np.int64([2, 3]))], [nxt], name=f"{n.name}.crop"))
+        cur = nxt
+    if n.op == "ConvTranspose":
+        bias = graph.weights[n.params[1]].reshape(-1, 1, 1)
+        out.append(helper.make_node("Add", [cur, init(f"{n.params[1]}.chw", bias)], [n.output], name=f"{n.name}.bias"))
+    else:
+        out.append(helper.make_node("Identity", [cur], [n.output], name=f"{n.name}.out"))
+    return out
 
 
 # --------------------------------------------------------------------------- compact form (numpy only)

@@ -435,6 +435,247 @@ def _binary(node, inputs, weights, pads, overwrite=()):
     return _BINARY[node.op](a, b)
 
 
+
+# --------------------------------------------------------------------------- more activations
+
+
+def _unary_fns():
+    f32 = _F32
+
+    def leaky_relu(x, a):
+        return np.where(x < 0, x * f32(a.get("alpha", 0.01)), x)
+
+    def elu(x, a):
+        al = f32(a.get("alpha", 1.0))
+        return np.where(x < 0, al * np.expm1(np.minimum(x, f32(0))), x)
+
+    def selu(x, a):
+        al, ga = f32(a.get("alpha", 1.67326319217681884765625)), f32(a.get("gamma", 1.05070102214813232421875))
+        return ga * np.where(x < 0, al * np.expm1(np.minimum(x, f32(0))), x)
+
+    def hard_sigmoid(x, a):
+        return np.clip(x * f32(a.get("alpha", 0.2)) + f32(a.get("beta", 0.5)), f32(0), f32(1))
+
+    def softplus(x, a):
+        return np.logaddexp(x, f32(0))
+
+    return {
+        "LeakyRelu": leaky_relu,
+        "Elu": elu,
+        "Selu": selu,
+        "HardSigmoid": hard_sigmoid,
+        "Tanh": lambda x, a: np.tanh(x),
+        "Softplus": softplus,
+        "Softsign": lambda x, a: x / (f32(1) + np.abs(x)),
+        "Abs": lambda x, a: np.abs(x),
+        "Neg": lambda x, a: np.negative(x),
+        "Exp": lambda x, a: np.exp(x),
+    }
+
+
+UNARY_OPS = _unary_fns()
+
+
+def _run_activation(node, inputs, weights, pads, overwrite=()):
+    return UNARY_OPS[node.op](inputs[0], node.attrs)
+
+
+def prelu(node, x, weights, pads=None):
+    slope = weights[node.params[0]]
+    return np.where(x < 0, x * slope, x)
+
+
+def _softmax(node, x, weights, pads=None, log=False):
+    """ONNX Softmax/LogSoftmax: over `axis` (opset >= 13), or over every axis from `axis` on (``legacy``)."""
+    axis = node.attrs.get("axis", -1)
+    axis = axis + x.ndim if axis < 0 else axis
+    axes = tuple(range(axis, x.ndim)) if node.attrs.get("legacy") else (axis,)
+    z = x - x.max(axis=axes, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=axes, keepdims=True, dtype=_F32)
+    return z - np.log(s) if log else e / s
+
+
+def lrn(node, x, weights, pads=None):
+    """Local response normalization across channels: x / (bias + alpha/size * sum of squares)^beta."""
+    a = node.attrs
+    size = int(a["size"])
+    c = x.shape[1]
+    sq = np.square(x, dtype=np.float64)
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    # Running sum over a zero-padded channel axis: window of channel i covers i-lo .. i+hi.
+    cs = np.cumsum(np.pad(sq, ((0, 0), (lo + 1, hi), (0, 0), (0, 0))), axis=1)
+    win = cs[:, size:size + c] - cs[:, :c]
+    scale = (a.get("bias", 1.0) + a.get("alpha", 1e-4) / size * win) ** a.get("beta", 0.75)
+    return (x / scale).astype(_F32)
+
+
+def gather_channels(node, x, weights, pads=None):
+    return x[:, np.asarray(node.attrs["indices"], dtype=np.intp)]
+
+
+def _nary(node, inputs, weights, pads, overwrite=()):
+    """Sum/Max/Min/Mean of any number of operands (activations and constants), with broadcasting."""
+    ops = list(inputs)
+    for pos, key in zip(node.attrs.get("const_positions", ()), node.params, strict=True):
+        ops.insert(pos, weights[key])
+    if not ops:
+        raise KernelError(f"{node.name}: {node.op} needs at least one operand")
+    fn = {"Sum": np.add, "Mean": np.add, "Max": np.maximum, "Min": np.minimum}[node.op]
+    acc = np.array(ops[0], dtype=_F32)
+    for o in ops[1:]:
+        acc = fn(acc, o)
+    if node.op == "Mean":
+        acc = acc / _F32(len(ops))
+    return acc
+
+
+def global_max_pool(node, x, weights, pads=None):
+    return x.max(axis=(2, 3), keepdims=True)
+
+
+# --------------------------------------------------------------------------- resampling ops
+#
+# Pad, Resize, ConvTranspose and DepthToSpace compute a "raw" output from whatever input tile they are
+# given (as if it were the whole tensor), then `pads` = (top, left, bottom, right) adjusts it to the wanted
+# region: a positive value adds that many rows/columns on that side (Pad: in the node's mode; the others:
+# zeros), a negative value removes them. For the whole tensor the node's own attrs["pads"] give the ONNX
+# result; `deps` computes each tile's adjustment (see deps._resample_rule).
+
+
+def _adjust(y: np.ndarray, adj, mode: str = "constant", value: float = 0.0) -> np.ndarray:
+    t, left, b, r = (int(v) for v in adj)
+    if max(t, left, b, r) > 0:
+        widths = ((0, 0), (0, 0), (max(t, 0), max(b, 0)), (max(left, 0), max(r, 0)))
+        if mode == "constant":
+            y = np.pad(y, widths, mode="constant", constant_values=value)
+        else:
+            y = np.pad(y, widths, mode=mode)
+    if min(t, left, b, r) < 0:
+        h, w = y.shape[2:]
+        y = y[:, :, max(-t, 0): h - max(-b, 0), max(-left, 0): w - max(-r, 0)]
+    return np.ascontiguousarray(y, dtype=_F32)
+
+
+def pad(node, x, weights, pads=None):
+    a = node.attrs
+    adj = a["pads"] if pads is None else pads
+    mode = a.get("mode", "constant")
+    if mode == "reflect" and any(p > 0 and p >= n for p, n in zip(adj, x.shape[2:] * 2, strict=True)):
+        raise KernelError(f"{node.name}: {mode} padding {tuple(adj)} needs more than the {x.shape[2:]} input")
+    c0, c1 = a.get("channel_pads", (0, 0))
+    if c0 or c1:
+        x = np.pad(x, ((0, 0), (c0, c1), (0, 0), (0, 0)), constant_values=a.get("value", 0.0))
+    return _adjust(x, adj, {"constant": "constant", "reflect": "reflect", "edge": "edge"}[mode],
+                   a.get("value", 0.0))
+
+
+def _resize_axis(n_in: int, n_out: int, scale: float, a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position along one axis: (low index, high index, weight of high) per ONNX Resize."""
+    y = np.arange(n_out, dtype=np.float64)
+    ct = a.get("coordinate_transformation_mode", "half_pixel")
+    if ct == "half_pixel":
+        x = (y + 0.5) / scale - 0.5
+    elif ct == "pytorch_half_pixel":
+        x = (y + 0.5) / scale - 0.5 if n_out > 1 else np.zeros_like(y)
+    elif ct == "asymmetric":
+        x = y / scale
+    elif ct == "tf_half_pixel_for_nn":
+        x = (y + 0.5) / scale
+    elif ct == "align_corners":  # ONNX's reference uses the unrounded resized length, n_in * scale
+        x = y * (n_in - 1) / (n_in * scale - 1) if n_out > 1 else np.zeros_like(y)
+    else:
+        raise KernelError(f"Resize coordinate_transformation_mode {ct!r}")
+    if a.get("mode", "nearest") == "nearest":
+        nm = a.get("nearest_mode", "round_prefer_floor")
+        idx = {"round_prefer_floor": lambda v: np.ceil(v - 0.5), "round_prefer_ceil": lambda v: np.floor(v + 0.5),
+               "floor": np.floor, "ceil": np.ceil}[nm](x)
+        idx = np.clip(idx, 0, n_in - 1).astype(np.intp)
+        return idx, idx, np.zeros(n_out)
+    x = np.clip(x, 0, n_in - 1)
+    lo = np.floor(x).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, x - lo
+
+
+def resize_out_len(n_in: int, n_full_in: int, n_full_out: int, scale: float) -> int:
+    """Raw output length of Resize on an input of length n_in: an integer scale maps each tile on its own,
+    any other scale only the whole axis (deps gives such a node the whole input)."""
+    s = round(scale)
+    if abs(scale - s) < 1e-9 and s >= 1:
+        return n_in * s
+    if n_in != n_full_in:
+        raise KernelError(f"Resize with scale {scale} runs on whole axes only, got {n_in} of {n_full_in}")
+    return n_full_out
+
+
+def resize(node, x, weights, pads=None):
+    a = node.attrs
+    _, _, h, w = x.shape
+    (fh, fw), (FH, FW), (sh, sw) = a["in_size"], a["sizes"], a["scales"]
+    oh, ow = resize_out_len(h, fh, FH, sh), resize_out_len(w, fw, FW, sw)
+    rl, rh, rw = _resize_axis(h, oh, sh, a)
+    cl, ch, cw = _resize_axis(w, ow, sw, a)
+    if a.get("mode", "nearest") == "nearest":
+        y = x[:, :, rl][:, :, :, cl]
+    else:
+        rw = rw.astype(_F32)[:, None]
+        cw = cw.astype(_F32)
+        top = x[:, :, rl][:, :, :, cl] * (1 - cw) + x[:, :, rl][:, :, :, ch] * cw
+        bot = x[:, :, rh][:, :, :, cl] * (1 - cw) + x[:, :, rh][:, :, :, ch] * cw
+        y = top * (1 - rw) + bot * rw
+    return _adjust(y, a["pads"] if pads is None else pads)
+
+
+def conv_transpose(node, x, weights, pads=None):
+    """Transposed convolution: every input pixel scatters its kernel-weighted values (weights (Cin, Cout/g,
+    kh, kw)); the raw output of n inputs has (n-1)*s + (k-1)*d + 1 rows, then the adjustment and bias."""
+    a = node.attrs
+    w = weights[node.params[0]]
+    b = weights[node.params[1]]
+    cin, cout_g, kh, kw = w.shape
+    group = int(a.get("group", 1))
+    (sh, sw), (dh, dw) = a["strides"], a["dilations"]
+    _, c, h, wd = x.shape
+    if c != cin or cin % group:
+        raise KernelError(f"{node.name}: input {x.shape} does not fit weights {w.shape} with group {group}")
+    cin_g = cin // group
+    rh, rw = (h - 1) * sh + (kh - 1) * dh + 1, (wd - 1) * sw + (kw - 1) * dw + 1
+    y = np.zeros((cout_g * group, rh, rw), dtype=_F32)
+    flat = x[0].reshape(cin, h * wd)
+    for g in range(group):
+        xs = np.ascontiguousarray(flat[g * cin_g:(g + 1) * cin_g])
+        for i in range(kh):
+            for j in range(kw):
+                tap = np.ascontiguousarray(w[g * cin_g:(g + 1) * cin_g, :, i, j].T)  # (Cout/g, Cin/g)
+                contrib = _dot(tap, xs).reshape(cout_g, h, wd)
+                y[g * cout_g:(g + 1) * cout_g, i * dh: i * dh + sh * (h - 1) + 1: sh,
+                  j * dw: j * dw + sw * (wd - 1) + 1: sw] += contrib
+    y = _adjust(y[None], a["pads"] if pads is None else pads)
+    y += b[None, :, None, None]
+    return y
+
+
+def depth_to_space(node, x, weights, pads=None):
+    a = node.attrs
+    bs = int(a["blocksize"])
+    _, c, h, w = x.shape
+    if a.get("mode", "DCR") == "DCR":
+        y = x.reshape(1, bs, bs, c // bs**2, h, w).transpose(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(1, c // bs**2, bs, bs, h, w).transpose(0, 1, 4, 2, 5, 3)
+    y = y.reshape(1, c // bs**2, h * bs, w * bs)
+    return _adjust(y, a.get("pads", (0, 0, 0, 0)) if pads is None else pads)
+
+
+def space_to_depth(node, x, weights, pads=None):
+    bs = int(node.attrs["blocksize"])
+    _, c, h, w = x.shape
+    y = x.reshape(1, c, h // bs, bs, w // bs, bs)
+    y = y.transpose(0, 3, 5, 1, 2, 4) if node.attrs.get("mode", "DCR") == "DCR" else y.transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(y.reshape(1, c * bs * bs, h // bs, w // bs))
+
+
 _KERNELS: dict[str, Callable] = {
     "Conv": _run_unary(conv),
     "MaxPool": _run_unary(max_pool),
@@ -455,6 +696,22 @@ _KERNELS: dict[str, Callable] = {
     ),
     "Reshape": lambda node, inputs, weights, pads, overwrite=(): inputs[0].reshape(node.attrs["shape"]),
     "Concat": lambda node, inputs, weights, pads, overwrite=(): np.concatenate(inputs, axis=node.attrs["axis"]),
+    **{op: _run_activation for op in UNARY_OPS},
+    "PRelu": _run_unary(prelu),
+    "Softmax": _run_unary(_softmax),
+    "LogSoftmax": lambda node, inputs, weights, pads, overwrite=(): _softmax(node, inputs[0], weights, log=True),
+    "LRN": _run_unary(lrn),
+    "Gather": _run_unary(gather_channels),
+    "Sum": _nary,
+    "Max": _nary,
+    "Min": _nary,
+    "Mean": _nary,
+    "GlobalMaxPool": _run_unary(global_max_pool),
+    "Pad": _run_unary(pad),
+    "Resize": _run_unary(resize),
+    "ConvTranspose": _run_unary(conv_transpose),
+    "DepthToSpace": _run_unary(depth_to_space),
+    "SpaceToDepth": _run_unary(space_to_depth),
 }
 
 SUPPORTED_OPS = frozenset(_KERNELS)

@@ -1,7 +1,9 @@
 """Tiled execution of fused segments must equal full inference.
 
 Random small CNNs (kernels 1/3/5, strides 1/2, dilation, grouped and depthwise convs, asymmetric
-padding, residual adds, concat, gating Mul, pools, optional classifier head) are cut at random node
+padding, residual adds, concat, gating Mul, pools, the activations and channel-local ops (PRelu, LRN,
+channel Softmax, channel shuffle, n-ary Sum/Max/Min), the resampling ops (Pad in three modes, Resize,
+ConvTranspose, DepthToSpace, SpaceToDepth), optional classifier head) are cut at random node
 indices and split among devices at random (uneven row bands, grids up to 3x3, gathers). Every device
 runs only its own tasks on only the pieces the transfer list brings it; the stitched output is compared
 with running every node whole, and with onnxruntime on the same graph exported to ONNX. The real
@@ -104,7 +106,9 @@ def random_cnn(draw, head=None):
     x = "x"
     for _ in range(draw(st.integers(2, 6))):
         _, c, h, w = b.shapes[x]
-        kind = draw(st.sampled_from(["conv", "conv", "dw", "res", "pool", "avg", "concat", "gate", "act"]))
+        kind = draw(st.sampled_from(["conv", "conv", "dw", "res", "pool", "avg", "concat", "gate", "act",
+                                     "act2", "lrn", "shuffle", "softmax", "nary", "pad", "resize", "convT",
+                                     "d2s", "s2d"]))
         if kind in ("conv", "dw"):
             k, s, p, d = draw(window(h, w))
             if kind == "dw":
@@ -137,6 +141,60 @@ def random_cnn(draw, head=None):
         elif kind == "gate":
             g = b.unary("Sigmoid", b.conv(x, c, (1, 1)))
             x = b.add("Mul", [x, g], b.shapes[x])
+        elif kind == "act2":
+            op = draw(st.sampled_from(["LeakyRelu", "Elu", "Tanh", "HardSigmoid", "Softplus", "PRelu"]))
+            attrs = {"LeakyRelu": {"alpha": 0.1}, "Elu": {"alpha": 0.8},
+                     "HardSigmoid": {"alpha": 0.2, "beta": 0.5}}.get(op, {})
+            params = ()
+            if op == "PRelu":
+                b.weights[f"slope{b.count}"] = b.rng.uniform(0, 0.5, (c, 1, 1)).astype(np.float32)
+                params = (f"slope{b.count}",)
+            x = b.add(op, [x], b.shapes[x], attrs, params)
+        elif kind == "lrn":
+            x = b.add("LRN", [x], b.shapes[x], {"size": draw(st.sampled_from([1, 3, 5])), "alpha": 0.01,
+                                                "beta": 0.75, "bias": 1.5})
+        elif kind == "shuffle":  # what a ShuffleNet Reshape/Transpose/Reshape chain imports as
+            perm = tuple(int(i) for i in b.rng.permutation(c))
+            x = b.add("Gather", [x], b.shapes[x], {"axis": 1, "indices": perm})
+        elif kind == "softmax":
+            x = b.add(draw(st.sampled_from(["Softmax", "LogSoftmax"])), [x], b.shapes[x], {"axis": 1})
+        elif kind == "nary":
+            ins = [x] + [b.conv(x, c, (1, 1)) for _ in range(draw(st.integers(1, 3)))]
+            x = b.add(draw(st.sampled_from(["Sum", "Max", "Min"])), ins, b.shapes[x])
+        elif kind == "pad":
+            mode = draw(st.sampled_from(["constant", "reflect", "edge"]))
+            lim = (h - 1, w - 1) if mode == "reflect" else (3, 3)
+            p = tuple(draw(st.integers(0, min(3, lim[i % 2]))) for i in range(4))
+            x = b.add("Pad", [x], (1, c, h + p[0] + p[2], w + p[1] + p[3]),
+                      {"pads": p, "mode": mode, "value": 0.5, "channel_pads": (0, 0)})
+        elif kind == "resize" and h * w <= 150:
+            s_h, s_w = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+            mode = draw(st.sampled_from(["nearest", "linear"]))
+            ct = draw(st.sampled_from(["half_pixel", "asymmetric", "pytorch_half_pixel"]))
+            x = b.add("Resize", [x], (1, c, h * s_h, w * s_w),
+                      {"mode": mode, "coordinate_transformation_mode": ct, "nearest_mode": "round_prefer_floor",
+                       "scales": (float(s_h), float(s_w)), "sizes": (h * s_h, w * s_w), "in_size": (h, w),
+                       "pads": (0, 0, 0, 0)})
+        elif kind == "convT" and h * w <= 150:
+            k, s = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+            p = draw(st.integers(0, k - 1))
+            op_ = draw(st.integers(0, s - 1))
+            cout = draw(st.integers(1, 3))
+            oh, ow = (h - 1) * s + k - 2 * p + op_, (w - 1) * s + k - 2 * p + op_
+            wname = f"wt{b.count}"
+            b.weights[wname] = (b.rng.standard_normal((c, cout, k, k)) / np.sqrt(c * k)).astype(np.float32)
+            b.weights[wname + "b"] = (0.1 * b.rng.standard_normal(cout)).astype(np.float32)
+            x = b.add("ConvTranspose", [x], (1, cout, oh, ow),
+                      {"kernel": (k, k), "strides": (s, s), "dilations": (1, 1), "group": 1,
+                       "pads": (-p, -p, op_ - p, op_ - p), "onnx_pads": p, "output_padding": op_},
+                      (wname, wname + "b"))
+        elif kind == "d2s":
+            x = b.conv(x, 4 * draw(st.integers(1, 2)), (1, 1))
+            _, c, h, w = b.shapes[x]
+            x = b.add("DepthToSpace", [x], (1, c // 4, 2 * h, 2 * w),
+                      {"blocksize": 2, "mode": draw(st.sampled_from(["DCR", "CRD"])), "pads": (0, 0, 0, 0)})
+        elif kind == "s2d" and h % 2 == 0 and w % 2 == 0:
+            x = b.add("SpaceToDepth", [x], (1, 4 * c, h // 2, w // 2), {"blocksize": 2, "mode": "DCR"})
         else:
             x = b.unary(draw(st.sampled_from(["Relu", "Clip", "HardSwish", "Sigmoid"])), x)
     if head if head is not None else draw(st.booleans()):
@@ -178,6 +236,29 @@ def to_onnx(b: _Builder):
                 kw["group"] = a["group"]
         elif n["op"] == "Clip":
             ins += ["clip_min", "clip_max"]
+        elif n["op"] in ("LeakyRelu", "Elu", "HardSigmoid", "LRN", "Softmax", "LogSoftmax"):
+            kw = dict(a)
+        elif n["op"] == "Gather":
+            inits.append(numpy_helper.from_array(np.asarray(a["indices"], np.int64), n["name"] + "_idx"))
+            ins.append(n["name"] + "_idx")
+            kw = {"axis": 1}
+        elif n["op"] == "Pad":
+            t, left, bt, r = a["pads"]
+            inits.append(numpy_helper.from_array(np.int64([0, 0, t, left, 0, 0, bt, r]), n["name"] + "_p"))
+            inits.append(numpy_helper.from_array(np.float32(a["value"]), n["name"] + "_v"))
+            ins += [n["name"] + "_p", n["name"] + "_v"]
+            kw = {"mode": a["mode"]}
+        elif n["op"] == "Resize":
+            inits.append(numpy_helper.from_array(np.float32([1, 1, *a["scales"]]), n["name"] + "_s"))
+            ins = [ins[0], "", n["name"] + "_s"]
+            kw = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate_transformation_mode"]}
+        elif n["op"] == "ConvTranspose":
+            kw = {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]), "pads": [a["onnx_pads"]] * 4,
+                  "output_padding": [a["output_padding"]] * 2}
+        elif n["op"] in ("DepthToSpace", "SpaceToDepth"):
+            kw = {"blocksize": a["blocksize"]}
+            if n["op"] == "DepthToSpace":
+                kw["mode"] = a["mode"]
         elif n["op"] in ("Concat", "Flatten"):
             kw = {"axis": a["axis"]}
         elif n["op"] == "Gemm":

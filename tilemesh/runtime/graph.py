@@ -472,9 +472,11 @@ class _Builder:
             s = self.shape_of(t, shapes)
             if s is not None and len(s) not in (2, 4):
                 raise UnsupportedOpError(op, name, f"input {t!r} has rank {len(s)}; only 2D and 4D tensors")
-        in_shape = self.shape_of(acts[0], shapes) if acts else None
         if not acts:
             raise UnsupportedOpError(op, name, "every input is a constant")
+        in_shape = self.shape_of(acts[0], shapes)
+        if in_shape is None:
+            raise UnsupportedOpError(op, name, f"the shape of {acts[0]!r} is unknown (ONNX shape inference failed)")
 
         if op == "Conv":
             w = self.const(ins[1])

@@ -153,7 +153,7 @@ SPLITS = [
 
 
 @pytest.mark.parametrize("name", sorted(CASES) + sorted(OPSET9))
-def test_op_whole_and_tiled(name):
+def test_op_whole_and_tiled(name, tmp_path):
     model = build(name)
     x = np.random.default_rng(1).standard_normal((1, C, H, W)).astype(np.float32)
     (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -164,6 +164,9 @@ def test_op_whole_and_tiled(name):
     (back,) = ort.InferenceSession(graph_mod.to_onnx(graph).SerializeToString(),
                                    providers=["CPUExecutionProvider"]).run(None, {graph.input: x})
     np.testing.assert_allclose(back, ref, rtol=1e-4, atol=1e-4)
+    # The compact form the browsers load keeps every attribute (strings, index tuples, flags).
+    graph_mod.save_compact(graph, tmp_path / "m")
+    np.testing.assert_array_equal(run_graph(graph_mod.load_compact(tmp_path / "m"), x), whole)
 
     n = len(graph.nodes)
     spatial = not any(is_global(nd, graph) for nd in graph.nodes)
@@ -211,3 +214,32 @@ def test_ops_outside_the_list_are_refused_by_op_and_node(bad, match):
     y = bad(n, n.conv("x", C, C))
     with pytest.raises(UnsupportedOpError, match=match):
         load_onnx(n.model(y))
+
+
+def _head_model(flatten: str):
+    n = Net(5)
+    x = n.conv("x", C, C)
+    p = n.node("GlobalAveragePool", [x])
+    if flatten == "squeeze":
+        f = n.node("Squeeze", [p, n.const([2, 3], np.int64)])
+    else:  # what torch.onnx writes for x.view(x.size(0), -1): shape arithmetic feeding a Reshape
+        shape = n.node("Shape", [p])
+        batch = n.node("Gather", [shape, n.const(0, np.int64)], axis=0)
+        dims = n.node("Concat", [n.node("Unsqueeze", [batch, n.const([0], np.int64)]),
+                                 n.const([-1], np.int64)], axis=0)
+        f = n.node("Reshape", [p, dims])
+    y = n.node("Gemm", [f, n.const(n.rng.standard_normal((5, C))), n.const(n.rng.standard_normal(5))], transB=1)
+    return n.model(n.node("Softmax", [y], axis=-1))
+
+
+@pytest.mark.parametrize("flatten", ["squeeze", "torch-shape-arithmetic"])
+def test_classifier_heads_squeeze_and_shape_arithmetic(flatten):
+    model = _head_model(flatten)
+    x = np.random.default_rng(3).standard_normal((1, C, H, W)).astype(np.float32)
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    graph = load_onnx(model)
+    # Shape arithmetic is folded away; the squeeze is a plain reshape of the pooled vector.
+    assert [nd.op for nd in graph.nodes] == ["Conv", "GlobalAveragePool", "Reshape", "Gemm", "Softmax"]
+    np.testing.assert_allclose(run_graph(graph, x), ref, rtol=1e-5, atol=1e-6)
+    plan = build_plan(graph, [1], [Split.grid([["a", "b"], ["c", "d"]]), Split.whole("d")], "a")
+    np.testing.assert_allclose(simulate(graph, plan, x), ref, rtol=1e-5, atol=1e-6)

@@ -174,6 +174,19 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
     consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     shapes_onnx = {vi.name: _static_shape(vi) for vi in [*g.input, *g.value_info, *g.output]}
     folded = _fold_constants(model, consts, shapes_onnx)
+    if any(g.node[i].op_type != "Constant" for i in folded):
+        # Shapes behind folded arithmetic (a Reshape fed by Shape/Gather/Concat) are now known: infer again.
+        known = {t.name for t in g.initializer}
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(model)
+        del m2.graph.node[:]
+        m2.graph.node.extend(n for i, n in enumerate(g.node) if i not in folded)
+        m2.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()
+                                    if k not in known)
+        m2 = shape_inference.infer_shapes(m2)
+        for vi in [*m2.graph.value_info, *m2.graph.output]:
+            if shapes_onnx.get(vi.name) is None:
+                shapes_onnx[vi.name] = _static_shape(vi)
     for i, n in enumerate(g.node):
         if i not in folded and n.op_type not in _IMPORTABLE_OPS:
             raise UnsupportedOpError(n.op_type, n.name or f"{n.op_type}_{i}")

@@ -42,6 +42,8 @@ def op_class(graph, node) -> str | None:
         if tuple(w.shape[2:]) == (1, 1) and group == 1:
             return "conv_pointwise"
         return "conv_dense"
+    if node.op == "ConvTranspose":  # per-tap products like a dense conv (node_macs counts them)
+        return "conv_dense"
     if node.op in _GEMM_OPS:
         return "gemm"
     if node.op in _FREE_OPS:

@@ -375,9 +375,17 @@ def test_transfer_lists_are_consistent(data):
     recvs = sorted((t for task in plan.tasks for t in task.recv), key=lambda t: (t.src, t.dst, t.tensor, t.region))
     assert sends == recvs
     for task in plan.tasks:
+        for p, (x, _, own) in task.deps.reduced.items():
+            # A pooled input: one partial from every other owner of the pooled tensor, covering it with its own part.
+            parts = [t.region for t in task.recv if t.tensor == p]
+            assert all(t.reduce and t.of == x for t in task.recv if t.tensor == p)
+            assert sum(r.area for r in parts) + (own.area if own else 0) == Region.full(*plane(graph.shapes[x])).area
+            assert own == plan.owners[x].get(task.device)
         for tensor, need in task.deps.inputs.items():
+            if tensor in task.deps.reduced:
+                continue
             own = plan.owners[tensor].get(task.device, Region(0, 0, 0, 0))
-            pieces = [t.region for t in task.recv if t.tensor == tensor]
+            pieces = [t.region for t in task.recv if t.tensor == tensor and not t.reduce]
             assert all(t.src != task.device for t in task.recv)
             # Own part plus received pieces tile the needed region exactly: nothing missing, nothing twice.
             assert need.intersect(own).area + sum(p.area for p in pieces) == need.area

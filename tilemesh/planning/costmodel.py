@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tilemesh.runtime.profile import predict_node_seconds
-from tilemesh.runtime.regions import is_spatial
+from tilemesh.runtime.regions import Region, is_spatial
 
 DEFAULT_LINK = {"rtt_ms": 4.0, "mbps": 200.0}  # room Wi-Fi, browser to browser (measured: 16-40 MB/s)
 INPUT_ITEMSIZE = 1  # the source ships camera pixels as uint8
@@ -49,6 +49,13 @@ def tensor_bytes(graph, tensor: str, region, itemsize: int = ACT_ITEMSIZE) -> in
     channels = int(shape[1]) if is_spatial(shape) else 1
     cells = region.area if is_spatial(shape) else int(_prod(shape))
     return cells * channels * itemsize
+
+
+def transfer_bytes(graph, tr, itemsize: int = ACT_ITEMSIZE) -> int:
+    """Bytes of one `tiling.Transfer`: its region of the tensor, or one pooled vector for a partial reduction."""
+    if getattr(tr, "reduce", None):
+        return tensor_bytes(graph, tr.tensor, Region(0, 1, 0, 1), itemsize)
+    return tensor_bytes(graph, tr.tensor, tr.region, itemsize)
 
 
 def _prod(shape) -> int:
@@ -184,7 +191,15 @@ class LinkSim:
 def task_seconds(graph, task, profile: dict, by_name: dict | None = None) -> float:
     """Predicted compute time of one DeviceTask on a device with `profile`."""
     by_name = by_name or {n.name: n for n in graph.nodes}
-    return sum(predict_node_seconds(profile, graph, by_name[s.node], s.macs, s.out) for s in task.deps.steps)
+    t = sum(predict_node_seconds(profile, graph, by_name[s.node], s.macs, s.out) for s in task.deps.steps)
+    return t + sum(reduced_pool_seconds(graph, p, own, profile) for p, (_, _, own) in task.deps.reduced.items())
+
+
+def reduced_pool_seconds(graph, pooled: str, own, profile: dict) -> float:
+    """A distributed pool as one device sees it: pooling its own part (`own`, or nothing) and combining."""
+    node = graph.producer(pooled)
+    channels = int(graph.shapes[node.inputs[0]][1])
+    return predict_node_seconds(profile, graph, node, own.area * channels if own else 0, Region(0, 1, 0, 1))
 
 
 def predict_plan(graph, plan, profiles: dict[str, dict], links: dict | None, source: str,
@@ -219,7 +234,7 @@ def predict_plan(graph, plan, profiles: dict[str, dict], links: dict | None, sou
         compute_s[task.device] = compute_s.get(task.device, 0.0) + secs
         macs[task.device] = macs.get(task.device, 0) + task.macs
         for tr in task.send:
-            arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region), end, tr.tensor)
+            arrival[tr] = sim.send(tr.src, tr.dst, transfer_bytes(graph, tr), end, tr.tensor)
         if plan.output_tensor in task.owned:
             out_ready[task.device] = end
     total = 0.0

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilemesh.runtime.deps import ELEMENTWISE_OPS, cut_candidates, is_global, live_tensors, node_macs
+from tilemesh.runtime.deps import ELEMENTWISE_OPS, cut_candidates, is_global, live_tensors, node_macs, segment_deps
 from tilemesh.runtime.profile import predict_node_seconds, validate_profile
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.tiling import Plan, Split, build_plan
@@ -47,8 +47,10 @@ from .costmodel import (
     LinkSim,
     Prediction,
     predict_plan,
+    reduced_pool_seconds,
     task_seconds,
     tensor_bytes,
+    transfer_bytes,
 )
 
 STRATEGIES = ("single", "offload", "partition_offload", "equal_split", "fixed_grid", "tilemesh")
@@ -180,6 +182,7 @@ class _Costs:
 
     def __init__(self, graph, profiles):
         self.graph = graph
+        self.profiles = profiles
         self.prefix: dict[str, list[float]] = {}
         full = [Region.full(*plane(graph.shapes[n.output])) for n in graph.nodes]
         macs = [node_macs(n, graph, r) for n, r in zip(graph.nodes, full, strict=True)]
@@ -195,6 +198,9 @@ class _Costs:
 
     def whole(self, device: str) -> float:
         return self.prefix[device][-1]
+
+    def node(self, device: str, i: int) -> float:
+        return self.run(device, i, i + 1)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -224,8 +230,13 @@ def _analytic_two_stage(graph, costs: _Costs, links, source, spec: Spec, options
     t = sim.compute(a, t, costs.run(a, 0, k))
     if spec.cuts:
         (live,) = live_tensors(graph, k)
-        t = sim.send(a, b, tensor_bytes(graph, live, Region.full(*plane(graph.shapes[live]))), t)
-        t = sim.compute(b, t, costs.run(b, k, len(graph.nodes)))
+        gather, pooled = _gather_bytes(graph, k, live)
+        full = Region.full(*plane(graph.shapes[live]))
+        t = sim.send(a, b, gather(full), t)
+        own = full if a == b else None
+        pool_fix = sum(reduced_pool_seconds(graph, p, own, costs.profiles[b])
+                       - costs.node(b, graph.nodes.index(graph.producer(p))) for p in pooled)
+        t = sim.compute(b, t, costs.run(b, k, len(graph.nodes)) + pool_fix)
     out = graph.output
     return sim.send(b, source, tensor_bytes(graph, out, Region.full(*plane(graph.shapes[out]))), t)
 
@@ -365,17 +376,32 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
             ready = max((arrival[tr] for tr in task.recv), default=0.0)
             ends[task.device] = sim.compute(task.device, ready, secs[id(task)])
         (t,) = seg.outputs  # block cuts have exactly one live tensor
+        gather, pooled = _gather_bytes(graph, seg.stop, t)
         for g in profiles:
             up = dict(sim.uplink)
-            arr = [sim.send(d, g, tensor_bytes(graph, t, r), ends[d], uplink=up) for d, r in plan.owners[t].items()]
-            end = max([sim.free.get(g, 0.0), *arr]) + costs.run(g, seg.stop, n)
+            arr = [sim.send(d, g, gather(r), ends[d], uplink=up) for d, r in plan.owners[t].items()]
+            # A pool of t runs distributed: g pools only its own part (the cost model's accounting).
+            pool_fix = sum(reduced_pool_seconds(graph, p, plan.owners[t].get(g), profiles[g])
+                           - costs.node(g, graph.nodes.index(graph.producer(p))) for p in pooled)
+            end = max([sim.free.get(g, 0.0), *arr]) + costs.run(g, seg.stop, n) + pool_fix
             if g != source:
                 end = sim.send(g, source, out_bytes, end, uplink=up)
             results.append((end, seg.index, g))
         for task in by_seg[seg.index]:
             for tr in task.send:
-                arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region), ends[task.device])
+                arrival[tr] = sim.send(tr.src, tr.dst, transfer_bytes(graph, tr), ends[task.device])
     return results
+
+
+def _gather_bytes(graph, start: int, t: str):
+    """Bytes an owner of `region` of `t` sends when nodes[start:] run whole on one device: the region if
+    they read `t` spatially, plus one pooled vector per global pool of `t` (a distributed reduction)."""
+    tail = graph.nodes[start:]
+    d = segment_deps(graph, tail, {graph.output: Region.full(*plane(graph.shapes[graph.output]))})
+    pooled = [p for p, (x, _, _) in d.reduced.items() if x == t]
+    extra = sum(tensor_bytes(graph, p, Region(0, 1, 0, 1)) for p in pooled)
+    spatial = t in d.inputs
+    return (lambda region: (tensor_bytes(graph, t, region) if spatial else 0) + extra), pooled
 
 
 def _baseline_specs(graph, devices, source, edge, speed) -> list[Spec]:

@@ -27,7 +27,7 @@ segments. It needs only the fields of the IR dataclasses, never numpy arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .graph import external_inputs
 from .regions import EMPTY, Region, is_spatial, plane
@@ -201,17 +201,24 @@ class SegmentDeps:
     steps: tuple[NodeStep, ...]  # topological order; nodes whose output nobody needs are absent
     regions: dict[str, Region]  # every tensor involved -> region computed (inside) or needed (inputs)
     inputs: dict[str, Region]  # segment inputs -> region needed, clipped to the tensor
+    # Global pools computed as distributed reductions: pooled tensor -> (pooled input, "mean" or "max",
+    # this device's own part of the input or None). The pooled tensor is then an input of the segment,
+    # assembled from every owner's partial (see `tiling.task_inputs`); its pool node is not a step.
+    reduced: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def macs(self) -> int:
         return sum(s.macs for s in self.steps)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "steps": [s.to_dict() for s in self.steps],
             "regions": {k: v.to_list() for k, v in self.regions.items()},
             "inputs": {k: v.to_list() for k, v in self.inputs.items()},
         }
+        if self.reduced:
+            d["reduced"] = {p: [x, kind, own.to_list() if own else None] for p, (x, kind, own) in self.reduced.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmentDeps:
@@ -219,6 +226,8 @@ class SegmentDeps:
             tuple(NodeStep.from_dict(s) for s in d["steps"]),
             {k: Region.from_list(v) for k, v in d["regions"].items()},
             {k: Region.from_list(v) for k, v in d["inputs"].items()},
+            {p: (x, kind, Region.from_list(own) if own else None)
+             for p, (x, kind, own) in d.get("reduced", {}).items()},
         )
 
 
@@ -310,6 +319,7 @@ def segment_deps(graph, nodes, out_regions: dict[str, Region], clip: bool = True
     `inputs`. A wanted region is clipped to its tensor; an empty region asks for nothing.
     """
     produced = {n.output for n in nodes}
+    reduced: dict[str, tuple] = {}
     need: dict[str, Region] = {}
     for t, r in out_regions.items():
         if t not in produced:
@@ -323,13 +333,26 @@ def segment_deps(graph, nodes, out_regions: dict[str, Region], clip: bool = True
         out = need.get(node.output, EMPTY)
         if out.empty:
             continue
+        kind = reduction_kind(node, graph)
+        if kind and node.inputs[0] not in produced:
+            reduced[node.output] = (node.inputs[0], kind, None)
+            continue
         ins, pads = node_input_needs(node, graph, out, clip)
         for t, r in zip(node.inputs, ins, strict=True):
             need[t] = need.get(t, EMPTY).hull(r)
         steps.append(NodeStep(node.name, out, ins, pads, node_macs(node, graph, out)))
     steps.reverse()
-    inputs = {t: r for t, r in need.items() if t not in produced}
-    return SegmentDeps(tuple(steps), need, inputs)
+    inputs = {t: r for t, r in need.items() if t not in produced or t in reduced}
+    return SegmentDeps(tuple(steps), need, inputs, reduced)
+
+
+def reduction_kind(node, graph) -> str | None:
+    """"mean"/"max" for a global pool that can run as a distributed reduction: every owner of its input
+    pools its own part and the partial results (C floats each) are combined. None for anything else.
+    The graph input is never reduced this way (the device holding the camera frame pools it whole)."""
+    if node.op in ("GlobalAveragePool", "GlobalMaxPool") and node.inputs[0] != graph.input:
+        return "mean" if node.op == "GlobalAveragePool" else "max"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,11 +427,20 @@ def make_segments(graph, cuts) -> list[Segment]:
 
 
 def segment_is_spatial(graph, seg: Segment) -> bool:
-    """True if the segment can be tiled: no global op and all its outputs are NCHW."""
+    """True if the segment can be tiled: all its outputs are NCHW, and every global op in it is either a pool
+    of a segment input (a distributed reduction, e.g. a squeeze-excite block's) or reads only 1x1 planes
+    (the excitation MLP, which every device computes whole)."""
     by_name = {n.name: n for n in graph.nodes}
-    return all(not is_global(by_name[n], graph) for n in seg.nodes) and all(
-        is_spatial(graph.shapes[t]) for t in seg.outputs
-    )
+    for name in seg.nodes:
+        n = by_name[name]
+        if not is_global(n, graph):
+            continue
+        if reduction_kind(n, graph) and n.inputs[0] in seg.inputs:
+            continue
+        if all(plane(graph.shapes[t]) == (1, 1) for t in n.inputs):
+            continue
+        return False
+    return all(is_spatial(graph.shapes[t]) for t in seg.outputs)
 
 
 def input_halo(graph, tensor: str, nodes=None) -> tuple[int, int]:

@@ -70,24 +70,49 @@ class Split:
 
 @dataclass(frozen=True)
 class Transfer:
-    """`src` sends rows/cols `region` of `tensor` (all channels) to `dst`."""
+    """`src` sends rows/cols `region` of `tensor` (all channels) to `dst`.
+
+    A partial reduction (`reduce` = "mean" or "max") instead carries src's pooled part of tensor `of`:
+    the sum (or max) over `region`, src's own rectangle of `of`, per channel, shaped like the pooled
+    `tensor` (1, C, 1, 1). Every device that needs `tensor` combines the partials of all owners of `of`.
+    """
 
     src: str
     dst: str
     tensor: str
     region: Region
+    reduce: str | None = None
+    of: str | None = None
 
     def nbytes(self, graph, itemsize: int = 4) -> int:
         shape = graph.shapes[self.tensor]
         channels = int(shape[1]) if is_spatial(shape) else int(np.prod(shape))
-        return self.region.area * channels * itemsize
+        return (1 if self.reduce else self.region.area) * channels * itemsize
 
     def to_dict(self) -> dict:
-        return {"src": self.src, "dst": self.dst, "tensor": self.tensor, "region": self.region.to_list()}
+        d = {"src": self.src, "dst": self.dst, "tensor": self.tensor, "region": self.region.to_list()}
+        if self.reduce:
+            d.update(reduce=self.reduce, of=self.of)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Transfer:
-        return cls(d["src"], d["dst"], d["tensor"], Region.from_list(d["region"]))
+        return cls(d["src"], d["dst"], d["tensor"], Region.from_list(d["region"]), d.get("reduce"), d.get("of"))
+
+
+def partial_pool(arr: np.ndarray, kind: str) -> np.ndarray:
+    """One device's contribution to a distributed global pool: per-channel sum (for "mean") or max."""
+    if kind == "mean":
+        return arr.sum(axis=(2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
+    return arr.max(axis=(2, 3), keepdims=True).astype(np.float32)
+
+
+def combine_pool(partials, kind: str, cells: int) -> np.ndarray:
+    """The pooled vector from every owner's partial: the same on every device that combines them."""
+    if kind == "mean":
+        total = np.sum([p.astype(np.float64) for p in partials], axis=0)
+        return (total / cells).astype(np.float32)
+    return np.maximum.reduce(list(partials)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -207,6 +232,8 @@ class Plan:
             halo_cells = 0
             for t in tasks:
                 for tensor, need in t.deps.inputs.items():
+                    if tensor in t.deps.reduced:
+                        continue
                     own = self.owners[tensor].get(t.device)
                     halo_cells += need.area - (need.intersect(own).area if own else 0)
             recv_bytes = sum(tr.nbytes(graph) for t in tasks for tr in t.recv)
@@ -260,6 +287,20 @@ def _pieces_for(tensor: str, need: Region, dst: str, owners: dict[str, Region]) 
     return out
 
 
+def _with_own_parts(deps: SegmentDeps, owners, dev: str) -> SegmentDeps:
+    """Record this device's own part of each reduced tensor, and make sure it keeps that part as an input."""
+    if not deps.reduced:
+        return deps
+    inputs, regions, reduced = dict(deps.inputs), dict(deps.regions), {}
+    for p, (x, kind, _) in deps.reduced.items():
+        own = owners[x].get(dev)
+        reduced[p] = (x, kind, own)
+        if own is not None:
+            inputs[x] = inputs.get(x, own).hull(own)
+            regions[x] = regions.get(x, own).hull(own)
+    return SegmentDeps(deps.steps, regions, inputs, reduced)
+
+
 def build_plan(graph, cuts, splits, source) -> Plan:
     """Build a plan.
 
@@ -305,12 +346,17 @@ def build_plan(graph, cuts, splits, source) -> Plan:
         seg_tasks = []
         for dev in devices:
             owned = {t: owners[t][dev] for t in seg.outputs if dev in owners[t]}
-            deps = segment_deps(graph, nodes, owned)
+            deps = _with_own_parts(segment_deps(graph, nodes, owned), owners, dev)
             recv = []
             for tensor, need in deps.inputs.items():
-                recv += _pieces_for(tensor, need, dev, owners[tensor])
+                if tensor in deps.reduced:
+                    x, kind, _ = deps.reduced[tensor]
+                    recv += [Transfer(src, dev, tensor, r, kind, x) for src, r in sorted(owners[x].items())
+                             if src != dev]
+                else:
+                    recv += _pieces_for(tensor, need, dev, owners[tensor])
             for tr in recv:
-                recv_by_key.setdefault((producer_seg[tr.tensor], tr.src), []).append(tr)
+                recv_by_key.setdefault((producer_seg[tr.of or tr.tensor], tr.src), []).append(tr)
             seg_tasks.append(DeviceTask(dev, seg.index, deps, owned, tuple(recv), ()))
         tasks_by_seg.append(seg_tasks)
 
@@ -412,8 +458,23 @@ def run_task(graph, task: DeviceTask, pieces: dict[str, list], backend=None):
 
 
 def task_inputs(graph, task: DeviceTask, pieces: dict[str, list]) -> dict[str, np.ndarray]:
-    """The first half of `run_task`: each segment input's needed region (`task.deps.inputs`) assembled from pieces."""
-    return {t: assemble(pieces.get(t, ()), r, graph.shapes[t]) for t, r in task.deps.inputs.items()}
+    """The first half of `run_task`: each segment input's needed region (`task.deps.inputs`) assembled from
+    pieces; a reduced (pooled) input combined from the partials received and this device's own part."""
+    out = {}
+    for t, r in task.deps.inputs.items():
+        if t in task.deps.reduced:
+            continue
+        out[t] = assemble(pieces.get(t, ()), r, graph.shapes[t])
+    for p, (x, kind, own) in task.deps.reduced.items():
+        parts = [a for _, a in pieces.get(p, ())]
+        if own is not None:
+            parts.append(partial_pool(crop(out[x], task.deps.inputs[x], own), kind))
+        expected = sum(1 for tr in task.recv if tr.tensor == p) + (own is not None)
+        if len(parts) != expected:
+            raise ValueError(f"{task.device}: {len(parts)} partials of {p}, expected {expected}")
+        h, w = plane(graph.shapes[x])
+        out[p] = combine_pool(parts, kind, h * w)
+    return out
 
 
 def finish_task(task: DeviceTask, vals: dict[str, np.ndarray]):
@@ -422,7 +483,8 @@ def finish_task(task: DeviceTask, vals: dict[str, np.ndarray]):
     (onnxruntime-web in the browser) takes `task_inputs` and hands its results back here."""
     owned = {t: (r, np.ascontiguousarray(crop(vals[t], task.deps.regions[t], r))) for t, r in task.owned.items()}
     outgoing = [
-        (tr, np.ascontiguousarray(crop(owned[tr.tensor][1], owned[tr.tensor][0], tr.region))) for tr in task.send
+        (tr, partial_pool(crop(owned[tr.of][1], owned[tr.of][0], tr.region), tr.reduce) if tr.reduce
+         else np.ascontiguousarray(crop(owned[tr.tensor][1], owned[tr.tensor][0], tr.region))) for tr in task.send
     ]
     return owned, outgoing
 

@@ -37,7 +37,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilemesh.runtime.deps import ELEMENTWISE_OPS, cut_candidates, is_global, live_tensors, node_macs, segment_deps
+from tilemesh.runtime.deps import (
+    ELEMENTWISE_OPS,
+    cut_candidates,
+    is_global,
+    live_tensors,
+    node_macs,
+    reduction_kind,
+    segment_deps,
+)
 from tilemesh.runtime.profile import predict_node_seconds, validate_profile
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.tiling import Plan, Split, build_plan
@@ -116,8 +124,27 @@ def spec_devices(spec: Spec) -> set[str]:
 
 
 def head_start(graph) -> int:
-    """Index of the first node of the non-spatial head (the first global op), or len(nodes)."""
-    return next((i for i, n in enumerate(graph.nodes) if is_global(n, graph)), len(graph.nodes))
+    """Index of the first node of the non-spatial head, or len(nodes): the first global op that tiling
+    cannot pass. A pool inside the body (squeeze-excite) is a distributed reduction and its excitation MLP
+    reads only 1x1 planes, so neither ends tiling while a larger plane follows."""
+    n = len(graph.nodes)
+    spatial_after = [False] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        spatial_after[i] = spatial_after[i + 1] or plane(graph.shapes[graph.nodes[i].output]) != (1, 1)
+    for i, nd in enumerate(graph.nodes):
+        if not is_global(nd, graph):
+            continue
+        passable = reduction_kind(nd, graph) or all(plane(graph.shapes[t]) == (1, 1) for t in nd.inputs)
+        if not (passable and spatial_after[i + 1]):
+            return i
+    return n
+
+
+def pool_cuts(graph) -> list[int]:
+    """Cuts right before each body pool: its input must be a segment input to be reduced across devices."""
+    head = head_start(graph)
+    return [i for i, nd in enumerate(graph.nodes[:head])
+            if reduction_kind(nd, graph) and i > 0 and nd.inputs[0] in live_tensors(graph, i)]
 
 
 def _inside_layer(graph, k: int) -> bool:
@@ -146,7 +173,8 @@ def block_cuts(graph) -> list[int]:
            if (i == 0 or size(k) <= size(bounds[i - 1])) and (i + 1 == len(bounds) or size(k) <= size(bounds[i + 1]))]
     if 0 < head < len(graph.nodes) and len(live_tensors(graph, head)) == 1:
         out.append(head)
-    return out
+    # A squeeze-excite pool inside the body needs a cut right before it (its input must be a segment input).
+    return sorted(set(out) | set(pool_cuts(graph)))
 
 
 def _resolution_after(graph, k: int) -> int:
@@ -164,13 +192,14 @@ def fusion_cuts(graph, mode: str) -> list[int]:
         return cuts
     stage_ends = [k for i, k in enumerate(cuts)
                   if i + 1 == len(cuts) or _resolution_after(graph, k) != _resolution_after(graph, cuts[i + 1])]
+    must = set(pool_cuts(graph))
     if mode == "stage":
-        return stage_ends
+        return sorted(set(stage_ends) | must)
     if mode == "pair":
         out, run = [], 0
         for k in cuts:
             run += 1
-            if k in stage_ends or run == 2:
+            if k in stage_ends or k in must or run == 2:
                 out.append(k)
                 run = 0
         return out
@@ -217,7 +246,8 @@ def _whole_specs(graph, devices, source) -> list[Spec]:
 def _partition_offload_specs(graph, source, target) -> list[Spec]:
     """Source runs nodes[:k] whole, `target` the rest, for every block cut k."""
     return [Spec("partition_offload", f"source runs {k} nodes, {target} the rest", (k,),
-                 (Split.whole(source), Split.whole(target))) for k in block_cuts(graph)]
+                 (Split.whole(source), Split.whole(target))) for k in block_cuts(graph)
+            if len(live_tensors(graph, k)) == 1]
 
 
 def _analytic_two_stage(graph, costs: _Costs, links, source, spec: Spec, options) -> float:
@@ -375,9 +405,11 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
         for task in by_seg[seg.index]:
             ready = max((arrival[tr] for tr in task.recv), default=0.0)
             ends[task.device] = sim.compute(task.device, ready, secs[id(task)])
-        (t,) = seg.outputs  # block cuts have exactly one live tensor
-        gather, pooled = _gather_bytes(graph, seg.stop, t)
-        for g in profiles:
+        # Gather endings only where one tensor crosses (a cut before a squeeze-excite pool of a residual
+        # block has two: the block continues split, with the pool reduced across devices).
+        (t,) = seg.outputs if len(seg.outputs) == 1 else (None,)
+        gather, pooled = _gather_bytes(graph, seg.stop, t) if t else (None, [])
+        for g in profiles if t else ():
             up = dict(sim.uplink)
             arr = [sim.send(d, g, gather(r), ends[d], uplink=up) for d, r in plan.owners[t].items()]
             # A pool of t runs distributed: g pools only its own part (the cost model's accounting).
@@ -448,7 +480,10 @@ def _fixed_grid_spec(graph, devices, source, edge, speed) -> Spec | None:
         shape = "rows"
     gather = edge if edge in devices else max(devices, key=lambda d: (speed[d], d))
     k = fixed_grid_depth(graph)
-    return Spec("fixed_grid", f"equal {shape} fused to node {k}, rest on {gather}", (k,), (split, Split.whole(gather)))
+    # Squeeze-excite pools before k need their own cut (their input must be a segment input to be reduced).
+    cuts = (*[c for c in pool_cuts(graph) if c < k], k)
+    return Spec("fixed_grid", f"equal {shape} fused to node {k}, rest on {gather}", cuts,
+                (split,) * len(cuts) + (Split.whole(gather),))
 
 
 # --------------------------------------------------------------------------- the planner

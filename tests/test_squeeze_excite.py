@@ -170,3 +170,32 @@ def test_planner_plans_past_the_se_blocks_and_its_estimates_hold(se):
         np.testing.assert_allclose(simulate(graph, plan, x), run_graph(graph, x), rtol=1e-5, atol=1e-5)
     choice = PL.plan_frame(graph, profs, links, "a")
     assert choice.predicted_s <= min(e.predicted_s for e in est) * (1 + PL.MARGIN) + 1e-12
+
+
+def test_partials_travel_through_device_runners_over_the_wire(se):
+    """The browsers' and the edge's DeviceRunner move partial sums like any piece: chunked wire messages,
+    delivered in a shuffled order; the source's result equals whole inference."""
+    import random
+
+    from tilemesh.runtime.preprocess import normalize_u8
+    from tilemesh.runtime.runner import DeviceRunner
+
+    graph, _, _ = se
+    cuts = PL.fusion_cuts(graph, "pair")
+    rows = Split.rows({"phone": 2, "laptop": 3, "edge": 2})
+    plan = build_plan(graph, cuts, [rows] * len(cuts) + [Split.whole("edge")], "phone")
+    assert any(t.reduce for t in plan.transfers)
+    runners = {d: DeviceRunner(graph, plan.device_plan(d), 3, source="phone") for d in plan.devices}
+    pixels = np.random.default_rng(4).integers(0, 256, (1, 3, 48, 48), dtype=np.uint8)
+    rng, queue = random.Random(0), []
+
+    def post(src, outgoing):
+        queue.extend((src, o.dst, c) for o in outgoing for c in o.chunks)
+
+    post("phone", runners["phone"].start_frame(1, pixels))
+    while queue:
+        src, dst, chunk = queue.pop(rng.randrange(len(queue)))
+        post(dst, runners[dst].on_chunk(src, chunk))
+    out = runners["phone"].result(1)
+    assert out is not None, {d: r.errors for d, r in runners.items()}
+    np.testing.assert_allclose(out, run_graph(graph, normalize_u8(pixels)), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,8 @@ MODELS = ["bvlc_alexnet", "shufflenet", "resnet50", "squeezenet", "densenet121"]
 
 def randomized(name: str):
     """The light model with every weight it builds by ConstantOfShape (a placeholder fill) replaced by a
-    seeded He-initialised initializer of the same shape; the shipped biases and batch-norm statistics stay."""
+    seeded He-initialised initializer of the same shape (the shipped biases and batch-norm statistics stay),
+    ending at the logits (the final Softmax, whose op is tested elsewhere, removed)."""
     model = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
     rng = np.random.default_rng(len(name))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -46,6 +47,10 @@ def randomized(name: str):
             model.graph.input.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, shape))
         else:
             keep.append(n)
+    if keep[-1].op_type == "Softmax":  # compare logits: a saturated softmax would hide differences
+        logits = keep.pop().input[0]
+        del model.graph.output[:]
+        model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return model

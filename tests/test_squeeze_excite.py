@@ -199,3 +199,28 @@ def test_partials_travel_through_device_runners_over_the_wire(se):
     out = runners["phone"].result(1)
     assert out is not None, {d: r.errors for d, r in runners.items()}
     np.testing.assert_allclose(out, run_graph(graph, normalize_u8(pixels)), rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_gating_reduces_with_partial_maxes():
+    """A channel gate from a global max pool (CBAM-style, ReduceMax over H and W) reduces with per-channel maxes."""
+    m = _M()
+    x = m.op("Relu", [m.conv("x", 3, 8, k=3, s=1)])
+    x = m.conv(x, 8, 8, k=3)
+    gate = m.op("Sigmoid", [m.conv(m.op("ReduceMax", [x], axes=[2, 3], keepdims=1), 8, 8)])
+    y = m.conv(m.op("Mul", [x, gate]), 8, 4, k=3)
+    g = helper.make_graph(m.nodes, "cbam", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20, 18])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], m.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = load_onnx(model)
+    x_in = np.random.default_rng(5).standard_normal((1, 3, 20, 18)).astype(np.float32)
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x_in})
+    cuts = PL.pool_cuts(graph)
+    assert [graph.nodes[k].op for k in cuts] == ["GlobalMaxPool"]
+    split = Split.grid([["a", "b", "c"], ["d", "e", "f"]], [1, 2], [3, 1, 1])
+    plan = build_plan(graph, cuts, [split, split], "a")
+    assert {t.reduce for t in plan.transfers if t.reduce} == {"max"}
+    out = simulate(graph, plan, x_in, roundtrip_json=True)
+    np.testing.assert_allclose(out, run_graph(graph, x_in), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

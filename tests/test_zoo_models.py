@@ -1,11 +1,12 @@
 """Classic ImageNet CNNs from the `onnx` wheel's own test data (onnx/backend/test/data/light: the
-architectures of the ONNX model zoo with placeholder weights) load, run whole like onnxruntime and tile
-exactly. The files build their conv/fc weights with ConstantOfShape fills that make every output 1/1000,
-so those get seeded random values first (the shipped biases and batch-norm statistics stay).
+architectures of the ONNX model zoo with placeholder weights) load, run whole like onnxruntime, tile
+exactly on a 2x2 grid, and get a plan from the planner for a room of two phones and a laptop that is exact
+too. The files build their conv/fc weights with ConstantOfShape fills that make every output 1/1000, so those
+get seeded random values first (the shipped biases and batch-norm statistics stay).
 
 AlexNet (LRN), ShuffleNet (channel shuffle), ResNet-50 (Sum), SqueezeNet (fire modules, Concat, a
-GlobalAveragePool head) and DenseNet-121 (long Concat chains, standalone batch norm as Mul/Add) cover the
-op families; inception and VGG are left out only for test time (4-7 s each whole on numpy).
+GlobalAveragePool head) and DenseNet-121 (long Concat chains, batch norm after Concat, imported as a
+depthwise 1x1) cover the op families; inception and VGG are left out only for test time (4-7 s each whole on numpy).
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tilemesh.planning import planner as PL
 from tilemesh.planning.planner import head_start
 from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.graph import load_onnx
+from tilemesh.runtime.profile import scaled_profile
 from tilemesh.runtime.tiling import Split, build_plan, simulate
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 MODELS = ["bvlc_alexnet", "shufflenet", "resnet50", "squeezenet", "densenet121"]
+_LAPTOP = {"version": 1, "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,
+                                         "elementwise": 3e-10, "gemm": 3e-10}, "overhead_s": 3e-5, "chain_factor": 1.0}
+ROOM = {"phone": scaled_profile(_LAPTOP, 0.5), "phone2": scaled_profile(_LAPTOP, 0.35), "laptop": _LAPTOP}
 
 
 def randomized(name: str):
@@ -68,11 +74,13 @@ def test_zoo_cnn_whole_and_tiled(name):
     whole = run_graph(graph, x)
     scale = float(np.abs(ref).max())
     np.testing.assert_allclose(whole, ref, rtol=1e-4, atol=1e-4 * scale)
-    # Tile the whole body (up to the first global op) on a 2x2 grid, then on uneven rows with a cut halfway.
+    # Tile the whole body (up to the head) on a 2x2 grid.
     head = head_start(graph)
     assert head > len(graph.nodes) // 2, f"tiling stops early, at {graph.nodes[head].op} {graph.nodes[head].name}"
     plan = build_plan(graph, [head], [Split.grid([["a", "b"], ["c", "d"]]), Split.whole("a")], "a")
     np.testing.assert_allclose(simulate(graph, plan, x), whole, rtol=1e-5, atol=1e-5 * scale)
-    rows = Split.rows({"a": 3, "b": 2, "c": 1})
-    plan = build_plan(graph, [head // 2, head], [rows, rows, Split.whole("c")], "a")
-    np.testing.assert_allclose(simulate(graph, plan, x), whole, rtol=1e-5, atol=1e-5 * scale)
+    # The planner plans it for a room of two phones and a laptop (uneven row bands, cut where it chooses),
+    # and its plan is exact too.
+    choice = PL.plan_frame(graph, ROOM, {"*": {"rtt_ms": 4.0, "mbps": 50.0}}, "phone")
+    assert choice.predicted_s > 0 and choice.plan.devices
+    np.testing.assert_allclose(simulate(graph, choice.plan, x), whole, rtol=1e-5, atol=1e-5 * scale)

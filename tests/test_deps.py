@@ -319,3 +319,39 @@ def test_needed_region_is_sufficient_and_tight(chain, seed):
         x3 = x.copy()
         x3[:, :, edge.r0 : edge.r1, edge.c0 : edge.c1] += 1.0
         assert not np.allclose(run_graph(graph, x3)[:, :, out.r0 : out.r1, out.c0 : out.c1], y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resampling ops: regions map through the op's geometry, `pads` adjusts the raw output
+
+
+def _one_node_graph(op, attrs, in_shape, out_shape, params=(), weights=None):
+    from tilemesh.runtime.graph import Graph, Node
+
+    node = Node("n", op, ("x",), "y", attrs, params)
+    return Graph([node], "x", "y", {"x": in_shape, "y": out_shape}, weights or {}), node
+
+
+def test_resampling_rules_by_hand():
+    from tilemesh.runtime.deps import resample_rule
+
+    # ConvTranspose k3 s2, ONNX pads 1 and output_padding 1: output row y is raw row y + 1, input i writes
+    # raw rows 2i..2i+2. Output rows 4..7 = raw 5..8 need inputs 2..4, whose raw rows are 3..9.
+    w = {"w": np.zeros((2, 2, 3, 3), np.float32), "b": np.zeros(2, np.float32)}
+    g, n = _one_node_graph("ConvTranspose", {"kernel": (3, 3), "strides": (2, 2), "dilations": (1, 1), "group": 1,
+                                             "pads": (-1, -1, 0, 0)}, (1, 2, 7, 7), (1, 2, 14, 14), ("w", "b"), w)
+    assert resample_rule(n, g, Region(4, 8, 0, 14)) == (Region(2, 5, 0, 7), (-1, -1, -2, 0))
+    # Resize x2, nearest, half_pixel: rows 5..8 read source rows 2..4 (8 -> 3.75 -> 4); raw rows 4..9.
+    g, n = _one_node_graph("Resize", {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+                                      "nearest_mode": "round_prefer_floor", "scales": (2.0, 2.0), "sizes": (14, 14),
+                                      "in_size": (7, 7), "pads": (0, 0, 0, 0)}, (1, 2, 7, 7), (1, 2, 14, 14))
+    assert resample_rule(n, g, Region(5, 9, 0, 14)) == (Region(2, 5, 0, 7), (-1, 0, -1, 0))
+    # Reflect padding of 3 rows on top: output rows 0..1 mirror input rows 3 and 2, so a tile there reads
+    # rows 0..3, reflects 3 rows itself and drops what it does not own.
+    g, n = _one_node_graph("Pad", {"pads": (3, 0, 0, 0), "mode": "reflect", "value": 0.0, "channel_pads": (0, 0)},
+                           (1, 2, 7, 5), (1, 2, 10, 5))
+    assert resample_rule(n, g, Region(0, 2, 0, 5)) == (Region(0, 4, 0, 5), (3, 0, -5, 0))
+    # DepthToSpace 2: output rows 3..6 come from input rows 1..3.
+    g, n = _one_node_graph("DepthToSpace", {"blocksize": 2, "mode": "DCR", "pads": (0, 0, 0, 0)},
+                           (1, 8, 5, 5), (1, 2, 10, 10))
+    assert resample_rule(n, g, Region(3, 7, 0, 10)) == (Region(1, 4, 0, 5), (-1, 0, -1, 0))

@@ -243,3 +243,22 @@ def test_classifier_heads_squeeze_and_shape_arithmetic(flatten):
     np.testing.assert_allclose(run_graph(graph, x), ref, rtol=1e-5, atol=1e-6)
     plan = build_plan(graph, [1], [Split.grid([["a", "b"], ["c", "d"]]), Split.whole("d")], "a")
     np.testing.assert_allclose(simulate(graph, plan, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_nhwc_input_transposed_first_is_absorbed():
+    """tf2onnx's Keras exports take NHWC and transpose it to NCHW first: the IR's input is the NCHW tensor."""
+    n = Net(9)
+    t = n.node("Transpose", ["x"], perm=[0, 3, 1, 2])
+    y = n.conv(n.conv(t, C, C), C, 4)
+    g = helper.make_graph(n.nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, H, W, C])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], n.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = load_onnx(model)
+    assert graph.shapes[graph.input] == (1, C, H, W) and [nd.op for nd in graph.nodes] == ["Conv", "Conv"]
+    x = np.random.default_rng(4).standard_normal((1, H, W, C)).astype(np.float32)
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(run_graph(graph, nchw), ref, rtol=1e-5, atol=1e-5)
+    plan = build_plan(graph, [], [Split.grid([["a", "b"], ["c", "d"]])], "a")
+    np.testing.assert_allclose(simulate(graph, plan, nchw), ref, rtol=1e-5, atol=1e-5)

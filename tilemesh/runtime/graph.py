@@ -11,7 +11,10 @@ tiling code read one spelling:
 * BatchNormalization is folded into the Conv before it (in float64), or becomes a depthwise 1x1 Conv
   when there is no such Conv; every Conv carries a bias;
 * Clip's bounds (attributes before opset 11, inputs after) become ``attrs["min"/"max"]``;
-* Identity and Dropout disappear; Constant nodes and initializers become weights or attributes;
+* Identity and Dropout disappear; Constant nodes and initializers become weights or attributes; nodes
+  computing only from constants (shape arithmetic: Shape, Gather, Concat, ...) are folded;
+* chains of Reshape/Transpose/Squeeze/Unsqueeze/Flatten become one Reshape, a channel Gather (channel
+  shuffle) or nothing; a transpose of an NHWC graph input to NCHW makes the NCHW tensor the graph input;
 * constant operands of Add/Mul/Sub/Div/MatMul become ``params`` (``attrs["const_index"]`` records
   whether the constant was the first or the second ONNX input).
 
@@ -202,6 +205,7 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
         for t in n.input:
             uses[t] = uses.get(t, 0) + 1
     uses[g.output[0].name] = uses.get(g.output[0].name, 0) + 1
+    b.input_uses = uses.get(inputs[0].name, 0)
 
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
@@ -214,9 +218,9 @@ def load_onnx(model, input_shape: tuple[int, ...] | None = None) -> Graph:
                 raise UnsupportedOpError(n.op_type, name, f"its second output {extra!r} is used")
         b.add(n.op_type, name, list(n.input), n.output[0], attrs, shapes_onnx, uses)
 
-    graph_in = inputs[0].name
     graph_out = b.materialize(b.resolve(g.output[0].name), shapes_onnx)
-    shape = shapes_onnx.get(graph_in)
+    graph_in = inputs[0].name if b.input_alias is None else b.input_alias[0]
+    shape = shapes_onnx.get(graph_in) if b.input_alias is None else b.input_alias[1]
     if shape is None or len(shape) not in (2, 4) or shape[0] != 1:
         raise ValueError(f"graph input must have batch 1 and a static 2D or 4D shape, got {shape}")
     shapes = {graph_in: shape}
@@ -359,6 +363,8 @@ class _Builder:
         # Pending layout chains: tensor -> (source tensor, int array of the tensor's shape indexing the
         # source's flat elements, (op, node) of the chain's last layout node). See `materialize`.
         self.views: dict[str, tuple[str, np.ndarray, tuple[str, str]]] = {}
+        self.input_uses = 0  # readers of the graph input in the ONNX graph
+        self.input_alias: tuple | None = None  # (tensor, NCHW shape, perm) when an input transpose is absorbed
 
     def shape_of(self, t: str, shapes) -> tuple[int, ...] | None:
         if t in self.views:
@@ -387,10 +393,26 @@ class _Builder:
             if not np.array_equal(idx[0], want):
                 raise UnsupportedOpError(op, name, "moves data across spatial positions")
             self.emit(Node(name, "Gather", (src,), t, {"axis": 1, "indices": tuple(int(c) for c in perm)}))
+        elif self._absorb_input_layout(src, src_shape, idx, t):
+            return t
         else:
             raise UnsupportedOpError(op, name, "a layout change that is neither a reshape nor a channel permutation")
         self.shapes[t] = tuple(int(d) for d in idx.shape)
         return t
+
+    def _absorb_input_layout(self, src, src_shape, idx, t) -> bool:
+        """An NHWC graph input transposed to NCHW first thing (tf2onnx's Keras exports): the transposed
+        tensor becomes the IR's graph input, so devices are fed NCHW like for every other model."""
+        if src != self.graph_input or self.input_alias is not None or self.input_uses != 1:
+            return False
+        if len(src_shape) != 4 or idx.ndim != 4 or idx.shape[0] != 1:
+            return False
+        base = np.arange(idx.size).reshape(src_shape)
+        for perm in ((0, 3, 1, 2), (0, 1, 2, 3), (0, 2, 3, 1), (0, 1, 3, 2), (0, 2, 1, 3), (0, 3, 2, 1)):
+            if base.transpose(perm).shape == idx.shape and np.array_equal(base.transpose(perm), idx):
+                self.input_alias = (t, tuple(int(d) for d in idx.shape), perm)
+                return True
+        return False
 
     def _layout(self, op, name, ins, out, attrs, shapes):
         x = ins[0]

@@ -224,3 +224,19 @@ def test_max_pool_gating_reduces_with_partial_maxes():
     out = simulate(graph, plan, x_in, roundtrip_json=True)
     np.testing.assert_allclose(out, run_graph(graph, x_in), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_segment_that_is_only_the_pool_runs_on_any_backend(se):
+    """Cut right before and right after a pool: that segment has no step left (its result is combined from
+    partials), which both backends must pass through (found by the tiling hypothesis tests)."""
+    from tilemesh.runtime.backend import OnnxRuntimeBackend
+
+    graph, x, _ = se
+    k, *rest = PL.pool_cuts(graph)
+    split = Split.grid([["a", "b"], ["c", "d"]])
+    cuts = [k, k + 1, *rest, PL.head_start(graph)]
+    plan = build_plan(graph, cuts, [split, Split.whole("b")] + [split] * (len(cuts) - 2) + [Split.whole("a")], "a")
+    assert [graph.nodes[i].op for i in range(k, k + 1)] == ["GlobalAveragePool"]
+    whole = run_graph(graph, x)
+    np.testing.assert_allclose(simulate(graph, plan, x), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(simulate(graph, plan, x, backend=OnnxRuntimeBackend(graph)), whole, rtol=1e-4, atol=1e-4)

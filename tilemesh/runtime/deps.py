@@ -319,6 +319,8 @@ def segment_deps(graph, nodes, out_regions: dict[str, Region], clip: bool = True
     `inputs`. A wanted region is clipped to its tensor; an empty region asks for nothing.
     """
     produced = {n.output for n in nodes}
+    inside = {n.name for n in nodes}
+    read_outside = {t for n in graph.nodes if n.name not in inside for t in n.inputs} | {graph.output}
     reduced: dict[str, tuple] = {}
     need: dict[str, Region] = {}
     for t, r in out_regions.items():
@@ -334,7 +336,9 @@ def segment_deps(graph, nodes, out_regions: dict[str, Region], clip: bool = True
         if out.empty:
             continue
         kind = reduction_kind(node, graph)
-        if kind and node.inputs[0] not in produced:
+        # Reduced only when the pooled vector stays inside the segment: a segment output is shipped as
+        # ordinary pieces, which must never share a store with the partials (their regions are the owners').
+        if kind and node.inputs[0] not in produced and node.output not in read_outside:
             reduced[node.output] = (node.inputs[0], kind, None)
             continue
         ins, pads = node_input_needs(node, graph, out, clip)

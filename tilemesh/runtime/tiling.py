@@ -428,6 +428,8 @@ def run_steps(graph, deps: SegmentDeps, inputs: dict[str, np.ndarray], keep=(), 
     nodes = {n.name: n for n in graph.nodes}
     seg_nodes = [nodes[s.node] for s in deps.steps]
     keep = set(keep)
+    if not seg_nodes:  # e.g. a segment that is only a distributed pool: its result is already an input
+        return {t: inputs[t] for t in keep if t in inputs}
     if _is_whole(graph, deps):
         # Untiled (a gather or a lone device): no pads to override, so the backend may fuse the run.
         return backend.run_nodes(seg_nodes, inputs, [t for t in keep if t in deps.regions])

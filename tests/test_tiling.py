@@ -2,7 +2,8 @@
 
 Random small CNNs (kernels 1/3/5, strides 1/2, dilation, grouped and depthwise convs, asymmetric
 padding, residual adds, concat, gating Mul, pools, the activations and channel-local ops (PRelu, LRN,
-channel Softmax, channel shuffle, n-ary Sum/Max/Min), the resampling ops (Pad in three modes, Resize,
+channel Softmax, channel shuffle, n-ary Sum/Max/Min), squeeze-excite gates from global pools inside
+the body (distributed reductions when a cut precedes the pool), the resampling ops (Pad in three modes, Resize,
 ConvTranspose, DepthToSpace, SpaceToDepth), optional classifier head) are cut at random node
 indices and split among devices at random (uneven row bands, grids up to 3x3, gathers). Every device
 runs only its own tasks on only the pieces the transfer list brings it; the stitched output is compared
@@ -108,7 +109,7 @@ def random_cnn(draw, head=None):
         _, c, h, w = b.shapes[x]
         kind = draw(st.sampled_from(["conv", "conv", "dw", "res", "pool", "avg", "concat", "gate", "act",
                                      "act2", "lrn", "shuffle", "softmax", "nary", "pad", "resize", "convT",
-                                     "d2s", "s2d"]))
+                                     "d2s", "s2d", "se"]))
         if kind in ("conv", "dw"):
             k, s, p, d = draw(window(h, w))
             if kind == "dw":
@@ -188,6 +189,10 @@ def random_cnn(draw, head=None):
                       {"kernel": (k, k), "strides": (s, s), "dilations": (1, 1), "group": 1,
                        "pads": (-p, -p, op_ - p, op_ - p), "onnx_pads": p, "output_padding": op_},
                       (wname, wname + "b"))
+        elif kind == "se":  # squeeze-excite: a global pool inside the body (reduced across devices)
+            p = b.add(draw(st.sampled_from(["GlobalAveragePool", "GlobalMaxPool"])), [x], (1, c, 1, 1))
+            e = b.unary("Sigmoid", b.conv(p, c, (1, 1)))
+            x = b.add("Mul", [x, e], b.shapes[x])
         elif kind == "d2s":
             x = b.conv(x, 4 * draw(st.integers(1, 2)), (1, 1))
             _, c, h, w = b.shapes[x]

@@ -449,7 +449,10 @@ def _equal_split_spec(graph, devices, source) -> Spec | None:
     cuts = block_cuts(graph)
     head = head_start(graph)
     split = Split.rows({d: 1.0 for d in order})
-    spatial = len(cuts) if cuts and cuts[-1] == head else len(cuts) + 1
+    # Split every segment that ends at or before the head (none when the head is the first node, e.g. a
+    # model whose first op pools its input).
+    bounds = [0, *cuts, len(graph.nodes)]
+    spatial = sum(1 for stop in bounds[1:] if stop <= head)
     splits = [split] * spatial + [Split.whole(source)] * (len(cuts) + 1 - spatial)
     return Spec("equal_split", f"equal rows of {','.join(order)} per block, head on {source}",
                 tuple(cuts), tuple(splits))

@@ -561,8 +561,10 @@ def plan_frame(graph, profiles: dict[str, dict], links, source: str, options: di
     pool = sorted((e for e in est if e.predicted_s <= limit), key=lambda e: (len(spec_devices(e.spec)), e.predicted_s))
     # The search's numbers equal predict_plan's; still, the final pick is made on built plans.
     best = None
+    built: dict[int, float] = {}
     for e in pool[:3]:
         plan, pred = _evaluate(graph, e.spec, profiles, links, source, options)
+        built[id(e)] = pred.total_s
         if best is None or (len(spec_devices(e.spec)), pred.total_s) < (len(spec_devices(best[2])), best[1].total_s):
             best = (plan, pred, e.spec)
     plan, pred, spec = best
@@ -571,7 +573,9 @@ def plan_frame(graph, profiles: dict[str, dict], links, source: str, options: di
     report = []
     for i, e in enumerate(est):
         if i < keep or e.spec.strategy not in seen_strategies:
-            report.append({"strategy": e.spec.strategy, "label": e.spec.label, "predicted_s": e.predicted_s})
+            # Built plans report their own prediction (the search's equals it up to float rounding).
+            report.append({"strategy": e.spec.strategy, "label": e.spec.label,
+                           "predicted_s": built.get(id(e), e.predicted_s)})
         seen_strategies.add(e.spec.strategy)
     return PlanChoice(plan, "tilemesh", spec.label, list(spec.cuts), list(spec.splits), pred, report)
 

@@ -79,6 +79,10 @@ class NetNS:
             _run("ip", "addr", "add", f"{self.outer}/24", "dev", self.veth_out)
             _run("ip", "link", "set", self.veth_out, "up")
             inside = ["ip", "netns", "exec", self.name]
+            # IPv4 only inside: an IPv6 link-local address finishing duplicate detection a second after the link
+            # comes up is a network change to Chromium, which then fails a navigation with ERR_NETWORK_CHANGED.
+            conf = ("all", "default", "lo", self.veth_in)
+            _run(*inside, "sh", "-c", "; ".join(f"echo 1 > /proc/sys/net/ipv6/conf/{i}/disable_ipv6" for i in conf))
             _run(*inside, "ip", "link", "set", "lo", "up")
             _run(*inside, "ip", "addr", "add", f"{self.inner}/24", "dev", self.veth_in)
             _run(*inside, "ip", "link", "set", self.veth_in, "up")

@@ -124,19 +124,57 @@ class NumpyBackend:
 
 
 class OnnxRuntimeBackend:
-    """onnxruntime sessions built from IR nodes (CPython only), cached by nodes, pads and input shapes."""
+    """onnxruntime sessions built from IR nodes (CPython only), cached by nodes, pads and input shapes.
+
+    `run_segment` runs a whole tile's steps (`tiling.run_steps`) as one session of its `task_model`, cached by
+    the tile's geometry: what the edge computes with. With `blob` (the compact model's weight bytes, laid out
+    as `graph.compact_offsets` says) the task models carry no weights of their own but point into it as ONNX
+    external data, as in the browser.
+    """
 
     name = "onnxruntime"
+    BLOB_NAME = "model.bin"
 
-    def __init__(self, graph: Graph, threads: int = 1):
+    def __init__(self, graph: Graph, threads: int = 1, blob=None):
         import onnxruntime as ort
 
         self.graph = graph
+        self.threads = threads
         self._ort = ort
+        self._blob = blob
         self._opts = ort.SessionOptions()
         self._opts.intra_op_num_threads = threads
         self._opts.inter_op_num_threads = 1
         self._sessions: dict = {}
+        self.session_ms = 0.0  # total time spent creating sessions (plan adoption, not frames)
+
+    def segment_session(self, deps, keep):
+        """The session of one tile's steps (`task_model`), created on first use and kept."""
+        key = (deps.steps, tuple(sorted(deps.inputs.items())), tuple(keep))
+        entry = self._sessions.get(key)
+        if entry is None:
+            import time
+
+            from .task_model import task_model
+
+            t0 = time.perf_counter()
+            tm = task_model(self.graph, deps, keep, external=self.BLOB_NAME if self._blob is not None else None)
+            opts = self._opts
+            if self._blob is not None:
+                opts = self._ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
+                blob = memoryview(self._blob).cast("B")
+                opts.add_external_initializers_from_files_in_memory([self.BLOB_NAME], [blob], [len(blob)])
+            sess = self._ort.InferenceSession(tm.model, opts, providers=["CPUExecutionProvider"])
+            entry = self._sessions[key] = (sess, list(tm.outputs))
+            self.session_ms += (time.perf_counter() - t0) * 1e3
+        return entry
+
+    def run_segment(self, deps, inputs, keep):
+        """`tiling.run_steps` in one onnxruntime call: `inputs[t]` holds `deps.inputs[t]`; returns kept tiles."""
+        sess, outs = self.segment_session(deps, keep)
+        feeds = {t: np.ascontiguousarray(inputs[t], np.float32) for t in deps.inputs}
+        return dict(zip(outs, sess.run(outs, feeds), strict=True))
 
     def session(self, nodes: list[Node], input_shapes: dict[str, tuple[int, ...]], outputs: list[str]):
         key = (tuple(n.name for n in nodes), tuple(sorted(input_shapes.items())), tuple(outputs),

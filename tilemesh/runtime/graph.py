@@ -1063,14 +1063,26 @@ def _decode(v):
     return v
 
 
+def compact_offsets(graph: Graph) -> tuple[dict[str, int], int]:
+    """Byte offset of every weight in the compact .bin (in `graph.weights` order, each aligned) and its size.
+
+    A graph loaded from the compact form has its weights in the same order, so the offsets are those of the
+    blob the device downloaded (task models point into it as ONNX external data, `task_model`)."""
+    offsets, off = {}, 0
+    for key, w in graph.weights.items():
+        offsets[key] = off
+        off += -(-w.nbytes // _ALIGN) * _ALIGN
+    return offsets, off
+
+
 def compact_meta(graph: Graph) -> tuple[dict, list[tuple[int, np.ndarray]]]:
     """The JSON-ready topology and (offset, array) pairs of the weight blob."""
-    entries, chunks, off = [], [], 0
+    entries, chunks = [], []
+    offsets, off = compact_offsets(graph)
     for key, w in graph.weights.items():
         w = np.ascontiguousarray(w, dtype=w.dtype.newbyteorder("<"))
-        entries.append({"name": key, "dtype": w.dtype.str, "shape": list(w.shape), "offset": off})
-        chunks.append((off, w))
-        off += -(-w.nbytes // _ALIGN) * _ALIGN
+        entries.append({"name": key, "dtype": w.dtype.str, "shape": list(w.shape), "offset": offsets[key]})
+        chunks.append((offsets[key], w))
     meta = {
         "format": COMPACT_FORMAT,
         "version": COMPACT_VERSION,

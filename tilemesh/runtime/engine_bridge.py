@@ -1,0 +1,110 @@
+"""The Python side of a compute engine that lives outside Python (onnxruntime-web in the browser's worker).
+
+The worker's JavaScript (`tilemesh/web/ort_engine.js`) calls these plain functions; they hold no browser imports,
+so CPython tests drive them exactly as the worker does:
+
+* `use_engine(name, on)`: the peer hands its tasks out (`Peer(deferred=True)`) instead of computing with numpy;
+* `whole_model()` / `plan_models()`: the ONNX bytes (`task_model`, weights as external data into the compact
+  blob) of the whole graph, and of each task of the plan just adopted: the worker makes its sessions then;
+* `take_compute(reply)` / `computed(reply, ...)`: the loop that runs every `ComputeRequest` of a peer reply
+  and folds the effects of each answer back into that reply, until nothing is left to compute;
+* `local_input` / `local_result`: the single-device classifier around one whole-model run.
+
+Arrays cross once each way: the worker reads request inputs through `PyProxy.getBuffer()` (a view into
+Pyodide's heap that onnxruntime-web copies into its own), and results are assigned straight into fresh numpy
+arrays (`JsBuffer.assign_to`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import peer as peer_mod
+from .classify import frame_from_bytes, top_entries
+from .preprocess import preprocess
+from .task_model import graph_model, plan_task_models
+
+BLOB_NAME = "model.bin"  # the external-data location every task model names; the worker maps it to the blob
+
+_engine = {"name": "numpy", "reason": "numpy is the default"}
+
+
+def use_engine(name: str, on: bool, reason: str = "") -> dict:
+    """Compute this peer's tasks with engine `name` outside Python (`on`), or with numpy; returns the choice."""
+    p = peer_mod.current()
+    p.deferred = bool(on)
+    if p.runner is not None:
+        p.runner.deferred = bool(on)
+    _engine.update(name=name if on else "numpy", reason=reason)
+    return dict(_engine)
+
+
+def engine() -> dict:
+    return dict(_engine)
+
+
+def blob_path(model_json: str) -> str:
+    """The weight blob of a compact model (what the task models' external data points into)."""
+    path = Path(model_json)
+    meta = json.loads(path.read_text())
+    return str(path.with_name(meta.get("bin", path.stem + ".bin")))
+
+
+def whole_model() -> dict:
+    return graph_model(peer_mod.current().graph, external=BLOB_NAME).to_dict()
+
+
+def plan_models() -> dict | None:
+    """The current plan's task models, in task order (None when this device has no task in it)."""
+    p = peer_mod.current()
+    if p.runner is None:
+        return None
+    t0 = time.perf_counter()
+    models = [m.to_dict() for m in plan_task_models(p.graph, p.runner.dplan, external=BLOB_NAME)]
+    return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def take_compute(reply: dict) -> list[dict]:
+    """Remove and return the reply's compute requests, each with its inputs as contiguous float32 arrays."""
+    reqs = reply.pop("compute", None) or []
+    return [{"frame": r.frame, "task": r.task, "segment": r.segment, "keep": list(r.keep),
+             "inputs": [[t, np.ascontiguousarray(a, np.float32)] for t, a in r.inputs.items()]} for r in reqs]
+
+
+def _array(data, shape) -> np.ndarray:
+    shape = tuple(int(d) for d in shape)
+    if hasattr(data, "assign_to"):  # a JS typed array in Pyodide: one copy, straight into the numpy array
+        out = np.empty(shape, np.float32)
+        data.assign_to(out)
+        return out
+    return np.frombuffer(memoryview(data).cast("B"), np.float32).reshape(shape).copy()
+
+
+def computed(reply: dict, plan_id: int, frame: int, task: int, names, datas, shapes) -> dict:
+    """Hand the engine's outputs of one request to the peer; its effects join `reply` (new compute included)."""
+    outputs = {str(n): _array(d, s) for n, d, s in zip(names, datas, shapes, strict=True)}
+    more = peer_mod.current().computed(int(plan_id), int(frame), int(task), outputs)
+    for key in ("out", "results", "reports", "compute"):
+        reply[key] = list(reply.get(key) or []) + list(more.get(key) or [])
+    for key in ("tasks_run", "plan_id"):
+        if key in more:
+            reply[key] = more[key]
+    return reply
+
+
+def local_input(data, height: int, width: int) -> list:
+    """The single-device classifier's model input for one frame, and the preprocessing time."""
+    t0 = time.perf_counter()
+    x = np.ascontiguousarray(preprocess(frame_from_bytes(data, int(height), int(width))), np.float32)
+    return [x, (time.perf_counter() - t0) * 1e3]
+
+
+def local_result(logits, shape, preprocess_ms: float, compute_ms: float, k: int = 5) -> dict:
+    """What `classify_local` returns, from the engine's logits."""
+    labels = peer_mod.current().classifier.labels
+    return {"top": top_entries(_array(logits, shape), labels, int(k)), "preprocess_ms": float(preprocess_ms),
+            "compute_ms": float(compute_ms), "engine": _engine["name"]}

@@ -14,6 +14,12 @@ export const MODEL_FILES = [
   { url: "/model/card.json", path: "/model/card.json" },
 ];
 
+export function engineOptionsFromUrl(search = self.location ? self.location.search : "") {
+  const q = new URLSearchParams(search);
+  const threads = Number(q.get("ort_threads")) || undefined;
+  return { disabled: q.get("ort") === "off", threads };
+}
+
 export class PeerRuntime {
   constructor({ onProgress = () => {}, workerUrl = "/web/runtime_worker.js" } = {}) {
     this.worker = new Worker(workerUrl, { type: "module" });
@@ -46,8 +52,10 @@ export class PeerRuntime {
     });
   }
 
+  // `options.ort` ({threads, disabled}) defaults to the page's query: `?ort=off` computes with numpy only,
+  // `?ort_threads=N` fixes onnxruntime-web's thread count (default min(4, cores) when cross-origin isolated).
   boot(options = {}) {
-    const booting = this._send({ cmd: "boot", options });
+    const booting = this._send({ cmd: "boot", options: { ort: engineOptionsFromUrl(), ...options } });
     booting.then(this._booted, () => {});
     return booting;
   }

@@ -2,9 +2,13 @@
 // Compute lives here so the camera and UI on the main thread stay smooth; the main thread owns the
 // RTCPeerConnections (they do not exist in Workers) and hands buffers over as transferables.
 import { loadPyodide } from "/static/vendor/pyodide/pyodide.mjs";
+import { OrtEngine } from "/web/ort_engine.js";
 
 let pyodide = null;
 let booting = null;
+let engineOptions = {};   // boot option `ort`: {threads, disabled}
+let engine = null;        // OrtEngine once the model is loaded (numpy when it is not active)
+const PEER = "tilemesh.runtime.peer";
 
 function progress(stage, fraction, detail = "") {
   postMessage({ type: "progress", stage, fraction, detail });
@@ -54,8 +58,10 @@ function versioned(url, versions) {
 }
 
 // `files`: [{url, path}] fetched into Pyodide's file system after boot (the model, labels), with byte progress.
-async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/tilemesh_runtime.zip", files = [] } = {}) {
+async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/tilemesh_runtime.zip", files = [],
+  ort = {} } = {}) {
   const t0 = performance.now();
+  engineOptions = ort;
   const versions = await assetVersions();
   const indexURL = "/static/vendor/pyodide/";
   await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.35);
@@ -108,8 +114,12 @@ async function call({ module, fn, args = [] }) {
   try {
     const pyArgs = args.map((a) => (a !== null && typeof a === "object" ? pyodide.toPy(a) : a));
     try {
+      if (module === PEER && fn === "classify_local" && engine && engine.active) {
+        return toJs(await engine.classifyLocal(pyArgs));
+      }
       let result = mod[fn](...pyArgs);
       if (result && typeof result.then === "function") result = await result;
+      if (module === PEER) result = await afterPeerCall(fn, args, result);
       return toJs(result);
     } finally {
       pyArgs.forEach((a) => a && a.destroy && a.destroy());
@@ -119,7 +129,29 @@ async function call({ module, fn, args = [] }) {
   }
 }
 
-onmessage = async (event) => {
+// The compute engine around the peer's calls: loaded with the model, sessions made when a plan is adopted, and
+// every `compute` request of a reply run before the reply leaves the worker.
+async function afterPeerCall(fn, args, result) {
+  if (fn === "load") {
+    // A second load (the /ar overlay inside a room) makes a fresh Python peer: rebind it to the same engine.
+    if (!engine || engine.modelJson !== args[0]) engine = new OrtEngine(pyodide, engineOptions);
+    const info = engineOptions.disabled
+      ? { engine: "numpy", reason: "onnxruntime-web turned off for this page (?ort=off)" }
+      : await engine.init(args[0]);
+    result.set("engine", pyodide.toPy(info));
+    return result;
+  }
+  if (!engine) return result;
+  if (fn === "set_plan") result = await engine.adopt(result);
+  return engine.drain(result);
+}
+
+// One message at a time, in arrival order: a call that awaits the engine must not interleave with the next one
+// (Python state, and the heap views handed to onnxruntime-web, stay still while a task runs).
+let queue = Promise.resolve();
+onmessage = (event) => { queue = queue.then(() => handle(event)); };
+
+async function handle(event) {
   const { id, cmd } = event.data;
   try {
     let value;
@@ -131,4 +163,4 @@ onmessage = async (event) => {
   } catch (err) {
     postMessage({ type: "error", id, message: String(err && err.message ? err.message : err) });
   }
-};
+}

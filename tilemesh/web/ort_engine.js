@@ -1,0 +1,236 @@
+// onnxruntime-web inside the peer runtime's Worker: runs the tiles the Python peer hands out.
+//
+// The Python peer (tilemesh.runtime.peer, in deferred mode) stays in charge of plans, regions, halos and the
+// wire; it answers every event with a reply whose `compute` list names the tasks whose inputs are all here.
+// This module runs those tasks, each in the onnxruntime-web session made for it when the plan was adopted
+// (tilemesh.runtime.task_model: the tile's steps with its own pads, weights as external data in the compact
+// model's blob), and folds each result back into the reply (tilemesh.runtime.engine_bridge) until nothing is
+// left to compute; only then does the worker post the reply to the main thread.
+//
+// Data path: a request's inputs are read through PyProxy.getBuffer() (a view into Pyodide's heap that
+// onnxruntime-web copies into its own), and outputs are assigned straight into numpy arrays: one copy each way.
+// Any failure leaves the device on numpy (the reference), with the reason in `engine.reason`.
+const ORT_URL = "/static/vendor/ort/";
+const BRIDGE = "tilemesh.runtime.engine_bridge";
+const BLOB_NAME = "model.bin";
+
+export function defaultThreads() {
+  // Threads need SharedArrayBuffer, i.e. a cross-origin isolated page (our COOP/COEP headers).
+  return self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+}
+
+export class OrtEngine {
+  constructor(pyodide, { threads } = {}) {
+    this.pyodide = pyodide;
+    this.threads = threads || defaultThreads();
+    this.ort = null;
+    this.active = false;
+    this.whole = null;       // {session, outputs} of the whole graph (single-device classifier, profile)
+    this.plan = null;        // {planId, tasks: [{session, outputs}]}
+    this.info = { engine: "numpy", reason: "onnxruntime-web not loaded" };
+  }
+
+  bridge() { return this.pyodide.pyimport(BRIDGE); }
+
+  // Load onnxruntime-web and make the whole-model session; on success the peer hands its tasks to this engine.
+  async init(modelJson) {
+    const t0 = performance.now();
+    const bridge = this.bridge();
+    if (this.active && this.modelJson === modelJson) {
+      bridge.use_engine(this.info.engine, true, this.info.reason).destroy();
+      bridge.destroy();
+      return this.info;
+    }
+    this.modelJson = modelJson;
+    try {
+      this.ort = await import(ORT_URL + "ort.wasm.min.mjs");
+      const env = this.ort.env;
+      env.wasm.wasmPaths = ORT_URL;
+      env.wasm.numThreads = self.crossOriginIsolated ? this.threads : 1;  // fixed by the first session
+      env.wasm.proxy = false;
+      this.blob = this.pyodide.FS.readFile(bridge.blob_path(modelJson));
+      const whole = bridge.whole_model();
+      try { this.whole = await this._session(whole); } finally { whole.destroy(); }
+      const threads = env.wasm.numThreads;
+      const name = "ort-wasm";
+      const reason = `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
+        (self.crossOriginIsolated ? "" : " (no cross-origin isolation: no threads)");
+      bridge.use_engine(name, true, reason).destroy();
+      this.active = true;
+      this.info = { engine: name, reason, threads, init_ms: performance.now() - t0,
+        session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
+    } catch (err) {
+      this.active = false;
+      this.info = { engine: "numpy", reason: `onnxruntime-web unavailable: ${err && err.message ? err.message : err}` };
+      try { bridge.use_engine("numpy", false, this.info.reason).destroy(); } catch { /* peer not loaded */ }
+      console.warn("tilemesh:", this.info.reason);
+    } finally {
+      bridge.destroy();
+    }
+    return this.info;
+  }
+
+  // A TaskModel dict (PyProxy) -> {session, outputs, createMs}.
+  async _session(model) {
+    const bytes = model.get("model");
+    const buf = bytes.getBuffer("u8");
+    const t0 = performance.now();
+    try {
+      const session = await this.ort.InferenceSession.create(buf.data, {
+        executionProviders: ["wasm"],
+        graphOptimizationLevel: "all",
+        externalData: [{ path: BLOB_NAME, data: this.blob }],
+      });
+      const outs = model.get("outputs");
+      const outputs = [...outs.keys()];
+      outs.destroy();
+      return { session, outputs, createMs: performance.now() - t0 };
+    } finally {
+      buf.release();
+      bytes.destroy();
+    }
+  }
+
+  // After `set_plan`: one session per task of this device's plan, made now and never per frame. Adds the
+  // creation time to the reply (`sessions_ms`).
+  async adopt(reply) {
+    if (!this.active) return reply;
+    const old = this.plan;
+    this.plan = null;
+    if (old) for (const t of old.tasks) t.session.release().catch(() => {});
+    const bridge = this.bridge();
+    const t0 = performance.now();
+    const models = bridge.plan_models();
+    try {
+      if (!models) return reply;
+      const tasks = [];
+      const list = models.get("tasks");
+      try {
+        for (let i = 0; i < list.length; i++) {
+          const m = list.get(i);
+          try { tasks.push(await this._session(m)); } finally { m.destroy(); }
+        }
+      } finally { list.destroy(); }
+      this.plan = { planId: models.get("plan_id"), tasks };
+      reply.set("sessions_ms", performance.now() - t0);
+      reply.set("engine", this.info.engine);
+    } catch (err) {
+      // The plan still runs: this device falls back to numpy, and says why.
+      this._fallBack(bridge, `sessions for plan failed: ${err.message || err}`);
+    } finally {
+      if (models) models.destroy();
+      bridge.destroy();
+    }
+    return reply;
+  }
+
+  _fallBack(bridge, reason) {
+    this.active = false;
+    this.info = { engine: "numpy", reason };
+    bridge.use_engine("numpy", false, reason).destroy();
+    console.warn("tilemesh: back to numpy:", reason);
+  }
+
+  async _run(entry, feedsFrom) {
+    const feeds = {};
+    const bufs = [];
+    try {
+      for (const [name, arr] of feedsFrom) {
+        const buf = arr.getBuffer("f32");
+        bufs.push(buf);
+        feeds[name] = new this.ort.Tensor("float32", buf.data, buf.shape);
+      }
+      return await entry.session.run(feeds, entry.outputs);
+    } finally {
+      for (const b of bufs) b.release();
+    }
+  }
+
+  // Run every compute request of `reply` (a PyProxy dict from the peer), folding results back, until none is left.
+  async drain(reply) {
+    if (!reply || reply.type !== "dict" || !reply.has("compute")) return reply;
+    const bridge = this.bridge();
+    let computeMs = 0;
+    let runs = 0;
+    let fallbacks = 0;
+    try {
+      for (;;) {
+        const reqs = bridge.take_compute(reply);
+        const n = reqs.length;
+        try {
+          if (n === 0) break;
+          const planId = reply.get("plan_id");
+          for (let i = 0; i < n; i++) {
+            const req = reqs.get(i);
+            try {
+              const task = req.get("task");
+              const entry = this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
+              if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req).destroy(); continue; }
+              const inputs = req.get("inputs");
+              const pairs = [];
+              for (let j = 0; j < inputs.length; j++) {
+                const pair = inputs.get(j);
+                pairs.push([pair.get(0), pair.get(1)]);
+                pair.destroy();
+              }
+              inputs.destroy();
+              const t0 = performance.now();
+              let results;
+              try {
+                results = await this._run(entry, pairs);
+              } catch (err) {
+                this._fallBack(bridge, `onnxruntime-web failed on a task: ${err.message || err}`);
+                fallbacks++;
+                bridge.computed_numpy(reply, planId, req).destroy();
+                continue;
+              } finally {
+                for (const [, a] of pairs) a.destroy();
+              }
+              computeMs += performance.now() - t0;
+              runs++;
+              const names = entry.outputs;
+              bridge.computed(reply, planId, req.get("frame"), task, names, names.map((k) => results[k].data),
+                names.map((k) => results[k].dims)).destroy();
+            } finally {
+              req.destroy();
+            }
+          }
+        } finally {
+          reqs.destroy();
+        }
+      }
+      // For tests and logs: tasks run by the engine, and by numpy because the engine had no session or failed.
+      reply.set("engine_ms", computeMs);
+      reply.set("engine_runs", runs);
+      reply.set("numpy_runs", fallbacks);
+    } finally {
+      bridge.destroy();
+    }
+    return reply;
+  }
+
+  // The single-device classifier on the whole-model session (`args` as the worker converted them for Python).
+  async classifyLocal([data, height, width, k = 5]) {
+    const bridge = this.bridge();
+    const input = bridge.local_input(data, height, width);
+    try {
+      const x = input.get(0);
+      const t0 = performance.now();
+      let out;
+      try {
+        out = await this._run(this.whole, [[this.whole.inputName || this._wholeInput(), x]]);
+      } finally { x.destroy(); }
+      const ms = performance.now() - t0;
+      const logits = out[this.whole.outputs[0]];
+      return bridge.local_result(logits.data, logits.dims, input.get(1), ms, k);
+    } finally {
+      input.destroy();
+      bridge.destroy();
+    }
+  }
+
+  _wholeInput() {
+    this.whole.inputName = this.whole.session.inputNames[0];
+    return this.whole.inputName;
+  }
+}

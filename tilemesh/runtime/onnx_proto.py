@@ -137,16 +137,18 @@ def _node(n: OnnxNode) -> bytes:
     return out
 
 
-def _value_info(name: str, shape: Iterable[int | None], elem_type: int = FLOAT) -> bytes:
-    dims = b"".join(_bytes(1, _int(1, d) if d is not None else b"") for d in shape)
-    tensor_type = _int(1, elem_type) + _bytes(2, dims)
+def _value_info(name: str, shape: Iterable[int | None] | None, elem_type: int = FLOAT) -> bytes:
+    tensor_type = _int(1, elem_type)
+    if shape is not None:  # None: rank and shape unknown
+        tensor_type += _bytes(2, b"".join(_bytes(1, _int(1, d) if d is not None else b"") for d in shape))
     return _str(1, name) + _bytes(2, _bytes(1, tensor_type))
 
 
 def model_bytes(nodes: Sequence[OnnxNode], inputs: Mapping[str, Sequence[int]], outputs: Mapping[str, Sequence],
                 initializers: Sequence[Initializer] = (), *, opset: int = 17, ir_version: int = 8,
                 name: str = "tilemesh") -> bytes:
-    """A serialized ModelProto: float32 graph `inputs`/`outputs` (name -> shape; None for an unknown dim)."""
+    """A serialized ModelProto: float32 graph `inputs`/`outputs` (name -> shape; None for an unknown dim, or
+    instead of the shape when even the rank is unknown)."""
     g = b"".join(_bytes(1, _node(n)) for n in nodes) + _str(2, name)
     g += b"".join(_bytes(5, _tensor(t)) for t in initializers)
     g += b"".join(_bytes(11, _value_info(t, s)) for t, s in inputs.items())

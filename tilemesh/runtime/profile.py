@@ -181,33 +181,38 @@ def _chain_block(graph) -> list:
     return [by_name[n] for n in best.nodes]
 
 
-def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, name: str | None = None) -> dict:
-    """Time representative nodes of `graph` on this device; return a JSON-able profile.
-
-    `budget_s` is spread over the samples (each gets at least 3 timed repetitions, so a very slow
-    device overruns it rather than returning noise).
-    """
-    if backend is None:
-        from .backend import NumpyBackend
-
-        backend = NumpyBackend(graph)
-    rng = np.random.default_rng(seed)
-    reps = _representatives(graph)
-    per = budget_s / (len(reps) + 3)
-
-    # Overhead: one tiny elementwise node, i.e. dispatch plus one ufunc call.
+def _overhead_node():
     from .graph import Node
 
-    tiny = Node("_probe", "Clip", ("_x",), "_y", {"min": 0.0, "max": 6.0})
-    tx = rng.standard_normal((1, 1, 1, 1)).astype(np.float32)
-    overhead = _time_call(lambda: backend.run_node(tiny, [tx]), per)
+    return Node("_probe", "Clip", ("_x",), "_y", {"min": 0.0, "max": 6.0})
 
-    samples = []
-    for cls, node in reps:
-        ins = [rng.standard_normal(graph.shapes[t]).astype(np.float32) for t in node.inputs]
-        t = _time_call(lambda node=node, ins=ins: backend.run_node(node, ins), per)
-        samples.append({"node": node.name, "class": cls, "macs": _full_macs(graph, node), "seconds": t})
 
+def profile_probes(graph, seed: int = 0) -> list[dict]:
+    """What a profile times, for any engine: the dispatch overhead (a 1x1 Clip), a few representative nodes
+    run whole, and one real block chained. Each probe: `key`, `kind` (overhead/node/chain), `nodes` (IR nodes
+    run together), `feeds` (random inputs), `outputs`, and for node probes `class` and `macs`."""
+    rng = np.random.default_rng(seed)
+    tiny = _overhead_node()
+    probes = [{"key": "overhead", "kind": "overhead", "nodes": [tiny], "outputs": [tiny.output],
+               "feeds": {"_x": rng.standard_normal((1, 1, 1, 1)).astype(np.float32)}}]
+    for cls, node in _representatives(graph):
+        feeds = {t: rng.standard_normal(graph.shapes[t]).astype(np.float32) for t in node.inputs}
+        probes.append({"key": f"node:{node.name}", "kind": "node", "class": cls, "nodes": [node],
+                       "outputs": [node.output], "feeds": feeds, "macs": _full_macs(graph, node)})
+    block = _chain_block(graph)
+    produced = {n.output for n in block}
+    feeds = {t: rng.standard_normal(graph.shapes[t]).astype(np.float32)
+             for n in block for t in n.inputs if t not in produced}
+    probes.append({"key": "chain", "kind": "chain", "nodes": block, "outputs": [block[-1].output], "feeds": feeds})
+    return probes
+
+
+def profile_from_timings(graph, probes: list[dict], seconds: dict[str, float], backend: str,
+                         name: str | None = None, **extra) -> dict:
+    """The profile (sec_per_mac per class, overhead, chain_factor) from each probe's measured `seconds`."""
+    overhead = float(seconds["overhead"])
+    samples = [{"node": p["nodes"][0].name, "class": p["class"], "macs": p["macs"], "seconds": float(seconds[p["key"]])}
+               for p in probes if p["kind"] == "node"]
     spm = {}
     for cls in OP_CLASSES:
         ss = [s for s in samples if s["class"] == cls]
@@ -223,25 +228,49 @@ def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, n
             spm[cls] = spm.get(fallback[cls]) or (min(known) if known else 1e-9)
 
     profile = {"version": PROFILE_VERSION, "sec_per_mac": spm, "overhead_s": overhead, "chain_factor": 1.0}
-
-    block = _chain_block(graph)
-    produced = {n.output for n in block}
-    feeds = {t: rng.standard_normal(graph.shapes[t]).astype(np.float32)
-             for n in block for t in n.inputs if t not in produced}
-    measured = _time_call(lambda: backend.run_nodes(block, feeds, [block[-1].output]), 2 * per)
+    (chain,) = [p for p in probes if p["kind"] == "chain"]
+    block = chain["nodes"]
+    measured = float(seconds["chain"])
     predicted = sum(predict_node_seconds(profile, graph, n, _full_macs(graph, n)) for n in block)
     # Clamped: a chained run is never much faster than its parts, and a wild ratio means a hiccup.
     profile["chain_factor"] = float(min(3.0, max(0.8, measured / predicted))) if predicted > 0 else 1.0
-
-    from .kernels import dot_name
-
     profile.update({
-        "backend": getattr(backend, "name", type(backend).__name__),
-        "dot": dot_name(),
+        "backend": backend,
         "platform": sys.platform,
         "samples": samples,
         "chain": {"nodes": [block[0].name, block[-1].name], "seconds": measured, "predicted": predicted},
+        **extra,
     })
     if name is not None:
         profile["name"] = name
     return profile
+
+
+def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, name: str | None = None) -> dict:
+    """Time representative nodes of `graph` on this device through `backend` (numpy by default); return a
+    JSON-able profile.
+
+    `budget_s` is spread over the samples (each gets at least 3 timed repetitions, so a very slow
+    device overruns it rather than returning noise). An engine outside Python times the same
+    `profile_probes` itself and calls `profile_from_timings` (the browser's onnxruntime-web).
+    """
+    if backend is None:
+        from .backend import NumpyBackend
+
+        backend = NumpyBackend(graph)
+    probes = profile_probes(graph, seed)
+    per = budget_s / (len(probes) + 2)
+    seconds = {}
+    for p in probes:
+        if p["kind"] == "chain":
+            seconds[p["key"]] = _time_call(lambda p=p: backend.run_nodes(p["nodes"], p["feeds"], p["outputs"]), 2 * per)
+        else:
+            node = p["nodes"][0]
+            ins = [p["feeds"][t] for t in node.inputs]
+            seconds[p["key"]] = _time_call(lambda node=node, ins=ins: backend.run_node(node, ins), per)
+
+    from .kernels import dot_name
+
+    extra = {"dot": dot_name()} if getattr(backend, "name", "") == "numpy" else {}
+    return profile_from_timings(graph, probes, seconds, getattr(backend, "name", type(backend).__name__), name,
+                                **extra)

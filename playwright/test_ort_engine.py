@@ -139,3 +139,24 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     np.testing.assert_allclose([t["p"] for t in results[0]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
     assert [t["segment"] for t in results[0]["report"]["tasks"]] == [0, 1]
     assert runs == {"engine_runs": 2, "numpy_runs": 0}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_profile_chooses_the_faster_engine(page, server, threads):
+    """The device times the profile's probes on numpy and on onnxruntime-web and reports the faster one's
+    profile (how close predictions come is for bench/backends.py to print, not for a test to assert)."""
+    boot(page, server, threads)
+    prof = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'profile', [])")
+    engines = prof["engines"]
+    assert set(engines) == {"ort-wasm", "numpy"}, prof
+    assert prof["backend"] == min(engines, key=engines.get) == "ort-wasm", engines  # about 3-6x apart here
+    assert f"{threads} thread" in prof["engine_reason"]
+    # Calibrated on the measured whole model (a lone node's session also copies its input and output).
+    assert engines["ort-wasm"] == pytest.approx(prof["model_ms"], rel=0.05)
+    assert prof["chain"]["calibrated"] == "whole model"
+    print(f"\n{threads} thread(s): predicted whole model numpy {engines['numpy']:.1f} ms, ort-wasm "
+          f"{engines['ort-wasm']:.1f} ms, measured {prof['model_ms']:.1f} ms")
+    # Frames now go to onnxruntime-web: the local classifier says so.
+    img = np.ascontiguousarray(skimage.data.chelsea())
+    got = page.evaluate(CLASSIFY, [base64.b64encode(img.tobytes()).decode(), *img.shape[:2]])
+    assert got["engine"] == "ort-wasm"

@@ -108,3 +108,37 @@ def test_local_classifier_through_the_whole_model(files):
     want = peer_mod.classify_local(frame.tobytes(), 256, 256)
     assert [t["index"] for t in got["top"]] == [t["index"] for t in want["top"]]
     np.testing.assert_allclose([t["p"] for t in got["top"]], [t["p"] for t in want["top"]], atol=1e-4)
+
+
+def test_engine_profile_from_probes_and_the_choice(files):
+    """The engine times `engine_probes` (here native onnxruntime); the peer takes whichever engine its profile
+    predicts faster than numpy's, and the planner gets that profile."""
+    import time
+
+    from tilemesh.runtime.profile import measure_profile, predict_graph_seconds, scaled_profile, validate_profile
+
+    model_json, labels_json, bin_path = files
+    peer_mod.load(model_json, labels_json)
+    graph = peer_mod.current().graph
+    engine = NativeEngine(bin_path.read_bytes())
+    seconds = {}
+    for probe in bridge.engine_probes():
+        sess, outs = engine.session(probe)
+        feeds = dict(probe["inputs"])
+        sess.run(outs, feeds)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            sess.run(outs, feeds)
+        seconds[probe["key"]] = (time.perf_counter() - t0) / 5
+    assert {"call", "overhead", "chain"} <= set(seconds) and len(seconds) >= 6
+    numpy_prof = measure_profile(graph, budget_s=0.05)
+    fast = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0, numpy_profile=numpy_prof)
+    validate_profile(fast)
+    assert fast["backend"] == "onnxruntime" and peer_mod.current().deferred
+    assert predict_graph_seconds(fast, graph) * 1e3 == pytest.approx(5.0, rel=1e-6)  # calibrated on the model
+    # Against a numpy that were 1000x faster, the device stays on numpy, says why, and reports numpy's profile.
+    slow = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0,
+                                 numpy_profile=scaled_profile(numpy_prof, 1000))
+    assert slow["backend"] == "numpy" and "numpy predicted faster" in slow["engine_reason"]
+    assert slow["sec_per_mac"] == scaled_profile(numpy_prof, 1000)["sec_per_mac"]
+    assert not peer_mod.current().deferred

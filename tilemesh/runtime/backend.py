@@ -181,20 +181,9 @@ class OnnxRuntimeBackend:
                tuple(tuple(n.attrs.get("pads", ())) for n in nodes))
         sess = self._sessions.get(key)
         if sess is None:
-            from .graph import external_inputs
-            from .onnx_proto import Initializer, model_bytes
-            from .task_model import lower_node
+            from .task_model import nodes_model
 
-            onodes, inits, seen = [], [], set()
-            for n in nodes:
-                onode, consts = lower_node(n)
-                onodes.append(onode)
-                for k, v in [*consts.items(), *((p, self.graph.weights[p]) for p in n.params)]:
-                    if k not in seen:
-                        seen.add(k)
-                        inits.append(Initializer.from_array(k, v))
-            ins = {t: input_shapes.get(t, self.graph.shapes.get(t)) for t in external_inputs(nodes)}
-            model = model_bytes(onodes, ins, dict.fromkeys(outputs), inits)
+            model = nodes_model(self.graph, nodes, input_shapes, outputs)
             sess = self._ort.InferenceSession(model, self._opts, providers=["CPUExecutionProvider"])
             self._sessions[key] = sess
         return sess

@@ -25,8 +25,10 @@ import numpy as np
 
 from . import peer as peer_mod
 from .classify import frame_from_bytes, top_entries
+from .graph import Node
 from .preprocess import preprocess
-from .task_model import graph_model, plan_task_models
+from .profile import predict_graph_seconds, profile_from_timings, profile_probes
+from .task_model import graph_model, nodes_model, plan_task_models
 
 BLOB_NAME = "model.bin"  # the external-data location every task model names; the worker maps it to the blob
 
@@ -111,6 +113,65 @@ def computed(reply: dict, plan_id: int, frame: int, task: int, names, datas, sha
         if key in more:
             reply[key] = more[key]
     return reply
+
+
+# --------------------------------------------------------------------------- choosing the engine by profile
+
+_OVERHEAD_CHAIN = 20
+_probes: list[dict] = []
+
+
+def engine_probes() -> list[dict]:
+    """The profile's probes as models for the engine: `{key, model, inputs: [[name, array]], outputs}`.
+
+    Inside one session a node costs far less than a call from JavaScript, so the engine's per-node overhead is
+    measured as the slope of a chain of tiny nodes (`call` is one node, `overhead` 20), and the call cost is taken
+    off every other probe (`engine_profile`); a whole task pays it once."""
+    global _probes
+    graph = peer_mod.current().graph
+    _probes = profile_probes(graph)
+    rng = np.random.default_rng(1)
+    tiny = [Node(f"_probe{i}", "Clip", (f"_y{i - 1}" if i else "_x",), f"_y{i}", {"min": 0.0, "max": 6.0})
+            for i in range(_OVERHEAD_CHAIN)]
+    x = {"_x": rng.standard_normal((1, 1, 1, 1)).astype(np.float32)}
+    timed = [("call", tiny[:1], x, [tiny[0].output]), ("overhead", tiny, x, [tiny[-1].output])]
+    timed += [(p["key"], p["nodes"], p["feeds"], p["outputs"]) for p in _probes if p["kind"] != "overhead"]
+    out = []
+    for key, nodes, feeds, outputs in timed:
+        shapes = {t: a.shape for t, a in feeds.items()}
+        model = nodes_model(graph, nodes, shapes, outputs, external=BLOB_NAME)
+        out.append({"key": key, "model": model, "outputs": dict.fromkeys(outputs),
+                    "inputs": [[t, np.ascontiguousarray(a)] for t, a in feeds.items()]})
+    return out
+
+
+def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, numpy_profile=None) -> dict:
+    """The engine's profile from its probe timings; the peer then uses whichever of numpy (`numpy_profile`, when
+    given) and the engine predicts the whole model faster. Returns the chosen profile (what the planner gets),
+    with `engines`: each one's predicted whole-model ms, and `engine_reason`."""
+    graph = peer_mod.current().graph
+    sec = {str(k): float(v) for k, v in dict(seconds).items()}
+    call = sec["call"]
+    per_node = max((sec["overhead"] - call) / (_OVERHEAD_CHAIN - 1), 0.0)
+    adjusted = {k: max(v - call, 0.0) + per_node for k, v in sec.items() if k not in ("call", "overhead")}
+    adjusted["overhead"] = per_node
+    prof = profile_from_timings(graph, _probes, adjusted, name, call_s=call,
+                                model_ms=round(float(model_ms), 3) if model_ms else None)
+    if model_ms:
+        # A lone node's session also copies its input in and its output out, which a fused task does not: the
+        # probes alone overestimate the engine 1.5-2.5x. The whole model's measured time sets the chain factor.
+        unchained = predict_graph_seconds({**prof, "chain_factor": 1.0}, graph)
+        prof["chain_factor"] = float(min(3.0, max(0.2, float(model_ms) / 1e3 / unchained)))
+        prof["chain"]["calibrated"] = "whole model"
+    preds = {name: predict_graph_seconds(prof, graph) * 1e3}
+    numpy_profile = dict(numpy_profile) if numpy_profile is not None else None
+    if numpy_profile is not None:
+        preds["numpy"] = predict_graph_seconds(numpy_profile, graph) * 1e3
+    use = name if preds[name] <= preds.get("numpy", float("inf")) else "numpy"
+    why = reason if use == name else f"numpy predicted faster than {name} ({reason})"
+    use_engine(name, use == name, why)
+    chosen = prof if use == name else numpy_profile
+    return {**chosen, "backend": use, "engines": {k: round(v, 2) for k, v in preds.items()}, "engine_reason": why}
 
 
 def local_input(data, height: int, width: int) -> list:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .deps import SegmentDeps, segment_deps
-from .graph import Graph, Node, compact_offsets
+from .graph import Graph, Node, compact_offsets, external_inputs
 from .onnx_proto import External, Initializer, OnnxNode, model_bytes
 from .regions import Region, is_spatial, plane
 
@@ -136,6 +136,30 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
     ins = {t: tile_shape(graph, t, r) for t, r in deps.inputs.items()}
     outs = {t: tile_shape(graph, t, have[t]) for t in keep}
     return TaskModel(model_bytes(onodes, ins, outs, inits, opset=opset), ins, outs)
+
+
+def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: str | None = None) -> bytes:
+    """A model of `nodes` run as they are (no tiling): inputs shaped by `input_shapes` (else the graph's), output
+    shapes left to the engine. Nodes need not belong to the graph (a profile's probes), their weights must."""
+    onodes, inits, seen = [], [], set()
+    offsets = compact_offsets(graph)[0] if external else {}
+    for n in nodes:
+        onode, consts = lower_node(n)
+        onodes.append(onode)
+        for k, v in consts.items():
+            if k not in seen:
+                seen.add(k)
+                inits.append(Initializer.from_array(k, v))
+        for k in n.params:
+            if k in seen:
+                continue
+            seen.add(k)
+            w = graph.weights[k]
+            inits.append(Initializer(k, tuple(int(d) for d in w.shape), np.dtype(np.float32),
+                                     external=External(external, offsets[k], int(w.nbytes))) if external
+                         else Initializer.from_array(k, w))
+    ins = {t: tuple(input_shapes.get(t, graph.shapes.get(t))) for t in external_inputs(nodes)}
+    return model_bytes(onodes, ins, dict.fromkeys(outputs), inits)
 
 
 def whole_deps(graph: Graph, nodes=None, outputs=None) -> SegmentDeps:

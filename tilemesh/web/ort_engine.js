@@ -19,6 +19,25 @@ export function defaultThreads() {
   return self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
 }
 
+// Seconds of one call of `fn` (async), as tilemesh.runtime.profile._time_call: a warm-up, repetitions adapted
+// to the budget, the lower quartile (other processes only ever add time).
+export async function timeCall(fn, budgetS) {
+  let t0 = performance.now();
+  await fn();
+  const first = (performance.now() - t0) / 1e3;
+  const inner = first >= 0.002 ? 1 : Math.min(1000, Math.floor(0.002 / Math.max(first, 1e-7)) + 1);
+  const one = Math.max(first * inner, 1e-9);
+  const reps = Math.floor(Math.max(5 * one > budgetS ? 3 : 5, Math.min(21, budgetS / one)));
+  const samples = [];
+  for (let r = 0; r < reps; r++) {
+    t0 = performance.now();
+    for (let k = 0; k < inner; k++) await fn();
+    samples.push((performance.now() - t0) / 1e3 / inner);
+  }
+  samples.sort((a, b) => a - b);
+  return samples[samples.length >> 2];
+}
+
 export class OrtEngine {
   constructor(pyodide, { threads } = {}) {
     this.pyodide = pyodide;
@@ -207,6 +226,62 @@ export class OrtEngine {
       bridge.destroy();
     }
     return reply;
+  }
+
+  // After the numpy profile (`numpyProfile`, a PyProxy dict): time the same probes on onnxruntime-web, and let
+  // the peer use whichever engine predicts the model faster. Returns the chosen profile (what the planner uses).
+  async profile(numpyProfile, budgetS = 0.3) {
+    if (!this.active && !this.whole) return numpyProfile;
+    const bridge = this.bridge();
+    const probes = bridge.engine_probes();
+    const seconds = {};
+    try {
+      const per = budgetS / (probes.length + 2);
+      for (let i = 0; i < probes.length; i++) {
+        const p = probes.get(i);
+        const entry = await this._session(p);
+        const inputs = p.get("inputs");
+        const pairs = [];
+        for (let j = 0; j < inputs.length; j++) {
+          const pair = inputs.get(j);
+          pairs.push([pair.get(0), pair.get(1)]);
+          pair.destroy();
+        }
+        inputs.destroy();
+        try {
+          const key = p.get("key");
+          seconds[key] = await timeCall(() => this._run(entry, pairs), key === "chain" ? 2 * per : per);
+        } finally {
+          for (const [, a] of pairs) a.destroy();
+          entry.session.release().catch(() => {});
+          p.destroy();
+        }
+      }
+      // The whole model once more, for the roster's "alone in" figure (measured, not predicted).
+      const frame = this.pyodide.toPy(new Uint8Array(256 * 256 * 4));
+      const x = bridge.local_input(frame, 256, 256);
+      frame.destroy();
+      const x0 = x.get(0);
+      let modelS;
+      try {
+        const name = this.whole.inputName || this._wholeInput();
+        modelS = await timeCall(() => this._run(this.whole, [[name, x0]]), 2 * per);
+      } finally { x0.destroy(); x.destroy(); }
+      const pySeconds = this.pyodide.toPy(seconds);
+      const chosen = bridge.engine_profile(this.info.engine === "numpy" ? "ort-wasm" : this.info.engine,
+        pySeconds, this.info.reason || "", modelS * 1e3, numpyProfile);
+      pySeconds.destroy();
+      const backend = chosen.get("backend");
+      this.active = backend !== "numpy";
+      this.info = { ...this.info, engine: backend, reason: chosen.get("engine_reason") };
+      return chosen;
+    } catch (err) {
+      this._fallBack(bridge, `onnxruntime-web profile failed: ${err.message || err}`);
+      return numpyProfile;
+    } finally {
+      probes.destroy();
+      bridge.destroy();
+    }
   }
 
   // The single-device classifier on the whole-model session (`args` as the worker converted them for Python).

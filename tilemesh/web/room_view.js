@@ -153,9 +153,15 @@ export class RoomView {
     } else {
       const b = document.createElement("b");
       b.textContent = `${gflops >= 10 ? gflops.toFixed(0) : gflops.toFixed(1)} GFLOP/s`;
-      row.speed.replaceChildren(b, ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`);
-      row.speed.title = "effective speed on the served model, predicted from this device's measured profile";
+      // Which engine computes here (numpy, ort-wasm, native onnxruntime on the edge) and why, e.g. no threads.
+      const backend = String(profile.compute.backend || "numpy");
+      row.speed.replaceChildren(b,
+        ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`,
+        ` · ${backend}`);
+      row.speed.title = "effective speed on the served model, predicted from this device's measured profile" +
+        (profile.compute.engine_reason ? `; ${profile.compute.engine_reason}` : "");
       row.li.dataset.gflops = gflops.toPrecision(6);
+      row.li.dataset.backend = backend;
     }
     const names = new Map(this.peers.map((p) => [p.id, p.name]));
     const links = Object.entries(profile.links && typeof profile.links === "object" ? profile.links : {})

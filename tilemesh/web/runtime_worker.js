@@ -142,6 +142,7 @@ async function afterPeerCall(fn, args, result) {
     return result;
   }
   if (!engine) return result;
+  if (fn === "profile") return engine.profile(result);
   if (fn === "set_plan") result = await engine.adopt(result);
   return engine.drain(result);
 }

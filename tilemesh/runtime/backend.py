@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,6 +39,11 @@ def _root(a: np.ndarray) -> np.ndarray:
     while isinstance(a.base, np.ndarray):
         a = a.base
     return a
+
+
+def segment_keep(deps, keep) -> list[str]:
+    """The tensors of `keep` a tile's steps compute (what `run_segment` returns), in `keep`'s order."""
+    return [t for t in keep if t in deps.regions and t not in deps.inputs]
 
 
 @runtime_checkable
@@ -134,25 +139,36 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
     BLOB_NAME = "model.bin"
+    MAX_SESSIONS = 64  # a few plans' worth of tiles (each session holds a copy of its layers' weights)
 
-    def __init__(self, graph: Graph, threads: int = 1, blob=None):
+    def __init__(self, graph: Graph, threads: int = 1, blob=None, spinning: bool = True):
+        """`spinning=False` keeps idle worker threads from busy-waiting (a server sharing its cores with WebRTC)."""
         import onnxruntime as ort
 
         self.graph = graph
         self.threads = threads
         self._ort = ort
         self._blob = blob
-        self._opts = ort.SessionOptions()
-        self._opts.intra_op_num_threads = threads
-        self._opts.inter_op_num_threads = 1
-        self._sessions: dict = {}
+        self._spinning = spinning
+        self._opts = self._options()
+        self._sessions: OrderedDict = OrderedDict()
         self.session_ms = 0.0  # total time spent creating sessions (plan adoption, not frames)
+
+    def _options(self):
+        opts = self._ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        if not self._spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     def segment_session(self, deps, keep):
         """The session of one tile's steps (`task_model`), created on first use and kept."""
         key = (deps.steps, tuple(sorted(deps.inputs.items())), tuple(keep))
         entry = self._sessions.get(key)
-        if entry is None:
+        if entry is not None:
+            self._sessions.move_to_end(key)
+        else:
             import time
 
             from .task_model import task_model
@@ -161,14 +177,23 @@ class OnnxRuntimeBackend:
             tm = task_model(self.graph, deps, keep, external=self.BLOB_NAME if self._blob is not None else None)
             opts = self._opts
             if self._blob is not None:
-                opts = self._ort.SessionOptions()
-                opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
+                opts = self._options()
                 blob = memoryview(self._blob).cast("B")
                 opts.add_external_initializers_from_files_in_memory([self.BLOB_NAME], [blob], [len(blob)])
             sess = self._ort.InferenceSession(tm.model, opts, providers=["CPUExecutionProvider"])
             entry = self._sessions[key] = (sess, list(tm.outputs))
             self.session_ms += (time.perf_counter() - t0) * 1e3
+            while len(self._sessions) > self.MAX_SESSIONS:  # replaced plans' tiles: the oldest go
+                self._sessions.popitem(last=False)
         return entry
+
+    def prepare(self, dplan) -> float:
+        """Make the session of every task of a `tiling.DevicePlan` now (plan adoption), not at its first frame;
+        returns the milliseconds that took."""
+        before = self.session_ms
+        for task in dplan.tasks:
+            self.segment_session(task.deps, segment_keep(task.deps, task.owned))
+        return self.session_ms - before
 
     def run_segment(self, deps, inputs, keep):
         """`tiling.run_steps` in one onnxruntime call: `inputs[t]` holds `deps.inputs[t]`; returns kept tiles."""

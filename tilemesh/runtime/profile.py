@@ -274,3 +274,19 @@ def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, n
     extra = {"dot": dot_name()} if getattr(backend, "name", "") == "numpy" else {}
     return profile_from_timings(graph, probes, seconds, getattr(backend, "name", type(backend).__name__), name,
                                 **extra)
+
+
+def profile_backends(graph, backends: list, budget_s: float = 0.3, name: str | None = None) -> tuple[object, dict]:
+    """Profile each backend on the model's own layers; return the one predicting the whole model fastest and
+    its profile, which records every backend's prediction (`engines`, ms) and why this one (`engine_reason`)."""
+    if not backends:
+        raise ValueError("no backend to profile")
+    profiles = [measure_profile(graph, b, budget_s=budget_s, name=name) for b in backends]
+    preds = {p["backend"]: predict_graph_seconds(p, graph) * 1e3 for p in profiles}
+    best = min(range(len(backends)), key=lambda i: predict_graph_seconds(profiles[i], graph))
+    prof = profiles[best]
+    others = ", ".join(f"{k} {v:.1f} ms" for k, v in preds.items() if k != prof["backend"])
+    prof["engines"] = {k: round(v, 2) for k, v in preds.items()}
+    prof["engine_reason"] = f"{prof['backend']} predicts {preds[prof['backend']]:.1f} ms" + (
+        f" (vs {others})" if others else "")
+    return backends[best], prof

@@ -427,7 +427,9 @@ def run_steps(graph, deps: SegmentDeps, inputs: dict[str, np.ndarray], keep=(), 
         backend = NumpyBackend(graph)
     if hasattr(backend, "run_segment"):
         # An engine running a whole tile's steps as one model (onnxruntime: `task_model`, per-tile pads built in).
-        return backend.run_segment(deps, inputs, [t for t in keep if t in deps.regions and t not in deps.inputs])
+        from .backend import segment_keep
+
+        return backend.run_segment(deps, inputs, segment_keep(deps, keep))
     nodes = {n.name: n for n in graph.nodes}
     seg_nodes = [nodes[s.node] for s in deps.steps]
     keep = set(keep)

@@ -110,6 +110,11 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
                 prof = pg.evaluate("window.tilemesh.signaling.lastState.profile")
                 assert prof["compute"]["sec_per_mac"]["conv_pointwise"] > 0
                 assert len(prof["links"]) >= 1
+                # Browsers compute on onnxruntime-web (chosen by profiling it against numpy, ~5x apart here).
+                assert prof["compute"]["backend"] == "ort-wasm", prof["compute"].get("engine_reason")
+            roster = host.evaluate("window.tilemesh.signaling.peers")
+            edge_prof = next(p["profile"] for p in roster if p["kind"] == "edge")
+            assert edge_prof["compute"]["backend"] == "onnxruntime", edge_prof["compute"].get("engine_reason")
 
             phone.click("#start-ar")
             wait_frames(phone, 3)

@@ -1,0 +1,189 @@
+"""Compute backends side by side on this machine: the browser's engines in headless Chromium against native
+onnxruntime with the same thread count, whole model and per fused segment, as ratios measured in one run.
+
+    python -m bench.backends [--frames N] [--threads 1,2] [--segments K]
+
+Every figure goes through the product's own path: a one-device plan of K fused segments (cut at the model's
+single-tensor cuts, evenly spaced) is adopted by the runtime worker of a /runtime page and frames are run
+through it; the runner's report gives each task's compute time (inputs assembled, the engine's run, results
+back in Python: what a device pays per frame). Browser engines: `ort-wasm` (onnxruntime-web in the worker,
+`?ort_threads=N`) and `numpy` (Pyodide, `?ort=off`; single-threaded, measured once). Native: the same plan
+through `tilemesh.runtime.peer.Peer` with `OnnxRuntimeBackend(threads=N)` (the edge's engine) in this process.
+"whole" is the one-segment plan. Medians over the frames after one warm-up frame. Also printed: the device's
+own profile prediction of each segment (measured/predicted, the cost model's error for that engine) and the
+session creation time at plan adoption. A script, not a test: the machine is shared, ratios move by +-20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+from tilemesh.planning.costmodel import task_seconds
+from tilemesh.runtime.backend import OnnxRuntimeBackend
+from tilemesh.runtime.classify import LocalClassifier
+from tilemesh.runtime.deps import cut_candidates
+from tilemesh.runtime.peer import Peer, plan_from_spec
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "static" / "model"
+
+LOAD_MODEL = """
+from pyodide.http import pyfetch
+import os
+os.makedirs('/model', exist_ok=True)
+for name in ('mobilenet_v2.json', 'mobilenet_v2.bin', 'labels.json'):
+    resp = await pyfetch('/static/model/' + name)
+    open('/model/' + name, 'wb').write(await resp.bytes())
+"""
+
+CALL = """async ([fn, args]) => {
+    if (fn === "start_frame") args = [args[0], Uint8Array.from(atob(args[1]), (c) => c.charCodeAt(0)), 256, 256];
+    const r = await window.tilemeshRuntime.call("tilemesh.runtime.peer", fn, args);
+    return { results: r.results, sessions_ms: r.sessions_ms, engine: r.engine, tasks: r.tasks,
+             backend: r.backend, engines: r.engines, sec_per_mac: r.sec_per_mac, overhead_s: r.overhead_s,
+             chain_factor: r.chain_factor, version: r.version, model_ms: r.model_ms, engine_reason: r.engine_reason };
+}"""
+
+
+def specs(graph, k: int) -> dict[str, dict]:
+    cuts = cut_candidates(graph)
+    picks = [cuts[round(i * (len(cuts) - 1) / k)] for i in range(1, k)] if k > 1 else []
+    whole = {"devices": [["me"]], "row_shares": None, "col_shares": None}
+    return {"whole": {"plan_id": 1, "source": "me", "cuts": [], "splits": [whole]},
+            "segments": {"plan_id": 2, "source": "me", "cuts": picks, "splits": [whole] * (len(picks) + 1)}}
+
+
+def frame_bytes(seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, (256, 256, 4), dtype=np.uint8).tobytes()
+
+
+def per_task_ms(reports: list[dict]) -> list[float]:
+    """Median compute ms of each task over the frames (the first, a warm-up, dropped)."""
+    tasks = [r["tasks"] for r in reports[1:]]
+    return [statistics.median(t[i]["end_ms"] - t[i]["start_ms"] for t in tasks) for i in range(len(tasks[0]))]
+
+
+def run_native(clf, spec, threads: int, frames: int) -> dict:
+    backend = OnnxRuntimeBackend(clf.graph, threads=threads)
+    peer = Peer(clf, device="me", backend=backend)
+    role = peer.set_plan(spec, "me")
+    reports = []
+    for f in range(1, frames + 2):
+        (res,) = peer.start_frame(f, frame_bytes(f), 256, 256)["results"]
+        reports.append(res["report"])
+    return {"tasks": per_task_ms(reports), "sessions_ms": role["sessions_ms"]}
+
+
+def run_browser(page, spec, frames: int) -> dict:
+    role = page.evaluate(CALL, ["set_plan", [spec, "me", {}]])
+    reports = []
+    for f in range(1, frames + 2):
+        out = page.evaluate(CALL, ["start_frame", [f, base64.b64encode(frame_bytes(f)).decode()]])
+        reports.append(out["results"][0]["report"])
+    return {"tasks": per_task_ms(reports), "sessions_ms": role.get("sessions_ms")}
+
+
+def open_page(browser, url: str):
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=120_000)
+    page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
+    info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
+                         "['/model/mobilenet_v2.json', '/model/labels.json'])")
+    return page, info["engine"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=15)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--segments", type=int, default=4)
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    from playwright.sync_api import sync_playwright
+
+    clf = LocalClassifier.from_files(MODEL / "mobilenet_v2.json", MODEL / "labels.json")
+    graph = clf.graph
+    plans = specs(graph, args.segments)
+    seg_plan = plan_from_spec(graph, plans["segments"]).device_plan("me")
+    port = 8700 + int(time.time()) % 200
+    srv = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    rows: dict[str, dict] = {}
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1).close()  # noqa: S310 (our local server)
+                break
+            except OSError:
+                time.sleep(0.2)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            pages = [*((f"ort-wasm x{t}", f"?ort_threads={t}") for t in threads), ("numpy x1", "?ort=off")]
+            for engine, query in pages:
+                page, info = open_page(browser, url + "/runtime" + query)
+                prof = page.evaluate(CALL, ["profile", []])
+                row = {"info": info, "profile": prof}
+                for name, spec in plans.items():
+                    row[name] = run_browser(page, spec, args.frames)
+                rows[engine] = row
+                page.close()
+                print(f"[bench] {engine}: {info.get('reason')}", flush=True)
+            browser.close()
+        for t in threads:
+            row = {name: run_native(clf, spec, t, args.frames) for name, spec in plans.items()}
+            rows[f"native ort x{t}"] = row
+    finally:
+        srv.terminate()
+        srv.wait(10)
+
+    def fmt(v):
+        return f"{v:8.2f}" if v is not None else "       -"
+
+    print(f"\nDemo model (MobileNetV2 224x224), {args.frames} frames each, median compute ms per task as the runner"
+          " reports it (inputs assembled, engine run, results back in Python)\n")
+    head = f"{'part':<26}" + "".join(f"{k:>16}" for k in rows)
+    print(head)
+    names = [f"segment {i} ({len(seg_plan.tasks[i].deps.steps)} nodes)" for i in range(len(seg_plan.tasks))]
+    for i, label in enumerate(["whole model", *names]):
+        key, idx = ("whole", 0) if i == 0 else ("segments", i - 1)
+        print(f"{label:<26}" + "".join(f"{fmt(r[key]['tasks'][idx]):>16}" for r in rows.values()))
+    sessions = "".join(f"{fmt(r['whole']['sessions_ms']):>16}" for r in rows.values())
+    print(f"{'sessions at adoption (ms)':<26}" + sessions)
+    print("\nRatios, whole model (lower is better; native onnxruntime with the same thread count = 1.00):")
+    for t in threads:
+        native = rows[f"native ort x{t}"]["whole"]["tasks"][0]
+        ort_web = rows[f"ort-wasm x{t}"]["whole"]["tasks"][0]
+        line = f"  {t} thread(s): ort-wasm / native = {ort_web / native:5.2f}x"
+        if t == 1:
+            line += f";  pyodide numpy / native = {rows['numpy x1']['whole']['tasks'][0] / native:5.2f}x"
+            line += f";  pyodide numpy / ort-wasm = {rows['numpy x1']['whole']['tasks'][0] / ort_web:5.2f}x"
+        print(line)
+    print("  per segment, ort-wasm / native: " + "; ".join(
+        f"x{t}: " + " ".join(f"{a / b:4.2f}" for a, b in zip(rows[f"ort-wasm x{t}"]["segments"]["tasks"],
+                                                           rows[f"native ort x{t}"]["segments"]["tasks"], strict=True))
+        for t in threads))
+    print("\nCost model: each browser engine's own profile, measured / predicted per segment:")
+    for engine, r in rows.items():
+        if "profile" not in r:
+            continue
+        prof = r["profile"]
+        preds = [task_seconds(graph, task, prof) * 1e3 for task in seg_plan.tasks]
+        ratios = " ".join(f"{m / p:4.2f}" for m, p in zip(r["segments"]["tasks"], preds, strict=True))
+        print(f"  {engine:<14} backend {prof.get('backend')}, engines {prof.get('engines')}: {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

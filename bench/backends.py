@@ -73,24 +73,21 @@ def per_task_ms(reports: list[dict]) -> list[float]:
     return [statistics.median(t[i]["end_ms"] - t[i]["start_ms"] for t in tasks) for i in range(len(tasks[0]))]
 
 
-def run_native(clf, spec, threads: int, frames: int) -> dict:
+def run_pair(page, clf, spec, threads: int, frames: int) -> tuple[dict, dict]:
+    """The browser page and native onnxruntime (same threads) on the same plan, frames interleaved one by one so
+    load from other processes on this shared machine hits both alike."""
     backend = OnnxRuntimeBackend(clf.graph, threads=threads)
     peer = Peer(clf, device="me", backend=backend)
-    role = peer.set_plan(spec, "me")
-    reports = []
-    for f in range(1, frames + 2):
-        (res,) = peer.start_frame(f, frame_bytes(f), 256, 256)["results"]
-        reports.append(res["report"])
-    return {"tasks": per_task_ms(reports), "sessions_ms": role["sessions_ms"]}
-
-
-def run_browser(page, spec, frames: int) -> dict:
+    native_role = peer.set_plan(spec, "me")
     role = page.evaluate(CALL, ["set_plan", [spec, "me", {}]])
-    reports = []
+    reports, native = [], []
     for f in range(1, frames + 2):
         out = page.evaluate(CALL, ["start_frame", [f, base64.b64encode(frame_bytes(f)).decode()]])
         reports.append(out["results"][0]["report"])
-    return {"tasks": per_task_ms(reports), "sessions_ms": role.get("sessions_ms")}
+        (res,) = peer.start_frame(f, frame_bytes(f), 256, 256)["results"]
+        native.append(res["report"])
+    return ({"tasks": per_task_ms(reports), "sessions_ms": role.get("sessions_ms")},
+            {"tasks": per_task_ms(native), "sessions_ms": native_role["sessions_ms"]})
 
 
 def open_page(browser, url: str):
@@ -135,15 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                 page, info = open_page(browser, url + "/runtime" + query)
                 prof = page.evaluate(CALL, ["profile", []])
                 row = {"info": info, "profile": prof}
+                t = int(engine.rsplit("x", 1)[1])
+                native = rows.setdefault(f"native ort x{t}", {}) if engine.startswith("ort") else {}
                 for name, spec in plans.items():
-                    row[name] = run_browser(page, spec, args.frames)
+                    row[name], native_row = run_pair(page, clf, spec, t, args.frames)
+                    native.setdefault(name, native_row)
+                    if not engine.startswith("ort"):
+                        row[f"{name}:native"] = native_row
                 rows[engine] = row
                 page.close()
                 print(f"[bench] {engine}: {info.get('reason')}", flush=True)
             browser.close()
-        for t in threads:
-            row = {name: run_native(clf, spec, t, args.frames) for name, spec in plans.items()}
-            rows[f"native ort x{t}"] = row
     finally:
         srv.terminate()
         srv.wait(10)
@@ -167,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         ort_web = rows[f"ort-wasm x{t}"]["whole"]["tasks"][0]
         line = f"  {t} thread(s): ort-wasm / native = {ort_web / native:5.2f}x"
         if t == 1:
-            line += f";  pyodide numpy / native = {rows['numpy x1']['whole']['tasks'][0] / native:5.2f}x"
+            np_native = rows["numpy x1"]["whole:native"]["tasks"][0]
+            line += f";  pyodide numpy / native = {rows['numpy x1']['whole']['tasks'][0] / np_native:5.2f}x"
             line += f";  pyodide numpy / ort-wasm = {rows['numpy x1']['whole']['tasks'][0] / ort_web:5.2f}x"
         print(line)
     print("  per segment, ort-wasm / native: " + "; ".join(

@@ -115,6 +115,13 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
             roster = host.evaluate("window.tilemesh.signaling.peers")
             edge_prof = next(p["profile"] for p in roster if p["kind"] == "edge")
             assert edge_prof["compute"]["backend"] == "onnxruntime", edge_prof["compute"].get("engine_reason")
+            # The host page's roster shows each device's engine.
+            host.wait_for_function("() => document.querySelectorAll('li.peer[data-backend]').length >= 4",
+                                   timeout=20_000)
+            shown = host.eval_on_selector_all("li.peer[data-backend]", "els => els.map((e) => [e.dataset.kind,"
+                                              " e.dataset.backend, e.querySelector('.speed').textContent])")
+            assert sorted(b for _, b, _ in shown) == ["onnxruntime", "ort-wasm", "ort-wasm", "ort-wasm"], shown
+            assert all(b in text for _, b, text in shown), shown
 
             phone.click("#start-ar")
             wait_frames(phone, 3)

@@ -160,3 +160,23 @@ def test_profile_chooses_the_faster_engine(page, server, threads):
     img = np.ascontiguousarray(skimage.data.chelsea())
     got = page.evaluate(CLASSIFY, [base64.b64encode(img.tobytes()).decode(), *img.shape[:2]])
     assert got["engine"] == "ort-wasm"
+
+
+def test_tasks_without_a_session_fall_back_to_numpy(page, server):
+    """A plan adopted while the device was on numpy has no sessions; if the engine is switched on afterwards,
+    each task runs on numpy instead (counted, never lost) and the frame still gets the reference answer."""
+    boot(page, server, 1)
+    clf = LocalClassifier.from_files(REPO / "static/model/mobilenet_v2.json", REPO / "static/model/labels.json")
+    whole = {"devices": [["a"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 3, "source": "a", "cuts": [cut_candidates(clf.graph)[5]], "splits": [whole, whole]}
+    page.evaluate("(c) => window.tilemeshRuntime.exec(c)",
+                  "from tilemesh.runtime import engine_bridge as b; b.use_engine('numpy', False, 'test'); None")
+    role = page.evaluate(PEER_CALL, ["set_plan", [spec, "a", {}]])
+    assert "sessions_ms" not in role
+    page.evaluate("(c) => window.tilemeshRuntime.exec(c)",
+                  "from tilemesh.runtime import engine_bridge as b; b.use_engine('ort-wasm', True, 'test'); None")
+    frame = np.random.default_rng(12).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    reply = page.evaluate(PEER_CALL, ["start_frame", [1, base64.b64encode(frame.tobytes()).decode(), 256, 256]])
+    assert reply["numpy_runs"] == 2 and reply["engine_runs"] == 0
+    local = clf.classify(frame.tobytes(), 256, 256)
+    assert [t["index"] for t in reply["results"][0]["top"]] == [t["index"] for t in local["top"]]

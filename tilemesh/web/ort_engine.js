@@ -118,6 +118,11 @@ export class OrtEngine {
     this.plan = null;
     if (old) for (const t of old.tasks) t.session.release().catch(() => {});
     const bridge = this.bridge();
+    // The peer's own choice is the truth: a device that profiled numpy faster makes no sessions.
+    const chosen = bridge.engine();
+    const onNumpy = chosen.get("name") === "numpy";
+    chosen.destroy();
+    if (onNumpy) { bridge.destroy(); return reply; }
     const t0 = performance.now();
     const models = bridge.plan_models();
     try {

@@ -138,9 +138,11 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
     return TaskModel(model_bytes(onodes, ins, outs, inits, opset=opset), ins, outs)
 
 
-def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: str | None = None) -> bytes:
+def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: str | None = None,
+                output_shapes: dict | None = None, opset: int = 17) -> bytes:
     """A model of `nodes` run as they are (no tiling): inputs shaped by `input_shapes` (else the graph's), output
-    shapes left to the engine. Nodes need not belong to the graph (a profile's probes), their weights must."""
+    shapes from `output_shapes` (else left to the engine). Nodes need not belong to the graph (a profile's
+    probes), their weights must."""
     onodes, inits, seen = [], [], set()
     offsets = compact_offsets(graph)[0] if external else {}
     for n in nodes:
@@ -159,7 +161,8 @@ def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: s
                                      external=External(external, offsets[k], int(w.nbytes))) if external
                          else Initializer.from_array(k, w))
     ins = {t: tuple(input_shapes.get(t, graph.shapes.get(t))) for t in external_inputs(nodes)}
-    return model_bytes(onodes, ins, dict.fromkeys(outputs), inits)
+    outs = {t: (output_shapes or {}).get(t) for t in outputs}
+    return model_bytes(onodes, ins, outs, inits, opset=opset)
 
 
 def whole_deps(graph: Graph, nodes=None, outputs=None) -> SegmentDeps:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def per_task_ms(reports: list[dict]) -> list[float]:
 def run_pair(page, clf, spec, threads: int, frames: int) -> tuple[dict, dict]:
     """The browser page and native onnxruntime (same threads) on the same plan, frames interleaved one by one so
     load from other processes on this shared machine hits both alike."""
-    backend = OnnxRuntimeBackend(clf.graph, threads=threads)
+    # Idle threads not spinning: a spinning pool would steal the cores from the browser's next frame.
+    backend = OnnxRuntimeBackend(clf.graph, threads=threads, spinning=False)
     peer = Peer(clf, device="me", backend=backend)
     native_role = peer.set_plan(spec, "me")
     role = page.evaluate(CALL, ["set_plan", [spec, "me", {}]])
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(v):
         return f"{v:8.2f}" if v is not None else "       -"
 
-    print(f"\nDemo model (MobileNetV2 224x224), {args.frames} frames each, median compute ms per task as the runner"
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"Demo model (MobileNetV2 224x224), {args.frames} frames each, median compute ms per task as the runner"
           " reports it (inputs assembled, engine run, results back in Python)\n")
     head = f"{'part':<26}" + "".join(f"{k:>16}" for k in rows)
     print(head)
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, label in enumerate(["whole model", *names]):
         key, idx = ("whole", 0) if i == 0 else ("segments", i - 1)
         print(f"{label:<26}" + "".join(f"{fmt(r[key]['tasks'][idx]):>16}" for r in rows.values()))
+    engine_only = "".join(f"{fmt(r['profile'].get('model_ms')) if 'profile' in r else fmt(None):>16}"
+                          for r in rows.values())
+    print(f"{'whole, engine run alone':<26}" + engine_only)
     sessions = "".join(f"{fmt(r['whole']['sessions_ms']):>16}" for r in rows.values())
     print(f"{'sessions at adoption (ms)':<26}" + sessions)
     print("\nRatios, whole model (lower is better; native onnxruntime with the same thread count = 1.00):")

@@ -78,6 +78,8 @@ def test_whole_model_on_ort_wasm_matches_onnxruntime_top5(page, server, threads)
         assert [t["index"] for t in got["top"]] == [i for i, _, _ in want]
         np.testing.assert_allclose([t["p"] for t in got["top"]], [p for _, _, p in want], atol=1e-4)
     assert not [r for r in page.requests if not r.startswith(server.url)]
+    # The 14 MB wasm is fetched once, at boot with progress, and handed to onnxruntime-web.
+    assert len([r for r in page.requests if "ort-wasm-simd-threaded.wasm" in r]) == 1, page.requests
 
 
 def test_numpy_when_turned_off(page, server):

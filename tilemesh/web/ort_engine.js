@@ -39,9 +39,10 @@ export async function timeCall(fn, budgetS) {
 }
 
 export class OrtEngine {
-  constructor(pyodide, { threads } = {}) {
+  constructor(pyodide, { threads, wasmBinary } = {}) {
     this.pyodide = pyodide;
     this.threads = threads || defaultThreads();
+    this.wasmBinary = wasmBinary;  // prefetched with progress at boot (else onnxruntime-web fetches it)
     this.ort = null;
     this.active = false;
     this.whole = null;       // {session, outputs} of the whole graph (single-device classifier, profile)
@@ -65,6 +66,7 @@ export class OrtEngine {
       this.ort = await import(ORT_URL + "ort.wasm.min.mjs");
       const env = this.ort.env;
       env.wasm.wasmPaths = ORT_URL;
+      if (this.wasmBinary) env.wasm.wasmBinary = this.wasmBinary;
       env.wasm.numThreads = self.crossOriginIsolated ? this.threads : 1;  // fixed by the first session
       env.wasm.proxy = false;
       this.blob = this.pyodide.FS.readFile(bridge.blob_path(modelJson));

@@ -64,7 +64,12 @@ async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/tilemes
   engineOptions = ort;
   const versions = await assetVersions();
   const indexURL = "/static/vendor/pyodide/";
-  await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.35);
+  await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.3);
+  // onnxruntime-web's wasm (14 MB) with the same byte progress, handed to it at load (no second fetch).
+  if (!ort.disabled) {
+    const wasm = "/static/vendor/ort/ort-wasm-simd-threaded.wasm";
+    engineOptions = { ...ort, wasmBinary: await fetchWithProgress(versioned(wasm, versions), "download", 0.3, 0.38) };
+  }
   progress("boot", 0.4, "starting Python");
   pyodide = await loadPyodide({ indexURL, fullStdLib: false });
   progress("packages", 0.5, packages.join(", "));

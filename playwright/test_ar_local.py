@@ -48,6 +48,7 @@ def test_ar_page_labels_camera_frames(coffee_camera, server, pw):
         assert labels.get_attribute("data-top1") == expected
         assert page.locator("#labels li").count() == 3
         assert "ms" in page.locator("#stats").inner_text()
+        assert "ort-wasm" in page.locator("#stats").inner_text()  # the lone device computes on onnxruntime-web
         assert float(page.locator("#stats").get_attribute("data-latency-ms")) > 0
     finally:
         browser.close()

@@ -16,6 +16,7 @@ export class LocalEngine {
   async classify(frame) {
     const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, FRAME_SIZE, FRAME_SIZE, 5],
       [frame.buffer]);
+    this.name = `this device · ${out.engine || "numpy"}`;  // which engine ran it (onnxruntime-web or numpy)
     return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
   }
 }

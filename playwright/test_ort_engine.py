@@ -182,3 +182,28 @@ def test_tasks_without_a_session_fall_back_to_numpy(page, server):
     assert reply["numpy_runs"] == 2 and reply["engine_runs"] == 0
     local = clf.classify(frame.tobytes(), 256, 256)
     assert [t["index"] for t in reply["results"][0]["top"]] == [t["index"] for t in local["top"]]
+
+
+def test_roster_says_why_a_device_is_on_numpy(browser, server):
+    """A device without onnxruntime-web (here turned off) still joins and computes on numpy, and every roster
+    shows its engine and the reason on its line."""
+    from roomkit import decode_qr
+
+    host = browser.new_context().new_page()
+    other = browser.new_context().new_page()
+    try:
+        host.goto(server.url + "/")
+        ready = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state === 'ready'"
+        host.wait_for_function(ready, timeout=120_000)
+        other.goto(decode_qr(host) + "?kind=laptop&ort=off")
+        other.wait_for_function(ready, timeout=120_000)
+        me = other.evaluate("window.tilemesh.peerId")
+        row = f"li.peer[data-peer-id='{me}'][data-backend]"
+        host.wait_for_function("(sel) => document.querySelector(sel)?.textContent.includes('numpy (')",
+                               arg=row + " .speed", timeout=20_000)
+        assert host.get_attribute(row, "data-backend") == "numpy"
+        assert "numpy (onnxruntime-web turned off" in host.inner_text(row + " .speed")
+        assert host.evaluate("document.querySelector('li.peer.self').dataset.backend") == "ort-wasm"
+    finally:
+        host.context.close()
+        other.context.close()

@@ -69,7 +69,7 @@ export class OrtEngine {
       if (this.wasmBinary) env.wasm.wasmBinary = this.wasmBinary;
       env.wasm.numThreads = self.crossOriginIsolated ? this.threads : 1;  // fixed by the first session
       env.wasm.proxy = false;
-      this.blob = this.pyodide.FS.readFile(bridge.blob_path(modelJson));
+      this.blob = this._fileBytes(bridge.blob_path(modelJson));
       const whole = bridge.whole_model();
       try { this.whole = await this._session(whole); } finally { whole.destroy(); }
       const threads = env.wasm.numThreads;
@@ -89,6 +89,15 @@ export class OrtEngine {
       bridge.destroy();
     }
     return this.info;
+  }
+
+  // The weight blob as the in-memory file system holds it: a view, not a 14 MB copy (FS.readFile otherwise).
+  _fileBytes(path) {
+    const node = this.pyodide.FS.lookupPath(path).node;
+    if (node.contents instanceof Uint8Array && Number.isInteger(node.usedBytes)) {
+      return node.contents.subarray(0, node.usedBytes);
+    }
+    return this.pyodide.FS.readFile(path);
   }
 
   // A TaskModel dict (PyProxy) -> {session, outputs, createMs}.
@@ -252,7 +261,11 @@ export class OrtEngine {
   // After the numpy profile (`numpyProfile`, a PyProxy dict): time the same probes on onnxruntime-web, and let
   // the peer use whichever engine predicts the model faster. Returns the chosen profile (what the planner uses).
   async profile(numpyProfile, budgetS = 0.3) {
-    if (!this.active && !this.whole) return numpyProfile;
+    if (!this.active && !this.whole) {
+      // numpy is all this device has: the profile says why (the roster shows it).
+      numpyProfile.set("engine_reason", this.info.reason);
+      return numpyProfile;
+    }
     const bridge = this.bridge();
     const probes = bridge.engine_probes();
     const seconds = {};

@@ -155,9 +155,13 @@ export class RoomView {
       b.textContent = `${gflops >= 10 ? gflops.toFixed(0) : gflops.toFixed(1)} GFLOP/s`;
       // Which engine computes here (numpy, ort-wasm, native onnxruntime on the edge) and why, e.g. no threads.
       const backend = String(profile.compute.backend || "numpy");
+      // A device on a slower path than it could have says why (no onnxruntime-web, or no threads without
+      // cross-origin isolation), in the roster line itself.
+      const reason = String(profile.compute.engine_reason || "");
+      const slower = backend === "numpy" || reason.includes("no threads");
       row.speed.replaceChildren(b,
         ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`,
-        ` · ${backend}`);
+        ` · ${backend}`, slower && reason ? ` (${reason})` : "");
       row.speed.title = "effective speed on the served model, predicted from this device's measured profile" +
         (profile.compute.engine_reason ? `; ${profile.compute.engine_reason}` : "");
       row.li.dataset.gflops = gflops.toPrecision(6);

@@ -141,7 +141,7 @@ async function afterPeerCall(fn, args, result) {
     // A second load (the /ar overlay inside a room) makes a fresh Python peer: rebind it to the same engine.
     if (!engine || engine.modelJson !== args[0]) engine = new OrtEngine(pyodide, engineOptions);
     const info = engineOptions.disabled
-      ? { engine: "numpy", reason: "onnxruntime-web turned off for this page (?ort=off)" }
+      ? (engine.info = { engine: "numpy", reason: "onnxruntime-web turned off for this page (?ort=off)" })
       : await engine.init(args[0]);
     result.set("engine", pyodide.toPy(info));
     return result;

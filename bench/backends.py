@@ -42,8 +42,8 @@ LOAD_MODEL = """
 from pyodide.http import pyfetch
 import os
 os.makedirs('/model', exist_ok=True)
-for name in ('mobilenet_v2.json', 'mobilenet_v2.bin', 'labels.json'):
-    resp = await pyfetch('/static/model/' + name)
+for name in ('graph.json', 'graph.bin', 'labels.json', 'card.json'):
+    resp = await pyfetch('/model/' + name)
     open('/model/' + name, 'wb').write(await resp.bytes())
 """
 
@@ -98,7 +98,7 @@ def open_page(browser, url: str):
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=120_000)
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
     info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
-                         "['/model/mobilenet_v2.json', '/model/labels.json'])")
+                         "['/model/graph.json', '/model/labels.json', '/model/card.json'])")
     return page, info["engine"]
 
 
@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     from playwright.sync_api import sync_playwright
 
-    clf = LocalClassifier.from_files(MODEL / "mobilenet_v2.json", MODEL / "labels.json")
+    from tilemesh.server.model import prepare
+
+    bundle = prepare(MODEL / "mobilenet_v2.onnx", REPO / "static").dir  # what /model/* serves
+    clf = LocalClassifier.from_files(bundle / "graph.json", bundle / "labels.json", bundle / "card.json")
     graph = clf.graph
     plans = specs(graph, args.segments)
     seg_plan = plan_from_spec(graph, plans["segments"]).device_plan("me")

@@ -28,8 +28,8 @@ LOAD_MODEL = """
 from pyodide.http import pyfetch
 import os
 os.makedirs('/model', exist_ok=True)
-for name in ('mobilenet_v2.json', 'mobilenet_v2.bin', 'labels.json'):
-    resp = await pyfetch('/static/model/' + name)
+for name in ('graph.json', 'graph.bin', 'labels.json', 'card.json'):
+    resp = await pyfetch('/model/' + name)
     open('/model/' + name, 'wb').write(await resp.bytes())
 """
 
@@ -52,13 +52,21 @@ PEER_CALL = """async ([fn, args]) => {
 }"""
 
 
+def demo_classifier() -> LocalClassifier:
+    """The served demo model as the pages get it (its bundle: compact graph, labels, card), on numpy."""
+    from tilemesh.server.model import prepare
+
+    d = prepare(REPO / "static/model/mobilenet_v2.onnx", REPO / "static").dir
+    return LocalClassifier.from_files(d / "graph.json", d / "labels.json", d / "card.json")
+
+
 def boot(page, server, threads: int):
     page.goto(f"{server.url}/runtime?ort_threads={threads}")
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
     assert page.locator("#info").get_attribute("data-state") == "ready"
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
     return page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
-                         "['/model/mobilenet_v2.json', '/model/labels.json'])")
+                         "['/model/graph.json', '/model/labels.json', '/model/card.json'])")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -87,7 +95,7 @@ def test_numpy_when_turned_off(page, server):
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
     info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
-                         "['/model/mobilenet_v2.json', '/model/labels.json'])")
+                         "['/model/graph.json', '/model/labels.json', '/model/card.json'])")
     assert info["engine"]["engine"] == "numpy" and "ort=off" in info["engine"]["reason"]
     img = np.ascontiguousarray(skimage.data.chelsea())
     got = page.evaluate(CLASSIFY, [base64.b64encode(img.tobytes()).decode(), *img.shape[:2]])
@@ -101,7 +109,7 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     adoption; the frame's top-5 equals single-device numpy within 1e-4."""
     info = boot(page, server, threads)
     assert info["engine"]["engine"] == "ort-wasm"
-    clf = LocalClassifier.from_files(REPO / "static/model/mobilenet_v2.json", REPO / "static/model/labels.json")
+    clf = demo_classifier()
     cut = cut_candidates(clf.graph)[3]
     grid = {"devices": [["a", "b"], ["c", "d"]], "row_shares": [3, 2], "col_shares": [2, 3]}
     spec = {"plan_id": 5, "source": "a", "cuts": [cut],
@@ -168,7 +176,7 @@ def test_tasks_without_a_session_fall_back_to_numpy(page, server):
     """A plan adopted while the device was on numpy has no sessions; if the engine is switched on afterwards,
     each task runs on numpy instead (counted, never lost) and the frame still gets the reference answer."""
     boot(page, server, 1)
-    clf = LocalClassifier.from_files(REPO / "static/model/mobilenet_v2.json", REPO / "static/model/labels.json")
+    clf = demo_classifier()
     whole = {"devices": [["a"]], "row_shares": None, "col_shares": None}
     spec = {"plan_id": 3, "source": "a", "cuts": [cut_candidates(clf.graph)[5]], "splits": [whole, whole]}
     page.evaluate("(c) => window.tilemeshRuntime.exec(c)",

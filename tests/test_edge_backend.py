@@ -9,16 +9,14 @@ import numpy as np
 from test_peer import run_mesh, spec_for
 
 from tilemesh.edge.peer import load_model_runtime
-from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime.backend import OnnxRuntimeBackend
 from tilemesh.runtime.peer import Peer
 
 
 def test_edge_picks_onnxruntime_and_computes_its_share(demo_model_dir, tmp_path):
-    model_dir = tmp_path / "model"
-    graph_mod.save_compact(graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx"), model_dir / "mobilenet_v2")
-    (model_dir / "labels.json").write_text((demo_model_dir / "labels.json").read_text())
-    model = load_model_runtime(tmp_path)
+    from tilemesh.server.model import prepare
+
+    model = load_model_runtime(prepare(demo_model_dir / "mobilenet_v2.onnx", tmp_path).dir)  # the served bundle
     prof = model.compute
     assert set(prof["engines"]) == {"onnxruntime", "numpy"}
     # Native onnxruntime runs this model about 15x faster than numpy here: the choice is not close.

@@ -193,3 +193,15 @@ def test_task_model_refuses_a_task_without_outputs(demo):
     task = plan.device_plan("a").tasks[0]
     with pytest.raises(ValueError, match="keeps nothing"):
         task_model(graph, task.deps, ["not-a-tensor"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_task_model_lowering_agrees_with_graph_to_onnx(data):
+    """Two IR->ONNX paths exist (`graph.to_onnx` with onnx.helper for setup and benches, `task_model` without onnx
+    for devices): on random CNNs their whole-graph models compute the same."""
+    graph = to_graph(data.draw(random_cnn()))
+    x = np.random.default_rng(4).standard_normal(graph.shapes[graph.input]).astype(np.float32)
+    (a,) = session(graph_mod.to_onnx(graph).SerializeToString()).run(None, {graph.input: x})
+    (b,) = session(graph_model(graph).model).run(None, {graph.input: x})
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

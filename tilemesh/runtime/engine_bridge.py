@@ -26,7 +26,6 @@ import numpy as np
 from . import peer as peer_mod
 from .classify import frame_from_bytes, top_entries
 from .graph import Node
-from .preprocess import preprocess
 from .profile import predict_graph_seconds, profile_from_timings, profile_probes
 from .task_model import graph_model, nodes_model, plan_task_models
 
@@ -177,7 +176,8 @@ def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, 
 def local_input(data, height: int, width: int) -> list:
     """The single-device classifier's model input for one frame, and the preprocessing time."""
     t0 = time.perf_counter()
-    x = np.ascontiguousarray(preprocess(frame_from_bytes(data, int(height), int(width))), np.float32)
+    pre = peer_mod.current().classifier.pre  # the model card's preprocessing
+    x = np.ascontiguousarray(pre.preprocess(frame_from_bytes(data, int(height), int(width))), np.float32)
     return [x, (time.perf_counter() - t0) * 1e3]
 
 

@@ -873,17 +873,17 @@ def _fill_shapes_by_running(graph: Graph) -> None:
 
 def to_onnx(graph: Graph, nodes: list[Node] | None = None, outputs: list[str] | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, opset: int = 17):
-    """Build an ONNX ModelProto for `nodes` (default: the whole graph), checked by `onnx.checker`.
+    """Build an ONNX ModelProto for `nodes` (default: the whole graph).
 
     Tensors the nodes read but do not produce become graph inputs (shapes from `input_shapes`, else
-    from `graph.shapes`); `outputs` defaults to the last node's output. Written by the same dependency-free
-    writer the browsers use (`task_model.nodes_model`), parsed back with onnx: one lowering of IR to ONNX.
+    from `graph.shapes`); `outputs` defaults to the last node's output. Used to run a segment or a
+    single layer through onnxruntime (the bench, `OnnxRuntimeBackend`).
     """
     import onnx
-
-    from .task_model import nodes_model
+    from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.nodes if nodes is None else nodes)
+    in_names = external_inputs(nodes)
     outputs = outputs or [nodes[-1].output]
     input_shapes = input_shapes or {}
 

@@ -80,14 +80,20 @@ class TaskModel:
                 "outputs": {k: list(v) for k, v in self.outputs.items()}}
 
 
-def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = None, opset: int = 17) -> TaskModel:
+def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = None, opset: int = 17,
+               whole_inputs: bool = False) -> TaskModel:
     """The ONNX model of one tile's steps: inputs `deps.inputs`, outputs each kept tensor's `deps.regions`.
 
     external: the file name the weight blob will be known by (ONNX external data into the compact .bin);
         None inlines the weights.
+    whole_inputs: take each input whole (cropped inside) even where the steps read less of it (a stride that
+        never reaches the last column): for running a whole graph on a whole input.
     """
     nodes = {n.name: n for n in graph.nodes}
     have: dict[str, Region] = dict(deps.inputs)  # tensor -> region its current array holds
+    if whole_inputs:
+        have = {t: Region.full(*plane(graph.shapes[t])) for t in deps.inputs}
+    inputs = dict(have)
     onodes: list[OnnxNode] = []
     consts: dict[str, np.ndarray] = {}
     used_weights: list[str] = []
@@ -118,7 +124,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
         consts.update(c)
         used_weights += [p for p in node.params if p not in used_weights]
         have[node.output] = step.out
-    keep = [t for t in keep if t in have and t not in deps.inputs]
+    keep = [t for t in keep if t in have and t not in inputs]
     if not keep:
         raise ValueError("the task keeps nothing it computes")
 
@@ -133,7 +139,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
                                      external=External(external, offsets[k], int(w.nbytes))))
         else:
             inits.append(Initializer.from_array(k, w))
-    ins = {t: tile_shape(graph, t, r) for t, r in deps.inputs.items()}
+    ins = {t: tile_shape(graph, t, r) for t, r in inputs.items()}
     outs = {t: tile_shape(graph, t, have[t]) for t in keep}
     return TaskModel(model_bytes(onodes, ins, outs, inits, opset=opset), ins, outs)
 
@@ -174,7 +180,7 @@ def whole_deps(graph: Graph, nodes=None, outputs=None) -> SegmentDeps:
 
 def graph_model(graph: Graph, *, external: str | None = None) -> TaskModel:
     """The whole graph as one model (the single-device classifier, profiles)."""
-    return task_model(graph, whole_deps(graph), [graph.output], external=external)
+    return task_model(graph, whole_deps(graph), [graph.output], external=external, whole_inputs=True)
 
 
 def plan_task_models(graph: Graph, dplan, *, external: str | None = None) -> list[TaskModel]:

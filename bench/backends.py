@@ -33,7 +33,8 @@ from tilemesh.planning.costmodel import task_seconds
 from tilemesh.runtime.backend import OnnxRuntimeBackend
 from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
-from tilemesh.runtime.peer import Peer, plan_from_spec
+from tilemesh.runtime.peer import PlanRuntime as Peer
+from tilemesh.runtime.peer import plan_from_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "static" / "model"

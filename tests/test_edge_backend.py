@@ -8,9 +8,9 @@ import json
 import numpy as np
 from test_peer import run_mesh, spec_for
 
-from tilemesh.edge.peer import load_model_runtime
+from tilemesh.edge.device import load_model_runtime
 from tilemesh.runtime.backend import OnnxRuntimeBackend
-from tilemesh.runtime.peer import Peer
+from tilemesh.runtime.peer import PlanRuntime as Peer
 
 
 def test_edge_picks_onnxruntime_and_computes_its_share(demo_model_dir, tmp_path):

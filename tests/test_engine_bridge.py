@@ -4,18 +4,13 @@ the compact blob) computes a two-device plan with a numpy peer and gets the sing
 
 from __future__ import annotations
 
-import json
-import random
-
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_peer import spec_for
 
 from tilemesh.runtime import engine_bridge as bridge
 from tilemesh.runtime import graph as graph_mod
-from tilemesh.runtime import peer as peer_mod
-from tilemesh.runtime.classify import LocalClassifier
+from tilemesh.runtime import session as S
 
 
 class NativeEngine:
@@ -44,7 +39,7 @@ class NativeEngine:
                 sess, outs = self.sessions[req["task"]]
                 got = sess.run(outs, {name: a for name, a in req["inputs"]})
                 self.runs += 1
-                bridge.computed(reply, reply["plan_id"], req["frame"], req["task"], outs,
+                bridge.computed(reply, req["plan_id"], req["frame"], req["task"], outs,
                                 [g.tobytes() for g in got], [g.shape for g in got])
 
 
@@ -58,54 +53,54 @@ def files(demo_model_dir, tmp_path_factory):
     return str(json_path), str(labels), bin_path
 
 
-def test_deferred_peer_on_onnxruntime_equals_numpy_room(files):
+def test_session_on_onnxruntime_equals_numpy(files):
+    """The device session (`tilemesh.runtime.session`) with its tasks handed out: a plan fused in three segments
+    is adopted (sessions made then), a frame's compute requests run in task-model sessions and come back as
+    `Computed`, and the frame's top-5 equals single-device numpy."""
+    from tilemesh.runtime.deps import cut_candidates
+
     model_json, labels_json, bin_path = files
-    peer_mod.load(model_json, labels_json)
+    S._session = None
+    S.load(model_json, labels_json)
     assert bridge.blob_path(model_json) == str(bin_path)
     assert bridge.use_engine("onnxruntime", True)["name"] == "onnxruntime"
     engine = NativeEngine(bin_path.read_bytes())
-    phone = peer_mod.current()
-    laptop = peer_mod.Peer(LocalClassifier.from_files(model_json, labels_json))  # numpy, inline
-    spec = json.loads(json.dumps(spec_for(phone.graph)))
-    role = phone.set_plan(spec, "phone")
+    graph = S.session().runtime.graph
+    cuts = cut_candidates(graph)
+    whole = {"devices": [["me"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 4, "source": "me", "cuts": [cuts[3], cuts[8]], "splits": [whole] * 3}
+    msg = {"type": "plan", "plan_id": 4, "source": "me", "devices": ["me"], "spec": spec}
+    reply = bridge.handle({"on": "plan", "msg": msg, "me": "me"}, 0.0)
+    assert reply["adopted"] == 4 and not reply["compute"]
     engine.adopt()
-    assert len(engine.sessions) == role["tasks"] > 0
-    laptop.set_plan(spec, "laptop")
+    assert len(engine.sessions) == 3
     frame = np.random.default_rng(9).integers(0, 256, (256, 256, 4), dtype=np.uint8)
-    peers = {"phone": phone, "laptop": laptop}
-    reply = engine.drain(phone.start_frame(1, frame.tobytes(), 256, 256))
-    rng = random.Random(1)
-    queue = [("phone", o["dst"], c) for o in reply["out"] for c in o["chunks"]]
-    results = list(reply["results"])
-    while queue:
-        src, dst, chunk = queue.pop(rng.randrange(len(queue)))
-        got = peers[dst].on_chunk(src, memoryview(chunk))
-        if dst == "phone":
-            got = engine.drain(got)
-        assert not got.get("compute")
-        queue += [(dst, o["dst"], c) for o in got["out"] for c in o["chunks"]]
-        results += got["results"]
-    assert engine.runs == role["tasks"]
-    local = laptop.classifier.classify(frame.tobytes(), 256, 256)
-    assert [r["frame"] for r in results] == [1]
-    assert [t["index"] for t in results[0]["top"]] == [t["index"] for t in local["top"]]
-    np.testing.assert_allclose([t["p"] for t in results[0]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
-    # A result for a plan that has been replaced is ignored, not applied.
-    assert bridge.computed({}, 999, 1, 0, [], [], []) == {"out": [], "results": [], "reports": [], "compute": []}
+    reply = engine.drain(bridge.handle({"on": "frame", "frame": 1, "data": frame.tobytes(), "height": 256,
+                                        "width": 256}, 1.0))
+    done = [e for e in reply["effects"] if e["do"] == "frame_done"]
+    assert engine.runs == 3 and len(done) == 1
+    local = S.session().runtime.classifier.classify(frame.tobytes(), 256, 256)
+    got = done[0]["result"]["top"]
+    assert [t["index"] for t in got] == [t["index"] for t in local["top"]]
+    np.testing.assert_allclose([t["p"] for t in got], [t["p"] for t in local["top"]], atol=1e-4)
+    # A result for a plan that has been replaced is not applied (the session reports it, nothing runs).
+    stale = bridge.computed({"effects": [], "compute": []}, 999, 1, 0, [], [], [])
+    assert not stale["compute"] and not [e for e in stale["effects"] if e["do"] == "frame_done"]
     bridge.use_engine("onnxruntime", False)
-    assert not phone.deferred and bridge.engine()["name"] == "numpy"
+    assert not S.session().runtime.deferred and bridge.engine()["name"] == "numpy"
 
 
 def test_local_classifier_through_the_whole_model(files):
     model_json, labels_json, bin_path = files
-    peer_mod.load(model_json, labels_json)
+    S._session = None
+    S.load(model_json, labels_json)
     engine = NativeEngine(bin_path.read_bytes())
     sess, outs = engine.session(bridge.whole_model())
     frame = np.random.default_rng(2).integers(0, 256, (256, 256, 4), dtype=np.uint8)
     x, pre_ms = bridge.local_input(frame.tobytes(), 256, 256)
-    (logits,) = sess.run(outs, {peer_mod.current().graph.input: x})
+    (logits,) = sess.run(outs, {S.session().runtime.graph.input: x})
     got = bridge.local_result(logits.tobytes(), logits.shape, pre_ms, 1.0)
-    want = peer_mod.classify_local(frame.tobytes(), 256, 256)
+    want = S.classify_local(frame.tobytes(), 256, 256)
     assert [t["index"] for t in got["top"]] == [t["index"] for t in want["top"]]
     np.testing.assert_allclose([t["p"] for t in got["top"]], [t["p"] for t in want["top"]], atol=1e-4)
 
@@ -118,8 +113,9 @@ def test_engine_profile_from_probes_and_the_choice(files):
     from tilemesh.runtime.profile import measure_profile, predict_graph_seconds, scaled_profile, validate_profile
 
     model_json, labels_json, bin_path = files
-    peer_mod.load(model_json, labels_json)
-    graph = peer_mod.current().graph
+    S._session = None
+    S.load(model_json, labels_json)
+    graph = S.session().runtime.graph
     engine = NativeEngine(bin_path.read_bytes())
     seconds = {}
     for probe in bridge.engine_probes():
@@ -134,11 +130,11 @@ def test_engine_profile_from_probes_and_the_choice(files):
     numpy_prof = measure_profile(graph, budget_s=0.05)
     fast = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0, numpy_profile=numpy_prof)
     validate_profile(fast)
-    assert fast["backend"] == "onnxruntime" and peer_mod.current().deferred
+    assert fast["backend"] == "onnxruntime" and S.session().runtime.deferred
     assert predict_graph_seconds(fast, graph) * 1e3 == pytest.approx(5.0, rel=1e-6)  # calibrated on the model
     # Against a numpy that were 1000x faster, the device stays on numpy, says why, and reports numpy's profile.
     slow = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0,
                                  numpy_profile=scaled_profile(numpy_prof, 1000))
     assert slow["backend"] == "numpy" and "numpy predicted faster" in slow["engine_reason"]
     assert slow["sec_per_mac"] == scaled_profile(numpy_prof, 1000)["sec_per_mac"]
-    assert not peer_mod.current().deferred
+    assert not S.session().runtime.deferred

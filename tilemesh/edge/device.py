@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import threading
 import time
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from tilemesh.runtime import session as S
 from tilemesh.runtime import wire
+from tilemesh.runtime.backend import NumpyBackend, OnnxRuntimeBackend
 from tilemesh.runtime.classify import LocalClassifier
-from tilemesh.runtime.profile import measure_profile
+from tilemesh.runtime.profile import measure_profile, profile_backends
 from tilemesh.runtime.tiling import run_steps
 
 from .link import PeerGone
@@ -38,27 +40,41 @@ class ModelRuntime:
 
     classifier: LocalClassifier
     compute: dict
+    backend: object | None = None  # what computes its tasks (tilemesh.runtime.backend); None: numpy
 
 
 _profile_lock = threading.Lock()
-_profiles: dict[tuple[str, int], dict] = {}
+_profiles: dict[tuple[str, int], tuple[object, dict]] = {}
+# Threads of the edge's onnxruntime: half the server's cores (the other half runs WebRTC and signaling), 1-4.
+EDGE_THREADS = int(os.environ.get("TILEMESH_EDGE_THREADS", 0)) or max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def measured_profile(model_json: Path, classifier: LocalClassifier) -> dict:
-    """`measure_profile` of this model, once per process (about a second of full-speed numpy; blocking)."""
+def edge_backends(graph) -> list:
+    """Native onnxruntime when installed (task-model sessions, idle threads not spinning), and numpy."""
+    out: list = []
+    try:
+        out.append(OnnxRuntimeBackend(graph, threads=EDGE_THREADS, spinning=False))
+    except ImportError as exc:  # the reason shows in the profile: only numpy was measured
+        log.warning("onnxruntime unavailable on the edge: %s", exc)
+    return [*out, NumpyBackend(graph)]
+
+
+def measured_profile(model_json: Path, classifier: LocalClassifier) -> tuple[object, dict]:
+    """The fastest of `edge_backends` on this model and its profile, once per process (blocking, ~1-2 s)."""
     key = (str(model_json.resolve()), model_json.stat().st_mtime_ns)
     with _profile_lock:
         if key not in _profiles:
-            _profiles[key] = measure_profile(classifier.graph, name="edge")
+            _profiles[key] = profile_backends(classifier.graph, edge_backends(classifier.graph), name="edge")
         return _profiles[key]
 
 
 def load_model_runtime(model_dir: Path) -> ModelRuntime:
-    """The served model (its bundle, `tilemesh.server.model`) and this device's profile on it (blocking: call it
-    in a thread)."""
+    """The served model (its bundle, `tilemesh.server.model`), the engine this device computes it with and that
+    engine's profile on it (blocking: call it in a thread)."""
     model_json = model_dir / "graph.json"
     classifier = LocalClassifier.from_files(model_json, model_dir / "labels.json", model_dir / "card.json")
-    return ModelRuntime(classifier, measured_profile(model_json, classifier))
+    backend, compute = measured_profile(model_json, classifier)
+    return ModelRuntime(classifier, compute, backend)
 
 
 class ComputeDevice:
@@ -138,6 +154,7 @@ class ComputeDevice:
         """Attach the model (or say why there is none); the device reports `ready` with its profile."""
         self.model, self.model_error = model, error
         if model is not None:
+            self.session.backend = model.backend  # the engine the profile chose (native onnxruntime here)
             self._fire(S.ModelLoaded(model.classifier))
             self._fire(S.Profiled(model.compute))  # the session answers with a profile report
         else:
@@ -287,7 +304,9 @@ class ComputeDevice:
         if runtime is None:
             return
         loop = asyncio.get_running_loop()
-        compute = await loop.run_in_executor(self._executor, lambda: measure_profile(runtime.graph, name="edge"))
+        backend = self.model.backend if self.model is not None else None
+        compute = await loop.run_in_executor(self._executor,
+                                             lambda: measure_profile(runtime.graph, backend, name="edge"))
         self._fire(S.Profiled(compute))
 
     async def _compute(self, e: S.Compute) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import peer as peer_mod
+from . import session as session_mod
 from .classify import frame_from_bytes, top_entries
 from .graph import Node
 from .profile import predict_graph_seconds, profile_from_timings, profile_probes
@@ -34,9 +34,19 @@ BLOB_NAME = "model.bin"  # the external-data location every task model names; th
 _engine = {"name": "numpy", "reason": "numpy is the default"}
 
 
+def _rt():
+    """The device session's plan runtime (`peer.PlanRuntime`): model, current runner."""
+    rt = session_mod.session().runtime
+    if rt is None:
+        raise RuntimeError("model not loaded: call tilemesh.runtime.session.load first")
+    return rt
+
+
 def use_engine(name: str, on: bool, reason: str = "") -> dict:
     """Compute this peer's tasks with engine `name` outside Python (`on`), or with numpy; returns the choice."""
-    p = peer_mod.current()
+    s = session_mod.session()
+    s.deferred = bool(on)
+    p = _rt()
     p.deferred = bool(on)
     if p.runner is not None:
         p.runner.deferred = bool(on)
@@ -56,12 +66,12 @@ def blob_path(model_json: str) -> str:
 
 
 def whole_model() -> dict:
-    return graph_model(peer_mod.current().graph, external=BLOB_NAME).to_dict()
+    return graph_model(_rt().graph, external=BLOB_NAME).to_dict()
 
 
 def plan_models() -> dict | None:
     """The current plan's task models, in task order (None when this device has no task in it)."""
-    p = peer_mod.current()
+    p = _rt()
     if p.runner is None:
         return None
     t0 = time.perf_counter()
@@ -69,26 +79,50 @@ def plan_models() -> dict | None:
     return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
 
 
+def _split(effects, reply: dict) -> dict:
+    """Effects for the main thread (as `session.effect_to_dict`) apart from compute requests (raw arrays)."""
+    for e in effects:
+        if isinstance(e, session_mod.Compute):
+            r = e.request
+            reply["compute"].append({"plan_id": e.plan_id, "frame": r.frame, "task": r.task, "segment": r.segment,
+                                     "keep": list(r.keep), "request": r,
+                                     "inputs": [[t, np.ascontiguousarray(a, np.float32)] for t, a in r.inputs.items()]})
+        else:
+            reply["effects"].append(session_mod.effect_to_dict(e))
+    return reply
+
+
+def handle(event: dict, now: float) -> dict:
+    """`session.handle` for a worker with an engine: `{effects, compute, adopted}`; `adopted` is the plan id when
+    this event made the device adopt a plan (the worker makes its sessions before running anything)."""
+    s = session_mod.session()
+    before = s.runtime.plan_id if s.runtime is not None else 0
+    effects = s.handle(session_mod.event_from_dict(event), float(now))
+    after = s.runtime.plan_id if s.runtime is not None else 0
+    reply = _split(effects, {"effects": [], "compute": []})
+    reply["adopted"] = after if after != before else None
+    return reply
+
+
 def take_compute(reply: dict) -> list[dict]:
     """Remove and return the reply's compute requests, each with its inputs as contiguous float32 arrays."""
-    reqs = reply.pop("compute", None) or []
-    return [{"frame": r.frame, "task": r.task, "segment": r.segment, "keep": list(r.keep),
-             "inputs": [[t, np.ascontiguousarray(a, np.float32)] for t, a in r.inputs.items()]} for r in reqs]
+    reqs, reply["compute"] = reply.get("compute") or [], []
+    return reqs
 
 
-def computed_numpy(reply: dict, plan_id: int, req: dict) -> dict:
+def computed_numpy(reply: dict, plan_id: int, req: dict, now: float = 0.0) -> dict:
     """Compute one request with the numpy kernels instead (the engine failed on it): the frame still finishes."""
     from .backend import NumpyBackend
     from .tiling import run_steps
 
-    p = peer_mod.current()
+    p = _rt()
     if p.runner is None or int(plan_id) != p.runner.plan_id:
         return reply
     task = p.runner.dplan.tasks[int(req["task"])]
     vals = run_steps(p.graph, task.deps, dict(req["inputs"]), keep=task.owned, backend=NumpyBackend(p.graph))
     names = list(vals)
     return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],
-                    [vals[n].shape for n in names])
+                    [vals[n].shape for n in names], now)
 
 
 def _array(data, shape) -> np.ndarray:
@@ -102,16 +136,12 @@ def _array(data, shape) -> np.ndarray:
     return np.frombuffer(memoryview(data).cast("B"), np.float32).reshape(shape).copy()
 
 
-def computed(reply: dict, plan_id: int, frame: int, task: int, names, datas, shapes) -> dict:
-    """Hand the engine's outputs of one request to the peer; its effects join `reply` (new compute included)."""
+def computed(reply: dict, plan_id: int, frame: int, task: int, names, datas, shapes, now: float = 0.0) -> dict:
+    """Hand the engine's outputs of one request to the session (`Computed`); its effects join `reply`."""
     outputs = {str(n): _array(d, s) for n, d, s in zip(names, datas, shapes, strict=True)}
-    more = peer_mod.current().computed(int(plan_id), int(frame), int(task), outputs)
-    for key in ("out", "results", "reports", "compute"):
-        reply[key] = list(reply.get(key) or []) + list(more.get(key) or [])
-    for key in ("tasks_run", "plan_id"):
-        if key in more:
-            reply[key] = more[key]
-    return reply
+    effects = session_mod.session().handle(session_mod.Computed(int(plan_id), int(frame), int(task), outputs),
+                                           float(now))
+    return _split(effects, reply)
 
 
 # --------------------------------------------------------------------------- choosing the engine by profile
@@ -127,7 +157,7 @@ def engine_probes() -> list[dict]:
     measured as the slope of a chain of tiny nodes (`call` is one node, `overhead` 20), and the call cost is taken
     off every other probe (`engine_profile`); a whole task pays it once."""
     global _probes
-    graph = peer_mod.current().graph
+    graph = _rt().graph
     _probes = profile_probes(graph)
     rng = np.random.default_rng(1)
     tiny = [Node(f"_probe{i}", "Clip", (f"_y{i - 1}" if i else "_x",), f"_y{i}", {"min": 0.0, "max": 6.0})
@@ -148,7 +178,7 @@ def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, 
     """The engine's profile from its probe timings; the peer then uses whichever of numpy (`numpy_profile`, when
     given) and the engine predicts the whole model faster. Returns the chosen profile (what the planner gets),
     with `engines`: each one's predicted whole-model ms, and `engine_reason`."""
-    graph = peer_mod.current().graph
+    graph = _rt().graph
     sec = {str(k): float(v) for k, v in dict(seconds).items()}
     call = sec["call"]
     per_node = max((sec["overhead"] - call) / (_OVERHEAD_CHAIN - 1), 0.0)
@@ -176,13 +206,13 @@ def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, 
 def local_input(data, height: int, width: int) -> list:
     """The single-device classifier's model input for one frame, and the preprocessing time."""
     t0 = time.perf_counter()
-    pre = peer_mod.current().classifier.pre  # the model card's preprocessing
+    pre = _rt().classifier.pre  # the model card's preprocessing
     x = np.ascontiguousarray(pre.preprocess(frame_from_bytes(data, int(height), int(width))), np.float32)
     return [x, (time.perf_counter() - t0) * 1e3]
 
 
 def local_result(logits, shape, preprocess_ms: float, compute_ms: float, k: int = 5) -> dict:
     """What `classify_local` returns, from the engine's logits."""
-    labels = peer_mod.current().classifier.labels
+    labels = _rt().classifier.labels
     return {"top": top_entries(_array(logits, shape), labels, int(k)), "preprocess_ms": float(preprocess_ms),
             "compute_ms": float(compute_ms), "engine": _engine["name"]}

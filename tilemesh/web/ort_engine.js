@@ -160,9 +160,12 @@ export class OrtEngine {
         }
       } finally { list.destroy(); }
       this.plan = { planId: models.get("plan_id"), tasks };
-      reply.set("sessions_ms", performance.now() - t0);  // creation and warm-up, at adoption
-      reply.set("warmup_ms", warmMs);
-      reply.set("engine", this.info.engine);
+      // creation and warm-up, at adoption: a notice for the page and the tests
+      this.lastAdoption = { plan_id: this.plan.planId, sessions_ms: performance.now() - t0, warmup_ms: warmMs,
+        engine: this.info.engine, tasks: tasks.length };
+      const effects = reply.get("effects");
+      effects.append(this.pyodide.toPy({ do: "notice", what: "engine", detail: this.lastAdoption }));
+      effects.destroy();
     } catch (err) {
       // The plan still runs: this device falls back to numpy, and says why.
       this._fallBack(bridge, `sessions for plan failed: ${err.message || err}`);
@@ -195,7 +198,23 @@ export class OrtEngine {
     }
   }
 
-  // Run every compute request of `reply` (a PyProxy dict from the peer), folding results back, until none is left.
+  // One session event with this engine (tilemesh.runtime.engine_bridge.handle): a plan adopted gets its sessions
+  // first, then every compute request runs here, until none is left; returns the other effects (a PyProxy list).
+  async handle([event, now]) {
+    const bridge = this.bridge();
+    const reply = bridge.handle(event, now);
+    try {
+      const adopted = reply.get("adopted");
+      if (adopted !== undefined && adopted !== null) await this.adopt(reply);
+      await this.drain(reply);
+      return reply.get("effects");
+    } finally {
+      reply.destroy();
+      bridge.destroy();
+    }
+  }
+
+  // Run every compute request of `reply` (a PyProxy dict from the bridge), folding results back, until none is left.
   async drain(reply) {
     if (!reply || reply.type !== "dict" || !reply.has("compute")) return reply;
     const bridge = this.bridge();
@@ -208,13 +227,13 @@ export class OrtEngine {
         const n = reqs.length;
         try {
           if (n === 0) break;
-          const planId = reply.get("plan_id");
           for (let i = 0; i < n; i++) {
             const req = reqs.get(i);
             try {
+              const planId = req.get("plan_id");
               const task = req.get("task");
               const entry = this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
-              if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req).destroy(); continue; }
+              if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy(); continue; }
               const inputs = req.get("inputs");
               const pairs = [];
               for (let j = 0; j < inputs.length; j++) {
@@ -230,7 +249,7 @@ export class OrtEngine {
               } catch (err) {
                 this._fallBack(bridge, `onnxruntime-web failed on a task: ${err.message || err}`);
                 fallbacks++;
-                bridge.computed_numpy(reply, planId, req).destroy();
+                bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy();
                 continue;
               } finally {
                 for (const [, a] of pairs) a.destroy();
@@ -239,7 +258,7 @@ export class OrtEngine {
               runs++;
               const names = entry.outputs;
               bridge.computed(reply, planId, req.get("frame"), task, names, names.map((k) => results[k].data),
-                names.map((k) => results[k].dims)).destroy();
+                names.map((k) => results[k].dims), performance.now() / 1e3).destroy();
             } finally {
               req.destroy();
             }

@@ -8,7 +8,7 @@ let pyodide = null;
 let booting = null;
 let engineOptions = {};   // boot option `ort`: {threads, disabled}
 let engine = null;        // OrtEngine once the model is loaded (numpy when it is not active)
-const PEER = "tilemesh.runtime.peer";
+const SESSION = "tilemesh.runtime.session";
 
 function progress(stage, fraction, detail = "") {
   postMessage({ type: "progress", stage, fraction, detail });
@@ -119,12 +119,14 @@ async function call({ module, fn, args = [] }) {
   try {
     const pyArgs = args.map((a) => (a !== null && typeof a === "object" ? pyodide.toPy(a) : a));
     try {
-      if (module === PEER && fn === "classify_local" && engine && engine.active) {
+      if (module === SESSION && fn === "classify_local" && engine && engine.active) {
         return toJs(await engine.classifyLocal(pyArgs));
       }
+      // Session events go through the engine: its compute requests run here before the effects leave.
+      if (module === SESSION && fn === "handle" && engine) return toJs(await engine.handle(pyArgs));
       let result = mod[fn](...pyArgs);
       if (result && typeof result.then === "function") result = await result;
-      if (module === PEER) result = await afterPeerCall(fn, args, result);
+      if (module === SESSION) result = await afterSessionCall(fn, args, result);
       return toJs(result);
     } finally {
       pyArgs.forEach((a) => a && a.destroy && a.destroy());
@@ -136,7 +138,7 @@ async function call({ module, fn, args = [] }) {
 
 // The compute engine around the peer's calls: loaded with the model, sessions made when a plan is adopted, and
 // every `compute` request of a reply run before the reply leaves the worker.
-async function afterPeerCall(fn, args, result) {
+async function afterSessionCall(fn, args, result) {
   if (fn === "load") {
     // A second load (the /ar overlay inside a room) makes a fresh Python peer: rebind it to the same engine.
     if (!engine || engine.modelJson !== args[0]) engine = new OrtEngine(pyodide, engineOptions);
@@ -146,10 +148,8 @@ async function afterPeerCall(fn, args, result) {
     result.set("engine", pyodide.toPy(info));
     return result;
   }
-  if (!engine) return result;
-  if (fn === "profile") return engine.profile(result);
-  if (fn === "set_plan") result = await engine.adopt(result);
-  return engine.drain(result);
+  if (engine && fn === "profile") return engine.profile(result);
+  return result;
 }
 
 // One message at a time, in arrival order: a call that awaits the engine must not interleave with the next one

@@ -8,7 +8,7 @@ single-tensor cuts, evenly spaced) is adopted by the runtime worker of a /runtim
 through it; the runner's report gives each task's compute time (inputs assembled, the engine's run, results
 back in Python: what a device pays per frame). Browser engines: `ort-wasm` (onnxruntime-web in the worker,
 `?ort_threads=N`) and `numpy` (Pyodide, `?ort=off`; single-threaded, measured once). Native: the same plan
-through `tilemesh.runtime.peer.Peer` with `OnnxRuntimeBackend(threads=N)` (the edge's engine) in this process.
+through `tilemesh.runtime.peer.PlanRuntime` with `OnnxRuntimeBackend(threads=N)` (the edge's engine) in this process.
 "whole" is the one-segment plan. Medians over the frames after one warm-up frame. Also printed: the device's
 own profile prediction of each segment (measured/predicted, the cost model's error for that engine) and the
 session creation time at plan adoption. A script, not a test: the machine is shared, ratios move by +-20%.
@@ -49,11 +49,21 @@ for name in ('graph.json', 'graph.bin', 'labels.json', 'card.json'):
 """
 
 CALL = """async ([fn, args]) => {
-    if (fn === "start_frame") args = [args[0], Uint8Array.from(atob(args[1]), (c) => c.charCodeAt(0)), 256, 256];
-    const r = await window.tilemeshRuntime.call("tilemesh.runtime.peer", fn, args);
-    return { results: r.results, sessions_ms: r.sessions_ms, engine: r.engine, tasks: r.tasks,
-             backend: r.backend, engines: r.engines, sec_per_mac: r.sec_per_mac, overhead_s: r.overhead_s,
-             chain_factor: r.chain_factor, version: r.version, model_ms: r.model_ms, engine_reason: r.engine_reason };
+    const S = "tilemesh.runtime.session";
+    if (fn === "profile") return await window.tilemeshRuntime.call(S, "profile", []);
+    let event;
+    if (fn === "set_plan") {
+        const spec = args[0];
+        const msg = { type: "plan", plan_id: spec.plan_id, source: "me", devices: ["me"], spec };
+        event = { on: "plan", me: "me", msg };
+    } else {
+        event = { on: "frame", frame: args[0], data: Uint8Array.from(atob(args[1]), (c) => c.charCodeAt(0)),
+                  height: 256, width: 256 };
+    }
+    const effects = await window.tilemeshRuntime.call(S, "handle", [event, performance.now() / 1e3]);
+    const done = effects.filter((e) => e.do === "frame_done").map((e) => e.result);
+    const adopted = effects.find((e) => e.do === "notice" && e.what === "engine");
+    return { results: done, sessions_ms: adopted ? adopted.detail.sessions_ms : undefined };
 }"""
 
 
@@ -85,7 +95,9 @@ def run_pair(page, clf, spec, threads: int, frames: int) -> tuple[dict, dict]:
     role = page.evaluate(CALL, ["set_plan", [spec, "me", {}]])
     reports, native = [], []
     for f in range(1, frames + 2):
-        out = page.evaluate(CALL, ["start_frame", [f, base64.b64encode(frame_bytes(f)).decode()]])
+        # Frame ids only grow in a device session: each plan's frames get their own range.
+        fid = int(spec["plan_id"]) * 10_000 + f
+        out = page.evaluate(CALL, ["start_frame", [fid, base64.b64encode(frame_bytes(f)).decode()]])
         reports.append(out["results"][0]["report"])
         (res,) = peer.start_frame(f, frame_bytes(f), 256, 256)["results"]
         native.append(res["report"])
@@ -98,7 +110,7 @@ def open_page(browser, url: str):
     page.goto(url)
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=120_000)
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
-    info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.peer', 'load', "
+    info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'load', "
                          "['/model/graph.json', '/model/labels.json', '/model/card.json'])")
     return page, info["engine"]
 

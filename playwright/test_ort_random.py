@@ -71,6 +71,8 @@ def test_random_cnn_tiles_on_ort_web_equal_numpy(page, server, threads):
         for dev in plan.devices:
             dplan = plan.device_plan(dev)
             for task, tm in zip(dplan.tasks, plan_task_models(graph, dplan, external="model.bin"), strict=True):
+                if tm is None:  # an op the writer does not lower: that task runs on numpy in the browser
+                    continue
                 feeds = tile_input(graph, task.deps, task.segment)
                 ref = run_steps(graph, task.deps, feeds, keep=task.owned, backend=numpy)
                 got = page.evaluate(RUN, [b64(tm.model), blob, [[t, b64(a), list(a.shape)] for t, a in feeds.items()],

@@ -22,6 +22,7 @@ results are bit-identical):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections import Counter, OrderedDict
@@ -42,8 +43,8 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 
 def segment_keep(deps, keep) -> list[str]:
-    """The tensors of `keep` a tile's steps compute (what `run_segment` returns), in `keep`'s order."""
-    return [t for t in keep if t in deps.regions and t not in deps.inputs]
+    """The tensors of `keep` a tile's steps compute (what `run_segment` returns), sorted (a session's key)."""
+    return sorted(t for t in keep if t in deps.regions and t not in deps.inputs)
 
 
 @runtime_checkable
@@ -190,13 +191,23 @@ class OnnxRuntimeBackend:
     def prepare(self, dplan) -> float:
         """Make the session of every task of a `tiling.DevicePlan` now (plan adoption), not at its first frame;
         returns the milliseconds that took."""
+        from .task_model import NotLowerable
+
         before = self.session_ms
         for task in dplan.tasks:
-            self.segment_session(task.deps, segment_keep(task.deps, task.owned))
+            with contextlib.suppress(NotLowerable):  # that task runs on numpy (run_segment)
+                self.segment_session(task.deps, segment_keep(task.deps, task.owned))
         return self.session_ms - before
 
+    def _numpy(self):
+        if getattr(self, "_np", None) is None:
+            self._np = NumpyBackend(self.graph)
+        return self._np
+
     def run_segment(self, deps, inputs, keep):
-        """`tiling.run_steps` in one onnxruntime call: `inputs[t]` holds `deps.inputs[t]`; returns kept tiles."""
+        """`tiling.run_steps` in one onnxruntime call: `inputs[t]` holds `deps.inputs[t]`; returns kept tiles.
+        Raises `task_model.NotLowerable` for a tile with an op the ONNX writer does not lower (`tiling.run_steps`
+        then runs it on the numpy kernels)."""
         sess, outs = self.segment_session(deps, keep)
         feeds = {t: np.ascontiguousarray(inputs[t], np.float32) for t in deps.inputs}
         return dict(zip(outs, sess.run(outs, feeds), strict=True))
@@ -214,6 +225,10 @@ class OnnxRuntimeBackend:
         return sess
 
     def run_node(self, node, inputs, pads=None, *, may_overwrite=None):
+        from .task_model import ENGINE_OPS
+
+        if node.op not in ENGINE_OPS:
+            return self._numpy().run_node(node, inputs, pads)
         if pads is not None:
             node = dataclasses.replace(node, attrs={**node.attrs, "pads": tuple(int(p) for p in pads)})
         feeds = dict(zip(node.inputs, inputs, strict=True))
@@ -221,7 +236,11 @@ class OnnxRuntimeBackend:
         return self.session([node], shapes, [node.output]).run(None, feeds)[0]
 
     def run_nodes(self, nodes, tensors, outputs=None):
+        from .task_model import ENGINE_OPS
+
         nodes = list(nodes)
+        if any(n.op not in ENGINE_OPS for n in nodes):
+            return self._numpy().run_nodes(nodes, tensors, outputs)
         produced = {n.output for n in nodes}
         feeds = {t: tensors[t] for n in nodes for t in n.inputs if t not in produced}
         shapes = {t: tuple(a.shape) for t, a in feeds.items()}

@@ -75,7 +75,8 @@ def plan_models() -> dict | None:
     if p.runner is None:
         return None
     t0 = time.perf_counter()
-    models = [m.to_dict() for m in plan_task_models(p.graph, p.runner.dplan, external=BLOB_NAME)]
+    models = [m.to_dict() if m is not None else None
+              for m in plan_task_models(p.graph, p.runner.dplan, external=BLOB_NAME)]
     return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
 
 

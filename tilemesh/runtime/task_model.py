@@ -30,6 +30,22 @@ from .onnx_proto import External, Initializer, OnnxNode, model_bytes
 from .regions import Region, is_spatial, plane
 
 _RENAME = {"kernel": "kernel_shape"}
+# The IR ops `lower_node` writes (their IR attributes are ONNX's, up to the normalizations undone below). Other
+# ops (the importer keeps gaining them) raise `NotLowerable`: that task runs on numpy instead, per task.
+ENGINE_OPS = frozenset({
+    "Conv", "Clip", "Relu", "Add", "Mul", "Sub", "Div", "Sigmoid", "HardSwish", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
+})
+
+
+class NotLowerable(ValueError):
+    """A node this writer does not lower to ONNX; the caller computes it with numpy."""
+
+
+def check_lowerable(nodes) -> None:
+    bad = sorted({n.op for n in nodes if n.op not in ENGINE_OPS})
+    if bad:
+        raise NotLowerable(f"no ONNX lowering for {', '.join(bad)}")
 # Window ops whose `dilations` attribute ONNX only knows from a later opset (AveragePool: 19): left out at (1, 1).
 _DEFAULT_DILATIONS_DROPPED = frozenset({"MaxPool", "AveragePool"})
 
@@ -90,6 +106,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
         never reaches the last column): for running a whole graph on a whole input.
     """
     nodes = {n.name: n for n in graph.nodes}
+    check_lowerable(nodes[st.node] for st in deps.steps)
     have: dict[str, Region] = dict(deps.inputs)  # tensor -> region its current array holds
     if whole_inputs:
         have = {t: Region.full(*plane(graph.shapes[t])) for t in deps.inputs}
@@ -101,6 +118,8 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
 
     def view(t: str, want: Region) -> str:
         """`t` cropped to `want` (a Slice unless it holds exactly that)."""
+        if t not in have:  # read through a path the writer does not model (e.g. a distributed pool's partials)
+            raise NotLowerable(f"{t} reaches this tile other than as a segment input")
         if not is_spatial(graph.shapes[t]) or have[t] == want:
             return t
         if not have[t].contains(want):
@@ -149,6 +168,8 @@ def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: s
     """A model of `nodes` run as they are (no tiling): inputs shaped by `input_shapes` (else the graph's), output
     shapes from `output_shapes` (else left to the engine). Nodes need not belong to the graph (a profile's
     probes), their weights must."""
+    nodes = list(nodes)
+    check_lowerable(nodes)
     onodes, inits, seen = [], [], set()
     offsets = compact_offsets(graph)[0] if external else {}
     for n in nodes:
@@ -183,6 +204,16 @@ def graph_model(graph: Graph, *, external: str | None = None) -> TaskModel:
     return task_model(graph, whole_deps(graph), [graph.output], external=external, whole_inputs=True)
 
 
-def plan_task_models(graph: Graph, dplan, *, external: str | None = None) -> list[TaskModel]:
-    """One model per task of a `tiling.DevicePlan`, in task order (built at plan adoption)."""
-    return [task_model(graph, t.deps, list(t.owned), external=external) for t in dplan.tasks]
+def plan_task_models(graph: Graph, dplan, *, external: str | None = None) -> list[TaskModel | None]:
+    """One model per task of a `tiling.DevicePlan`, in task order (built at plan adoption); None for a task with
+    an op `lower_node` does not write (that task runs on numpy)."""
+    out: list[TaskModel | None] = []
+    for t in dplan.tasks:
+        if not t.deps.steps:  # nothing to compute (a distributed pool's result passes through)
+            out.append(None)
+            continue
+        try:
+            out.append(task_model(graph, t.deps, list(t.owned), external=external))
+        except NotLowerable:
+            out.append(None)
+    return out

@@ -425,16 +425,20 @@ def run_steps(graph, deps: SegmentDeps, inputs: dict[str, np.ndarray], keep=(), 
         from .backend import NumpyBackend
 
         backend = NumpyBackend(graph)
-    if hasattr(backend, "run_segment"):
-        # An engine running a whole tile's steps as one model (onnxruntime: `task_model`, per-tile pads built in).
-        from .backend import segment_keep
-
-        return backend.run_segment(deps, inputs, segment_keep(deps, keep))
     nodes = {n.name: n for n in graph.nodes}
     seg_nodes = [nodes[s.node] for s in deps.steps]
     keep = set(keep)
     if not seg_nodes:  # e.g. a segment that is only a distributed pool: its result is already an input
         return {t: inputs[t] for t in keep if t in inputs}
+    if hasattr(backend, "run_segment"):
+        # An engine running a whole tile's steps as one model (onnxruntime: `task_model`, per-tile pads built in).
+        from .backend import NumpyBackend, segment_keep
+        from .task_model import NotLowerable
+
+        try:
+            return backend.run_segment(deps, inputs, segment_keep(deps, list(keep)))
+        except NotLowerable:  # an op the ONNX writer does not lower: this tile runs on the numpy kernels
+            backend = NumpyBackend(graph)
     if _is_whole(graph, deps):
         # Untiled (a gather or a lone device): no pads to override, so the backend may fuse the run.
         return backend.run_nodes(seg_nodes, inputs, [t for t in keep if t in deps.regions])

@@ -144,6 +144,7 @@ export class OrtEngine {
       try {
         for (let i = 0; i < list.length; i++) {
           const m = list.get(i);
+          if (m === undefined || m === null) { tasks.push(null); continue; }  // an op without lowering: numpy
           try {
             const entry = await this._session(m);
             // One run on zeros now: the first run allocates the session's buffers (slower), not the first frame.
@@ -162,7 +163,7 @@ export class OrtEngine {
       this.plan = { planId: models.get("plan_id"), tasks };
       // creation and warm-up, at adoption: a notice for the page and the tests
       this.lastAdoption = { plan_id: this.plan.planId, sessions_ms: performance.now() - t0, warmup_ms: warmMs,
-        engine: this.info.engine, tasks: tasks.length };
+        engine: this.info.engine, tasks: tasks.length, on_numpy: tasks.filter((t) => t === null).length };
       const effects = reply.get("effects");
       effects.append(this.pyodide.toPy({ do: "notice", what: "engine", detail: this.lastAdoption }));
       effects.destroy();

@@ -60,7 +60,7 @@ def test_random_cnn_tiles_on_ort_web_equal_numpy(page, server, threads):
     assert page.evaluate(SETUP, threads) is True
     checked = {"tasks": 0, "border": 0, "interior": 0}
 
-    @settings(max_examples=12, deadline=None, database=None,
+    @settings(max_examples=30, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(data=st.data())
     def check(data):

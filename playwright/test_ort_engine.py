@@ -2,7 +2,8 @@
 
 Against the numpy reference in the same Pyodide: the whole demo model on real photos (same top-5 as native
 onnxruntime, probabilities within 1e-4), and every task of plans with border and interior tiles (a 2x2 grid and
-uneven row bands fused over the first blocks) computed through the deferred peer's compute loop within 1e-4.
+uneven row bands fused over the first blocks) computed through the device session's events (the worker's
+`handle`, as a room fires them) within 1e-4.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import pytest
 import skimage.data
 from browsers import REPO
 
+from tilemesh.runtime import session as S
 from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
-from tilemesh.runtime.peer import PlanRuntime as Peer
 from tilemesh.runtime.peer import plan_from_spec
 from tilemesh.runtime.preprocess import preprocess, top_k
 
@@ -40,17 +41,58 @@ CLASSIFY = """async ([b64, h, w]) => {
                                              [bytes.buffer]);
 }"""
 
-# The page side of a room whose other devices live in this test process: peer calls with chunks as base64.
-PEER_CALL = """async ([fn, args]) => {
+# The page side of a room whose other devices live in this test process: one session event to the worker, as
+# room_engine.js fires it (`handle`, through the engine: compute requests run in the worker before the effects
+# come back); chunk and frame bytes as base64 both ways.
+HANDLE = """async (event) => {
     const b64 = (u8) => { let s = ""; for (let i = 0; i < u8.length; i += 32768)
         s += String.fromCharCode(...u8.subarray(i, i + 32768)); return btoa(s); };
     const bytes = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
-    if (fn === "on_chunk") args = [args[0], bytes(args[1])];
-    if (fn === "start_frame") args = [args[0], bytes(args[1]), args[2], args[3]];
-    const r = await window.tilemeshRuntime.call("tilemesh.runtime.peer", fn, args);
-    r.out = (r.out || []).map((o) => ({ dst: o.dst, chunks: o.chunks.map(b64) }));
-    return r;
+    const transfer = [];
+    if (event.on === "chunk" || event.on === "frame") {
+        event.data = bytes(event.data);
+        transfer.push(event.data.buffer);
+    }
+    const effects = await window.tilemeshRuntime.call("tilemesh.runtime.session", "handle",
+                                                      [event, performance.now() / 1e3], transfer);
+    return effects.map((e) => (e.do === "send" ? { ...e, chunks: e.chunks.map(b64) } : e));
 }"""
+
+# ort_engine.js counts each event's tasks run on onnxruntime-web and on numpy (`engine_runs`, `numpy_runs`) on
+# the bridge's reply, and hands only the effects back to the page: this keeps every reply so the test can read
+# the counters written on them.
+COUNT_RUNS = """
+from tilemesh.runtime import engine_bridge as _bridge
+_replies = []
+_bridge_handle = _bridge.handle
+def _counted_handle(event, now):
+    reply = _bridge_handle(event, now)
+    _replies.append(reply)
+    return reply
+_bridge.handle = _counted_handle
+None
+"""
+RUNS = """
+import json
+_runs = json.dumps({k: sum(int(r.get(k, 0)) for r in _replies) for k in ("engine_runs", "numpy_runs")})
+_replies.clear()
+_runs
+"""
+
+
+def runs(page) -> dict:
+    """Tasks this page ran on onnxruntime-web and on numpy since the last call (ort_engine.js's counters)."""
+    return json.loads(page.evaluate("(c) => window.tilemeshRuntime.exec(c)", RUNS))
+
+
+def plan_msg(spec: dict, devices) -> dict:
+    """The server's `plan` message around a spec (what `PlanIn` / `{on: "plan"}` carries)."""
+    return {"type": "plan", "plan_id": spec["plan_id"], "source": spec["source"], "devices": list(devices),
+            "spec": spec}
+
+
+def of(effects, do: str, what: str | None = None) -> list[dict]:
+    return [e for e in effects if e["do"] == do and (what is None or e.get("what") == what)]
 
 
 def demo_classifier() -> LocalClassifier:
@@ -104,14 +146,13 @@ def test_numpy_when_turned_off(page, server):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.skip(reason="drives the old tilemesh.runtime.peer worker API; not yet ported to the device "
-                  "session's events (tilemesh.runtime.session landed on main at the deadline)")
 def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
-    """The browser is device `a` of a four-device room (the others: numpy peers in this process). Its tasks (a
-    border tile of a fused 2x2 grid, then the whole rest) run on onnxruntime-web in sessions made at plan
+    """The browser is device `a` of a four-device room (the others: numpy device sessions in this process). Its
+    tasks (a border tile of a fused 2x2 grid, then the whole rest) run on onnxruntime-web in sessions made at plan
     adoption; the frame's top-5 equals single-device numpy within 1e-4."""
     info = boot(page, server, threads)
     assert info["engine"]["engine"] == "ort-wasm"
+    page.evaluate("(c) => window.tilemeshRuntime.exec(c)", COUNT_RUNS)
     clf = demo_classifier()
     cut = cut_candidates(clf.graph)[3]
     grid = {"devices": [["a", "b"], ["c", "d"]], "row_shares": [3, 2], "col_shares": [2, 3]}
@@ -121,37 +162,62 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     first = plan.device_plan("a").tasks[0]
     pads = [s.pads for s in first.deps.steps if s.pads]
     assert any(p[0] and p[1] and not p[2] and not p[3] for p in pads)  # border top/left, halo bottom/right
-    others = {d: Peer(clf) for d in "bcd"}
-    for d, p in others.items():
-        p.set_plan(spec, d)
-    role = page.evaluate(PEER_CALL, ["set_plan", [spec, "a", {}]])
-    assert role["engine"] == "ort-wasm" and role["sessions_ms"] > role["warmup_ms"] > 0 and role["tasks"] == 2
+    devices = "abcd"
+    msg = plan_msg(spec, devices)
+    others = {d: S.DeviceSession(clf) for d in "bcd"}
+    results, queue = [], []
+
+    def execute(src, effects):
+        for e in effects:
+            if e["do"] == "send":
+                queue.extend((src, e["dst"], base64.b64decode(c) if isinstance(c, str) else bytes(c))
+                             for c in e["chunks"])
+            elif e["do"] == "frame_done":
+                results.append(e["result"])
+            elif e["do"] == "frame_failed" or (e["do"] == "notice" and e["what"] == "error"):
+                raise AssertionError(e)
+
+    def fire(dst, event):
+        """One event to a device: the browser's session through its worker, the others' in this process."""
+        if dst == "a":
+            return page.evaluate(HANDLE, event)
+        return [S.effect_to_dict(e) for e in others[dst].handle(S.event_from_dict(event), 0.0)]
+
+    # Links open first (as in a room), each end learning the other's max message size; probes are not answered.
+    for d in devices:
+        for peer in devices:
+            if peer != d:
+                fire(d, {"on": "link_opened", "peer": peer, "max_message": 256 * 1024})
+    for d in "bcd":
+        execute(d, fire(d, {"on": "plan", "msg": msg, "me": d}))
+    adopted = fire("a", {"on": "plan", "msg": msg, "me": "a"})
+    execute("a", adopted)
+    (engine,) = [e["detail"] for e in of(adopted, "notice", "engine")]
+    assert engine["engine"] == "ort-wasm" and engine["plan_id"] == 5, engine
+    assert engine["sessions_ms"] > engine["warmup_ms"] > 0 and engine["tasks"] == 2 and engine["on_numpy"] == 0
+    (role,) = [e["detail"]["role"] for e in of(adopted, "notice", "plan")]
+    assert role["role"] == "source" and role["tasks"] == 2
     frame = np.random.default_rng(11).integers(0, 256, (256, 256, 4), dtype=np.uint8)
-    results = []
-    queue = []
-    runs = {"engine_runs": 0, "numpy_runs": 0}
-
-    def effects(src, reply):
-        for k in runs:
-            runs[k] += reply.get(k, 0) if src == "a" else 0
-        for o in reply["out"]:
-            queue.extend((src, o["dst"], base64.b64decode(c) if isinstance(c, str) else c) for c in o["chunks"])
-        results.extend(reply.get("results", []))
-
-    effects("a", page.evaluate(PEER_CALL, ["start_frame", [1, base64.b64encode(frame.tobytes()).decode(), 256, 256]]))
+    start = fire("a", {"on": "frame", "frame": 1, "data": base64.b64encode(frame.tobytes()).decode(),
+                       "height": 256, "width": 256})
+    execute("a", start)
+    tasks_run = [e["detail"]["tasks_run"] for e in of(start, "notice", "tasks_run")]
     rng = random.Random(threads)
     while queue:
         src, dst, chunk = queue.pop(rng.randrange(len(queue)))
+        effects = fire(dst, {"on": "chunk", "peer": src,
+                             "data": base64.b64encode(chunk).decode() if dst == "a" else chunk})
+        execute(dst, effects)
         if dst == "a":
-            effects("a", page.evaluate(PEER_CALL, ["on_chunk", [src, base64.b64encode(chunk).decode()]]))
-        else:
-            effects(dst, others[dst].on_chunk(src, chunk))
+            tasks_run += [e["detail"]["tasks_run"] for e in of(effects, "notice", "tasks_run")]
     assert [r["frame"] for r in results] == [1]
     local = clf.classify(frame.tobytes(), 256, 256)
     assert [t["index"] for t in results[0]["top"]] == [t["index"] for t in local["top"]]
     np.testing.assert_allclose([t["p"] for t in results[0]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
     assert [t["segment"] for t in results[0]["report"]["tasks"]] == [0, 1]
-    assert runs == {"engine_runs": 2, "numpy_runs": 0}
+    assert tasks_run[-1] == 2  # the session's count of tasks this device computed under plan 5
+    assert runs(page) == {"engine_runs": 2, "numpy_runs": 0}
+    assert page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'state', [])")["errors"] == []
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -175,26 +241,31 @@ def test_profile_chooses_the_faster_engine(page, server, threads):
     assert got["engine"] == "ort-wasm"
 
 
-@pytest.mark.skip(reason="drives the old tilemesh.runtime.peer worker API; not yet ported to the device "
-                  "session's events (tilemesh.runtime.session landed on main at the deadline)")
 def test_tasks_without_a_session_fall_back_to_numpy(page, server):
     """A plan adopted while the device was on numpy has no sessions; if the engine is switched on afterwards,
     each task runs on numpy instead (counted, never lost) and the frame still gets the reference answer."""
     boot(page, server, 1)
+    page.evaluate("(c) => window.tilemeshRuntime.exec(c)", COUNT_RUNS)
     clf = demo_classifier()
     whole = {"devices": [["a"]], "row_shares": None, "col_shares": None}
     spec = {"plan_id": 3, "source": "a", "cuts": [cut_candidates(clf.graph)[5]], "splits": [whole, whole]}
     page.evaluate("(c) => window.tilemeshRuntime.exec(c)",
                   "from tilemesh.runtime import engine_bridge as b; b.use_engine('numpy', False, 'test'); None")
-    role = page.evaluate(PEER_CALL, ["set_plan", [spec, "a", {}]])
-    assert "sessions_ms" not in role
+    adopted = page.evaluate(HANDLE, {"on": "plan", "msg": plan_msg(spec, "a"), "me": "a"})
+    (role,) = [e["detail"]["role"] for e in of(adopted, "notice", "plan")]
+    assert role["role"] == "source" and role["tasks"] == 2
+    assert not of(adopted, "notice", "engine")  # no sessions made for this plan
     page.evaluate("(c) => window.tilemeshRuntime.exec(c)",
                   "from tilemesh.runtime import engine_bridge as b; b.use_engine('ort-wasm', True, 'test'); None")
     frame = np.random.default_rng(12).integers(0, 256, (256, 256, 4), dtype=np.uint8)
-    reply = page.evaluate(PEER_CALL, ["start_frame", [1, base64.b64encode(frame.tobytes()).decode(), 256, 256]])
-    assert reply["numpy_runs"] == 2 and reply["engine_runs"] == 0
+    effects = page.evaluate(HANDLE, {"on": "frame", "frame": 1, "data": base64.b64encode(frame.tobytes()).decode(),
+                                     "height": 256, "width": 256})
+    assert runs(page) == {"engine_runs": 0, "numpy_runs": 2}
+    assert [e["detail"]["tasks_run"] for e in of(effects, "notice", "tasks_run")][-1] == 2
+    (done,) = of(effects, "frame_done")
     local = clf.classify(frame.tobytes(), 256, 256)
-    assert [t["index"] for t in reply["results"][0]["top"]] == [t["index"] for t in local["top"]]
+    assert [t["index"] for t in done["result"]["top"]] == [t["index"] for t in local["top"]]
+    np.testing.assert_allclose([t["p"] for t in done["result"]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
 
 
 def test_roster_says_why_a_device_is_on_numpy(browser, server):

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from test_planner import WIFI, room
 
 from tilemesh.planning import streams as S
-from tilemesh.runtime.profile import scaled_profile
-
-LAPTOP = {
-    "version": 1,
-    "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,
-                    "elementwise": 3e-10, "gemm": 3e-10},
-    "overhead_s": 3e-5,
-    "chain_factor": 1.0,
-}
-WIFI = {"*": {"rtt_ms": 4.0, "mbps": 200.0}}
-
-
-def room(**speeds):
-    return {d: scaled_profile(LAPTOP, s) for d, s in speeds.items()}
 
 
 @pytest.fixture(scope="module")

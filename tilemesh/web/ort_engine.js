@@ -38,6 +38,19 @@ export async function timeCall(fn, budgetS) {
   return samples[samples.length >> 2];
 }
 
+
+// A Python list of (name, array) pairs as JS pairs of PyProxies; the list and pair proxies are released.
+function takePairs(list) {
+  const pairs = [];
+  for (let j = 0; j < list.length; j++) {
+    const pair = list.get(j);
+    pairs.push([pair.get(0), pair.get(1)]);
+    pair.destroy();
+  }
+  list.destroy();
+  return pairs;
+}
+
 export class OrtEngine {
   constructor(pyodide, { threads, wasmBinary } = {}) {
     this.pyodide = pyodide;
@@ -235,14 +248,7 @@ export class OrtEngine {
               const task = req.get("task");
               const entry = this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
               if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy(); continue; }
-              const inputs = req.get("inputs");
-              const pairs = [];
-              for (let j = 0; j < inputs.length; j++) {
-                const pair = inputs.get(j);
-                pairs.push([pair.get(0), pair.get(1)]);
-                pair.destroy();
-              }
-              inputs.destroy();
+              const pairs = takePairs(req.get("inputs"));
               const t0 = performance.now();
               let results;
               try {
@@ -294,14 +300,7 @@ export class OrtEngine {
       for (let i = 0; i < probes.length; i++) {
         const p = probes.get(i);
         const entry = await this._session(p);
-        const inputs = p.get("inputs");
-        const pairs = [];
-        for (let j = 0; j < inputs.length; j++) {
-          const pair = inputs.get(j);
-          pairs.push([pair.get(0), pair.get(1)]);
-          pair.destroy();
-        }
-        inputs.destroy();
+        const pairs = takePairs(p.get("inputs"));
         try {
           const key = p.get("key");
           seconds[key] = await timeCall(() => this._run(entry, pairs), key === "chain" ? 2 * per : per);

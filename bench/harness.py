@@ -423,7 +423,8 @@ def emulation_notes(sc: Scenario, shaping: str) -> list[str]:
                    "veth (uplink and downlink; sustained TCP reaches 96% of the rate, while tbf's 96 KiB bucket lets a "
                    "short burst through faster). This kernel has no sch_netem, so the scenario's delays were NOT "
                    "emulated: no delay is added to the browsers' and aiortc's own processing time.")
-    out.append("Edge: the server process (`tilemesh serve --edge`, native numpy) in its own namespace and cgroup; "
+    out.append("Edge: the server process (`tilemesh serve --edge`, native onnxruntime or numpy, whichever it "
+               "profiled faster) in its own namespace and cgroup; "
                "its CPU time includes signaling and the planner's work for the plans made during the run "
                "(planning happens outside the measured windows).")
     out.append("Latency curves in the PNGs are the cost model's predictions from this run's measured device "
@@ -440,7 +441,6 @@ def load_scenario_dict(d: dict) -> Scenario:
 def predicted_sweeps(result: dict, strategies: list[str]) -> dict:
     """Cost-model latency vs number of devices and vs link rate, from the profiles measured in this run."""
     from tilemesh.planning import planner  # noqa: PLC0415
-    from tilemesh.server.inference import load_model_graph  # noqa: PLC0415
 
     roster = [p for p in result.get("roster", []) if isinstance((p.get("profile") or {}).get("compute"), dict)]
     names = {p["id"]: p for p in roster}
@@ -459,7 +459,7 @@ def predicted_sweeps(result: dict, strategies: list[str]) -> dict:
                 links[(n, id_to_name[other])] = {"rtt_ms": float(link["rtt_ms"]), "mbps": float(link["mbps"])}
     if sc["source"] not in profiles:
         return {}
-    graph = load_model_graph(REPO / "static")
+    graph = planner.cli_graph(None)  # the demo model setup built (what the run served)
     edge = next((d["name"] for d in sc["devices"] if d["kind"] == "edge" and d["name"] in profiles), None)
     src = sc["source"]
     devs = [src] + [n for n in profiles if n != src]

@@ -214,13 +214,16 @@ def performance_section(result: dict) -> str:
     at = f" at commit {src['commit']}" if src.get("commit") else ""
     if src.get("modified"):
         at += f" (with uncommitted changes to {', '.join(src['modified'])})"
+    engines = sorted({f"{(p.get('profile') or {}).get('compute', {}).get('backend') or '?'} on the {p.get('kind')}"
+                      for p in result.get("roster", [])})
+    engine_text = ", ".join(engines) if engines else "engines not recorded"
     pred = prediction_line(summary)
     lines = [
         "## Performance", "",
         f"Measured{at} with `sudo tilemesh bench {sc['name']}` on {m.get('cpu', 'this machine')} "
         f"({m.get('cores', '?')} cores shared with other work, Linux {m.get('kernel', '?')}, "
-        f"Chromium {m.get('chromium', '?')}, Pyodide numpy in a Web Worker on every browser device, native numpy "
-        f"on the edge peer). Every device is its own process tree under a cgroup CPU quota, in its own network "
+        f"Chromium {m.get('chromium', '?')}; compute engines as each device profiled fastest: {engine_text}). "
+        f"Every device is its own process tree under a cgroup CPU quota, in its own network "
         f"namespace behind a bridge: {devices}. The phone \"{sc['source']}\" holds the camera (a still photo).",
         "",
         *[f"- {x.strip()}" for x in ratio_lines(summary)], *([f"- {pred}"] if pred else []), "",

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_planner import LAPTOP
 
 from tilemesh.planning import planner as PL
 from tilemesh.planning.costmodel import predict_plan
@@ -21,14 +22,6 @@ from tilemesh.runtime.executor import run_graph
 from tilemesh.runtime.graph import load_onnx
 from tilemesh.runtime.profile import scaled_profile
 from tilemesh.runtime.tiling import Split, build_plan, simulate
-
-LAPTOP = {
-    "version": 1,
-    "sec_per_mac": {"conv_dense": 2e-9, "conv_pointwise": 3e-10, "conv_depthwise": 1e-9,
-                    "elementwise": 3e-10, "gemm": 3e-10},
-    "overhead_s": 3e-5,
-    "chain_factor": 1.0,
-}
 
 
 class _M:

@@ -20,7 +20,6 @@ recorded hash fetches and writes nothing. Progress goes to stdout, one line per 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tilemesh.models.demo import sha256_bytes, sha256_file
 from tilemesh.paths import default_cache_dir, default_static_dir
 
 CACHE_DIR = default_cache_dir()
@@ -70,18 +70,6 @@ class AssetError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[assets] {msg}", flush=True)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:

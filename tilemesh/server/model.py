@@ -9,7 +9,6 @@ the pages all read the same bundle. A second start with the same files converts 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tilemesh.models.card import CardError, ModelCard, Preprocess, load_card
+from tilemesh.models.demo import sha256_file
 from tilemesh.runtime.graph import Graph, load_compact
 from tilemesh.server.context import CONFIG_KEY, MODEL_KEY
 
@@ -70,14 +70,6 @@ def graph_summary(graph: Graph) -> dict:
             "classes": int(graph.shapes[graph.output][-1])}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare(model: Path, static_dir: Path) -> ModelBundle:
     """Check `model` and its card and write (or reuse) its bundle; raises ModelError or CardError."""
     model = Path(model)
@@ -85,7 +77,7 @@ def prepare(model: Path, static_dir: Path) -> ModelBundle:
         raise ModelError(f"model file {model} not found (the demo model comes with `tilemesh setup`)")
     if model.suffix != ".onnx":
         raise ModelError(f"{model}: expected an ONNX file (.onnx) with its model card beside it")
-    sha = _sha256(model)
+    sha = sha256_file(model)
     out = static_dir / "models" / sha[:16]
     stamp = out / STAMP
     try:

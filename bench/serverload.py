@@ -87,26 +87,40 @@ class Server:
             self.proc.kill()
 
 
-def _frame(obj: dict) -> bytes:
+def ws_frame(obj: dict) -> bytes:
+    """One masked client text frame holding `obj` as JSON (payloads under 64 KiB)."""
     payload = json.dumps(obj).encode()
+    if len(payload) >= 65536:
+        raise ValueError(f"frame of {len(payload)} bytes: only 16-bit lengths are written here")
     mask = os.urandom(4)
     head = struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) if len(payload) > 125 else \
         struct.pack("!BB", 0x81, 0x80 | len(payload))
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def raw_member(port: int, room: str, name: str) -> asyncio.StreamWriter:
-    """A room member that never reads: a 4 KiB receive buffer, and asyncio stops reading after 4 KiB."""
+async def open_raw_ws(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket that reads nothing unless asked: asyncio stops reading once 4 KiB wait unread, and a 4 KiB
+    receive buffer makes the kernel stop accepting soon after (a phone behind a dead Wi-Fi link, or a client that
+    means harm). Shared with the signaling tests."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET /ws HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(_frame({"v": 1, "type": "join", "room": room, "name": name, "kind": "phone"}))
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        writer.close()
+        raise ConnectionError(f"WebSocket upgrade refused: {head[:80]!r}")
+    return reader, writer
+
+
+async def raw_member(port: int, room: str, name: str) -> asyncio.StreamWriter:
+    """A room member that never reads."""
+    reader, writer = await open_raw_ws(HOST, port)
+    writer.write(ws_frame({"v": 1, "type": "join", "room": room, "name": name, "kind": "phone"}))
     writer.reader = reader  # type: ignore[attr-defined]  (kept alive, never read again)
     return writer
 
@@ -145,7 +159,7 @@ async def slow_readers(server: Server, seconds: float, members: int = 4) -> dict
             if i % 45 == 0:
                 for w in writers:  # the slow members look alive: they keep pinging, they just never read
                     if not w.is_closing():
-                        w.write(_frame({"v": 1, "type": "ping"}))
+                        w.write(ws_frame({"v": 1, "type": "ping"}))
             if time.monotonic() >= next_sample:
                 samples.append(server.rss())
                 next_sample += 1

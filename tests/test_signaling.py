@@ -10,13 +10,12 @@ import base64
 import copy
 import json
 import os
-import socket
-import struct
 from dataclasses import replace
 
 import aiohttp
 import pytest
 
+from bench.serverload import open_raw_ws, ws_frame
 from tilemesh.server.app import ServerConfig, create_app
 from tilemesh.server.signaling import hub as signaling
 from tilemesh.server.signaling import protocol, rooms
@@ -469,25 +468,10 @@ class RawSocket:
 
     @classmethod
     async def open(cls, host: str, port: int) -> RawSocket:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
+        return cls(*await open_raw_ws(host, port))
 
     def send(self, mtype: str, **fields) -> None:
-        payload = json.dumps({"v": 1, "type": mtype, **fields}).encode()
-        mask = os.urandom(4)
-        assert len(payload) < 65536
-        head = struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) if len(payload) > 125 else \
-            struct.pack("!BB", 0x81, 0x80 | len(payload))
-        self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        self.writer.write(ws_frame({"v": 1, "type": mtype, **fields}))
 
     async def read_to_eof(self, timeout: float) -> int:
         """Drain everything the server sent until it closes the TCP connection; the byte count."""

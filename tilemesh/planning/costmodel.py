@@ -102,8 +102,12 @@ class Prediction:
     def source_compute_s(self) -> float:
         return self.compute_s.get(self.source, 0.0)
 
+    def time_in(self, device: str, kind: str) -> float:
+        """Seconds `device` spends in intervals of `kind` ("compute", "send", "wait") during the frame."""
+        return sum(i.end - i.start for i in self.timeline.get(device, ()) if i.kind == kind)
+
     def wait_s(self, device: str) -> float:
-        return sum(i.end - i.start for i in self.timeline.get(device, ()) if i.kind == "wait")
+        return self.time_in(device, "wait")
 
     @classmethod
     def from_dict(cls, d: dict) -> Prediction:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 from tilemesh.runtime.tiling import Split
 
-from .costmodel import Prediction
 from .planner import PlanChoice, Spec, _choice, make_plan, plan_frame, spec_devices
 
 OBJECTIVES = ("throughput", "latency")
@@ -80,17 +79,10 @@ class StreamPlan:
                 "latency_s": self.latency_s, "bound_s": self.bound_s, "single_s": self.single_s}
 
 
-def _uplink_busy(pred: Prediction) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for dev, intervals in pred.timeline.items():
-        out[dev] = sum(i.end - i.start for i in intervals if i.kind == "send")
-    return out
-
-
 def lane_of(choice: PlanChoice, depth: int = DEPTH) -> Lane:
     """A plan as a lane: its latency, its bottleneck per frame, and what it costs the camera phone."""
     pred = choice.prediction
-    sends = _uplink_busy(pred)
+    sends = {dev: pred.time_in(dev, "send") for dev in pred.timeline}
     devices = frozenset(spec_devices(Spec(choice.strategy, choice.label, tuple(choice.cuts), tuple(choice.splits))))
     busy = max([*pred.compute_s.values(), *sends.values(), 1e-9])
     return Lane(choice, devices, pred.total_s, busy, depth, sends.get(pred.source, 0.0),

@@ -88,8 +88,8 @@ def model_input(im: np.ndarray, size: int) -> np.ndarray:
     return normalize_u8(np.ascontiguousarray(x.transpose(2, 0, 1))[None])
 
 
-def sessions(onnx_path: Path, sizes):
-    """onnxruntime sessions of the same model and weights at each input size (the input's H and W made free)."""
+def any_size_session(onnx_path: Path):
+    """One onnxruntime session of the model with its input's H and W made free: it runs every input size."""
     import onnx  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
 
@@ -100,7 +100,7 @@ def sessions(onnx_path: Path, sizes):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return {s: sess for s in sizes}
+    return sess
 
 
 def relative_macs(onnx_path: Path, size: int) -> float:
@@ -128,16 +128,16 @@ def run(per_photo: int, seed: int, onnx_path: Path) -> dict:
     ims = photos()
     names = sorted(ims)
     calib = set(names[0::2])
-    sess = sessions(onnx_path, (*SIZES, CROP_SIZE))
-    inp = sess[CROP_SIZE].get_inputs()[0].name
+    sess = any_size_session(onnx_path)
+    inp = sess.get_inputs()[0].name
     samples = []
     for name in names:
         for k in range(per_photo):
             view = ims[name] if k == 0 else augment(ims[name], rng)
-            full = sess[CROP_SIZE].run(None, {inp: model_input(view, CROP_SIZE)})[0][0]
+            full = sess.run(None, {inp: model_input(view, CROP_SIZE)})[0][0]
             row = {"photo": name, "calib": name in calib, "full_top1": int(np.argmax(full))}
             for s in SIZES:
-                z = sess[s].run(None, {inp: model_input(view, s)})[0][0]
+                z = sess.run(None, {inp: model_input(view, s)})[0][0]
                 row[f"h{s}"] = normalized_entropy(z)
                 row[f"top1_{s}"] = int(np.argmax(z))
             samples.append(row)

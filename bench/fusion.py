@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.early_exit import OBJECTS, augment, model_input, photos, sessions
+from bench.early_exit import OBJECTS, any_size_session, augment, model_input, photos
 from tilemesh.runtime.fusion import fuse
 from tilemesh.runtime.preprocess import CROP_SIZE, softmax
 
@@ -44,7 +44,7 @@ def occlude(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def run(scenes: int, n_views: int, seed: int, onnx_path: Path) -> dict:
     rng = np.random.default_rng(seed)
     ims = {k: v for k, v in photos().items() if k in OBJECTS}
-    sess = sessions(onnx_path, (CROP_SIZE,))[CROP_SIZE]
+    sess = any_size_session(onnx_path)
     inp = sess.get_inputs()[0].name
 
     def probs(im):

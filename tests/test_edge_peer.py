@@ -51,11 +51,12 @@ def run_in_netns(body, timeout: float = 60.0):
 class Server:
     """The real app (signaling included) on the namespace's address."""
 
-    def __init__(self, ns, edge: bool = False):
+    def __init__(self, ns, edge: bool = False, edge_transport: str = "relay"):
         with socket.socket() as s:
             s.bind((ns.inner, 0))
             port = s.getsockname()[1]
-        self.config = ServerConfig(host=ns.inner, port=port, public_url=f"http://{ns.inner}:{port}/", edge_peer=edge)
+        self.config = ServerConfig(host=ns.inner, port=port, public_url=f"http://{ns.inner}:{port}/", edge_peer=edge,
+                                   edge_transport=edge_transport)
         self.app = create_app(self.config)
         self.ws_url = own_ws_url(self.config)
 
@@ -175,17 +176,26 @@ def test_vanished_peer_is_dropped_and_pending_sends_fail():
     run_in_netns(body)
 
 
-def test_edge_manager_joins_rooms_and_moves_tensors():
-    """`serve --edge`: the server's own peer joins a room with a device in it and trades tensors with it."""
+@pytest.mark.parametrize("transport", ["relay", "webrtc"])
+def test_edge_manager_joins_rooms_and_moves_tensors(transport):
+    """`serve --edge`: the server's own peer joins a room with a device in it and trades tensors with it, through
+    the signaling socket (relay, the default) or over aiortc (webrtc)."""
     async def body(ns):
-        async with Server(ns, edge=True) as srv:
+        async with Server(ns, edge=True, edge_transport=transport) as srv:
             room = srv.new_room()
             rec = Recorder()
             dev = await rec.peer("laptop", srv, room).start()
             manager = srv.app[EDGE_KEY]
             await rec.until(lambda: any(s == "open" for _, s, _ in rec.peer_events), timeout=15)
+            for _ in range(300):  # the relay link opens before the manager files its edge
+                if manager.describe(room).get("peer_id") is not None:
+                    break
+                await asyncio.sleep(0.05)
             edge_id = manager.describe(room)["peer_id"]
-            assert [p["kind"] for p in dev.roster if p["id"] == edge_id] == ["edge"]
+            assert [(p["kind"], p["relay"]) for p in dev.roster if p["id"] == edge_id] == \
+                [("edge", transport == "relay")]
+            link = dev.links[edge_id]
+            assert type(link).__name__ == ("RelayLink" if transport == "relay" else "Link")
 
             sent = wire.test_pattern((64, 56, 56), 11)
             await dev.send_tensor(edge_id, sent, frame=1, tensor=4)

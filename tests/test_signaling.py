@@ -632,3 +632,105 @@ async def test_room_creation_is_rate_limited_per_client(make_server):
     srv.advance(10)  # one token back
     assert (await srv.post("/api/rooms")).status == 201
     assert (await srv.post("/api/rooms")).status == 429
+
+
+# --- relay: mesh messages to and from the server's own edge peer as binary frames (protocol: Relay) ---------
+
+async def next_binary(client: WsClient, timeout: float = 3.0) -> tuple[str, bytes]:
+    """The next binary frame, skipping JSON messages: (peer id from its header, payload)."""
+    while True:
+        msg = await client.ws.receive(timeout=timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            peer, payload = protocol.parse_relay_frame(msg.data)
+            return peer, bytes(payload)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+
+
+async def relay_room(srv):
+    room = await srv.new_room()
+    edge, a, b = await srv.connect(), await srv.connect(), await srv.connect()
+    welcome = await edge.join(room, "edge", kind="edge", relay_key=srv.hub.relay_key)
+    assert [p["relay"] for p in welcome["peers"]] == [True]
+    await a.join(room, "A")
+    await b.join(room, "B")
+    return room, edge, a, b
+
+
+async def test_relay_carries_binary_frames_to_and_from_the_edge_only(server):
+    room, edge, a, b = await relay_room(server)
+
+    assert {p["name"]: p["relay"] for p in server.hub.state.room(room).roster()} == \
+        {"edge": True, "A": False, "B": False}
+    payload = os.urandom(protocol.MAX_RELAY_PAYLOAD)
+    await a.ws.send_bytes(protocol.relay_frame(edge.id, payload))
+    assert await next_binary(edge) == (a.id, payload)
+    await edge.ws.send_bytes(protocol.relay_frame(b.id, b"\xb0ping"))
+    assert await next_binary(b) == (edge.id, b"\xb0ping")
+    # Two ordinary members talk over WebRTC, never through the server.
+    await a.ws.send_bytes(protocol.relay_frame(b.id, b"hi"))
+    err = await a.expect("error")
+    assert err["code"] == protocol.RELAY_REFUSED and err["ref"] == "relay"
+    await b.silent(0.2)
+    assert server.hub.relayed_bytes == len(payload) + 5
+
+
+async def test_relay_errors_are_clear_and_the_socket_stays(server):
+    room, edge, a, _ = await relay_room(server)
+    cases = [
+        (protocol.relay_frame(PeerId.new(), b"x"), protocol.UNKNOWN_PEER),
+        (protocol.relay_frame(edge.id, bytes(protocol.MAX_RELAY_PAYLOAD + 1)), protocol.TOO_LARGE),
+        (b"\x09short", protocol.BAD_MESSAGE),
+        (bytes([3]) + b"\xff\xfe\xfd" + b"x", protocol.BAD_MESSAGE),
+    ]
+    for frame, code in cases:
+        await a.ws.send_bytes(frame)
+        err = await a.expect("error")
+        assert (err["code"], err["ref"]) == (code, "relay"), frame[:8]
+    # A relay frame before join, and a join with a forged key, are refused.
+    c = await server.connect()
+    await c.ws.send_bytes(protocol.relay_frame(edge.id, b"x"))
+    assert (await c.expect("error", skip=()))["code"] == protocol.NOT_JOINED
+    await c.send("join", room=room, name="fake edge", kind="edge", relay_key="guess")
+    err = await c.expect("error", skip=())
+    assert (err["code"], err["ref"]) == (protocol.BAD_RELAY_KEY, "join")
+    assert [p.relay for p in server.hub.state.room(room).peers if p.name == "fake edge"] == []
+    await a.ws.send_bytes(protocol.relay_frame(edge.id, b"still here"))
+    assert await next_binary(edge) == (a.id, b"still here")
+
+
+async def test_relay_slows_a_fast_sender_to_its_receivers_pace_and_loses_nothing(make_server):
+    srv = await make_server(send_queue_bytes=1 << 20, relay_wait=10.0)
+    _, edge, a, _ = await relay_room(srv)
+    frames = [os.urandom(200_000) for _ in range(30)]  # 6 MB through a 1 MiB queue
+
+    async def send_all():
+        for f in frames:
+            await a.ws.send_bytes(protocol.relay_frame(edge.id, f))
+
+    sender = asyncio.ensure_future(send_all())
+    got = []
+    for _ in frames:
+        await asyncio.sleep(0.01)  # a receiver slower than the sender
+        got.append(await next_binary(edge, timeout=10))
+    await sender
+    assert [p for _, p in got] == frames and {s for s, _ in got} == {a.id}
+    assert max(c.queued_bytes for c in srv.hub.connections) <= 1 << 20
+    await a.send("ping")
+    assert (await a.expect("pong"))["type"] == "pong"  # no error, the sender was never dropped
+
+
+async def test_relay_to_a_receiver_that_never_reads_is_dropped_with_an_error(make_server):
+    srv = await make_server(send_queue_bytes=1 << 20, relay_wait=0.3, rate=10_000, burst=10_000)
+    room = await srv.new_room()
+    stuck = await RawSocket.open(srv.host, srv.port)
+    stuck.send("join", room=room, name="edge", kind="edge", relay_key=srv.hub.relay_key)
+    a = await srv.connect()
+    welcome = await a.join(room, "A")
+    edge_id = next(p["id"] for p in welcome["peers"] if p["relay"])
+    blob = bytes(250_000)
+    for _ in range(40):  # 10 MB: more than the socket buffers and the queue hold
+        await a.ws.send_bytes(protocol.relay_frame(edge_id, blob))
+    err = await a.expect("error", timeout=10)
+    assert (err["code"], err["ref"]) == (protocol.PEER_UNAVAILABLE, "relay")
+    assert max(c.queued_bytes for c in srv.hub.connections) <= 1 << 20
+    stuck.writer.close()

@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_url=public_url,
         ice_servers=_parse_ice(args.ice_server),
         edge_peer=args.edge,
+        edge_transport=args.edge_transport,
         model=Path(args.model) if args.model else None,
         diagnostics=args.diagnostics,
     )
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where `tilemesh setup` put the browser assets (default: %(default)s)")
     serve.add_argument("--ice-server", action="append", default=[], help="STUN/TURN URL[|user|credential]")
     serve.add_argument("--edge", action="store_true", help="the server joins each room as an aiortc edge peer")
+    serve.add_argument("--edge-transport", choices=("relay", "webrtc"), default="relay",
+                       help="how browsers reach the edge peer: over the WebSocket they already hold to this server "
+                            "(default; cheapest for the server's CPU) or over WebRTC data channels (aiortc)")
     serve.add_argument("--model", metavar="FILE.onnx",
                        help="the CNN to serve, with its model card FILE.json beside it (labels, preprocessing; "
                             "see tilemesh.models.card); default: the demo model `tilemesh setup` built")

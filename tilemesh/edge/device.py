@@ -92,9 +92,11 @@ class ComputeDevice:
     """
 
     def __init__(self, ws_url: str, room: str, *, name: str = "edge", kind: str = "edge",
-                 ssl_context: ssl.SSLContext | bool | None = None, on_tensor: TensorHandler | None = None):
+                 ssl_context: ssl.SSLContext | bool | None = None, on_tensor: TensorHandler | None = None,
+                 relay_key: str | None = None):
         self.kind = kind
         self.edge = EdgePeer(ws_url, room, name=name, kind=kind, ssl_context=ssl_context, probes=True,
+                             relay_key=relay_key,
                              on_message=self._on_binary, on_peer=self._on_peer, on_server=self._on_server)
         self.on_tensor = on_tensor
         self.diag_inbox = wire.Inbox()

@@ -17,6 +17,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.sdp import candidate_from_sdp
 
 from tilemesh.runtime import session
+from tilemesh.server.signaling.protocol import MAX_RELAY_PAYLOAD
 
 log = logging.getLogger("tilemesh.edge")
 
@@ -163,3 +164,44 @@ class Link:
     async def close(self) -> None:
         self.gone.set()
         await self.pc.close()
+
+
+class RelayLink:
+    """One remote peer reached through the server's signaling socket (protocol: Relay), for the server's own edge.
+
+    Same surface as `Link` (opened, gone, max_message, state, send, close). The server keeps the order of one
+    socket's frames and slows a sender to its receiver's pace, so a send only waits for the socket's writer.
+    """
+
+    def __init__(self, owner: RelayOwner, remote: str):
+        self.owner, self.remote = owner, remote
+        self.max_message = MAX_RELAY_PAYLOAD
+        self.opened = asyncio.Event()
+        self.gone = asyncio.Event()
+        self.state = "new"
+        self._lock = asyncio.Lock()
+
+    def open(self) -> None:
+        if not self.opened.is_set():
+            self.opened.set()
+            self.state = "open"
+            self.owner._emit_peer(self.remote, "open")
+
+    async def send(self, data: bytes) -> None:
+        if len(data) > self.max_message:
+            raise ValueError(f"{len(data)}-byte message; {self.remote} accepts at most {self.max_message}")
+        async with self._lock:  # one frame at a time: concurrent callers keep their order
+            if self.gone.is_set():
+                raise PeerGone(self.remote)
+            try:
+                await self.owner._send_relay(self.remote, data)
+            except (ConnectionError, RuntimeError) as exc:
+                raise PeerGone(self.remote) from exc
+
+    async def close(self) -> None:
+        self.gone.set()
+
+
+class RelayOwner(Protocol):
+    def _emit_peer(self, remote: str, state: str) -> None: ...
+    async def _send_relay(self, remote: str, data: bytes) -> None: ...

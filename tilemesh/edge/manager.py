@@ -51,9 +51,10 @@ class EdgeManager:
     """
 
     def __init__(self, ws_url: str, rooms: Callable[[], dict[str, list[dict]]], *,
-                 ssl_context: ssl.SSLContext | bool | None = None, poll: float = 0.5,
+                 ssl_context: ssl.SSLContext | bool | None = None, poll: float = 0.5, relay_key: str | None = None,
                  model_dir: Path | None = None):
         self.ws_url, self.rooms, self.ssl_context, self.poll = ws_url, rooms, ssl_context, poll
+        self.relay_key = relay_key
         self.model_dir = model_dir
         self.edges: dict[str, EdgeRoom] = {}
         self._task: asyncio.Task | None = None
@@ -118,7 +119,7 @@ class EdgeManager:
 
         try:
             edge.device = ComputeDevice(self.ws_url, room_id, name="edge (server)", ssl_context=self.ssl_context,
-                                        on_tensor=on_tensor)
+                                        on_tensor=on_tensor, relay_key=self.relay_key)
             await edge.device.start()
             self.edges[room_id] = edge
         except Exception as exc:  # noqa: BLE001
@@ -265,8 +266,11 @@ def setup(app: web.Application) -> None:
         app.router.add_post("/diag/mesh/edge/{room}/send", diag_edge_send)
     if config.edge_peer:
         # Our own certificate is self-signed, and this connection never leaves the host: no verification.
+        from tilemesh.server.signaling.hub import HUB_KEY  # noqa: PLC0415
+
         bundle = app.get(MODEL_KEY)
-        app[EDGE_KEY] = EdgeManager(own_ws_url(config), _rooms_of(app), ssl_context=False,
+        relay_key = app[HUB_KEY].relay_key if config.edge_transport == "relay" else None
+        app[EDGE_KEY] = EdgeManager(own_ws_url(config), _rooms_of(app), ssl_context=False, relay_key=relay_key,
                                     model_dir=bundle.dir if bundle is not None else None)
         app.on_startup.append(_start_edge)
         app.on_shutdown.append(_stop_edge)

@@ -14,6 +14,12 @@ depend on server internals the browsers do not have), and the same mesh conventi
 - messages are at most the remote's advertised `a=max-message-size` (aiortc refuses larger ones itself) and
   sends wait on `bufferedamountlow` above a high-water mark instead of queueing without bound.
 
+Relay: the server's own edge (`tilemesh serve --edge`, the default `--edge-transport relay`) joins with the
+hub's relay key and reaches every member through the signaling WebSocket (`link.RelayLink`, binary frames,
+see tilemesh.server.signaling.protocol), with no aiortc at all: it is in the server process anyway, and
+aiortc's pure-Python DTLS/SCTP costs far more CPU per frame than WebSocket frames do. Any peer (browser or
+this class) uses a RelayLink for a roster member marked `relay: true`, and WebRTC for the others.
+
 The links themselves are `link.Link`; with `probes=True` the peer answers `probe.LinkProbe` messages (first
 byte 0xB0..0xB4, as in web/mesh.js) itself. Other binary messages starting with the wire magic are reassembled
 per sender (`tilemesh.runtime.wire.Inbox`) and handed to `on_tensor(peer_id, Received)` when it is given;
@@ -38,8 +44,9 @@ import aiohttp
 import numpy as np
 
 from tilemesh.runtime import wire
+from tilemesh.server.signaling import protocol
 
-from .link import Link, PeerGone
+from .link import Link, PeerGone, RelayLink
 from .probe import PROBE_TAGS, LinkProbe
 
 __all__ = ["EdgePeer", "Link", "PeerGone"]
@@ -69,15 +76,18 @@ class EdgePeer:
         on_server: ServerHandler | None = None,
         probes: bool = False,
         window: int = 4,
+        relay_key: str | None = None,
     ):
         self.ws_url, self.room, self.name, self.kind = ws_url, room, name, kind
+        # With the hub's relay key (the server's own edge), every link goes through the signaling socket.
+        self.relay_key = relay_key
         self.ssl_context = ssl_context
         self.on_tensor, self.on_message, self.on_peer = on_tensor, on_message, on_peer
         self.on_server = on_server
         # With probes, this peer answers web/mesh.js's link probes itself and can run its own.
         self.probe: LinkProbe | None = LinkProbe(self) if probes else None
         self.inbox = wire.Inbox(window=window)
-        self.links: dict[str, Link] = {}
+        self.links: dict[str, Link | RelayLink] = {}
         self.roster: list[dict] = []
         self.peer_id: str | None = None
         self.ice_servers: list[dict] = []
@@ -97,7 +107,10 @@ class EdgePeer:
         try:
             verify = True if self.ssl_context is None else self.ssl_context
             self._ws = await self._session.ws_connect(self.ws_url, ssl=verify, heartbeat=None)
-            await self._send_ws({"type": "join", "room": self.room, "name": self.name, "kind": self.kind})
+            join = {"type": "join", "room": self.room, "name": self.name, "kind": self.kind}
+            if self.relay_key is not None:
+                join["relay_key"] = self.relay_key
+            await self._send_ws(join)
             self._spawn(self._read_loop())
             await asyncio.wait_for(self._welcome.wait(), timeout)
         except BaseException:
@@ -127,7 +140,7 @@ class EdgePeer:
             for link in links:
                 link.gone.set()
                 self._emit_peer(link.remote, "gone")
-            await asyncio.gather(*(link.pc.close() for link in links), return_exceptions=True)
+            await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -161,6 +174,11 @@ class EdgePeer:
         if not self.closed.is_set():
             await self._send_ws({"type": msg_type, **fields})
 
+    async def _send_relay(self, to: str, data: bytes) -> None:
+        if self._ws is None or self._ws.closed:
+            raise ConnectionError("signaling socket closed")
+        await self._ws.send_bytes(protocol.relay_frame(to, data))
+
     def _signal(self, to: str, data: dict) -> None:
         if not self.closed.is_set():
             self._spawn(self._send_ws({"type": "signal", "to": to, "data": data}))
@@ -174,6 +192,9 @@ class EdgePeer:
         assert self._ws is not None
         try:
             async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._on_relayed(msg.data)
+                    continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 try:
@@ -193,13 +214,17 @@ class EdgePeer:
             self._heartbeat = float(msg.get("heartbeat") or 10.0)
             self.roster = msg.get("peers", [])
             self._welcome.set()
-            # Offer rule: the newcomer offers to everyone already here.
+            self._relay_links()
+            # Offer rule: the newcomer offers to everyone already here (relay pairs excepted: no WebRTC there).
             for p in self.roster:
-                if p["id"] != self.peer_id:
+                if p["id"] != self.peer_id and not self._relayed(p):
                     link = self._link(p["id"])
                     self._spawn(link.offer())
         elif t == "roster":
             self.roster = msg.get("peers", [])
+            self._relay_links()
+        elif t == "signal" and isinstance(self.links.get(msg.get("from")), RelayLink):
+            return  # a relay pair has no WebRTC connection
         elif t == "signal":
             remote = msg.get("from")
             data = msg.get("data") or {}
@@ -228,6 +253,30 @@ class EdgePeer:
             self.on_server(msg)  # plan, broadcast, pong: the owner's business
 
     # --- links -------------------------------------------------------------------------------------------
+
+    def _relayed(self, entry: dict) -> bool:
+        """Whether this peer reaches a roster member through the server (either end is the server's edge)."""
+        return self.relay_key is not None or bool(entry.get("relay"))
+
+    def _relay_links(self) -> None:
+        """Relay pairs are linked as soon as the roster shows both, and dropped when the remote leaves it."""
+        present = {p["id"]: p for p in self.roster if p.get("id") != self.peer_id}
+        for remote, link in list(self.links.items()):
+            if isinstance(link, RelayLink) and remote not in present:
+                self._drop(remote, "left the roster")
+        for remote, entry in present.items():
+            if remote not in self.links and self._relayed(entry):
+                link = self.links[remote] = RelayLink(self, remote)
+                link.open()
+
+    def _on_relayed(self, data: bytes) -> None:
+        try:
+            remote, payload = protocol.parse_relay_frame(data)
+        except protocol.ProtocolError as exc:
+            log.warning("edge peer: bad relay frame: %s", exc.message)
+            return
+        if isinstance(self.links.get(remote), RelayLink):
+            self._on_data(remote, bytes(payload))
 
     def _link(self, remote: str) -> Link:
         link = self.links.get(remote)

@@ -32,6 +32,9 @@ class ServerConfig:
     ice_servers: list[dict] = field(default_factory=list)
     # Start the aiortc edge peer (the server joins each room as one more device).
     edge_peer: bool = False
+    # How browsers reach that edge: "relay" (binary frames on the signaling WebSocket they already hold; the edge
+    # is in this process) or "webrtc" (aiortc data channels, as an edge on another machine would use).
+    edge_transport: str = "relay"
     # The ONNX model to serve (its model card beside it); None: the demo model `tilemesh setup` built.
     model: Path | None = None
     # Register the `/diag/mesh*` routes (mesh tests, link benchmarks); off in normal serving.

@@ -159,6 +159,44 @@ class Link {
   }
 }
 
+// The server's own edge peer (roster entry `relay: true`) is reached through the signaling WebSocket instead of a
+// data channel (see tilemesh/server/signaling/protocol.py, Relay): same surface as Link, open at once.
+const RELAY_MAX_MESSAGE = 262144;
+
+class RelayLink {
+  constructor(mesh, remote) {
+    this.mesh = mesh;
+    this.remote = remote;
+    this.state = "new";
+    this.gone = false;
+    this.relay = true;
+    this.tail = Promise.resolve();
+    this.opened = Promise.resolve();
+  }
+
+  open() { if (this.state !== "open") { this.state = "open"; this.mesh._emitPeer(this.remote, "open"); } }
+  maxMessageSize() { return RELAY_MAX_MESSAGE; }
+  async onSignal() { /* a relay member has no WebRTC connection */ }
+
+  send(data) {
+    const p = this.tail.then(() => this._send(data));
+    this.tail = p.catch(() => {});
+    return p;
+  }
+
+  async _send(data) {
+    if (data.byteLength > RELAY_MAX_MESSAGE) throw new RangeError(`${data.byteLength}-byte message; relay accepts ${RELAY_MAX_MESSAGE}`);
+    // A WebSocket has no bufferedamountlow event: poll while above the high-water mark.
+    while (!this.gone && this.mesh.signaling.bufferedAmount > this.mesh.highWater) {
+      await new Promise((resolve) => setTimeout(resolve, 2));
+    }
+    if (this.gone || !this.mesh.signaling.sendRelay(this.remote, data)) throw new PeerGoneError(this.remote);
+    this.mesh.sent += data.byteLength;
+  }
+
+  close() { this.gone = true; }
+}
+
 export class Mesh extends EventTarget {
   constructor(signaling, {
     onMessage = () => {}, onPeer = () => {}, highWater = 1 << 20, lowWater = 256 << 10, leaveOnPagehide = true,
@@ -176,6 +214,13 @@ export class Mesh extends EventTarget {
     this._offs = [
       signaling.on("welcome", (w) => this._welcome(w)),
       signaling.on("signal", ({ from, data }) => this._onSignal(from, data)),
+      signaling.on("roster", ({ peers }) => this._relayPeers(peers)),
+      signaling.on("relay", ({ from, bytes }) => {
+        const link = this.links.get(from);
+        if (!link || !link.relay) return;
+        this.received += bytes.byteLength;
+        this.onMessage(from, bytes);
+      }),
       signaling.on("peer_left", ({ id, reason }) => this._drop(id, `left: ${reason}`)),
       // A reconnect that could not resume made us a new peer: every old connection is stale.
       signaling.on("reset", () => { for (const id of [...this.links.keys()]) this._drop(id, "reset"); }),
@@ -194,6 +239,7 @@ export class Mesh extends EventTarget {
     const me = peers.find((p) => p.id === this.peerId);
     for (const p of peers) {
       if (p.id === this.peerId || this.links.has(p.id)) continue;
+      if (p.relay) { this._relayLink(p.id); continue; }
       const first = me && (p.joined_at < me.joined_at || (p.joined_at === me.joined_at && p.id < me.id));
       if (first) this._offerTo(p.id);
       else this._signal(p.id, { kind: "hello" });
@@ -209,8 +255,22 @@ export class Mesh extends EventTarget {
 
   _welcome(w) {
     for (const p of w.peers || []) {
-      if (p.id !== w.peer_id && !this.links.has(p.id)) this._offerTo(p.id);
+      if (p.id === w.peer_id || this.links.has(p.id)) continue;
+      if (p.relay) this._relayLink(p.id);
+      else this._offerTo(p.id);
     }
+  }
+
+  // Relay members (the server's edge) are linked as soon as the roster shows them; they never offer.
+  _relayPeers(peers) {
+    if (this.closed || !this.peerId) return;
+    for (const p of peers || []) if (p.relay && p.id !== this.peerId && !this.links.has(p.id)) this._relayLink(p.id);
+  }
+
+  _relayLink(remote) {
+    const link = new RelayLink(this, remote);
+    this.links.set(remote, link);
+    link.open();
   }
 
   _link(remote) {
@@ -225,6 +285,7 @@ export class Mesh extends EventTarget {
   async _onSignal(from, data) {
     if (this.closed || !data || from === this.peerId) return;
     let link = this.links.get(from);
+    if (link && link.relay) return;  // a relay member has no WebRTC connection
     if (data.kind === "hello") {
       // The remote has no connection to us (its mesh started after our offer): start over.
       this._drop(from, "hello");

@@ -92,6 +92,22 @@ export class SignalingClient extends EventTarget {
   }
 
   signal(to, data) { this.send("signal", { to, data }); }
+
+  // A mesh message to the server's own edge peer (protocol: Relay): one binary frame [n][peer id][payload].
+  // Returns false when the socket is not open (the caller's link treats the peer as unreachable).
+  sendRelay(to, payload) {
+    if (!this.joined || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    const id = new TextEncoder().encode(to);
+    const frame = new Uint8Array(1 + id.length + payload.byteLength);
+    frame[0] = id.length;
+    frame.set(id, 1);
+    frame.set(payload, 1 + id.length);
+    this.ws.send(frame);
+    return true;
+  }
+
+  // Bytes the socket has not sent yet (relay senders wait below a high-water mark).
+  get bufferedAmount() { return this.ws ? this.ws.bufferedAmount : 0; }
   broadcast(data) { this.send("broadcast", { data }); }
 
   // Remembered, so a reconnect that comes back as a new peer reports it again.
@@ -156,6 +172,7 @@ export class SignalingClient extends EventTarget {
   _open() {
     this._setStatus(this.peerId ? "reconnecting" : "connecting");
     const ws = new WebSocket(this.url);
+    ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.joined = false;
     ws.onopen = () => {
@@ -164,6 +181,7 @@ export class SignalingClient extends EventTarget {
     };
     ws.onmessage = (event) => {
       this.lastHeard = performance.now();
+      if (typeof event.data !== "string") return this._relayed(new Uint8Array(event.data));
       let msg;
       try { msg = JSON.parse(event.data); } catch { return; }
       if (!msg || msg.v !== PROTOCOL_VERSION || typeof msg.type !== "string") return;
@@ -171,6 +189,13 @@ export class SignalingClient extends EventTarget {
     };
     ws.onclose = (event) => this._dropped(ws, event.code);
     ws.onerror = () => {};  // onclose follows and decides
+  }
+
+  _relayed(bytes) {
+    const n = bytes[0];
+    if (!n || bytes.length < 1 + n) return;
+    const from = new TextDecoder().decode(bytes.subarray(1, 1 + n));
+    this._emit("relay", { from, bytes: bytes.subarray(1 + n) });
   }
 
   _sendJoin() {

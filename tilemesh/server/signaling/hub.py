@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -72,6 +74,8 @@ class SignalingConfig:
     room_clients: int = 4096
     # Plans being made at once, in the whole server (one per requesting peer).
     max_plans: int = 4
+    # A relayed binary frame waits at most this long for room in its receiver's queue, then is dropped.
+    relay_wait: float = 5.0
     tick: float = 0.5
     limits: rooms.Limits = field(default_factory=rooms.Limits)
 
@@ -112,9 +116,10 @@ class Connection:
         self.bucket = TokenBucket(config.rate, config.burst, now)
         self.strikes = TokenBucket(config.strike_refill, config.strike_budget, now)
         self.last_rate_error = -1e9
-        self.out: deque[str | tuple[int, str]] = deque()
+        self.out: deque[str | bytes | tuple[int, str]] = deque()
         self.queued_bytes = 0
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
         self.closing = False
         self.closing_since: float | None = None
         self.on_overflow = on_overflow
@@ -134,6 +139,28 @@ class Connection:
         self.queued_bytes += len(text)
         self._ready.set()
 
+    def send_bytes(self, frame: bytes) -> None:
+        """Queue a relayed binary frame (the hub waited for room first: see `wait_room`)."""
+        if self.closing:
+            return
+        self.out.append(frame)
+        self.queued_bytes += len(frame)
+        self._ready.set()
+
+    async def wait_room(self, size: int, timeout: float) -> bool:
+        """Wait until `size` more bytes fit below half the queue's byte limit; False on timeout or close. A relay
+        sender waits here, so its own reads stop and TCP slows it to the receiver's pace."""
+        limit = self.config.send_queue_bytes // 2
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.closing and self.queued_bytes + size > limit and self.out:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), left)
+        return not self.closing
+
     def close(self, code: int, reason: str, now: float) -> None:
         """Close after everything already queued has been written (bounded: see `Hub.tick`)."""
         if self.closing:
@@ -150,6 +177,7 @@ class Connection:
         self.closing_since = self.closing_since if self.closing_since is not None else now
         self.out.clear()
         self.queued_bytes = 0
+        self._drained.set()
         self.writer.cancel()
         # Kept on self: the event loop holds only weak references to tasks.
         self.closer = asyncio.get_running_loop().create_task(self._close_or_abort(code, reason))
@@ -183,7 +211,12 @@ class Connection:
                     await self.ws.close(code=code, message=reason.encode())
                     return
                 self.queued_bytes -= len(item)
-                await self.ws.send_str(item)
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                else:
+                    await self.ws.send_str(item)
+                if self.queued_bytes <= self.config.send_queue_bytes // 2:
+                    self._drained.set()
         except (ConnectionError, RuntimeError):
             # The socket died under us; the reader side notices and cleans up.
             pass
@@ -209,6 +242,9 @@ class Hub:
         # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
         self._plans: dict[PeerId, asyncio.Task] = {}
+        # Given to this process's own edge peer (and nobody else): joining with it makes a relay member.
+        self.relay_key = secrets.token_urlsafe(24)
+        self.relayed_bytes = 0
 
     # --- used by the HTTP pages ---------------------------------------------------------------------------
 
@@ -257,7 +293,7 @@ class Hub:
                 if msg.type == WSMsgType.TEXT:
                     self._receive(conn, msg.data)
                 elif msg.type == WSMsgType.BINARY:
-                    conn.send(protocol.error(protocol.BAD_MESSAGE, "binary frames are not part of the protocol"))
+                    await self._relay_binary(conn, msg.data)
                 if conn.closing:
                     break
         finally:
@@ -318,6 +354,35 @@ class Hub:
         except (protocol.ProtocolError, rooms.RoomError) as exc:
             conn.send(protocol.error(exc.code, exc.message, protocol.type_of(message)))
 
+    async def _relay_binary(self, conn: Connection, data: bytes) -> None:
+        """Carry one mesh message to or from the server's edge peer (protocol: Relay); errors go to the sender."""
+        try:
+            to, payload = protocol.parse_relay_frame(data)
+            if conn.peer is None or conn.room is None or not self.room_exists(conn.room):
+                raise protocol.ProtocolError(protocol.NOT_JOINED, "send join first", "relay")
+            room = self.state.room(conn.room)
+            sender, target = room.peer(conn.peer), room.peer(PeerId(to))
+            if target is None or sender is None:
+                raise protocol.ProtocolError(protocol.UNKNOWN_PEER, f"no peer {to} in this room", "relay")
+            if not (sender.relay or target.relay):
+                raise protocol.ProtocolError(protocol.RELAY_REFUSED, "the server relays mesh messages only to and "
+                                             "from its own edge peer; other peers talk over WebRTC", "relay")
+            if len(payload) > protocol.MAX_RELAY_PAYLOAD:
+                self._strike(conn, self.clock(), weight=10)
+                raise protocol.ProtocolError(protocol.TOO_LARGE, f"relayed payload of {len(payload)} bytes; at most "
+                                             f"{protocol.MAX_RELAY_PAYLOAD}", "relay")
+            dest = self.attached.get(target.id)
+            frame = protocol.relay_frame(conn.peer, payload)
+            if dest is None or dest.closing or not await dest.wait_room(len(frame), self.config.relay_wait) \
+                    or self.attached.get(target.id) is not dest:
+                raise protocol.ProtocolError(protocol.PEER_UNAVAILABLE, f"peer {to} is not reading; message dropped",
+                                             "relay")
+        except protocol.ProtocolError as exc:
+            conn.send(protocol.error(exc.code, exc.message, exc.ref))
+            return
+        dest.send_bytes(frame)
+        self.relayed_bytes += len(payload)
+
     def _strike(self, conn: Connection, now: float, weight: int = 1) -> None:
         for _ in range(weight):
             if not conn.strikes.take(now):
@@ -374,9 +439,12 @@ class Hub:
                 old.peer = None  # so its close handler does not detach the peer we just resumed
                 old.close(CLOSE_REPLACED, "resumed on another socket", self.clock())
         else:
+            relay = join.relay_key is not None
+            if relay and not hmac.compare_digest(join.relay_key.encode(), self.relay_key.encode()):
+                raise protocol.ProtocolError(protocol.BAD_RELAY_KEY, "wrong relay_key", "join")
             peer_id, resumed = PeerId.new(), False
             peer = rooms.Member(id=peer_id, name=join.name, kind=join.kind, token=ResumeToken.new(),
-                                joined_at=round(self.wall(), 3))
+                                joined_at=round(self.wall(), 3), relay=relay)
             self.state = rooms.add_peer(self.state, join.room, peer)
         conn.room, conn.peer = join.room, peer_id
         self.attached[peer_id] = conn

@@ -1,12 +1,14 @@
 """The signaling protocol, version 1: message schema, validation of client messages, builders of server messages.
 
 Transport: one WebSocket per peer at `/ws`. Every message is one JSON text frame holding an object
-`{"v": 1, "type": <type>, ...fields}`. Binary frames are refused. At most 64 KiB per message (`MAX_MESSAGE_BYTES`)
+`{"v": 1, "type": <type>, ...fields}`, except relayed mesh messages, which are binary frames (see Relay).
+At most 64 KiB per message (`MAX_MESSAGE_BYTES`)
 and 32 levels of nesting (`MAX_DEPTH`, the envelope counting as one; deeper is `bad_json`).
 Unknown extra fields are ignored, so the protocol grows by adding optional fields only.
 
 Client -> server
-    join       {room, name, kind: "phone"|"laptop"|"edge", resume?: peer_id, token?: resume_token}
+    join       {room, name, kind: "phone"|"laptop"|"edge", resume?: peer_id, token?: resume_token,
+                relay_key?: str}
                First message on a socket. `room` must exist (rooms are created over HTTP, by a POST only:
                `POST /` from the front page's button, or `POST /api/rooms`). With `resume` + `token` (both from
                an earlier `welcome`) the socket takes over that peer: same id, its queued signals are delivered,
@@ -28,13 +30,26 @@ Client -> server
                ready peers with profiles (or the listed subset). `strategy` picks a benchmark baseline
                (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh".
 
+Relay (binary frames): the server's own edge peer (`tilemesh serve --edge`) joins with the hub's per-process
+`relay_key` and is marked `relay: true` in the roster. Browsers and that edge then carry their mesh messages
+(wire chunks, link probes) as binary WebSocket frames through the server instead of a WebRTC data channel: the
+edge is in the server anyway, and aiortc's pure-Python DTLS/SCTP costs it far more CPU per frame than a
+WebSocket frame does. A frame from a client is `[n][n bytes: ASCII peer id of the receiver][payload]`; the
+receiver gets `[n][sender's id][payload]`. The payload is at most `MAX_RELAY_PAYLOAD` (256 KiB, the largest
+data-channel message a browser sends). Only frames to or from a relay member of the sender's room are carried
+(`relay_refused` otherwise: two browsers talk over WebRTC). Errors are JSON `error`s with `ref: "relay"`:
+bad_message (no valid header), not_joined, unknown_peer, too_large, relay_refused, peer_unavailable (the
+receiver is reconnecting, or does not read within `relay_wait` seconds: the message is dropped; the sender's
+session times the frame out and recovers as from any lost message). A sender waits while the receiver's
+queue is more than half full, so a fast sender is slowed to its receiver's pace and never gets anyone dropped.
+
 Server -> client
     welcome    {peer_id, room, peers: [roster entries], ice_servers: [RTCIceServer], resume_token,
                 resumed: bool, heartbeat: seconds}
                Reply to `join`. `peers` includes the new peer itself. `resumed` is true when a `resume` was
                honoured; a fresh welcome (resumed false) after a reconnect means the old identity is gone and
                every peer connection must be rebuilt.
-    roster     {peers: [{id, name, kind, state, progress, detail, profile, joined_at, connected}]}
+    roster     {peers: [{id, name, kind, state, progress, detail, profile, joined_at, connected, relay}]}
                Sent to everyone in the room after every change (join, state, leave, disconnect, resume).
                `joined_at` is Unix time in seconds; `connected` is false while the peer's socket is gone
                but it may still resume.
@@ -48,10 +63,13 @@ Server -> client
     error      {code, message, ref?: the offending message's type}
     pong       {}
 
-Errors (`error.code`): bad_json (malformed, or nested too deep), bad_message (not an object, binary frame),
-bad_version, unknown_type, invalid_field, too_large, rate_limited, not_joined, already_joined, unknown_room,
+Errors (`error.code`): bad_json (malformed, or nested too deep), bad_message (not an object; a binary frame
+without a relay header), bad_version, unknown_type, invalid_field, too_large, rate_limited, not_joined,
+already_joined, unknown_room,
 unknown_peer, room_full, server_full, bad_resume, bad_state (a `state` profile that cannot be stored),
-peer_unavailable (the target is reconnecting and its queue is full), plan_failed (no plan could be made: the
+peer_unavailable (the target is reconnecting and its queue is full), relay_refused (a binary frame between
+two members neither of which is the server's edge), bad_relay_key (a `join` with a wrong relay_key), plan_failed
+(no plan could be made: the
 sender has no profile yet, or the planner is not available). Every one leaves the connection usable, except
 floods of oversized or rate-limited messages, which close it (WebSocket code 1008), and a frame above the
 hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
@@ -94,6 +112,8 @@ MAX_PROFILE_BYTES = 4096
 # roster, and Python's json recurses once per level, so depth is refused at the door, not when a roster is built.
 MAX_DEPTH = 32
 MAX_PROFILE_DEPTH = 8
+# A relayed binary frame's payload (a mesh message: browsers send at most 256 KiB over a data channel).
+MAX_RELAY_PAYLOAD = 256 * 1024
 
 KINDS = ("phone", "laptop", "edge")
 STATES = ("booting", "ready", "busy")
@@ -117,6 +137,8 @@ SERVER_FULL = "server_full"
 BAD_RESUME = "bad_resume"
 PEER_UNAVAILABLE = "peer_unavailable"
 PLAN_FAILED = "plan_failed"
+RELAY_REFUSED = "relay_refused"
+BAD_RELAY_KEY = "bad_relay_key"
 BAD_STATE = "bad_state"
 # Not a WebSocket message: the HTTP 503 body of an upgrade refused over the connection caps.
 TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -142,6 +164,8 @@ class Join:
     kind: Kind
     resume: PeerId | None = None
     token: ResumeToken | None = None
+    # The server's own edge peer proves itself with the hub's per-process key; it then relays (see RELAY).
+    relay_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -301,7 +325,10 @@ def _parse_join(obj: dict) -> Join:
     name = _text(obj, "name", MAX_NAME, required=True)
     resume = _parse_id(PeerId, obj, "resume", required=False)
     token = _parse_id(ResumeToken, obj, "token", required=False)
-    return Join(room=room, name=name or "", kind=kind, resume=resume, token=token)
+    relay_key = obj.get("relay_key")
+    if relay_key is not None and (not isinstance(relay_key, str) or not 0 < len(relay_key) <= 128):
+        raise ValueError("'relay_key' must be a string of 1 to 128 characters")
+    return Join(room=room, name=name or "", kind=kind, resume=resume, token=token, relay_key=relay_key)
 
 
 def _parse_state(obj: dict) -> State:
@@ -418,3 +445,23 @@ def pong() -> dict:
 
 def encode(message: dict) -> str:
     return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def relay_frame(peer_id: str, payload: bytes | bytearray | memoryview) -> bytes:
+    """A relayed binary frame: `[n][n bytes of ASCII peer id][payload]` (to the receiver, or from the sender)."""
+    ident = peer_id.encode("ascii")
+    if not 0 < len(ident) < 256:
+        raise ValueError(f"peer id of {len(ident)} bytes cannot head a relay frame")
+    return bytes((len(ident),)) + ident + bytes(payload)
+
+
+def parse_relay_frame(data: bytes) -> tuple[str, memoryview]:
+    """(peer id, payload view) of a relayed binary frame; ProtocolError `bad_message` when it has no valid header."""
+    if len(data) < 2 or len(data) < 1 + data[0] or data[0] == 0:
+        raise ProtocolError(BAD_MESSAGE, "a binary frame starts with [n][n-byte peer id]", "relay")
+    n = data[0]
+    try:
+        peer = bytes(data[1:1 + n]).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(BAD_MESSAGE, "a binary frame's peer id must be ASCII", "relay") from None
+    return peer, memoryview(data)[1 + n:]

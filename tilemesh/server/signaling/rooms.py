@@ -45,6 +45,8 @@ class Member:
     profile: Any = None
     # Set while the peer's socket is gone and it may still resume; None while connected.
     detached_at: float | None = None
+    # The server's own edge peer: mesh messages to and from it go through the signaling socket (protocol: Relay).
+    relay: bool = False
 
     @property
     def connected(self) -> bool:
@@ -62,6 +64,7 @@ class Member:
             "profile": self.profile,
             "joined_at": self.joined_at,
             "connected": self.connected,
+            "relay": self.relay,
         }
 
 

@@ -15,6 +15,14 @@ with ratios. The probe protocol (tag bytes 0xB0..0xB4) is `LinkProbe` in web/mes
 compares instead the link figures (Mbit/s, as the planner reads them) that the session's probe
 (`tilemesh.runtime.session.LINK_PROBE`) reports with those the edge's former probe gave (256 KiB as 64 KiB
 messages), interleaved on the same links in one run, and prints their ratio.
+
+    sudo python -m bench.linkbench --edge-cpu [--total-mb 8] [--rounds 5]
+
+compares the two ways a browser reaches the server's own edge (`tilemesh serve --edge-transport relay|webrtc`):
+an aiortc data channel, or binary frames on the signaling WebSocket relayed by the hub. Two edge peers join
+the same room in this process, one of each kind; per round and direction each moves `--total-mb` through the
+session's own probe, interleaved, and the CPU seconds of the server process plus this process (which holds
+both edges: together they are what `serve --edge` runs in one process) are counted per MB moved.
 """
 
 from __future__ import annotations
@@ -101,7 +109,70 @@ async def compare_probes(edge, page, browser_id: str, rounds: int) -> list[dict]
     return out
 
 
-async def bench(addr: str, total: int, rounds: int, probes: bool = False) -> list[dict]:
+# What a frame costs the edge's links on the default room's plans: the 224x224x3 float32 input (offload) is
+# 602 KB; a partition's feature map to the edge about as much.
+FRAME_BYTES = 224 * 224 * 3 * 4
+RELAY_KEY = "linkbench-relay-key"
+
+
+async def compare_edge_transports(addr: str, port: int, room: str, page, browser_id: str, total: int,
+                                  rounds: int, server_pid: int) -> list[dict]:
+    """CPU (server process + this one) per MB and throughput, aiortc data channel vs signaling relay, both ways."""
+    from bench.env import process_cpu_seconds  # noqa: PLC0415
+
+    edges = {}
+    for name, key in (("webrtc", None), ("relay", RELAY_KEY)):
+        edges[name] = await EdgePeer(f"wss://{addr}:{port}/ws", room, name=f"edge-{name}", kind="edge",
+                                     ssl_context=False, probes=True, relay_key=key).start()
+    for edge in edges.values():
+        await page.evaluate("(id) => window.meshtest.mesh.waitOpen(id)", edge.peer_id)
+        await edge.wait_open(browser_id)
+    kinds = {n: await page.evaluate("(id) => window.meshtest.mesh.links.get(id).relay === true", e.peer_id)
+             for n, e in edges.items()}
+    assert kinds == {"webrtc": False, "relay": True}, kinds
+
+    def cpu() -> float:
+        return process_cpu_seconds(server_pid) + time.process_time()
+
+    got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in range(rounds):
+        order = list(edges.items()) if r % 2 == 0 else list(edges.items())[::-1]
+        for name, edge in order:
+            for direction in ("browser -> edge", "edge -> browser"):
+                c0 = cpu()
+                if direction == "browser -> edge":
+                    size = await page.evaluate("(id) => window.meshtest.mesh.maxMessageSize(id)", edge.peer_id)
+                    t = await page.evaluate("([id, s, n]) => window.meshtest.probe.throughput(id, s, n)",
+                                            [edge.peer_id, size, total])
+                else:
+                    t = await edge.probe.throughput(browser_id, edge.max_message_size(browser_id), total, timeout=120)
+                spent = cpu() - c0
+                got.setdefault((name, direction), []).append((t["bytes"], t["ms"], spent))
+    for edge in edges.values():
+        await edge.close()
+    rows = []
+    for (name, direction), xs in got.items():
+        mb = sum(b for b, _, _ in xs) / 1e6
+        rows.append({"transport": name, "direction": direction,
+                     "mb_s": statistics.median(b / 1e3 / ms for b, ms, _ in xs),
+                     "cpu_ms_per_mb": 1e3 * sum(c for _, _, c in xs) / mb})
+    return rows
+
+
+def print_edge_cpu(rows: list[dict]) -> None:
+    by = {(r["transport"], r["direction"]): r for r in rows}
+    print(f"{'direction':<16} {'transport':<8} {'MB/s':>7} {'CPU ms/MB':>10} {'CPU ms/frame*':>14} {'vs webrtc':>10}")
+    for direction in ("browser -> edge", "edge -> browser"):
+        for name in ("webrtc", "relay"):
+            r = by[(name, direction)]
+            base = by[("webrtc", direction)]["cpu_ms_per_mb"]
+            print(f"{direction:<16} {name:<8} {r['mb_s']:>7.1f} {r['cpu_ms_per_mb']:>10.1f} "
+                  f"{r['cpu_ms_per_mb'] * FRAME_BYTES / 1e6:>14.1f} {r['cpu_ms_per_mb'] / base:>9.2f}x")
+    print(f"* CPU of the server process and the edges per {FRAME_BYTES / 1e3:.0f} KB moved (one 224x224x3 float32 "
+          "frame); ratio < 1: the relay costs less")
+
+
+async def bench(addr: str, total: int, rounds: int, probes: bool = False, edge_cpu: bool = False) -> list[dict]:
     from playwright.async_api import async_playwright  # noqa: PLC0415
 
     from bench.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: PLC0415
@@ -112,7 +183,8 @@ async def bench(addr: str, total: int, rounds: int, probes: bool = False) -> lis
     with tempfile.TemporaryDirectory() as state, open(os.path.join(state, "server.log"), "w+") as log:
         server = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", addr, "--port", str(port),
                                    "--https", "--diagnostics", "--state-dir", state],
-                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TILEMESH_RELAY_KEY": RELAY_KEY})
         try:
             wait_up(base + "/healthz", insecure)
             room = http_json(base + "/api/rooms", insecure, {})["room"]
@@ -126,6 +198,11 @@ async def bench(addr: str, total: int, rounds: int, probes: bool = False) -> lis
                     await pg.goto(f"{base}/diag/mesh?room={room}&name={name}")
                     await pg.wait_for_function("document.getElementById('info').dataset.state === 'joined'")
                     pages.append(pg)
+                if edge_cpu:
+                    ida = await pages[0].evaluate("window.meshtest.signaling.peerId")
+                    rows = await compare_edge_transports(addr, port, room, pages[0], ida, total, rounds, server.pid)
+                    await browser.close()
+                    return rows
                 edge = EdgePeer(f"wss://{addr}:{port}/ws", room, name="linkbench", kind="edge",
                                 ssl_context=False, probes=True)
                 probe = edge.probe
@@ -219,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-mb", type=float, default=8.0, help="bytes per throughput run (MB)")
     parser.add_argument("--rounds", type=int, default=20, help="echoes per round-trip measurement")
     parser.add_argument("--probes", action="store_true", help="compare the former edge probe with the session's")
+    parser.add_argument("--edge-cpu", action="store_true",
+                        help="compare the edge's CPU per MB over aiortc and over the signaling relay")
     parser.add_argument("--inside", metavar="ADDR", help=argparse.SUPPRESS)  # set by the re-run in the namespace
     args = parser.parse_args(argv)
     if args.inside:
-        rows = asyncio.run(bench(args.inside, int(args.total_mb * 1e6), args.rounds, args.probes))
-        if args.probes:
+        rows = asyncio.run(bench(args.inside, int(args.total_mb * 1e6), args.rounds, args.probes, args.edge_cpu))
+        if args.edge_cpu:
+            print_edge_cpu(rows)
+        elif args.probes:
             print(f"{'link':<20} {'former edge probe':>18} {'session probe':>14} {'ratio':>6}  (Mbit/s, medians)")
             for r in rows:
                 print(f"{r['link']:<20} {r['old_mbit_s']:>18.1f} {r['new_mbit_s']:>14.1f} {r['ratio']:>5.2f}x")
@@ -238,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     with netns.NetNS() as ns:
         cmd = ns.wrap([sys.executable, "-m", "bench.linkbench", "--inside", ns.inner,
                        "--total-mb", str(args.total_mb), "--rounds", str(args.rounds),
-                       *(["--probes"] if args.probes else [])])
+                       *(["--probes"] if args.probes else []), *(["--edge-cpu"] if args.edge_cpu else [])])
         return subprocess.run(cmd, cwd=REPO).returncode
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections import Counter, deque
@@ -243,7 +244,8 @@ class Hub:
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
         self._plans: dict[PeerId, asyncio.Task] = {}
         # Given to this process's own edge peer (and nobody else): joining with it makes a relay member.
-        self.relay_key = secrets.token_urlsafe(24)
+        # TILEMESH_RELAY_KEY sets it instead, for an edge in another process of the same host (benchmarks).
+        self.relay_key = os.environ.get("TILEMESH_RELAY_KEY") or secrets.token_urlsafe(24)
         self.relayed_bytes = 0
 
     # --- used by the HTTP pages ---------------------------------------------------------------------------

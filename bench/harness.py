@@ -200,8 +200,10 @@ def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict]
 class Run:
     """One benchmark run: the emulated room, its browsers, and the measurement loop."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path, frame_timeout_s: float = 20.0):
+    def __init__(self, scenario: Scenario, out_dir: Path, frame_timeout_s: float = 20.0,
+                 edge_transport: str = "relay"):
         self.sc = scenario
+        self.edge_transport = edge_transport
         self.out_dir = out_dir
         self.frame_timeout_s = frame_timeout_s
         self.groups: dict[str, CpuGroup] = {}
@@ -224,7 +226,7 @@ class Run:
         group = self.groups.get(home)
         addr = net.addr[home]
         argv = [sys.executable, "-m", "tilemesh.cli", "serve", "--host", addr, "--port", str(PORT), "--https",
-                "--state-dir", state, *(["--edge"] if self.sc.edge else [])]
+                "--state-dir", state, *(["--edge", "--edge-transport", self.edge_transport] if self.sc.edge else [])]
         self.server_log = open(Path(state) / "server.log", "w+")  # noqa: SIM115 (closed in run())
         self.server = subprocess.Popen([net.launcher(home, argv, group)], cwd=REPO, stdout=self.server_log,
                                        stderr=subprocess.STDOUT)
@@ -356,6 +358,7 @@ class Run:
                             time.sleep(1.0)
                     self.pages[d.name] = pg
                 result["machine"] = machine_info(browsers[0].version)
+                result["edge_transport"] = self.edge_transport if self.sc.edge else None
                 t0 = time.monotonic()
                 for name, pg in self.pages.items():
                     pg.wait_for_function(READY, timeout=600_000)
@@ -509,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, help="measured frames per strategy and repeat (overrides the scenario)")
     ap.add_argument("--repeats", type=int, help="repeats (overrides the scenario)")
     ap.add_argument("--strategies", help="comma-separated subset of strategies (overrides the scenario)")
+    ap.add_argument("--edge-transport", choices=("relay", "webrtc"), default="relay",
+                    help="how browsers reach the edge (tilemesh serve --edge-transport; default: relay)")
     ap.add_argument("--results", default=str(REPO / "results"), help="results folder (default: results/)")
     ap.add_argument("--no-plots", action="store_true", help="skip the cost-model sweeps and PNG plots")
     ap.add_argument("--check", action="store_true", help="only validate the scenario and print it")
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     refresh_runtime()
     results = Path(args.results)
     out_dir = results / f"{time.strftime('%Y%m%d-%H%M%S')}-{sc.name}"
-    run = Run(sc, out_dir)
+    run = Run(sc, out_dir, edge_transport=args.edge_transport)
     result = run.run()
     result["ids"] = run.ids
     written = write_results(result, out_dir, plots=not args.no_plots)

@@ -122,6 +122,13 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
                                               " e.dataset.backend, e.querySelector('.speed').textContent])")
             assert sorted(b for _, b, _ in shown) == ["onnxruntime", "ort-wasm", "ort-wasm", "ort-wasm"], shown
             assert all(b in text for _, b, text in shown), shown
+            # The server's edge is reached through the signaling socket (relay), the browsers over WebRTC.
+            assert [("via the server's socket" in text) for kind, _, text in shown if kind == "edge"] == [True]
+            edge_id = edge["peer_id"]
+            for pg in pages:
+                kinds = pg.evaluate("(edge) => [...window.tilemesh.mesh.links.values()].map((l) =>"
+                                    " [l.remote === edge, l.relay === true])", edge_id)
+                assert sorted(kinds) == [[False, False], [False, False], [True, True]], kinds
 
             phone.click("#start-ar")
             wait_frames(phone, 3)

@@ -161,11 +161,14 @@ export class RoomView {
       const slower = backend === "numpy" || reason.includes("no threads");
       row.speed.replaceChildren(b,
         ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`,
-        ` · ${backend}`, slower && reason ? ` (${reason})` : "");
+        ` · ${backend}`, slower && reason ? ` (${reason})` : "",
+        // The server's own edge is reached through the signaling socket, not WebRTC (protocol: Relay).
+        peer.relay ? " · via the server's socket" : "");
       row.speed.title = "effective speed on the served model, predicted from this device's measured profile" +
         (profile.compute.engine_reason ? `; ${profile.compute.engine_reason}` : "");
       row.li.dataset.gflops = gflops.toPrecision(6);
       row.li.dataset.backend = backend;
+      row.li.dataset.relay = peer.relay ? "1" : "0";
     }
     const names = new Map(this.peers.map((p) => [p.id, p.name]));
     const links = Object.entries(profile.links && typeof profile.links === "object" ? profile.links : {})

@@ -58,7 +58,8 @@ def test_join_appends_in_order_and_names_unnamed_peers(state, room_id):
     assert roster[0]["name"] == "Anna"
     assert roster[1]["name"] == f"Phone {b.id[-4:]}"
     assert roster[1] == {"id": b.id, "name": f"Phone {b.id[-4:]}", "kind": "phone", "state": "booting",
-                         "progress": 0.0, "detail": "", "profile": None, "joined_at": T0, "connected": True}
+                         "progress": 0.0, "detail": "", "profile": None, "joined_at": T0, "connected": True,
+                         "relay": False}
     assert all("token" not in e for e in roster), "the resume token must never reach other peers"
     # Pure: the original state is untouched.
     assert state.room(room_id).peers == ()

@@ -61,7 +61,7 @@ def test_second_setup_run_downloads_nothing(monkeypatch, capsys):
     monkeypatch.setattr(assets.subprocess, "run", no_network)
     monkeypatch.setattr(assets.urllib.request, "urlopen", no_network)
     manifest = json.loads((REPO / "static" / "manifest.json").read_text())
-    steps = ",".join(s for s in ("pyodide", "ort", "runtime", "model") if s in manifest)
+    steps = ",".join(s for s in ("pyodide", "ort", "runtime", "model", "zoo") if s in manifest)
     # The first run may rewrite outputs whose sources were edited since setup (tilemesh_runtime.zip), never fetch.
     assert assets.main(["--steps", steps]) == 0
     assert "downloading" not in capsys.readouterr().out

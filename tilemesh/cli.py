@@ -104,6 +104,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from tilemesh.models import zoo  # noqa: PLC0415  (setup-time code: onnx is imported only when building)
+
+    return zoo.main(args.models_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilemesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -141,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="compare every strategy on an emulated room (root; from a source checkout)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m bench.harness")
     bench.set_defaults(func=cmd_bench)
+
+    models = sub.add_parser("models", add_help=False,
+                            help="list or build the pretrained zoo models (ONNX + card for serve --model)")
+    models.add_argument("models_args", nargs=argparse.REMAINDER, help="list | build NAME|all [--out DIR] [--force]")
+    models.set_defaults(func=cmd_models)
     return parser
 
 
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         # Straight through: argparse's REMAINDER would refuse `tilemesh bench --help` and other leading options.
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    if argv[:1] == ["models"]:
+        return cmd_models(argparse.Namespace(models_args=argv[1:]))
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -70,6 +70,9 @@ def load_card(model: str | Path, input_shape: tuple[int, ...], classes: int) -> 
 def parse_card(raw, path: Path, input_shape, classes: int, default_name: str = "model") -> ModelCard:
     if not isinstance(raw, dict):
         raise CardError(f"{path}: a model card is a JSON object")
+    if raw.get("output", "logits") != "logits":
+        raise CardError(f"{path}: the model outputs a {raw['output']!r}, not class scores: tilemesh serve shows "
+                        "classifiers (one row of logits per frame)")
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise CardError(f"{path}: 'name' must be a non-empty string")

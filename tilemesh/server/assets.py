@@ -250,10 +250,11 @@ def step_model(static: Path) -> dict:
 
 
 def step_zoo() -> dict:
-    """Every zoo architecture as `<name>.onnx` + `<name>.json` in the cache's `zoo/` (idempotent)."""
+    """The default zoo architectures as `<name>.onnx` + `<name>.json` in the cache's `zoo/` (idempotent); the big
+    ones are built on request (`tilemesh models build NAME`)."""
     from tilemesh.models import zoo  # noqa: PLC0415  (onnx is heavy; only setup needs it)
 
-    return {f"zoo/{a.name}.onnx": sha256_file(zoo.build(a.name, log=log)) for a in zoo.ARCHITECTURES}
+    return {f"zoo/{name}.onnx": sha256_file(zoo.build(name, log=log)) for name in zoo.DEFAULT}
 
 
 def main(argv: list[str] | None = None) -> int:

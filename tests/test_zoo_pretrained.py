@@ -226,3 +226,73 @@ def test_craft_converter_wiring_whole_and_tiled():
     del state["module.upconv2.conv.4.running_var"]
     with pytest.raises(StateDictError, match="upconv2.conv.4.running_var"):
         nets.build_craft(state, size=64)
+
+
+def tiny_yolo(rng):
+    """A YOLOX-shaped ONNX graph: a Focus stem (four strided Slice pairs + Concat), SiLU convs at two scales and the
+    (anchors, K) head Reshape/Concat/Transpose; trained-on-BGR is simulated by nothing: weights are seeded."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def w(*shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), f"w{len(inits)}")
+
+    inits, nodes = [], []
+    ints = {"zero": 0, "one": 1, "big": 2**62, "two": 2, "ax2": 2, "ax3": 3}
+    inits += [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in ints.items()]
+    parts = []
+    for r, c in [(0, 0), (1, 0), (0, 1), (1, 1)]:
+        a, b = f"s{r}{c}a", f"s{r}{c}b"
+        nodes.append(helper.make_node("Slice", ["img", ["zero", "one"][r], "big", "ax2", "two"], [a]))
+        nodes.append(helper.make_node("Slice", [a, ["zero", "one"][c], "big", "ax3", "two"], [b]))
+        parts.append(b)
+    nodes.append(helper.make_node("Concat", parts, ["focus"], axis=1))
+    x, maps = "focus", []
+    for i, (cin, cout, stride) in enumerate([(12, 8, 1), (8, 8, 2)]):
+        t = w(cout, cin, 3, 3)
+        inits.append(t)
+        nodes.append(helper.make_node("Conv", [x, t.name], [f"c{i}"], kernel_shape=[3, 3], pads=[1] * 4,
+                                      strides=[stride] * 2))
+        nodes.append(helper.make_node("Sigmoid", [f"c{i}"], [f"g{i}"]))
+        nodes.append(helper.make_node("Mul", [f"c{i}", f"g{i}"], [f"y{i}"]))
+        x = f"y{i}"
+        h = w(6, cout, 1, 1)
+        inits.append(h)
+        nodes.append(helper.make_node("Conv", [x, h.name], [f"head{i}"], kernel_shape=[1, 1]))
+        maps.append(f"head{i}")
+    for i, (m, hw) in enumerate(zip(maps, [16 * 16, 8 * 8], strict=True)):
+        inits.append(numpy_helper.from_array(np.array([1, 6, hw], np.int64), f"shape{i}"))
+        nodes.append(helper.make_node("Reshape", [m, f"shape{i}"], [f"r{i}"]))
+    nodes.append(helper.make_node("Concat", ["r0", "r1"], ["cat"], axis=2))
+    nodes.append(helper.make_node("Transpose", ["cat"], ["out"], perm=[0, 2, 1]))
+    graph = helper.make_graph(nodes, "tiny_yolo", [helper.make_tensor_value_info("img", TensorProto.FLOAT,
+                                                                                  ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 320, 6])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_yolo_stem_and_head_rewrites_are_exact_and_tile():
+    """The rewrites the YOLOX zoo model needs (its 73 MB wheel is on request), on a YOLOX-shaped graph: Focus ->
+    SpaceToDepth with permuted conv channels, BGR -> RGB, the (anchors, K) head as one row. The rewritten model fed
+    RGB gives the original's table on BGR; the IR loads it, matches onnxruntime and tiles exactly up to the head."""
+    from tilemesh.models import nets
+
+    original = tiny_yolo(np.random.default_rng(5))
+    model = nets.adapt_onnx(original.SerializeToString(), (1, 3, 32, 32), drop_softmax=False, focus=True,
+                            yolo_head=True, bgr=True)
+    assert [n.op_type for n in model.graph.node].count("Slice") == 0
+    sizes = json.loads({p.key: p.value for p in model.metadata_props}["tilemesh.yolo_head_sizes"])
+    assert sizes == [[6, 256], [6, 64]]
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    (want,) = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"img": np.ascontiguousarray(x[:, ::-1])})
+    (row,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"img": x})
+    np.testing.assert_allclose(nets.unflatten_yolo(row, sizes), want[0], rtol=1e-5, atol=1e-5)
+    graph = load_onnx(model)
+    whole = run_graph(graph, x)
+    np.testing.assert_allclose(whole, row, rtol=1e-4, atol=1e-4)
+    for split in (Split.grid([["a", "b"], ["c", "d"]]), Split.rows({"a": 3, "b": 1, "c": 2})):
+        np.testing.assert_allclose(simulate(graph, tiled_plan(graph, split), x), whole, rtol=1e-5, atol=1e-5)
+    # A graph without the pattern is refused with a reason, not changed silently.
+    with pytest.raises(ValueError, match="Focus"):
+        nets.adapt_onnx(model.SerializeToString(), (1, 3, 32, 32), drop_softmax=False, focus=True)

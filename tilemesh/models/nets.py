@@ -18,6 +18,7 @@ functions only: this package must import under Pyodide.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -266,12 +267,163 @@ def build_craft(state: Mapping[str, np.ndarray], *, size: int = 224, doc: str = 
 # --------------------------------------------------------------------------- shipped ONNX
 
 
-def adapt_onnx(data: bytes, input_shape: tuple[int, ...], *, drop_softmax: bool, doc: str = ""):
+def focus_to_space_to_depth(model) -> int:
+    """Rewrite YOLOv5/YOLOX "Focus" stems in place: a Concat of the four strided Slice pairs x[..., r::2, c::2] of the
+    input, feeding one Conv, becomes SpaceToDepth(2) and the Conv's input channels are permuted to match (exact: the
+    same products in the same sums). Returns how many stems were rewritten. Slices with any other starts, steps or
+    axes are left alone."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+
+    def value(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else consts.get(name)
+
+    def strided(n):
+        """(source tensor, axis, start) of a Slice taking every 2nd element from 0 or 1 to the end, else None."""
+        if n is None or n.op_type != "Slice" or len(n.input) != 5:
+            return None
+        starts, ends, axes, steps = (value(i) for i in n.input[1:])
+        if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)):
+            return None
+        if int(steps[0]) != 2 or int(starts[0]) not in (0, 1) or int(ends[0]) < 2**31 or int(axes[0]) not in (2, 3):
+            return None
+        return n.input[0], int(axes[0]), int(starts[0])
+
+    rewritten = 0
+    for cat in [n for n in graph.node if n.op_type == "Concat" and len(n.input) == 4]:
+        offsets, source, removed = [], None, []
+        for t in cat.input:
+            outer = producers.get(t)
+            a = strided(outer)
+            b = strided(producers.get(a[0])) if a else None
+            if not (a and b) or {a[1], b[1]} != {2, 3} or (source not in (None, b[0])):
+                break
+            source = b[0]
+            row, col = (b[2], a[2]) if b[1] == 2 else (a[2], b[2])
+            offsets.append((row, col))
+            removed += [outer, producers[a[0]]]
+        if len(offsets) != 4 or sorted(offsets) != [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            continue
+        users = [n for n in graph.node if cat.output[0] in n.input]
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[1] not in inits:
+            continue
+        conv = users[0]
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        c = w.shape[1] // 4
+        permuted = np.empty_like(w)
+        for k, (row, col) in enumerate(offsets):  # SpaceToDepth puts block (row, col) at channels (2*row+col)*c...
+            permuted[:, (2 * row + col) * c:(2 * row + col + 1) * c] = w[:, k * c:(k + 1) * c]
+        removed_ids = {id(n) for n in removed}
+        outside = [n for n in graph.node if id(n) not in removed_ids and n is not cat]
+        if any(o in n.input for r in removed for o in r.output for n in outside):
+            continue  # a slice is used elsewhere too: leave the stem as it is
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(permuted, conv.input[1]))
+        s2d = helper.make_node("SpaceToDepth", [source], [cat.output[0]], name=f"{cat.name}.space_to_depth",
+                               blocksize=2)
+        nodes = [s2d if n is cat else n for n in graph.node if id(n) not in removed_ids]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        rewritten += 1
+    return rewritten
+
+
+def yolo_head_flat(model) -> list[list[int]]:
+    """Rewrite a YOLO head's ``Transpose(0, 2, 1)(Concat(axis=2)(Reshape(N, K, H*W) of each scale's map))`` -- an
+    (N, anchors, K) output the IR cannot hold (it keeps 2-D and 4-D tensors) -- as ``Concat(axis=1)(Flatten(map))``:
+    the same numbers as one row, scale by scale, channel-major. Returns the per-scale [K, H*W] sizes so a caller can
+    map the row back to (anchors, K) (`unflatten_yolo`)."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    out = graph.output[0].name
+    producers = {o: n for n in graph.node for o in n.output}
+    tr = producers.get(out)
+    cat = producers.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
+    perm = [list(a.ints) for a in tr.attribute if a.name == "perm"] if tr is not None else []
+    if cat is None or cat.op_type != "Concat" or perm != [[0, 2, 1]]:
+        raise ValueError("the graph does not end in Transpose(0, 2, 1) of a Concat")
+    reshapes = [producers.get(t) for t in cat.input]
+    if not all(r is not None and r.op_type == "Reshape" for r in reshapes):
+        raise ValueError("the head's Concat does not join Reshapes")
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    sizes, flats = [], []
+    for r in reshapes:
+        shape = shapes.get(r.input[0], [])
+        if len(shape) != 4 or not all(shape):
+            raise ValueError(f"the head's Reshape {r.name} does not take a 4-D map")
+        sizes.append([shape[1], shape[2] * shape[3]])
+        flat = f"{r.output[0]}.flat"
+        flats.append(helper.make_node("Flatten", [r.input[0]], [flat], name=flat, axis=1))
+    new_cat = helper.make_node("Concat", [f.output[0] for f in flats], [out], name=f"{cat.name}.flat", axis=1)
+    drop = {id(n) for n in (tr, cat, *reshapes)}
+    nodes = [n for n in graph.node if id(n) not in drop] + flats + [new_cat]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(model)
+    dims = graph.output[0].type.tensor_type.shape
+    dims.ClearField("dim")
+    for v in (1, sum(k * n for k, n in sizes)):
+        dims.dim.add().dim_value = v
+    return sizes
+
+
+def unflatten_yolo(row: np.ndarray, sizes) -> np.ndarray:
+    """The (anchors, K) table the original head gives, from `yolo_head_flat`'s row."""
+    parts, at, row = [], 0, np.asarray(row).ravel()
+    for k, n in sizes:
+        parts.append(row[at:at + k * n].reshape(k, n).T)
+        at += k * n
+    return np.concatenate(parts, axis=0)
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def swap_input_colours(model) -> None:
+    """Make a BGR model take RGB: reverse the colour channels of the Conv that reads the image (directly, or after a
+    SpaceToDepth, whose channels are blocks of 3 colours). Exact: the same products, summed in another order."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    source = graph.input[0].name
+    s2d = [n for n in graph.node if n.op_type == "SpaceToDepth" and n.input[0] == source]
+    reader = s2d[0].output[0] if s2d else source
+    users = [n for n in graph.node if reader in n.input]
+    inits = {t.name: t for t in graph.initializer}
+    if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[1] not in inits:
+        raise ValueError("the image is not read by exactly one Conv with constant weights")
+    w = numpy_helper.to_array(inits[users[0].input[1]])
+    order = [3 * (i // 3) + 2 - i % 3 for i in range(w.shape[1])]
+    inits[users[0].input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w[:, order]),
+                                                              users[0].input[1]))
+
+
+def adapt_onnx(data: bytes, input_shape: tuple[int, ...], *, drop_softmax: bool, focus: bool = False,
+               yolo_head: bool = False, bgr: bool = False, doc: str = ""):
     """A shipped ONNX model with its one image input fixed to ``input_shape`` (batch 1) and, with ``drop_softmax``,
-    its final Softmax removed (the graph then ends at the logits). Weights and every other node are kept as shipped."""
+    its final Softmax removed (the graph then ends at the logits); with ``focus``, its Focus stem as SpaceToDepth
+    (`focus_to_space_to_depth`); with ``yolo_head``, its (anchors, K) head as one flat row (`yolo_head_flat`; the
+    per-scale sizes go into the metadata entry ``tilemesh.yolo_head_sizes``); with ``bgr``, taking RGB instead of the
+    BGR it was trained on (`swap_input_colours`). Weights and every other node are kept as shipped."""
     import onnx
 
     model = onnx.load_from_string(data)
+    if focus and focus_to_space_to_depth(model) != 1:
+        raise ValueError("expected one Focus stem (four strided Slice pairs concatenated into a Conv)")
+    if focus:
+        _drop_unused_initializers(model)
+    if bgr:
+        swap_input_colours(model)
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -295,6 +447,14 @@ def adapt_onnx(data: bytes, input_shape: tuple[int, ...], *, drop_softmax: bool,
             raise ValueError(f"the graph does not end in a Softmax giving {out.name} (it ends in {last.op_type})")
         graph.node.remove(last)
         out.name = last.input[0]
+    if yolo_head:
+        sizes = yolo_head_flat(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "tilemesh.yolo_head_sizes", json.dumps(sizes)
+        if doc:
+            model.doc_string = doc
+        onnx.checker.check_model(model)
+        return model
     rank = len(out.type.tensor_type.shape.dim)
     out.type.tensor_type.shape.ClearField("dim")
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}

@@ -62,7 +62,8 @@ class Architecture:
     def servable(self) -> str:
         """Empty when `tilemesh serve --model` can show it, else the reason it cannot."""
         if self.output != "logits":
-            return "outputs a per-pixel map; tilemesh serve shows classifiers"
+            return f"outputs {'a per-pixel map' if self.output == 'map' else self.output}; tilemesh serve shows " \
+                   "classifiers"
         if self.input_shape[2] != self.input_shape[3]:
             return f"input {self.input_shape[2]}x{self.input_shape[3]} is not square (the model card needs one)"
         return ""
@@ -82,11 +83,11 @@ def _torch(builder_name: str):
     return convert
 
 
-def _shipped(drop_softmax: bool):
+def _shipped(drop_softmax: bool, **options):
     def convert(data: bytes, shape, doc: str):
         from tilemesh.models import nets
 
-        return nets.adapt_onnx(data, shape, drop_softmax=drop_softmax, doc=doc)
+        return nets.adapt_onnx(data, shape, drop_softmax=drop_softmax, doc=doc, **options)
     return convert
 
 
@@ -142,6 +143,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         input_shape=(1, 3, 224, 224), convert=_shipped(False), labels=("text",), output="map",
         preprocess={"resize_shorter_side": 224, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
         notes="shipped ONNX at a fixed 224x224 input; outputs a text probability map the size of the input"),
+    Architecture(
+        name="yolox_ddddocr_det", title="ddddocr character detector (YOLOX)",
+        family="YOLOX detection (Focus stem, CSP-Darknet, SiLU, PAN neck)",
+        source=SourceFile(
+            package="ddddocr", version="1.6.1", member="ddddocr/common_det.onnx",
+            sha256="6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+            licence="MIT (ddddocr by sml2h3; the licence file keeps the template's '<copyright holders>')"),
+        input_shape=(1, 3, 416, 416), convert=_shipped(False, focus=True, yolo_head=True, bgr=True),
+        labels=("character",), output="detections",
+        # ddddocr feeds raw 0-255 pixels: x = (pixel / 255 - 0) / (1 / 255).
+        preprocess={"resize_shorter_side": 416, "crop": 416, "mean": [0.0] * 3, "std": [1 / 255] * 3},
+        notes="shipped ONNX; Focus stem as SpaceToDepth, made to take RGB (trained on BGR), and its (3549, 6) "
+              "box/objectness/class head as one row, scale by scale, channel-major (nets.unflatten_yolo gives the "
+              "table back); box decoding stays outside the graph as in ddddocr; 73 MB wheel", on_request=True),
     Architecture(
         name="craft_vgg16bn", title="CRAFT text detector (VGG16-BN U-Net)", family="VGG16-BN encoder + U-Net decoder "
         "(dilated conv, bilinear Resize, Concat)",

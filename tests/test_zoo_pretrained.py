@@ -302,3 +302,22 @@ def test_yolo_stem_and_head_rewrites_are_exact_and_tile():
     # A graph without the pattern is refused with a reason, not changed silently.
     with pytest.raises(ValueError, match="Focus"):
         nets.adapt_onnx(model.SerializeToString(), (1, 3, 32, 32), drop_softmax=False, focus=True)
+
+
+@pytest.mark.parametrize("name", ["mtcnn_onet", "pplcnet_orientation", "ppocr_mobilenetv3_cls"])
+def test_tiles_run_on_the_onnx_engine(zoo_dir, name):
+    """PRelu and HardSigmoid (O-Net, the SE blocks of PP-LCNet and MobileNetV3) lower to ONNX, so browsers and the
+    edge compute every task of these models on onnxruntime(-web) instead of falling back to numpy; each tiled task
+    model run in onnxruntime equals the numpy reference."""
+    from tilemesh.runtime.backend import OnnxRuntimeBackend
+    from tilemesh.runtime.graph import save_compact
+    from tilemesh.runtime.task_model import plan_task_models
+
+    _, _, graph, x, _ = loaded(zoo_dir, name)
+    plan = tiled_plan(graph, Split.grid([["a", "b"], ["c", "d"]]))
+    for dev in plan.devices:
+        assert all(tm is not None for tm in plan_task_models(graph, plan.device_plan(dev), external="model.bin"))
+    _, bin_path = save_compact(graph, zoo_dir / f"{name}.compact")
+    out = simulate(graph, plan, x, backend=OnnxRuntimeBackend(graph, blob=bin_path.read_bytes()))
+    whole = run_graph(graph, x)
+    assert np.abs(out - whole).max() <= 1e-4 * max(1.0, float(np.abs(whole).max()))

@@ -35,6 +35,8 @@ _RENAME = {"kernel": "kernel_shape"}
 ENGINE_OPS = frozenset({
     "Conv", "Clip", "Relu", "Add", "Mul", "Sub", "Div", "Sigmoid", "HardSwish", "MaxPool", "AveragePool",
     "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
+    # Elementwise activations whose IR attributes (alpha, beta) and params (PRelu's slope) are ONNX's as they are.
+    "PRelu", "HardSigmoid", "LeakyRelu", "Elu", "Tanh", "Softplus",
 })
 
 

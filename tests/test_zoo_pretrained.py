@@ -321,3 +321,17 @@ def test_tiles_run_on_the_onnx_engine(zoo_dir, name):
     out = simulate(graph, plan, x, backend=OnnxRuntimeBackend(graph, blob=bin_path.read_bytes()))
     whole = run_graph(graph, x)
     assert np.abs(out - whole).max() <= 1e-4 * max(1.0, float(np.abs(whole).max()))
+
+
+def test_cli_lists_builds_and_refuses_unknown_names(tmp_path, capsys):
+    from tilemesh.cli import main
+
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(a.name in out for a in zoo.ARCHITECTURES) and "built on request only" in out and "licence" in out
+    assert main(["models", "build", "mtcnn_onet", "--out", str(tmp_path)]) == 0
+    assert f"tilemesh serve --model {tmp_path / 'mtcnn_onet.onnx'}" in capsys.readouterr().out
+    assert main(["models", "build", "ppocr_det", "--out", str(tmp_path)]) == 0
+    assert "not servable: outputs a per-pixel map" in capsys.readouterr().out
+    assert main(["models", "build", "vgg99", "--out", str(tmp_path)]) == 2
+    assert "no zoo model 'vgg99'" in capsys.readouterr().err

@@ -9,6 +9,16 @@ brightness changes, blur and an occluding patch. Photos are split in two halves:
 calibration half (the largest whose exits agree >= 97%) and reported on the held-out half too, so the default is
 not fitted to the figures it is judged by. Native onnxruntime runs both passes (the decision depends only on the
 scores, which every backend reproduces within 1e-4).
+
+    .venv/bin/python -m bench.early_exit --stream [--shots 40] [--shot-frames 30] [--lag 2]
+
+measures the rule a camera stream allows instead: a frame exits when the cheap pass is confident (normalized
+entropy <= threshold) AND its top-1 equals the label the room's full model gave a recent frame of the same
+stream (results arrive `--lag` frames late, as a pipelined stream's do). The stream is simulated hand-held
+video: shots of `--shot-frames` frames of one photo, a crop drifting a little each frame with jitter, a
+brightness flicker and occasional blur. Reported per threshold: exit rate, agreement of exits with the full
+model on the same frame, overall agreement, and how often the full model itself changes its top-1 between
+consecutive frames of a shot (which bounds what any reuse of earlier answers can agree with).
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from tilemesh.runtime.preprocess import CROP_SIZE, RESIZE_SHORTER, normalize_u8,
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = [0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
 SIZES = (96, 112, 128, 160, 192)
+STREAM_SIZES = (112, 128, 160)
+STREAM_THRESHOLDS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 # Photos of things ImageNet has classes for; the rest are textures, text and micrographs, where the full model's
 # own answer is a guess and a camera pointed at them is a hard frame by any measure.
 OBJECTS = {"astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "clock", "camera", "china", "flower"}
@@ -161,6 +173,86 @@ def run(per_photo: int, seed: int, onnx_path: Path) -> dict:
     return result
 
 
+def shot_frames(im: np.ndarray, rng: np.random.Generator, k: int):
+    """`k` frames of one hand-held shot of `im`: a crop (40-100% of the area) drifting slowly with jitter, a
+    per-shot brightness with a small flicker, and a 10% chance of blur per frame."""
+    from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+
+    h, w = im.shape[:2]
+    area = rng.uniform(0.4, 1.0) * h * w
+    ch, cw = int(min(h, np.sqrt(area))), int(min(w, np.sqrt(area)))
+    top, left = rng.uniform(0, h - ch), rng.uniform(0, w - cw)
+    vy, vx = rng.normal(0, 0.004 * h), rng.normal(0, 0.004 * w)
+    bright = rng.uniform(0.7, 1.3)
+    for _ in range(k):
+        top = float(np.clip(top + vy + rng.normal(0, 0.003 * h), 0, h - ch))
+        left = float(np.clip(left + vx + rng.normal(0, 0.003 * w), 0, w - cw))
+        out = im[int(top):int(top) + ch, int(left):int(left) + cw].astype(np.float32)
+        out *= bright * rng.uniform(0.97, 1.03)
+        if rng.random() < 0.1:
+            out = gaussian_filter(out, sigma=(rng.uniform(0.5, 2.0),) * 2 + (0,))
+        yield np.clip(out, 0, 255).astype(np.uint8)
+
+
+def stream_policy(rows: list[dict], size: int, threshold: float, lag: int, match: bool) -> dict:
+    """Replay a stream through the exit rule: with `match`, a frame exits only when the cheap pass is confident
+    and names the label of the newest full answer that has arrived (`lag` frames after its frame was sent)."""
+    exits = wrong = 0
+    last: int | None = None
+    pending: list[tuple[int, int]] = []  # (frame index at which the answer arrives, label)
+    for i, r in enumerate(rows):
+        for p in [p for p in pending if p[0] <= i]:
+            last = p[1]
+            pending.remove(p)
+        top, h = r[size]
+        if h <= threshold and (not match or top == last):
+            exits += 1
+            wrong += top != r["full"]
+        else:
+            pending.append((i + lag, r["full"]))
+    n = len(rows)
+    return {"threshold": threshold, "exit_rate": exits / n, "exit_agreement": 1 - wrong / exits if exits else None,
+            "overall_agreement": 1 - wrong / n}
+
+
+def run_stream(shots: int, per_shot: int, lag: int, seed: int, onnx_path: Path) -> dict:
+    rng = np.random.default_rng(seed)
+    ims = photos()
+    names = sorted(ims)
+    sess = any_size_session(onnx_path)
+    inp = sess.get_inputs()[0].name
+    rows = []
+    for shot in range(shots):
+        for frame in shot_frames(ims[names[rng.integers(len(names))]], rng, per_shot):
+            r = {"shot": shot, "full": int(np.argmax(sess.run(None, {inp: model_input(frame, CROP_SIZE)})[0][0]))}
+            for s in STREAM_SIZES:
+                z = sess.run(None, {inp: model_input(frame, s)})[0][0]
+                r[s] = (int(np.argmax(z)), normalized_entropy(z))
+            rows.append(r)
+    flicker = np.mean([a["full"] != b["full"] for a, b in zip(rows, rows[1:], strict=False) if a["shot"] == b["shot"]])
+    out = {"frames": len(rows), "shots": shots, "per_shot": per_shot, "lag": lag, "seed": seed,
+           "full_label_changes": float(flicker), "sizes": {}}
+    for s in STREAM_SIZES:
+        out["sizes"][s] = {"relative_macs": relative_macs(onnx_path, s),
+                           "match": [stream_policy(rows, s, t, lag, True) for t in STREAM_THRESHOLDS],
+                           "entropy_only": [stream_policy(rows, s, t, lag, False) for t in STREAM_THRESHOLDS]}
+    return out
+
+
+def stream_table(result: dict) -> str:
+    lines = [f"Stream early exit: {result['frames']} frames, {result['shots']} shots of {result['per_shot']}, "
+             f"answers {result['lag']} frames late; the full model changes its top-1 between consecutive frames "
+             f"of a shot {result['full_label_changes']:.1%} of the time", "",
+             "| cheap pass | rule | threshold | exit rate | exits agree | overall agree |", "|---|---|---|---|---|---|"]
+    for s, out in result["sizes"].items():
+        for rule in ("match", "entropy_only"):
+            for r in out[rule]:
+                agree = f"{r['exit_agreement']:.1%}" if r["exit_agreement"] is not None else "-"
+                lines.append(f"| {s}px ({out['relative_macs']:.2f}x MACs) | {rule.replace('_', ' ')} | "
+                             f"{r['threshold']:.2f} | {r['exit_rate']:.1%} | {agree} | {r['overall_agreement']:.1%} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     lines = []
     for s, out in result["sizes"].items():
@@ -207,7 +299,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=str(REPO / "static" / "model" / "mobilenet_v2.onnx"))
     ap.add_argument("--out", default=str(REPO / "results" / "early_exit"))
+    ap.add_argument("--stream", action="store_true", help="the stream rule on simulated hand-held shots (see above)")
+    ap.add_argument("--shots", type=int, default=40)
+    ap.add_argument("--shot-frames", type=int, default=30)
+    ap.add_argument("--lag", type=int, default=2, help="frames between sending a frame and its answer arriving")
     args = ap.parse_args(argv)
+    if args.stream:
+        result = run_stream(args.shots, args.shot_frames, args.lag, args.seed, Path(args.model))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stream.json").write_text(json.dumps(result, indent=1))
+        md = stream_table(result)
+        (out / "stream.md").write_text(md + "\n")
+        print(md)
+        return 0
     result = run(args.per_photo, args.seed, Path(args.model))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

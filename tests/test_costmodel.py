@@ -50,6 +50,31 @@ def _check_timeline(pred):
         assert pred.finish_s.get(dev, 0.0) <= pred.total_s + 1e-12
 
 
+def test_fixed_costs_per_task_and_per_frame(g):
+    """`task_s` is paid once per task, `frame_s` once per frame on the source before anything leaves it."""
+    prof = {**SYNTH, "task_s": 0.004, "frame_s": 0.010}
+    one = build_plan(g, [], [Split.whole("a")], "a")
+    pred = C.predict_plan(g, one, {"a": prof}, {}, "a")
+    assert pred.total_s == pytest.approx(predict_graph_seconds(SYNTH, g) + 0.004 + 0.010, rel=1e-12)
+    assert pred.compute_s["a"] == pytest.approx(predict_graph_seconds(SYNTH, g) + 0.004, rel=1e-12)
+    # Three segments on the source: three task costs, one frame cost.
+    from tilemesh.runtime.deps import cut_candidates
+
+    cuts = cut_candidates(g)
+    three = build_plan(g, [cuts[3], cuts[8]], [Split.whole("a")] * 3, "a")
+    assert C.predict_plan(g, three, {"a": prof}, {}, "a").total_s == pytest.approx(
+        predict_graph_seconds(SYNTH, g) + 3 * 0.004 + 0.010, rel=1e-9)
+    # Offloading: the frame work comes first on the source, then the input leaves; the phone's own
+    # task cost is not paid (it computes nothing), the edge's is.
+    off = build_plan(g, [], [Split.whole("e")], "a")
+    edge = {**SYNTH, "task_s": 0.001}
+    bare = C.predict_plan(g, off, {"a": SYNTH, "e": SYNTH}, FAST, "a").total_s
+    assert C.predict_plan(g, off, {"a": prof, "e": edge}, FAST, "a").total_s == pytest.approx(bare + 0.010 + 0.001)
+    first_send = min(i.start for i in C.predict_plan(g, off, {"a": prof, "e": edge}, FAST, "a").timeline["a"]
+                     if i.kind == "send")
+    assert first_send == pytest.approx(0.010)
+
+
 def test_single_device_is_the_sum_of_node_times(g):
     plan = build_plan(g, [], [Split.whole("a")], "a")
     pred = C.predict_plan(g, plan, profiles("a"), {}, "a")

@@ -201,6 +201,25 @@ def test_search_estimates_equal_the_cost_model_on_built_plans(g, name):
             e.spec.label
 
 
+@pytest.mark.parametrize("name", ["hetero3", "edge"])
+def test_search_counts_the_fixed_costs_like_the_cost_model(g, name):
+    """With a per-task cost (an engine call and copies) and the camera device's per-frame work in the profiles,
+    the search's fast estimates still equal predict_plan on the built plans, and every plan pays the frame work."""
+    speeds, links, source, edge = SCENARIOS[name]
+    profs = {d: {**p, "task_s": 2e-3 / speeds[d], "frame_s": 6e-3 / speeds[d]} for d, p in room(**speeds).items()}
+    est = PL.search(g, profs, links, source, {"edge": edge})
+    sample = est[:5] + est[5::max(1, len(est) // 15)]
+    sample += [next(e for e in est if e.spec.strategy == s) for s in {e.spec.strategy for e in est}]
+    bare = room(**speeds)
+    for e in sample:
+        plan = build_plan(g, list(e.spec.cuts), list(e.spec.splits), source)
+        pred = predict_plan(g, plan, profs, links, source)
+        assert pred.total_s == pytest.approx(e.predicted_s, rel=1e-9), e.spec.label
+        # Never cheaper than the same plan without fixed costs plus the source's frame work.
+        floor = predict_plan(g, plan, bare, links, source).total_s + profs[source]["frame_s"]
+        assert pred.total_s >= floor - 1e-12, e.spec.label
+
+
 def test_partition_offload_picks_its_best_split_point(g):
     profs = room(phone=0.5, edge=4.0)
     slowish = {"*": {"rtt_ms": 20.0, "mbps": 20.0}}

@@ -76,10 +76,45 @@ def test_validate_rejects_broken_profiles(prof):
         {**prof, "overhead_s": float("nan")},
         {**prof, "sec_per_mac": dict.fromkeys(P.OP_CLASSES, 0.0)},
         {**prof, "chain_factor": -1.0},
+        {**prof, "task_s": -0.001},
+        {**prof, "frame_s": float("inf")},
         "profile",
     ):
         with pytest.raises(ValueError):
             P.validate_profile(bad)
+
+
+def test_median_of_sustained_runs():
+    assert P.median_seconds([3.0, 1.0, 2.0]) == 2.0
+    assert P.median_seconds([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError):
+        P.median_seconds([])
+    calls = []
+    samples = P.sustained_samples(lambda: calls.append(1), budget_s=0.0, min_runs=4)
+    assert len(samples) == 4 and len(calls) == 5  # one warm-up, then the runs timed
+    assert all(s >= 0 for s in samples)
+    assert len(P.sustained_samples(lambda: None, budget_s=10.0, min_runs=2, max_runs=7)) == 7
+
+
+def test_fixed_costs_scale_with_speed_and_default_to_zero(prof):
+    assert P.task_overhead_seconds(prof) == 0.0 and P.frame_overhead_seconds(prof) == 0.0
+    p = {**prof, "task_s": 0.002, "frame_s": 0.006}
+    half = P.scaled_profile(p, 0.5)
+    assert P.task_overhead_seconds(half) == pytest.approx(0.004)
+    assert P.frame_overhead_seconds(half) == pytest.approx(0.012)
+    P.validate_profile(half)
+
+
+def test_frame_work_is_measured_on_the_real_preprocessing():
+    from tilemesh.runtime.preprocess import IMAGENET
+
+    labels = [f"c{i}" for i in range(1000)]
+    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    logits = np.arange(1000, dtype=np.float32)[None]
+    top = P.frame_work(IMAGENET, frame, logits, labels)
+    assert [t["label"] for t in top] == ["c999", "c998", "c997", "c996", "c995"]
+    s = P.measure_frame_seconds(IMAGENET, labels, budget_s=0.02)
+    assert 0 < s < 1.0
 
 
 def test_prediction_scales_with_macs_speed_and_region(mobilenet, prof):

@@ -2,12 +2,15 @@
 
 The model, in the order a frame happens:
 
-* t = 0: the source device (the phone with the camera) holds the whole graph input. It sends every
+* t = 0: the source device (the phone with the camera) gets the frame and first pays its per-frame work
+  (`profile.frame_overhead_seconds`: the crop, normalisation and top-k in its Python runtime); then it
+  holds the whole graph input. It sends every
   input piece other devices need as uint8 RGB (1 byte per channel-pixel, a quarter of float32: the
   receiver normalizes), one after another on its uplink.
 * Each device runs its tasks serially in segment order; a task starts when the device is free and
   every piece in its `recv` list has arrived. Its time is the sum, over its node steps, of
-  `profile.predict_node_seconds` for the step's region, so redundant halo compute is included.
+  `profile.predict_node_seconds` for the step's region, so redundant halo compute is included, plus the
+  device's fixed cost per task (`profile.task_overhead_seconds`: an engine call, copies, bookkeeping).
 * After a task, its `send` pieces (float32) queue on the device's uplink: sends from one device are
   serialized (a phone's radio is shared) and each occupies the uplink for bytes / bandwidth, then
   arrives one-way latency (rtt / 2) later. Sending overlaps computing: the browser's main thread owns
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tilemesh.runtime.profile import predict_node_seconds
+from tilemesh.runtime.profile import frame_overhead_seconds, predict_node_seconds, task_overhead_seconds
 from tilemesh.runtime.regions import Region, is_spatial
 
 DEFAULT_LINK = {"rtt_ms": 4.0, "mbps": 200.0}  # room Wi-Fi, browser to browser (measured: 16-40 MB/s)
@@ -196,6 +199,7 @@ def task_seconds(graph, task, profile: dict, by_name: dict | None = None) -> flo
     """Predicted compute time of one DeviceTask on a device with `profile`."""
     by_name = by_name or {n.name: n for n in graph.nodes}
     t = sum(predict_node_seconds(profile, graph, by_name[s.node], s.macs, s.out) for s in task.deps.steps)
+    t += task_overhead_seconds(profile) if task.deps.steps else 0.0
     return t + sum(reduced_pool_seconds(graph, p, own, profile) for p, (_, _, own) in task.deps.reduced.items())
 
 
@@ -224,15 +228,17 @@ def predict_plan(graph, plan, profiles: dict[str, dict], links: dict | None, sou
     sim.timeline.setdefault(source, [])
 
     arrival: dict = {}
-    # The input pieces leave the source first, in plan order.
+    # The source's per-frame work first; then the input pieces leave it, in plan order.
+    frame_s = frame_overhead_seconds(profiles[source]) if source in profiles else 0.0
+    start = sim.compute(source, 0.0, frame_s) if frame_s > 0 else 0.0
     for tr in plan.input_send:
-        arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region, INPUT_ITEMSIZE), 0.0,
+        arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region, INPUT_ITEMSIZE), start,
                                tr.tensor)
     compute_s: dict[str, float] = {}
     macs: dict[str, int] = {}
     out_ready: dict[str, float] = {}
     for task in plan.tasks:
-        ready = max((arrival[tr] for tr in task.recv), default=0.0)
+        ready = max((arrival[tr] for tr in task.recv), default=start)
         secs = task_seconds(graph, task, profiles[task.device], by_name)
         end = sim.compute(task.device, ready, secs, task.segment)
         compute_s[task.device] = compute_s.get(task.device, 0.0) + secs

@@ -46,7 +46,12 @@ from tilemesh.runtime.deps import (
     reduction_kind,
     segment_deps,
 )
-from tilemesh.runtime.profile import predict_node_seconds, validate_profile
+from tilemesh.runtime.profile import (
+    frame_overhead_seconds,
+    predict_node_seconds,
+    task_overhead_seconds,
+    validate_profile,
+)
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.tiling import Plan, Split, build_plan
 
@@ -256,8 +261,9 @@ def _analytic_two_stage(graph, costs: _Costs, links, source, spec: Spec, options
     a, b = spec.splits[0].devices[0][0], spec.splits[-1].devices[0][0]
     k = spec.cuts[0] if spec.cuts else len(graph.nodes)
     inp = graph.input
-    t = sim.send(source, a, tensor_bytes(graph, inp, Region.full(*plane(graph.shapes[inp])), INPUT_ITEMSIZE), 0.0)
-    t = sim.compute(a, t, costs.run(a, 0, k))
+    t = _frame_start(sim, costs.profiles, source)
+    t = sim.send(source, a, tensor_bytes(graph, inp, Region.full(*plane(graph.shapes[inp])), INPUT_ITEMSIZE), t)
+    t = sim.compute(a, t, costs.run(a, 0, k) + task_overhead_seconds(costs.profiles[a]))
     if spec.cuts:
         (live,) = live_tensors(graph, k)
         gather, pooled = _gather_bytes(graph, k, live)
@@ -266,9 +272,15 @@ def _analytic_two_stage(graph, costs: _Costs, links, source, spec: Spec, options
         own = full if a == b else None
         pool_fix = sum(reduced_pool_seconds(graph, p, own, costs.profiles[b])
                        - costs.node(b, graph.nodes.index(graph.producer(p))) for p in pooled)
-        t = sim.compute(b, t, costs.run(b, k, len(graph.nodes)) + pool_fix)
+        t = sim.compute(b, t, costs.run(b, k, len(graph.nodes)) + pool_fix + task_overhead_seconds(costs.profiles[b]))
     out = graph.output
     return sim.send(b, source, tensor_bytes(graph, out, Region.full(*plane(graph.shapes[out]))), t)
+
+
+def _frame_start(sim: LinkSim, profiles, source: str) -> float:
+    """When the source's input is ready: after its per-frame work (as `costmodel.predict_plan`)."""
+    frame_s = frame_overhead_seconds(profiles[source]) if source in profiles else 0.0
+    return sim.compute(source, 0.0, frame_s) if frame_s > 0 else 0.0
 
 
 def _order(devices, source, speed) -> list[str]:
@@ -392,8 +404,9 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
     """
     sim = LinkSim(links, options.get("default_link"), False, float(options.get("per_transfer_s", 0.0)))
     arrival = {}
+    start = _frame_start(sim, profiles, source)
     for tr in plan.input_send:
-        arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region, INPUT_ITEMSIZE), 0.0)
+        arrival[tr] = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region, INPUT_ITEMSIZE), start)
     by_seg: dict[int, list] = {}
     for t in plan.tasks:
         by_seg.setdefault(t.segment, []).append(t)
@@ -403,7 +416,7 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
     for seg in plan.segments[:n_split]:
         ends = {}
         for task in by_seg[seg.index]:
-            ready = max((arrival[tr] for tr in task.recv), default=0.0)
+            ready = max((arrival[tr] for tr in task.recv), default=start)
             ends[task.device] = sim.compute(task.device, ready, secs[id(task)])
         # Gather endings only where one tensor crosses (a cut before a squeeze-excite pool of a residual
         # block has two: the block continues split, with the pool reduced across devices).
@@ -415,7 +428,8 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
             # A pool of t runs distributed: g pools only its own part (the cost model's accounting).
             pool_fix = sum(reduced_pool_seconds(graph, p, plan.owners[t].get(g), profiles[g])
                            - costs.node(g, graph.nodes.index(graph.producer(p))) for p in pooled)
-            end = max([sim.free.get(g, 0.0), *arr]) + costs.run(g, seg.stop, n) + pool_fix
+            end = (max([sim.free.get(g, 0.0), *arr]) + costs.run(g, seg.stop, n) + pool_fix
+                   + task_overhead_seconds(profiles[g]))
             if g != source:
                 end = sim.send(g, source, out_bytes, end, uplink=up)
             results.append((end, seg.index, g))

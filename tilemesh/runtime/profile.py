@@ -10,6 +10,11 @@ does not, and this factor carries that difference (about 1.5-2x natively, measur
 
 The result is plain JSON (`version`, `sec_per_mac`, `overhead_s`, `chain_factor`, the samples), so the
 browser posts it to the server and the planner (`tilemesh.planning.costmodel`) uses `predict_node_seconds`.
+Two optional fixed costs complete it: `task_s`, what one task costs on top of its nodes (an engine outside
+Python pays a call, one copy each way and the runner's bookkeeping per task), and `frame_s`, what the device
+with the camera pays per frame before and after the network (the frame handed to the runtime, the centre crop,
+normalisation, the runner's bookkeeping, top-k, the effects handed to the page), both measured (the latter by
+`tilemesh.runtime.session.measure_frame_seconds`) and both absent (0) in older profiles.
 Pure Python + numpy: this module runs in Pyodide too, and imports nothing from the server.
 """
 
@@ -75,6 +80,16 @@ def predict_graph_seconds(profile: dict, graph) -> float:
     return total
 
 
+def task_overhead_seconds(profile: dict) -> float:
+    """Fixed seconds one task costs on this device on top of its nodes (0 when the profile does not say)."""
+    return float(profile.get("task_s", 0.0))
+
+
+def frame_overhead_seconds(profile: dict) -> float:
+    """Fixed seconds the camera device pays per frame outside the network's tasks (0 when not measured)."""
+    return float(profile.get("frame_s", 0.0))
+
+
 def scaled_profile(profile: dict, speed: float, name: str | None = None) -> dict:
     """A copy of `profile` for a device `speed` times as fast (0.5 = half the speed), for tests and what-ifs."""
     if speed <= 0:
@@ -82,6 +97,9 @@ def scaled_profile(profile: dict, speed: float, name: str | None = None) -> dict
     out = dict(profile)
     out["sec_per_mac"] = {k: v / speed for k, v in profile["sec_per_mac"].items()}
     out["overhead_s"] = profile["overhead_s"] / speed
+    for key in ("task_s", "frame_s"):
+        if key in profile:
+            out[key] = float(profile[key]) / speed
     out["samples"] = []
     if name is not None:
         out["name"] = name
@@ -95,7 +113,8 @@ def validate_profile(profile: dict) -> dict:
     spm = profile.get("sec_per_mac")
     if not isinstance(spm, dict) or set(spm) != set(OP_CLASSES):
         raise ValueError(f"profile needs sec_per_mac for {OP_CLASSES}")
-    values = [*spm.values(), profile.get("overhead_s"), profile.get("chain_factor", 1.0)]
+    values = [*spm.values(), profile.get("overhead_s"), profile.get("chain_factor", 1.0),
+              profile.get("task_s", 0.0), profile.get("frame_s", 0.0)]
     if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
         raise ValueError("profile values must be finite and non-negative")
     if not any(v > 0 for v in spm.values()):
@@ -244,6 +263,32 @@ def profile_from_timings(graph, probes: list[dict], seconds: dict[str, float], b
     if name is not None:
         profile["name"] = name
     return profile
+
+
+def median_seconds(samples) -> float:
+    """The median of timings taken back to back (`sustained` runs): what a frame typically pays on this device.
+
+    Isolated probes keep the lower quartile (`_time_call`): relative speeds of op classes need clean samples.
+    The figures the planner's totals rest on (the whole model, the per-frame work) take the median of runs
+    back to back instead: a CPU quota (phones emulated by cgroups, a throttled phone) and other processes
+    slow every frame, and the lower quartile picked the lucky runs, 1.3-2x faster than frames (measured)."""
+    xs = sorted(float(s) for s in samples)
+    if not xs:
+        raise ValueError("no samples")
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def sustained_samples(fn, budget_s: float, min_runs: int = 5, max_runs: int = 50) -> list[float]:
+    """Seconds of each of `fn`'s runs back to back (after one warm-up) for about `budget_s`."""
+    fn()
+    out: list[float] = []
+    start = time.perf_counter()
+    while len(out) < max_runs and (len(out) < min_runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def measure_profile(graph, backend=None, budget_s: float = 0.3, seed: int = 0, name: str | None = None) -> dict:

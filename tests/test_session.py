@@ -349,3 +349,21 @@ def test_ordered_links_deliver_in_order(classifier):
     r.fire("phone", S.FrameIn(1, frame(13), 256, 256))
     r.run()
     assert 1 in r.done["phone"]
+
+
+def test_frame_cost_probe_runs_a_real_frame_on_a_scratch_session(classifier):
+    """`measure_frame_seconds` (the profile's `frame_s`) takes whole frames through a scratch session's real path
+    (crop, runner, compute request answered at once, top-5, effects as dicts): it raises unless every frame
+    finished, and it leaves the worker's own session alone."""
+    real = S._session
+    s = S.measure_frame_seconds(classifier, budget_s=0.02)
+    assert 0 < s < 0.5
+    assert S._session is real
+
+
+def test_a_finished_frame_names_its_plan_without_its_timeline(classifier):
+    msg = {**plan_msg(classifier.graph, plan_id=7), "strategy": "tilemesh", "label": "x",
+           "timeline": {"devices": {"phone": {"timeline": [{"kind": "compute"}] * 50}}}, "candidates": [{}] * 30}
+    summary = S.plan_summary(msg)
+    assert summary["plan_id"] == 7 and summary["devices"] == msg["devices"] and summary["strategy"] == "tilemesh"
+    assert "timeline" not in summary and "candidates" not in summary and S.plan_summary(None) is None

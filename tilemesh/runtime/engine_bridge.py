@@ -175,26 +175,38 @@ def engine_probes() -> list[dict]:
     return out
 
 
-def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, numpy_profile=None) -> dict:
+def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, numpy_profile=None,
+                   extra=None) -> dict:
     """The engine's profile from its probe timings; the peer then uses whichever of numpy (`numpy_profile`, when
     given) and the engine predicts the whole model faster. Returns the chosen profile (what the planner gets),
-    with `engines`: each one's predicted whole-model ms, and `engine_reason`."""
+    with `engines`: each one's predicted whole-model ms, and `engine_reason`.
+
+    `model_ms` is the whole model's median time run back to back through the engine (what a frame pays, quota
+    and contention included): the profile is scaled to predict exactly that (`chain_factor`), and the engine's
+    per-task cost (`task_s`) is the measured call of a one-node model. `extra` (JSON-able) joins the profile:
+    the worker's thread count and the times that chose it. The numpy profile's `frame_s` (the camera device's
+    per-frame Python work) carries over: it does not depend on the engine."""
     graph = _rt().graph
     sec = {str(k): float(v) for k, v in dict(seconds).items()}
     call = sec["call"]
     per_node = max((sec["overhead"] - call) / (_OVERHEAD_CHAIN - 1), 0.0)
     adjusted = {k: max(v - call, 0.0) + per_node for k, v in sec.items() if k not in ("call", "overhead")}
     adjusted["overhead"] = per_node
-    prof = profile_from_timings(graph, _probes, adjusted, name, call_s=call,
-                                model_ms=round(float(model_ms), 3) if model_ms else None)
+    extra = {str(k): v for k, v in dict(extra or {}).items()}
+    numpy_profile = dict(numpy_profile) if numpy_profile is not None else None
+    frame_s = float((numpy_profile or {}).get("frame_s", 0.0))
+    prof = profile_from_timings(graph, _probes, adjusted, name, call_s=call, task_s=call, frame_s=frame_s,
+                                model_ms=round(float(model_ms), 3) if model_ms else None, **extra)
     if model_ms:
         # A lone node's session also copies its input in and its output out, which a fused task does not: the
-        # probes alone overestimate the engine 1.5-2.5x. The whole model's measured time sets the chain factor.
+        # probes alone misjudge the engine 0.5-5x (more under a CPU quota, where tiny probes fall between the
+        # throttled periods). The whole model's measured time sets the scale, so a one-task frame on this
+        # device is predicted at exactly what it measured; the probes only give the op classes' proportions.
         unchained = predict_graph_seconds({**prof, "chain_factor": 1.0}, graph)
-        prof["chain_factor"] = float(min(3.0, max(0.2, float(model_ms) / 1e3 / unchained)))
+        target = max(float(model_ms) / 1e3 - call, 1e-6)
+        prof["chain_factor"] = float(min(50.0, max(0.02, target / unchained))) if unchained > 0 else 1.0
         prof["chain"]["calibrated"] = "whole model"
     preds = {name: predict_graph_seconds(prof, graph) * 1e3}
-    numpy_profile = dict(numpy_profile) if numpy_profile is not None else None
     if numpy_profile is not None:
         preds["numpy"] = predict_graph_seconds(numpy_profile, graph) * 1e3
     use = name if preds[name] <= preds.get("numpy", float("inf")) else "numpy"

@@ -533,7 +533,7 @@ class DeviceSession:
             if t0 is None:
                 continue  # failed meanwhile (timeout, replaced plan): its caller was told already
             ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
-            out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": self.plan}))
+            out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": plan_summary(self.plan)}))
         for report in res.get("reports", []):
             out += self._on_report(int(plan_id), report, now)
         return out
@@ -570,6 +570,15 @@ class DeviceSession:
 EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, LinkUpdated, LinkMeasured,
                                      ProbeFailed, PeerLeft, FrameIn, Computed, Profiled, BroadcastIn, RequestPlan,
                                      Tick)}
+
+
+PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms")
+
+
+def plan_summary(plan: dict | None) -> dict | None:
+    """What a finished frame says of its plan. Not the whole plan message: its timeline and candidates (the host
+    page has them from the plan notice) cost the worker milliseconds per frame to hand over on a slow phone."""
+    return None if plan is None else {k: plan[k] for k in PLAN_SUMMARY_KEYS if k in plan}
 
 
 def event_from_dict(d: dict) -> Event:
@@ -656,7 +665,59 @@ def profile() -> dict:
     s = session()
     if s.runtime is None:
         raise RuntimeError("model not loaded: call tilemesh.runtime.session.load first")
-    return measure_profile(s.runtime.graph)
+    prof = measure_profile(s.runtime.graph)
+    prof["frame_s"] = measure_frame_seconds(s.runtime.classifier)
+    return prof
+
+
+def measure_frame_seconds(classifier, budget_s: float = 0.1, seed: int = 0) -> float:
+    """Median seconds this device's session spends on one frame it takes with its camera, outside the engine:
+    the frame in, the centre crop, the runner's bookkeeping and normalisation, the engine's request and answer,
+    the top-5 and the effects as the worker hands them to the page (`effect_to_dict`).
+
+    Timed on a scratch session (the real one is untouched) holding a one-device plan in deferred mode, whose
+    compute requests are answered with zeros at once: what is left is the per-frame cost the cost model adds
+    on the camera device (`frame_s`). Measured in Pyodide it is several ms on a throttled phone; the engine's
+    own time is measured apart (the profile's whole-model run)."""
+    import time  # a measurement at the worker's edge: the session core itself never reads a clock
+
+    import numpy as np
+
+    from .profile import median_seconds, sustained_samples
+
+    graph = classifier.graph
+    scratch = DeviceSession(classifier, deferred=True)
+    whole = {"devices": [["me"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 1, "source": "me", "cuts": [], "splits": [whole]}
+    msg = {"plan_id": 1, "source": "me", "devices": ["me"], "spec": spec, "strategy": "single",
+           "label": "frame cost probe", "predicted_ms": 0.0}
+    scratch.handle(PlanIn(msg, "me"), 0.0)
+    side = classifier.pre.resize_shorter_side
+    data = np.random.default_rng(seed).integers(0, 256, (side, side, 4), dtype=np.uint8).tobytes()
+    frame = [0]
+
+    def one() -> None:
+        frame[0] += 1
+        pending = scratch.handle(FrameIn(frame[0], data, side, side), time.perf_counter())
+        done = False
+        while pending:
+            e = pending.pop(0)
+            if isinstance(e, Compute):
+                task = scratch.runtime.runner.dplan.tasks[e.request.task]
+                for a in e.request.inputs.values():
+                    np.ascontiguousarray(a, np.float32)
+                outs = {k: np.zeros((1, graph.shapes[k][1], r.rows, r.cols) if len(graph.shapes[k]) == 4
+                                    else graph.shapes[k], np.float32)
+                        for k in task.owned for r in (task.deps.regions[k],)}
+                pending += scratch.handle(Computed(e.plan_id, e.request.frame, e.request.task, outs),
+                                          time.perf_counter())
+            else:
+                effect_to_dict(e)
+                done = done or isinstance(e, FrameDone)
+        if not done:
+            raise RuntimeError("the frame cost probe did not finish its frame")
+
+    return median_seconds(sustained_samples(one, budget_s))
 
 
 def classify_local(data, height: int, width: int, k: int = 5) -> dict:

@@ -38,6 +38,25 @@ export async function timeCall(fn, budgetS) {
   return samples[samples.length >> 2];
 }
 
+// Seconds of each of `fn`'s runs back to back (after one warm-up) for about `budgetS`, as
+// tilemesh.runtime.profile.sustained_samples: the figures the planner's totals rest on take their median.
+export async function sustainedSamples(fn, budgetS, minRuns = 5, maxRuns = 50) {
+  await fn();
+  const out = [];
+  const start = performance.now();
+  while (out.length < maxRuns && (out.length < minRuns || (performance.now() - start) / 1e3 < budgetS)) {
+    const t0 = performance.now();
+    await fn();
+    out.push((performance.now() - t0) / 1e3);
+  }
+  return out;
+}
+
+export function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  const n = s.length;
+  return n % 2 ? s[n >> 1] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+}
 
 // A Python list of (name, array) pairs as JS pairs of PyProxies; the list and pair proxies are released.
 function takePairs(list) {
@@ -55,6 +74,10 @@ export class OrtEngine {
   constructor(pyodide, { threads, wasmBinary } = {}) {
     this.pyodide = pyodide;
     this.threads = threads || defaultThreads();
+    // ?ort_threads=N pins the count; otherwise the first profile measures this count against one thread and
+    // keeps the faster (a browser under a CPU quota, or a phone's slow cores, often runs 2 threads slower).
+    this.threadsPinned = Boolean(threads);
+    this.threadTrial = null;   // {threads: ms} measured when the count was chosen
     this.wasmBinary = wasmBinary;  // prefetched with progress at boot (else onnxruntime-web fetches it)
     this.ort = null;
     this.active = false;
@@ -76,22 +99,16 @@ export class OrtEngine {
     }
     this.modelJson = modelJson;
     try {
-      this.ort = await import(ORT_URL + "ort.wasm.min.mjs");
+      this.ort = await this._loadOrt(self.crossOriginIsolated ? this.threads : 1, "");
       const env = this.ort.env;
-      env.wasm.wasmPaths = ORT_URL;
-      if (this.wasmBinary) env.wasm.wasmBinary = this.wasmBinary;
-      env.wasm.numThreads = self.crossOriginIsolated ? this.threads : 1;  // fixed by the first session
-      env.wasm.proxy = false;
       this.blob = this._fileBytes(bridge.blob_path(modelJson));
       const whole = bridge.whole_model();
       try { this.whole = await this._session(whole); } finally { whole.destroy(); }
-      const threads = env.wasm.numThreads;
       const name = "ort-wasm";
-      const reason = `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
-        (self.crossOriginIsolated ? "" : " (no cross-origin isolation: no threads)");
+      const reason = this._reason();
       bridge.use_engine(name, true, reason).destroy();
       this.active = true;
-      this.info = { engine: name, reason, threads, init_ms: performance.now() - t0,
+      this.info = { engine: name, reason, threads: this.ort.env.wasm.numThreads, init_ms: performance.now() - t0,
         session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
     } catch (err) {
       this.active = false;
@@ -104,6 +121,62 @@ export class OrtEngine {
     return this.info;
   }
 
+  _reason() {
+    const env = this.ort.env;
+    const threads = env.wasm.numThreads;
+    const trial = this.threadTrial
+      ? ` (chosen by measurement: ${Object.entries(this.threadTrial).map(([t, ms]) => `${t}: ${ms.toFixed(1)} ms`).join(", ")})`
+      : "";
+    return `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
+      (self.crossOriginIsolated ? trial : " (no cross-origin isolation: no threads)");
+  }
+
+  // One onnxruntime-web instance with `threads` threads: the thread count is fixed per instance when its first
+  // session is made, so a second count needs a second instance (`tag` makes the module URL, hence the instance,
+  // its own).
+  async _loadOrt(threads, tag) {
+    const ort = await import(ORT_URL + "ort.wasm.min.mjs" + (tag ? `?instance=${tag}` : ""));
+    const env = ort.env;
+    env.wasm.wasmPaths = ORT_URL;
+    if (this.wasmBinary) env.wasm.wasmBinary = this.wasmBinary;
+    env.wasm.numThreads = threads;
+    env.wasm.proxy = false;
+    return ort;
+  }
+
+  // The whole model run back to back with this instance's threads and with one thread on a second instance,
+  // in alternating blocks (load from elsewhere hits both alike); the faster one stays. Once per page.
+  async _chooseThreads(x, name, budgetS) {
+    if (this.threadsPinned || this.threadTrial || !self.crossOriginIsolated || this.ort.env.wasm.numThreads <= 1) {
+      return;
+    }
+    const many = this.ort.env.wasm.numThreads;
+    const alt = await this._loadOrt(1, "t1");
+    const bridge = this.bridge();
+    const whole = bridge.whole_model();
+    let one;
+    try { one = await this._session(whole, alt); } finally { whole.destroy(); bridge.destroy(); }
+    const runs = { [many]: [], 1: [] };
+    const engines = { [many]: [this.ort, this.whole], 1: [alt, one] };
+    for (let block = 0; block < 3; block++) {
+      for (const t of [many, 1]) {
+        const [ort, entry] = engines[t];
+        runs[t].push(...await sustainedSamples(() => this._run(entry, [[name, x]], ort), budgetS / 6, 2, 20));
+      }
+    }
+    this.threadTrial = { [many]: median(runs[many]) * 1e3, 1: median(runs[1]) * 1e3 };
+    if (this.threadTrial[1] < this.threadTrial[many]) {
+      this.whole.session.release().catch(() => {});
+      this.ort = alt;
+      this.whole = one;
+      this.threads = 1;
+    } else {
+      one.session.release().catch(() => {});
+    }
+    this.info = { ...this.info, threads: this.ort.env.wasm.numThreads, reason: this._reason(),
+      thread_trial_ms: this.threadTrial };
+  }
+
   // The weight blob as the in-memory file system holds it: a view, not a 14 MB copy (FS.readFile otherwise).
   _fileBytes(path) {
     const node = this.pyodide.FS.lookupPath(path).node;
@@ -114,12 +187,12 @@ export class OrtEngine {
   }
 
   // A TaskModel dict (PyProxy) -> {session, outputs, createMs}.
-  async _session(model) {
+  async _session(model, ort = this.ort) {
     const bytes = model.get("model");
     const buf = bytes.getBuffer("u8");
     const t0 = performance.now();
     try {
-      const session = await this.ort.InferenceSession.create(buf.data, {
+      const session = await ort.InferenceSession.create(buf.data, {
         executionProviders: ["wasm"],
         graphOptimizationLevel: "all",
         externalData: [{ path: BLOB_NAME, data: this.blob }],
@@ -197,14 +270,14 @@ export class OrtEngine {
     console.warn("tilemesh: back to numpy:", reason);
   }
 
-  async _run(entry, feedsFrom) {
+  async _run(entry, feedsFrom, ort = this.ort) {
     const feeds = {};
     const bufs = [];
     try {
       for (const [name, arr] of feedsFrom) {
         const buf = arr.getBuffer("f32");
         bufs.push(buf);
-        feeds[name] = new this.ort.Tensor("float32", buf.data, buf.shape);
+        feeds[name] = new ort.Tensor("float32", buf.data, buf.shape);
       }
       return await entry.session.run(feeds, entry.outputs);
     } finally {
@@ -295,8 +368,15 @@ export class OrtEngine {
     const bridge = this.bridge();
     const probes = bridge.engine_probes();
     const seconds = {};
+    // A frame's model input for the whole-model runs (the thread choice, the profile's scale).
+    const frame = this.pyodide.toPy(new Uint8Array(256 * 256 * 4));
+    const x = bridge.local_input(frame, 256, 256);
+    frame.destroy();
+    const x0 = x.get(0);
     try {
       const per = budgetS / (probes.length + 2);
+      const name = this.whole.inputName || this._wholeInput();
+      await this._chooseThreads(x0, name, 6 * per);
       for (let i = 0; i < probes.length; i++) {
         const p = probes.get(i);
         const entry = await this._session(p);
@@ -310,20 +390,16 @@ export class OrtEngine {
           p.destroy();
         }
       }
-      // The whole model once more, for the roster's "alone in" figure (measured, not predicted).
-      const frame = this.pyodide.toPy(new Uint8Array(256 * 256 * 4));
-      const x = bridge.local_input(frame, 256, 256);
-      frame.destroy();
-      const x0 = x.get(0);
-      let modelS;
-      try {
-        const name = this.whole.inputName || this._wholeInput();
-        modelS = await timeCall(() => this._run(this.whole, [[name, x0]]), 2 * per);
-      } finally { x0.destroy(); x.destroy(); }
+      // The whole model run back to back: its median sets the profile's scale (what a frame pays here, quota
+      // and contention included); the probes above only give the op classes' proportions.
+      const modelS = median(await sustainedSamples(() => this._run(this.whole, [[name, x0]]), 3 * per));
       const pySeconds = this.pyodide.toPy(seconds);
+      const extra = this.pyodide.toPy({ threads: this.ort.env.wasm.numThreads,
+        ...(this.threadTrial ? { thread_trial_ms: this.threadTrial } : {}) });
       const chosen = bridge.engine_profile(this.info.engine === "numpy" ? "ort-wasm" : this.info.engine,
-        pySeconds, this.info.reason || "", modelS * 1e3, numpyProfile);
+        pySeconds, this.info.reason || "", modelS * 1e3, numpyProfile, extra);
       pySeconds.destroy();
+      extra.destroy();
       const backend = chosen.get("backend");
       this.active = backend !== "numpy";
       this.info = { ...this.info, engine: backend, reason: chosen.get("engine_reason") };
@@ -332,6 +408,8 @@ export class OrtEngine {
       this._fallBack(bridge, `onnxruntime-web profile failed: ${err.message || err}`);
       return numpyProfile;
     } finally {
+      x0.destroy();
+      x.destroy();
       probes.destroy();
       bridge.destroy();
     }

@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         with sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
             for cores in (float(c) for c in args.cores.split(",")):
                 for threads in (0 if t == "auto" else int(t) for t in args.threads.split(",")):
-                    row = measure(pw, url, Path(tmp), cores, threads, args.frames)
+                    try:
+                        row = measure(pw, url, Path(tmp), cores, threads, args.frames)
+                    except Exception as exc:  # noqa: BLE001 (one row failing must not lose the others)
+                        print(f"[calibration] {cores:g} cores, threads {threads}: failed: {exc}", file=sys.stderr)
+                        continue
                     rows.append(row)
                     print(f"[calibration] {row}", file=sys.stderr, flush=True)
     finally:

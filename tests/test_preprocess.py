@@ -164,3 +164,18 @@ def test_top_k_refuses_mismatched_labels():
         top_k(np.zeros(5), ["a", "b"], k=1)
     with pytest.raises(ValueError):
         top_k(np.zeros(2), ["a", "b"], k=0)
+
+
+def test_a_crop_sized_frame_is_the_crop_the_browser_drew():
+    """camera.js draws the crop's part of the video at the model's input size: such a frame is only normalised,
+    and equals the reference pipeline on the 256x256 frame it was cut from (no resampling left for Python)."""
+    from tilemesh.runtime.preprocess import IMAGENET, centre_crop_u8, normalize_u8
+
+    frame = np.random.default_rng(3).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    crop = frame[16:240, 16:240]
+    assert np.array_equal(centre_crop_u8(crop), centre_crop_u8(frame))
+    np.testing.assert_array_equal(IMAGENET.frame_input(crop), normalize_u8(centre_crop_u8(frame)))
+    np.testing.assert_allclose(IMAGENET.frame_input(crop), preprocess(frame), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(IMAGENET.frame_input(frame), preprocess(frame))
+    with pytest.raises(ValueError, match="or be the 224x224 crop"):
+        centre_crop_u8(frame[:230, :230])

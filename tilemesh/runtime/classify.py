@@ -59,7 +59,7 @@ class LocalClassifier:
 
     def classify(self, data, height: int, width: int, k: int = 5) -> dict:
         t0 = time.perf_counter()
-        x = self.pre.preprocess(frame_from_bytes(data, height, width))
+        x = self.pre.frame_input(frame_from_bytes(data, height, width))
         t1 = time.perf_counter()
         logits = run_graph(self.graph, x, self.backend)
         t2 = time.perf_counter()

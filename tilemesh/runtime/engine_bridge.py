@@ -216,11 +216,18 @@ def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, 
     return {**chosen, "backend": use, "engines": {k: round(v, 2) for k, v in preds.items()}, "engine_reason": why}
 
 
+def preprocessing() -> dict:
+    """The model card's preprocessing, for an engine that normalises frames itself (the browser's worker)."""
+    pre = _rt().classifier.pre
+    return {"crop": pre.crop, "resize_shorter_side": pre.resize_shorter_side, "mean": list(pre.mean),
+            "std": list(pre.std)}
+
+
 def local_input(data, height: int, width: int) -> list:
     """The single-device classifier's model input for one frame, and the preprocessing time."""
     t0 = time.perf_counter()
     pre = _rt().classifier.pre  # the model card's preprocessing
-    x = np.ascontiguousarray(pre.preprocess(frame_from_bytes(data, int(height), int(width))), np.float32)
+    x = np.ascontiguousarray(pre.frame_input(frame_from_bytes(data, int(height), int(width))), np.float32)
     return [x, (time.perf_counter() - t0) * 1e3]
 
 

@@ -122,7 +122,8 @@ def preprocess(image: np.ndarray, *, antialias: bool = True, pre: Preprocessing 
 
 def centre_crop_u8(frame: np.ndarray, *, pre: Preprocessing | None = None) -> np.ndarray:
     """A camera frame already scaled so its shorter side is 256 -> the (1, 3, 224, 224) uint8 centre crop (or
-    `pre`'s sizes).
+    `pre`'s sizes). A frame of exactly the crop's size is taken as the crop (the browser draws the crop's part
+    of the video at the model's input size), so only its layout changes.
 
     The browser scales frames on a canvas, so no resampling is left to do: the crop is exactly what
     `preprocess` would feed the network, kept in uint8 so that sending it to other devices costs a quarter of
@@ -132,8 +133,11 @@ def centre_crop_u8(frame: np.ndarray, *, pre: Preprocessing | None = None) -> np
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise ValueError(f"expected an HxWx3 (or HxWx4) uint8 frame, got {frame.dtype} {frame.shape}")
     shorter, size = (RESIZE_SHORTER, CROP_SIZE) if pre is None else (pre.resize_shorter_side, pre.crop)
+    if frame.shape[:2] == (size, size):  # the browser scaled and cropped it already (camera.js grabFrame)
+        return np.ascontiguousarray(frame[:, :, :3].transpose(2, 0, 1))[None]
     if min(frame.shape[:2]) != shorter:
-        raise ValueError(f"frame {frame.shape[:2]} must have its shorter side scaled to {shorter}")
+        raise ValueError(f"frame {frame.shape[:2]} must have its shorter side scaled to {shorter}, "
+                         f"or be the {size}x{size} crop")
     top = int(round((frame.shape[0] - size) / 2.0))
     left = int(round((frame.shape[1] - size) / 2.0))
     crop = frame[top:top + size, left:left + size, :3]
@@ -174,6 +178,14 @@ class Preprocessing:
 
     def preprocess(self, image: np.ndarray, *, antialias: bool = True) -> np.ndarray:
         return preprocess(image, antialias=antialias, pre=self)
+
+    def frame_input(self, frame: np.ndarray) -> np.ndarray:
+        """A frame from the browser -> the model input: a crop-sized frame (the browser scaled and cropped it)
+        is only normalised; any other image gets the whole reference `preprocess` (resize, crop, normalise)."""
+        frame = np.asarray(frame)
+        if frame.ndim == 3 and frame.shape[:2] == (self.crop, self.crop):
+            return self.normalize_u8(self.centre_crop_u8(frame))
+        return self.preprocess(frame)
 
     def centre_crop_u8(self, frame: np.ndarray) -> np.ndarray:
         return centre_crop_u8(frame, pre=self)

@@ -2,10 +2,14 @@
 //
 import { pageModel } from "/web/model.js";
 
-// A frame is the centre square of the video scaled to the model card's `resize_shorter_side` (the demo: 256x256
-// RGBA, torchvision's "shorter side to 256"); the peer runtime then crops the card's centre `crop` and
-// normalises with its mean and std, exactly as on the server side.
-export const FRAME_SIZE = pageModel()?.preprocess?.resize_shorter_side ?? 256;
+// The model card's preprocessing: the centre square of the video scaled so its side is `resize_shorter_side`
+// (FRAME_SIZE; the demo: 256, torchvision's "shorter side to 256"), then the centre `crop` x `crop` (INPUT_SIZE)
+// normalised as (pixel / 255 - mean) / std. The browser does the scaling and the crop in one canvas draw (the
+// crop's own part of the video, drawn at the model's input size), so Python never resamples a frame; the peer
+// runtime accepts frames of either size (tilemesh.runtime.preprocess.centre_crop_u8).
+const PRE = pageModel()?.preprocess ?? {};
+export const FRAME_SIZE = PRE.resize_shorter_side ?? 256;
+export const INPUT_SIZE = PRE.crop ?? 224;
 
 export async function openCamera(video) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
@@ -29,13 +33,38 @@ export function cropRect(video) {
   return { x: (video.videoWidth - side) / 2, y: (video.videoHeight - side) / 2, side };
 }
 
+// The part of the video that becomes the model's input: the centre `crop` of the square scaled to FRAME_SIZE,
+// in video pixels (torchvision's CenterCrop offset: round((FRAME_SIZE - crop) / 2) scaled pixels).
+export function inputRect(video, frameSize = FRAME_SIZE, inputSize = INPUT_SIZE) {
+  const { x, y, side } = cropRect(video);
+  const scale = side / frameSize;
+  const off = Math.round((frameSize - inputSize) / 2) * scale;
+  return { x: x + off, y: y + off, side: inputSize * scale };
+}
+
+// One camera frame as the model's input pixels: INPUT_SIZE x INPUT_SIZE RGBA, scaled and cropped by the canvas.
 export function grabFrame(video, canvas) {
-  canvas.width = FRAME_SIZE;
-  canvas.height = FRAME_SIZE;
+  canvas.width = INPUT_SIZE;
+  canvas.height = INPUT_SIZE;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = true;
   ctx.imageSmoothingQuality = "high";
-  const { x, y, side } = cropRect(video);
-  ctx.drawImage(video, x, y, side, side, 0, 0, FRAME_SIZE, FRAME_SIZE);
-  return new Uint8Array(ctx.getImageData(0, 0, FRAME_SIZE, FRAME_SIZE).data.buffer);
+  const { x, y, side } = inputRect(video);
+  ctx.drawImage(video, x, y, side, side, 0, 0, INPUT_SIZE, INPUT_SIZE);
+  return new Uint8Array(ctx.getImageData(0, 0, INPUT_SIZE, INPUT_SIZE).data.buffer);
+}
+
+// RGBA pixels (size x size) -> the model's (1, 3, size, size) float32 input, (pixel / 255 - mean) / std per
+// channel, as tilemesh.runtime.preprocess.normalize_u8 computes it (one multiply-add in float32 per value).
+export function normalizeFrame(rgba, size, mean = [0, 0, 0], std = [1, 1, 1]) {
+  const plane = size * size;
+  if (rgba.length !== plane * 4) throw new Error(`frame of ${rgba.length} bytes is not ${size}x${size} RGBA`);
+  const out = new Float32Array(3 * plane);
+  for (let c = 0; c < 3; c++) {
+    const scale = Math.fround(1 / (255 * std[c]));
+    const offset = Math.fround(-mean[c] / std[c]);
+    const base = c * plane;
+    for (let i = 0; i < plane; i++) out[base + i] = Math.fround(Math.fround(rgba[4 * i + c] * scale) + offset);
+  }
+  return out;
 }

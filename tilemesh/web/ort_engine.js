@@ -10,6 +10,8 @@
 // Data path: a request's inputs are read through PyProxy.getBuffer() (a view into Pyodide's heap that
 // onnxruntime-web copies into its own), and outputs are assigned straight into numpy arrays: one copy each way.
 // Any failure leaves the device on numpy (the reference), with the reason in `engine.reason`.
+import { normalizeFrame } from "/web/camera.js";
+
 const ORT_URL = "/static/vendor/ort/";
 const BRIDGE = "tilemesh.runtime.engine_bridge";
 const BLOB_NAME = "model.bin";
@@ -56,6 +58,10 @@ export function median(xs) {
   const s = [...xs].sort((a, b) => a - b);
   const n = s.length;
   return n % 2 ? s[n >> 1] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+}
+
+function toJsObject(proxy) {
+  try { return proxy.toJs({ dict_converter: Object.fromEntries }); } finally { proxy.destroy(); }
 }
 
 // A Python list of (name, array) pairs as JS pairs of PyProxies; the list and pair proxies are released.
@@ -415,8 +421,38 @@ export class OrtEngine {
     }
   }
 
-  // The single-device classifier on the whole-model session (`args` as the worker converted them for Python).
-  async classifyLocal([data, height, width, k = 5]) {
+  // The card's preprocessing ({crop, mean, std}), read once from the peer runtime.
+  _preprocessing() {
+    if (!this.pre) {
+      const bridge = this.bridge();
+      try { this.pre = toJsObject(bridge.preprocessing()); } finally { bridge.destroy(); }
+    }
+    return this.pre;
+  }
+
+  // The single-device classifier on the whole-model session (`args` as the worker converted them for Python,
+  // `raw` as the page sent them). A frame the page already scaled and cropped to the model's input (camera.js
+  // grabFrame) is normalised here and never enters Python; other frames take the Python reference path.
+  async classifyLocal([data, height, width, k = 5], raw = []) {
+    const pre = this._preprocessing();
+    const pixels = raw[0];
+    if (pixels instanceof Uint8Array && height === pre.crop && width === pre.crop &&
+        pixels.length === pre.crop * pre.crop * 4) {
+      const p0 = performance.now();
+      const x = normalizeFrame(pixels, pre.crop, pre.mean, pre.std);
+      const preMs = performance.now() - p0;
+      const t0 = performance.now();
+      const feeds = { [this.whole.inputName || this._wholeInput()]: new this.ort.Tensor("float32", x, [1, 3, pre.crop, pre.crop]) };
+      const out = await this.whole.session.run(feeds, this.whole.outputs);
+      const ms = performance.now() - t0;
+      const logits = out[this.whole.outputs[0]];
+      const bridge = this.bridge();
+      try {
+        const result = bridge.local_result(logits.data, logits.dims, preMs, ms, k);
+        result.set("preprocessed_by", "browser");
+        return result;
+      } finally { bridge.destroy(); }
+    }
     const bridge = this.bridge();
     const input = bridge.local_input(data, height, width);
     try {

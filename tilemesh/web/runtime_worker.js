@@ -120,7 +120,7 @@ async function call({ module, fn, args = [] }) {
     const pyArgs = args.map((a) => (a !== null && typeof a === "object" ? pyodide.toPy(a) : a));
     try {
       if (module === SESSION && fn === "classify_local" && engine && engine.active) {
-        return toJs(await engine.classifyLocal(pyArgs));
+        return toJs(await engine.classifyLocal(pyArgs, args));
       }
       // Session events go through the engine: its compute requests run here before the effects leave.
       if (module === SESSION && fn === "handle" && engine) return toJs(await engine.handle(pyArgs));

@@ -559,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     if sc.name == "default":  # the README's Performance section describes the default room
         (results / "README-performance.md").write_text((out_dir / "README-performance.md").read_text())
     print("\n".join(bench_report.ratio_lines(result["summary"])))
+    line = bench_report.prediction_line(result["summary"])
+    if line:
+        print(line)
+    load = result.get("machine", {}).get("load_avg_at_start")
+    print(f"load average {load if load is not None else '?':.4} at start, {os.getloadavg()[0]:.1f} at the end "
+          f"({os.cpu_count()} cores, shared)")
     print()
     print(bench_report.markdown_table(result["summary"]))
     for note in result.get("notes", []):

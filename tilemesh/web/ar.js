@@ -2,7 +2,7 @@
 // computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
 // runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
-import { openCamera, grabFrame, cropRect, INPUT_SIZE } from "/web/camera.js";
+import { openCamera, grabFrame, cropRect, GRAB_SIZE } from "/web/camera.js";
 
 export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 
@@ -14,7 +14,7 @@ export class LocalEngine {
       ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
   }
   async classify(frame) {
-    const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, INPUT_SIZE, INPUT_SIZE, 5],
+    const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, GRAB_SIZE, GRAB_SIZE, 5],
       [frame.buffer]);
     this.name = `this device · ${out.engine || "numpy"}`;  // which engine ran it (onnxruntime-web or numpy)
     return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };

@@ -10,6 +10,10 @@ import { pageModel } from "/web/model.js";
 const PRE = pageModel()?.preprocess ?? {};
 export const FRAME_SIZE = PRE.resize_shorter_side ?? 256;
 export const INPUT_SIZE = PRE.crop ?? 224;
+// `?preprocess=python` keeps the reference path for comparison (bench/camera_cpu.py): the page hands over the
+// centre square at FRAME_SIZE and Python crops (and, on a lone device, resamples and normalises) it.
+const PYTHON_PRE = typeof location !== "undefined" && new URLSearchParams(location.search).get("preprocess") === "python";
+export const GRAB_SIZE = PYTHON_PRE ? FRAME_SIZE : INPUT_SIZE;
 
 export async function openCamera(video) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
@@ -42,16 +46,17 @@ export function inputRect(video, frameSize = FRAME_SIZE, inputSize = INPUT_SIZE)
   return { x: x + off, y: y + off, side: inputSize * scale };
 }
 
-// One camera frame as the model's input pixels: INPUT_SIZE x INPUT_SIZE RGBA, scaled and cropped by the canvas.
+// One camera frame as the model's input pixels: INPUT_SIZE x INPUT_SIZE RGBA, scaled and cropped by the canvas
+// (GRAB_SIZE: FRAME_SIZE under ?preprocess=python).
 export function grabFrame(video, canvas) {
-  canvas.width = INPUT_SIZE;
-  canvas.height = INPUT_SIZE;
+  canvas.width = GRAB_SIZE;
+  canvas.height = GRAB_SIZE;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = true;
   ctx.imageSmoothingQuality = "high";
-  const { x, y, side } = inputRect(video);
-  ctx.drawImage(video, x, y, side, side, 0, 0, INPUT_SIZE, INPUT_SIZE);
-  return new Uint8Array(ctx.getImageData(0, 0, INPUT_SIZE, INPUT_SIZE).data.buffer);
+  const { x, y, side } = PYTHON_PRE ? cropRect(video) : inputRect(video);
+  ctx.drawImage(video, x, y, side, side, 0, 0, GRAB_SIZE, GRAB_SIZE);
+  return new Uint8Array(ctx.getImageData(0, 0, GRAB_SIZE, GRAB_SIZE).data.buffer);
 }
 
 // RGBA pixels (size x size) -> the model's (1, 3, size, size) float32 input, (pixel / 255 - mean) / std per

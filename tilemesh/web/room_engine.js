@@ -10,7 +10,7 @@
 // Every device runs one: devices without a camera just answer chunks as they come. Events are posted in
 // arrival order and the worker handles them one at a time, so chunks are never reordered here.
 import { LinkProbe } from "/web/mesh.js";
-import { INPUT_SIZE } from "/web/camera.js";
+import { GRAB_SIZE } from "/web/camera.js";
 
 const SESSION = "tilemesh.runtime.session";
 const TICK_MS = 500;
@@ -76,13 +76,13 @@ export class RoomEngine extends EventTarget {
     return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
   }
 
-  // Classify one camera frame (INPUT_SIZE square RGBA, camera.js grabFrame) with the room's plan; rejects on
+  // Classify one camera frame (GRAB_SIZE square RGBA, camera.js grabFrame) with the room's plan; rejects on
   // timeout, replan or when a device leaves.
   classify(frame) {
     if (!this.plan) return Promise.reject(new Error("no plan yet"));
     const id = ++this.frameId;
     const result = new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject }));
-    this._fire({ on: "frame", frame: id, data: frame, height: INPUT_SIZE, width: INPUT_SIZE }, [frame.buffer]);
+    this._fire({ on: "frame", frame: id, data: frame, height: GRAB_SIZE, width: GRAB_SIZE }, [frame.buffer]);
     this.ticker ??= setInterval(() => {
       if (this.waiting.size) this._fire({ on: "tick" });
     }, TICK_MS);

@@ -80,7 +80,7 @@ export class OrtEngine {
   constructor(pyodide, { threads, wasmBinary } = {}) {
     this.pyodide = pyodide;
     this.threads = threads || defaultThreads();
-    // ?ort_threads=N pins the count; otherwise the first profile measures this count against one thread and
+    // ?ort_threads=N pins the count; otherwise loading the model measures this count against one thread and
     // keeps the faster (a browser under a CPU quota, or a phone's slow cores, often runs 2 threads slower).
     this.threadsPinned = Boolean(threads);
     this.threadTrial = null;   // {threads: ms} measured when the count was chosen
@@ -110,12 +110,13 @@ export class OrtEngine {
       this.blob = this._fileBytes(bridge.blob_path(modelJson));
       const whole = bridge.whole_model();
       try { this.whole = await this._session(whole); } finally { whole.destroy(); }
+      await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
       const name = "ort-wasm";
       const reason = this._reason();
       bridge.use_engine(name, true, reason).destroy();
       this.active = true;
-      this.info = { engine: name, reason, threads: this.ort.env.wasm.numThreads, init_ms: performance.now() - t0,
-        session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
+      this.info = { engine: name, reason, threads: this.ort.env.wasm.numThreads, thread_trial_ms: this.threadTrial,
+        init_ms: performance.now() - t0, session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
     } catch (err) {
       this.active = false;
       this.info = { engine: "numpy", reason: `onnxruntime-web unavailable: ${err && err.message ? err.message : err}` };
@@ -151,7 +152,8 @@ export class OrtEngine {
   }
 
   // The whole model run back to back with this instance's threads and with one thread on a second instance,
-  // in alternating blocks (load from elsewhere hits both alike); the faster one stays. Once per page.
+  // in alternating blocks (load from elsewhere hits both alike); the faster one stays. Once per page, when the
+  // model is loaded, so the lone-device /ar page runs on the faster count too.
   async _chooseThreads(x, name, budgetS) {
     if (this.threadsPinned || this.threadTrial || !self.crossOriginIsolated || this.ort.env.wasm.numThreads <= 1) {
       return;
@@ -181,6 +183,17 @@ export class OrtEngine {
     }
     this.info = { ...this.info, threads: this.ort.env.wasm.numThreads, reason: this._reason(),
       thread_trial_ms: this.threadTrial };
+  }
+
+  // Calls `fn(x, inputName)` with a model input made from a blank frame (the thread choice, the profile's scale).
+  async _withModelInput(bridge, fn) {
+    const frame = this.pyodide.toPy(new Uint8Array(256 * 256 * 4));
+    const x = bridge.local_input(frame, 256, 256);
+    frame.destroy();
+    const x0 = x.get(0);
+    try {
+      return await fn(x0, this.whole.inputName || this._wholeInput());
+    } finally { x0.destroy(); x.destroy(); }
   }
 
   // The weight blob as the in-memory file system holds it: a view, not a 14 MB copy (FS.readFile otherwise).
@@ -382,7 +395,6 @@ export class OrtEngine {
     try {
       const per = budgetS / (probes.length + 2);
       const name = this.whole.inputName || this._wholeInput();
-      await this._chooseThreads(x0, name, 6 * per);
       for (let i = 0; i < probes.length; i++) {
         const p = probes.get(i);
         const entry = await this._session(p);

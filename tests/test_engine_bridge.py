@@ -134,6 +134,15 @@ def test_engine_profile_from_probes_and_the_choice(files):
     # Calibrated on the model: one whole-model task (its nodes plus the engine's per-task call) is what it measured.
     assert fast["task_s"] == pytest.approx(seconds["call"])
     assert (predict_graph_seconds(fast, graph) + fast["task_s"]) * 1e3 == pytest.approx(5.0, rel=1e-6)
+    # What the worker adds (its thread count and the times that chose it) joins the profile; numpy's frame_s
+    # (the camera device's per-frame Python work) carries over: it does not depend on the engine.
+    trial = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0,
+                                  numpy_profile={**numpy_prof, "frame_s": 0.003},
+                                  extra={"threads": 1, "thread_trial_ms": {"2": 9.0, "1": 5.0}})
+    assert trial["threads"] == 1 and trial["thread_trial_ms"] == {"2": 9.0, "1": 5.0}
+    assert trial["frame_s"] == 0.003
+    assert bridge.preprocessing() == {"crop": 224, "resize_shorter_side": 256, "mean": [0.485, 0.456, 0.406],
+                                      "std": [0.229, 0.224, 0.225]}
     # Against a numpy that were 1000x faster, the device stays on numpy, says why, and reports numpy's profile.
     slow = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0,
                                  numpy_profile=scaled_profile(numpy_prof, 1000))

@@ -115,6 +115,26 @@ def test_events_from_the_worker_boundary_are_checked():
 # --- one session, event by event ------------------------------------------------------------------------------
 
 
+def test_links_measured_while_joining_are_measured_again_after_the_first_profile():
+    s = S.DeviceSession()
+    s.handle(S.LinkOpened("b", 65536), 0.0)
+    s.handle(S.LinkOpened("c", 65536), 0.0)
+    s.handle(S.LinkMeasured("b", (9.0,) * 10, 1024 * 1024, 2.0), 0.5)  # slow: the device was busy joining
+    report, again = s.handle(S.Profiled({"sec_per_mac": {}}), 1.0)  # c's probe is still in flight
+    assert isinstance(report, S.ReportProfile) and again == S.Probe("b", 64, 10, 65536, 1024 * 1024)
+    assert s.links["b"]["mbps"] == pytest.approx(4.19, abs=0.01)  # the old figures stand until the new ones come
+    (report,) = s.handle(S.LinkMeasured("b", (2.0,) * 10, 1024 * 1024, 0.2), 1.5)
+    assert report.links["b"] == {"rtt_ms": 2.0, "mbps": 41.94}  # replaced, and measured no third time
+    report, again = s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 1.0), 1.6)
+    assert again == S.Probe("c", 64, 10, 65536, 1024 * 1024)  # in flight during the profile: measured again
+    (report,) = s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 0.5), 2.0)
+    assert report.links["c"]["mbps"] == pytest.approx(16.78, abs=0.01)
+    # A second profile (drift) re-measures nothing; a link opened after the first profile is measured once.
+    assert [type(e) for e in s.handle(S.Profiled({"sec_per_mac": {}}), 3.0)] == [S.ReportProfile]
+    (probe,) = s.handle(S.LinkOpened("d", 65536), 3.1)
+    assert [type(e) for e in s.handle(S.LinkMeasured("d", (1.0,) * 10, 1024 * 1024, 0.1), 3.2)] == [S.ReportProfile]
+
+
 def test_a_link_is_probed_once_and_reported_in_megabits():
     s = S.DeviceSession()
     (probe,) = s.handle(S.LinkOpened("b", 65536), 0.0)

@@ -119,11 +119,15 @@ export class RoomEngine extends EventTarget {
       case "report_profile": this._report(e.compute, e.links); break;
       case "frame_done": this._settle(e.frame, e.result, null); break;
       case "frame_failed": this._settle(e.frame, null, new Error(e.reason)); break;
-      case "probe":
-        if (!this.probing.has(e.peer)) {
-          this.probing.set(e.peer, this._probe(e).finally(() => this.probing.delete(e.peer)));
-        }
+      case "probe": {
+        // The session asks for a link's second measurement (after this device's first profile) while the first
+        // one is still settling: it runs after it, never alongside.
+        const prev = this.probing.get(e.peer);
+        const entry = (prev ? prev.catch(() => {}) : Promise.resolve()).then(() => this._probe(e))
+          .finally(() => { if (this.probing.get(e.peer) === entry) this.probing.delete(e.peer); });
+        this.probing.set(e.peer, entry);
         break;
+      }
       case "profile": this._profile().catch((err) => this._error(`profile: ${err.message}`)); break;
       case "notice": this._notice(e.what, e.detail); break;
       default: this._error(`unknown effect ${e.do}`);

@@ -41,6 +41,18 @@ function addStyle() {
 const KIND_LABEL = { phone: "phone", laptop: "laptop", edge: "edge server" };
 
 // Renders roster entries into `root` (a <ul>), keyed by peer id so rows update in place.
+// The engine's thread count, and when it was chosen by measurement the times that chose it ("1 thread: 52 ms
+// vs 2: 120 ms"): a browser whose quota or slow cores make threads a loss says so.
+function threadsText(compute) {
+  const t = Number(compute.threads);
+  if (!t) return "";
+  const trial = compute.thread_trial_ms && typeof compute.thread_trial_ms === "object" ? compute.thread_trial_ms : null;
+  const other = trial ? Object.entries(trial).find(([k]) => Number(k) !== t) : null;
+  const mine = trial ? trial[String(t)] : null;
+  return ` · ${t} thread${t > 1 ? "s" : ""}` +
+    (other && Number.isFinite(mine) ? ` (${fmtMs(mine)} vs ${fmtMs(other[1])} on ${other[0]})` : "");
+}
+
 export class RoomView {
   constructor(root, { goneMs = 1500 } = {}) {
     addStyle();
@@ -161,7 +173,7 @@ export class RoomView {
       const slower = backend === "numpy" || reason.includes("no threads");
       row.speed.replaceChildren(b,
         ` · ${pageModel()?.name ?? "the model"} alone in ${fmtMs(modelSeconds(profile.compute) * 1e3)}`,
-        ` · ${backend}`, slower && reason ? ` (${reason})` : "",
+        ` · ${backend}`, threadsText(profile.compute), slower && reason ? ` (${reason})` : "",
         // The server's own edge is reached through the signaling socket, not WebRTC (protocol: Relay).
         peer.relay ? " · via the server's socket" : "");
       row.speed.title = "effective speed on the served model, predicted from this device's measured profile" +

@@ -103,8 +103,8 @@ def demo_classifier() -> LocalClassifier:
     return LocalClassifier.from_files(d / "graph.json", d / "labels.json", d / "card.json")
 
 
-def boot(page, server, threads: int):
-    page.goto(f"{server.url}/runtime?ort_threads={threads}")
+def boot(page, server, threads: int, query: str = ""):
+    page.goto(f"{server.url}/runtime?ort_threads={threads}{query}")
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
     assert page.locator("#info").get_attribute("data-state") == "ready"
     page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
@@ -133,6 +133,24 @@ def test_whole_model_on_ort_wasm_matches_onnxruntime_top5(page, server, threads)
     assert len([r for r in page.requests if "ort-wasm-simd-threaded.wasm" in r]) == 1, page.requests
 
 
+def test_thread_count_is_chosen_by_measurement(page, server):
+    """Without ?ort_threads the worker times the whole model on its default thread count and, on a second
+    onnxruntime-web instance, on one thread, keeps the faster, and says so; results stay the reference's."""
+    page.goto(f"{server.url}/runtime")
+    page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
+    page.evaluate("(code) => window.tilemeshRuntime.exec(code)", LOAD_MODEL)
+    info = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'load', "
+                         "['/model/graph.json', '/model/labels.json', '/model/card.json'])")["engine"]
+    trial = info["thread_trial_ms"]
+    assert set(trial) == {"1", "2"} and all(v > 0 for v in trial.values()), info  # 2 cores here
+    assert info["threads"] == int(min(trial, key=trial.get)), info
+    assert "chosen by measurement" in info["reason"]
+    img = np.ascontiguousarray(skimage.data.chelsea())
+    got = page.evaluate(CLASSIFY, [base64.b64encode(img.tobytes()).decode(), *img.shape[:2]])
+    assert got["engine"] == "ort-wasm" and got["top"][0]["index"] == 285  # Egyptian cat, as numpy says
+    print(f"\nthreads chosen: {info['threads']} ({trial})")
+
+
 def test_numpy_when_turned_off(page, server):
     page.goto(f"{server.url}/runtime?ort=off")
     page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=90_000)
@@ -150,8 +168,13 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     """The browser is device `a` of a four-device room (the others: numpy device sessions in this process). Its
     tasks (a border tile of a fused 2x2 grid, then the whole rest) run on onnxruntime-web in sessions made at plan
     adoption; the frame's top-5 equals single-device numpy within 1e-4."""
-    info = boot(page, server, threads)
-    assert info["engine"]["engine"] == "ort-wasm"
+    room_tiles_equal_numpy(page, server, threads, "", "ort-wasm")
+
+
+def room_tiles_equal_numpy(page, server, threads: int, query: str, engine_name: str, atol: float = 1e-4):
+    """The body of the room-tiles test, for any engine the page's query selects (`engine_name`)."""
+    info = boot(page, server, threads, query)
+    assert info["engine"]["engine"] == engine_name, info["engine"]
     page.evaluate("(c) => window.tilemeshRuntime.exec(c)", COUNT_RUNS)
     clf = demo_classifier()
     cut = cut_candidates(clf.graph)[3]
@@ -193,7 +216,7 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     adopted = fire("a", {"on": "plan", "msg": msg, "me": "a"})
     execute("a", adopted)
     (engine,) = [e["detail"] for e in of(adopted, "notice", "engine")]
-    assert engine["engine"] == "ort-wasm" and engine["plan_id"] == 5, engine
+    assert engine["engine"] == engine_name and engine["plan_id"] == 5, engine
     assert engine["sessions_ms"] > engine["warmup_ms"] > 0 and engine["tasks"] == 2 and engine["on_numpy"] == 0
     (role,) = [e["detail"]["role"] for e in of(adopted, "notice", "plan")]
     assert role["role"] == "source" and role["tasks"] == 2
@@ -213,7 +236,7 @@ def test_room_tiles_on_ort_wasm_equal_numpy(page, server, threads):
     assert [r["frame"] for r in results] == [1]
     local = clf.classify(frame.tobytes(), 256, 256)
     assert [t["index"] for t in results[0]["top"]] == [t["index"] for t in local["top"]]
-    np.testing.assert_allclose([t["p"] for t in results[0]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
+    np.testing.assert_allclose([t["p"] for t in results[0]["top"]], [t["p"] for t in local["top"]], atol=atol)
     assert [t["segment"] for t in results[0]["report"]["tasks"]] == [0, 1]
     assert tasks_run[-1] == 2  # the session's count of tasks this device computed under plan 5
     assert runs(page) == {"engine_runs": 2, "numpy_runs": 0}

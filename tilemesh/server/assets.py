@@ -61,6 +61,10 @@ ORT_FILES = (
     "ort.wasm.min.mjs",
     "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm",
+    # The WebGPU build: loaded only by a device whose navigator.gpu gives an adapter (tilemesh/web/ort_engine.js).
+    "ort.webgpu.min.mjs",
+    "ort-wasm-simd-threaded.asyncify.mjs",
+    "ort-wasm-simd-threaded.asyncify.wasm",
 )
 
 MANIFEST = "manifest.json"

@@ -77,8 +77,13 @@ function takePairs(list) {
 }
 
 export class OrtEngine {
-  constructor(pyodide, { threads, wasmBinary } = {}) {
+  constructor(pyodide, { threads, wasmBinary, ep } = {}) {
     this.pyodide = pyodide;
+    // Execution provider: "wasm" (CPU), or "webgpu" where navigator.gpu gives an adapter and the WebGPU build
+    // measured faster on the whole model; `?ort_ep=wasm|webgpu` pins it (webgpu: for correctness tests).
+    this.epPinned = ep || null;
+    this.eps = ["wasm"];
+    this.gpuTrial = null;    // {wasm: ms, webgpu: ms} when WebGPU was tried
     this.threads = threads || defaultThreads();
     // ?ort_threads=N pins the count; otherwise loading the model measures this count against one thread and
     // keeps the faster (a browser under a CPU quota, or a phone's slow cores, often runs 2 threads slower).
@@ -111,12 +116,14 @@ export class OrtEngine {
       const whole = bridge.whole_model();
       try { this.whole = await this._session(whole); } finally { whole.destroy(); }
       await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
-      const name = "ort-wasm";
+      await this._withModelInput(bridge, (x, name) => this._tryWebGpu(bridge, x, name, 0.3));
+      const name = this.eps[0] === "webgpu" ? "ort-webgpu" : "ort-wasm";
       const reason = this._reason();
       bridge.use_engine(name, true, reason).destroy();
       this.active = true;
       this.info = { engine: name, reason, threads: this.ort.env.wasm.numThreads, thread_trial_ms: this.threadTrial,
-        init_ms: performance.now() - t0, session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
+        gpu_trial_ms: this.gpuTrial, gpu_note: this.gpuNote || null, init_ms: performance.now() - t0,
+        session_ms: this.whole.createMs, cross_origin_isolated: self.crossOriginIsolated === true };
     } catch (err) {
       this.active = false;
       this.info = { engine: "numpy", reason: `onnxruntime-web unavailable: ${err && err.message ? err.message : err}` };
@@ -129,13 +136,19 @@ export class OrtEngine {
   }
 
   _reason() {
+    if (this.eps[0] === "webgpu") {
+      const trial = this.gpuTrial ? ` (chosen by measurement: webgpu ${this.gpuTrial.webgpu.toFixed(1)} ms, wasm ` +
+        `${this.gpuTrial.wasm.toFixed(1)} ms)` : " (pinned)";
+      return `onnxruntime-web ${this.ort.env.versions?.web || ""} WebGPU` + trial;
+    }
     const env = this.ort.env;
     const threads = env.wasm.numThreads;
     const trial = this.threadTrial
       ? ` (chosen by measurement: ${Object.entries(this.threadTrial).map(([t, ms]) => `${t}: ${ms.toFixed(1)} ms`).join(", ")})`
       : "";
     return `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
-      (self.crossOriginIsolated ? trial : " (no cross-origin isolation: no threads)");
+      (self.crossOriginIsolated ? trial : " (no cross-origin isolation: no threads)") +
+      (this.gpuNote ? `; ${this.gpuNote}` : "");
   }
 
   // One onnxruntime-web instance with `threads` threads: the thread count is fixed per instance when its first
@@ -185,6 +198,50 @@ export class OrtEngine {
       thread_trial_ms: this.threadTrial };
   }
 
+  // WebGPU where navigator.gpu gives an adapter: onnxruntime-web's WebGPU build (its own instance; its 27 MB
+  // wasm is fetched only now, on such devices) runs the whole model back to back against the CPU engine, in
+  // alternating blocks after a warm-up (the first runs compile shaders); the faster stays. `?ort_ep=webgpu`
+  // takes it whenever there is an adapter (correctness tests on a software adapter), `?ort_ep=wasm` never.
+  async _tryWebGpu(bridge, x, name, budgetS) {
+    if (this.epPinned === "wasm" || this.gpuTried) return;
+    this.gpuTried = true;
+    const gpuApi = self.navigator && self.navigator.gpu;
+    const adapter = gpuApi ? await gpuApi.requestAdapter().catch(() => null) : null;
+    if (!adapter) { this.gpuNote = gpuApi ? "no WebGPU adapter" : "no WebGPU"; return; }
+    let gpu, entry;
+    try {
+      gpu = await import(ORT_URL + "ort.webgpu.min.mjs?instance=gpu");
+      gpu.env.wasm.wasmPaths = ORT_URL;
+      gpu.env.wasm.numThreads = 1;  // the GPU computes; the asyncify build's CPU side stays on one thread
+      gpu.env.wasm.proxy = false;
+      gpu.env.webgpu.adapter = adapter;
+      const whole = bridge.whole_model();
+      try { entry = await this._session(whole, gpu, ["webgpu"]); } finally { whole.destroy(); }
+    } catch (err) {
+      this.gpuNote = `WebGPU unavailable: ${err && err.message ? err.message : err}`;
+      return;
+    }
+    if (this.epPinned !== "webgpu") {
+      const runs = { wasm: [], webgpu: [] };
+      await this._run(entry, [[name, x]], gpu);  // shaders compile on the first runs
+      for (let block = 0; block < 2; block++) {
+        runs.wasm.push(...await sustainedSamples(() => this._run(this.whole, [[name, x]]), budgetS / 4, 2, 20));
+        runs.webgpu.push(...await sustainedSamples(() => this._run(entry, [[name, x]], gpu), budgetS / 4, 2, 20));
+      }
+      this.gpuTrial = { wasm: median(runs.wasm) * 1e3, webgpu: median(runs.webgpu) * 1e3 };
+      if (this.gpuTrial.webgpu >= this.gpuTrial.wasm) {
+        this.gpuNote = `WebGPU measured slower (${this.gpuTrial.webgpu.toFixed(1)} ms vs ` +
+          `${this.gpuTrial.wasm.toFixed(1)} ms on wasm)`;
+        entry.session.release().catch(() => {});
+        return;
+      }
+    }
+    this.whole.session.release().catch(() => {});
+    this.ort = gpu;
+    this.whole = entry;
+    this.eps = ["webgpu"];
+  }
+
   // Calls `fn(x, inputName)` with a model input made from a blank frame (the thread choice, the profile's scale).
   async _withModelInput(bridge, fn) {
     const frame = this.pyodide.toPy(new Uint8Array(256 * 256 * 4));
@@ -206,13 +263,13 @@ export class OrtEngine {
   }
 
   // A TaskModel dict (PyProxy) -> {session, outputs, createMs}.
-  async _session(model, ort = this.ort) {
+  async _session(model, ort = this.ort, eps = this.eps) {
     const bytes = model.get("model");
     const buf = bytes.getBuffer("u8");
     const t0 = performance.now();
     try {
       const session = await ort.InferenceSession.create(buf.data, {
-        executionProviders: ["wasm"],
+        executionProviders: eps,
         graphOptimizationLevel: "all",
         externalData: [{ path: BLOB_NAME, data: this.blob }],
       });

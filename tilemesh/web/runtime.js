@@ -17,7 +17,8 @@ export const MODEL_FILES = [
 export function engineOptionsFromUrl(search = self.location ? self.location.search : "") {
   const q = new URLSearchParams(search);
   const threads = Number(q.get("ort_threads")) || undefined;
-  return { disabled: q.get("ort") === "off", threads };
+  const ep = ["wasm", "webgpu"].includes(q.get("ort_ep")) ? q.get("ort_ep") : undefined;
+  return { disabled: q.get("ort") === "off", threads, ep };
 }
 
 export class PeerRuntime {

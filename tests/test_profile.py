@@ -105,18 +105,6 @@ def test_fixed_costs_scale_with_speed_and_default_to_zero(prof):
     P.validate_profile(half)
 
 
-def test_frame_work_is_measured_on_the_real_preprocessing():
-    from tilemesh.runtime.preprocess import IMAGENET
-
-    labels = [f"c{i}" for i in range(1000)]
-    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 4), dtype=np.uint8)
-    logits = np.arange(1000, dtype=np.float32)[None]
-    top = P.frame_work(IMAGENET, frame, logits, labels)
-    assert [t["label"] for t in top] == ["c999", "c998", "c997", "c996", "c995"]
-    s = P.measure_frame_seconds(IMAGENET, labels, budget_s=0.02)
-    assert 0 < s < 1.0
-
-
 def test_prediction_scales_with_macs_speed_and_region(mobilenet, prof):
     g = mobilenet
     node = g.node("features.3.conv.0.0")

@@ -143,6 +143,15 @@ def test_engine_profile_from_probes_and_the_choice(files):
     assert trial["frame_s"] == 0.003
     assert bridge.preprocessing() == {"crop": 224, "resize_shorter_side": 256, "mean": [0.485, 0.456, 0.406],
                                       "std": [0.229, 0.224, 0.225]}
+    # The choice compares like with like: an engine whose median (what the planner gets) loses to numpy's
+    # lower-quartile-based prediction but whose own lower quartile wins stays on the engine.
+    six = scaled_profile(numpy_prof, predict_graph_seconds(numpy_prof, graph) * 1e3 / 6.0)  # numpy: 6 ms
+    fair = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=7.0, numpy_profile=six,
+                                 extra={"model_best_ms": 5.0})
+    assert fair["backend"] == "onnxruntime"
+    assert (predict_graph_seconds(fair, graph) + fair["task_s"]) * 1e3 == pytest.approx(7.0, rel=1e-6)
+    assert bridge.engine_profile("onnxruntime", seconds, "native", model_ms=7.0, numpy_profile=six)["backend"] == \
+        "numpy"  # without the lower quartile, the median decides
     # Against a numpy that were 1000x faster, the device stays on numpy, says why, and reports numpy's profile.
     slow = bridge.engine_profile("onnxruntime", seconds, "native", model_ms=5.0,
                                  numpy_profile=scaled_profile(numpy_prof, 1000))

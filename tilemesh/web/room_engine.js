@@ -67,7 +67,10 @@ export class RoomEngine extends EventTarget {
   async measure() {
     await this.load();
     await this._profile();
-    await Promise.allSettled([...this.probing.values()]);
+    // Links still unmeasured are waited for; a second measurement of a measured link (asked for after the first
+    // profile) updates the roster when it lands, without holding the device back from ready.
+    const known = this.links || {};
+    await Promise.allSettled([...this.probing].filter(([peer]) => !(peer in known)).map(([, p]) => p));
     return { compute: this.compute, links: this.links };
   }
 

@@ -143,7 +143,7 @@ class FakeRoom:
         elif isinstance(e, S.Compute):
             runtime = self.sessions[device].runtime
             task = runtime.runner.dplan.tasks[e.request.task]
-            outputs = run_steps(runtime.graph, task.deps, e.request.inputs, keep=e.request.keep)
+            outputs = run_steps(runtime.plan_graph, task.deps, e.request.inputs, keep=e.request.keep)
             self.at(0.0, device, S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, src: str, e: S.Send) -> None:

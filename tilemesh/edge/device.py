@@ -316,7 +316,7 @@ class ComputeDevice:
         runtime = self.session.runtime
         task = runtime.runner.dplan.tasks[e.request.task]
         outputs = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: run_steps(runtime.graph, task.deps, e.request.inputs, keep=e.request.keep))
+            self._executor, lambda: run_steps(runtime.plan_graph, task.deps, e.request.inputs, keep=e.request.keep))
         self._fire(S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, dst: str, chunks: list[bytes]) -> None:

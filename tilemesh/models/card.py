@@ -11,6 +11,13 @@ It is `FILE.json` next to `FILE.onnx`:
         "crop": 224,                                 # then take the centre crop x crop (default: the input's size)
         "mean": [0.485, 0.456, 0.406],               # per RGB channel, on pixels scaled to [0, 1] (default 0)
         "std": [0.229, 0.224, 0.225]                 # (default 1): x = (pixel / 255 - mean) / std
+      },
+      "variants": {                                  # optional: the same weights at other input sizes (a fully
+        "heavy": {                                   # convolutional body up to a global pool takes any size);
+          "name": "Heavy (448 px)",                  # the AR page offers each one, the room plans on its graph
+          "input": 448,                              # the variant's square input (its crop)
+          "resize_shorter_side": 512                 # frames' shorter side for it (default: input)
+        }
       }
     }
 
@@ -40,15 +47,35 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """The model's weights at another input size: `key` names it on the wire, `name` on the pages."""
+
+    key: str
+    name: str
+    preprocess: Preprocess
+
+
+@dataclass(frozen=True)
 class ModelCard:
     name: str
     labels: tuple[str, ...]
     preprocess: Preprocess
+    variants: tuple[Variant, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["labels"] = list(self.labels)
+        d["variants"] = {v.key: {"name": v.name, "preprocess": asdict(v.preprocess)} for v in self.variants}
         return d
+
+    def variant(self, key: str | None) -> Variant | None:
+        """The variant named `key` (None: the model as it is); raises CardError for an unknown key."""
+        if key is None:
+            return None
+        for v in self.variants:
+            if v.key == key:
+                return v
+        raise CardError(f"the model has no variant {key!r} (its variants: {[v.key for v in self.variants]})")
 
 
 def card_path(model: str | Path) -> Path:
@@ -98,7 +125,39 @@ def parse_card(raw, path: Path, input_shape, classes: int, default_name: str = "
     std = _triple(pre.get("std", (1.0, 1.0, 1.0)), "preprocess.std", path)
     if min(std) <= 0:
         raise CardError(f"{path}: 'preprocess.std' must be positive")
-    return ModelCard(name.strip(), labels, Preprocess(shorter, crop, mean, std))
+    return ModelCard(name.strip(), labels, Preprocess(shorter, crop, mean, std),
+                     _variants(raw.get("variants", {}), path, mean, std))
+
+
+MAX_VARIANTS = 4
+MAX_VARIANT_INPUT = 1024
+
+
+def _variants(value, path: Path, mean, std) -> tuple[Variant, ...]:
+    if not isinstance(value, dict) or len(value) > MAX_VARIANTS:
+        raise CardError(f"{path}: 'variants' must be an object of at most {MAX_VARIANTS} variants")
+    out = []
+    for key, v in value.items():
+        where = f"variants.{key}"
+        if not (isinstance(key, str) and 0 < len(key) <= 32 and key.replace("_", "").replace("-", "").isalnum()
+                and key.isascii()):
+            raise CardError(f"{path}: variant names are 1-32 letters, digits, '-' or '_', got {key!r}")
+        if not isinstance(v, dict):
+            raise CardError(f"{path}: '{where}' must be an object")
+        unknown = set(v) - {"name", "input", "resize_shorter_side"}
+        if unknown:
+            raise CardError(f"{path}: unknown '{where}' fields {sorted(unknown)}")
+        name = v.get("name", key)
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise CardError(f"{path}: '{where}.name' must be a non-empty string")
+        size = _int(v.get("input"), f"{where}.input", path)
+        if size > MAX_VARIANT_INPUT:
+            raise CardError(f"{path}: '{where}.input' must be at most {MAX_VARIANT_INPUT}")
+        shorter = _int(v.get("resize_shorter_side", size), f"{where}.resize_shorter_side", path)
+        if not size <= shorter <= 4096:
+            raise CardError(f"{path}: '{where}.resize_shorter_side' must lie in {size}..4096")
+        out.append(Variant(key, name.strip(), Preprocess(shorter, size, mean, std)))
+    return tuple(out)
 
 
 def _labels(value, path: Path) -> tuple[str, ...]:

@@ -86,6 +86,10 @@ class NumpyBackend:
         self._sole = {t for t, c in readers.items() if c == 1 and t in produced and t != graph.output}
         self._last: tuple[str, weakref.ref] | None = None  # (tensor, its fresh buffer) of the last run_node
 
+    def for_graph(self, graph: Graph) -> NumpyBackend:
+        """The same backend on another graph (a model variant: same weights, other shapes)."""
+        return NumpyBackend(graph, self.inplace)
+
     def run_node(self, node, inputs, pads=None, *, may_overwrite=None):
         """As `Backend.run_node`; `may_overwrite[i]` true lets the kernel reuse `inputs[i]`'s buffer."""
         last, self._last = self._last, None
@@ -154,6 +158,10 @@ class OnnxRuntimeBackend:
         self._opts = self._options()
         self._sessions: OrderedDict = OrderedDict()
         self.session_ms = 0.0  # total time spent creating sessions (plan adoption, not frames)
+
+    def for_graph(self, graph: Graph) -> OnnxRuntimeBackend:
+        """The same engine and settings on another graph (a model variant: same weights and blob, other shapes)."""
+        return OnnxRuntimeBackend(graph, self.threads, self._blob, self._spinning)
 
     def _options(self):
         opts = self._ort.SessionOptions()

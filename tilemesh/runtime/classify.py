@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import Backend, NumpyBackend
 from .executor import run_graph
-from .graph import Graph, load_compact
+from .graph import Graph, compact_variant, load_compact
 from .preprocess import IMAGENET, Preprocessing, top_k
 
 
@@ -46,13 +46,28 @@ class LocalClassifier:
         self.labels = labels
         self.backend = backend or NumpyBackend(graph)
         self.pre = pre
+        self.variants: dict[str, LocalClassifier] = {}  # the card's variants: same weights, other input sizes
+
+    def variant(self, key: str | None) -> LocalClassifier:
+        """This model (`key` None) or its variant `key`; raises ValueError for a variant it does not have."""
+        if key is None:
+            return self
+        if key not in self.variants:
+            raise ValueError(f"the model has no variant {key!r} (it has {sorted(self.variants)})")
+        return self.variants[key]
 
     @classmethod
     def from_files(cls, model_json: str | Path, labels_json: str | Path,
                    card_json: str | Path | None = None) -> LocalClassifier:
-        """The compact model, its labels and (optionally) its card's preprocessing (default: ImageNet's)."""
-        pre = Preprocessing.from_card(json.loads(Path(card_json).read_text())) if card_json else IMAGENET
-        return cls(load_compact(model_json), json.loads(Path(labels_json).read_text()), pre=pre)
+        """The compact model, its labels and (optionally) its card's preprocessing (default: ImageNet's) and
+        variants (each `variant-<key>.json` beside `model_json`, sharing its weights)."""
+        card = json.loads(Path(card_json).read_text()) if card_json else None
+        labels = json.loads(Path(labels_json).read_text())
+        out = cls(load_compact(model_json), labels, pre=Preprocessing.from_card(card) if card else IMAGENET)
+        for key, v in ((card or {}).get("variants") or {}).items():
+            meta = Path(model_json).with_name(f"variant-{key}.json").read_text()
+            out.variants[key] = cls(compact_variant(out.graph, meta), labels, pre=Preprocessing.from_card(v))
+        return out
 
     def logits(self, frame: np.ndarray) -> np.ndarray:
         return run_graph(self.graph, self.pre.preprocess(frame), self.backend)

@@ -76,7 +76,7 @@ def plan_models() -> dict | None:
         return None
     t0 = time.perf_counter()
     models = [m.to_dict() if m is not None else None
-              for m in plan_task_models(p.graph, p.runner.dplan, external=BLOB_NAME)]
+              for m in plan_task_models(p.plan_graph, p.runner.dplan, external=BLOB_NAME)]
     return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
 
 
@@ -120,7 +120,8 @@ def computed_numpy(reply: dict, plan_id: int, req: dict, now: float = 0.0) -> di
     if p.runner is None or int(plan_id) != p.runner.plan_id:
         return reply
     task = p.runner.dplan.tasks[int(req["task"])]
-    vals = run_steps(p.graph, task.deps, dict(req["inputs"]), keep=task.owned, backend=NumpyBackend(p.graph))
+    vals = run_steps(p.plan_graph, task.deps, dict(req["inputs"]), keep=task.owned,
+                     backend=NumpyBackend(p.plan_graph))
     names = list(vals)
     return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],
                     [vals[n].shape for n in names], now)

@@ -1133,13 +1133,34 @@ def graph_from_compact(meta: dict | str | bytes, blob) -> Graph:
         count = math.prod(e["shape"])
         arr = np.frombuffer(buf, dtype=dt, count=count, offset=e["offset"]).reshape(e["shape"])
         weights[e["name"]] = arr if dt.isnative else arr.astype(dt.newbyteorder("="))
+    nodes, shapes = _topology(meta)
+    return Graph(nodes, meta["input"], meta["output"], shapes, weights)
+
+
+def _topology(meta: dict) -> tuple[list[Node], dict[str, tuple[int, ...]]]:
     nodes = [
         Node(d["name"], d["op"], tuple(d["inputs"]), d["output"],
              {k: _decode(v) for k, v in d["attrs"].items()}, tuple(d["params"]))
         for d in meta["nodes"]
     ]
-    shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-    return Graph(nodes, meta["input"], meta["output"], shapes, weights)
+    return nodes, {k: tuple(v) for k, v in meta["shapes"].items()}
+
+
+def compact_variant(base: Graph, meta: dict | str | bytes) -> Graph:
+    """A variant of `base` (the same weights at another input size, `tilemesh.models.card` variants) from its
+    compact topology: nodes and shapes from `meta`, weights shared with `base` (no second copy of the blob).
+    Raises ValueError unless `meta`'s weight table is exactly the layout of `base`'s blob."""
+    if not isinstance(meta, dict):
+        meta = json.loads(meta)
+    if meta.get("format") != COMPACT_FORMAT or meta.get("version") != COMPACT_VERSION:
+        raise ValueError(f"not a {COMPACT_FORMAT} v{COMPACT_VERSION} file: {meta.get('format')!r}")
+    offsets, size = compact_offsets(base)
+    layout = [(k, np.dtype(w.dtype).newbyteorder("<").str, list(w.shape), offsets[k]) for k, w in base.weights.items()]
+    theirs = [(e["name"], e["dtype"], list(e["shape"]), e["offset"]) for e in meta["weights"]]
+    if theirs != layout or meta["bin_bytes"] != size:
+        raise ValueError("the variant's weights are not laid out as the model's blob (a variant must share them)")
+    nodes, shapes = _topology(meta)
+    return Graph(nodes, meta["input"], meta["output"], shapes, base.weights)
 
 
 def load_compact(dir_or_prefix) -> Graph:

@@ -3,9 +3,10 @@
 Everything here takes and returns plain values (str, int, bytes-like, dicts and lists of them), so the browser
 worker can call it through Pyodide without this package importing anything of the browser's.
 
-Plans travel as a small spec, `{"plan_id", "source", "cuts", "splits"}` (what the server's planner chose);
-every device expands it with the same `tiling.build_plan` on the same graph, so only a few hundred bytes cross
-the signaling channel instead of every device's full task list.
+Plans travel as a small spec, `{"plan_id", "source", "cuts", "splits"}` (what the server's planner chose), with
+`"variant"` when the room runs one of the model's variants (the same weights at another input size, e.g. the
+demo's heavy mode at 448 px); every device expands it with the same `tiling.build_plan` on the same graph, so
+only a few hundred bytes cross the signaling channel instead of every device's full task list.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ class PlanRuntime:
     def __init__(self, classifier: LocalClassifier, device: str = "local", backend=None, deferred: bool = False):
         """`backend` computes tasks in Python; `deferred` hands them out instead (`compute` in every reply, answered
         through `computed`), for an engine outside Python such as onnxruntime-web."""
-        self.classifier = classifier
+        self.classifier = classifier  # the model as served: the single-device classifier and the profile use it
         self.backend = backend
         self.deferred = deferred
         self.graph = classifier.graph
+        self.model = classifier  # the current plan's model: `classifier` or one of its variants
+        self._backends: dict[str, object] = {}  # variant -> `backend` on that variant's graph
         self.device = device
         self.runner: DeviceRunner | None = None
         self.spec: dict | None = None
@@ -60,7 +63,8 @@ class PlanRuntime:
     def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
         """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
         t0 = time.perf_counter()
-        plan = plan_from_spec(self.graph, spec)
+        model = self.classifier.variant(spec.get("variant"))
+        plan = plan_from_spec(model.graph, spec)
         plan_id = int(spec["plan_id"])
         if plan_id <= self.plan_id:
             raise ValueError(f"plan {plan_id} is not newer than plan {self.plan_id}")
@@ -71,14 +75,15 @@ class PlanRuntime:
             self.spec = spec
             return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
         self.device = device
-        self.runner = DeviceRunner(self.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
+        self.model = model
+        backend = self._backend_for(spec.get("variant"), model.graph)
+        self.runner = DeviceRunner(model.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
                                    max_message={k: int(v) for k, v in (max_message or {}).items()},
-                                   backend=self.backend, deferred=self.deferred,
-                                   normalize=self.classifier.pre.normalize_u8)
+                                   backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8)
         self.spec = spec
         dplan = self.runner.dplan
         # An engine with sessions per task (onnxruntime) makes them now, never per frame.
-        sessions_ms = self.backend.prepare(dplan) if hasattr(self.backend, "prepare") else None
+        sessions_ms = backend.prepare(dplan) if hasattr(backend, "prepare") else None
         out, errors = [], []
         for peer, chunk in replay:
             try:
@@ -95,7 +100,21 @@ class PlanRuntime:
             "build_ms": (time.perf_counter() - t0) * 1e3,
             **({"sessions_ms": sessions_ms} if sessions_ms is not None else {}),
             "parts": parts_of(plan),
+            **({"variant": spec["variant"]} if spec.get("variant") else {}),
         }
+
+    @property
+    def plan_graph(self):
+        """The graph the current plan runs on (the model's, or its variant's)."""
+        return self.runner.graph if self.runner is not None else self.graph
+
+    def _backend_for(self, variant: str | None, graph):
+        """`backend` for a variant's graph (its own sessions and shapes, the same weights and settings)."""
+        if variant is None or self.backend is None or not hasattr(self.backend, "for_graph"):
+            return self.backend
+        if variant not in self._backends:
+            self._backends[variant] = self.backend.for_graph(graph)
+        return self._backends[variant]
 
     def set_max_message(self, peer: str, size: int) -> None:
         if self.runner is not None:
@@ -104,7 +123,7 @@ class PlanRuntime:
     def start_frame(self, frame: int, data, height: int, width: int) -> dict:
         if self.runner is None:
             raise RuntimeError("no plan: the room has not planned this device in")
-        pixels = self.classifier.pre.centre_crop_u8(frame_from_bytes(data, height, width))
+        pixels = self.model.pre.centre_crop_u8(frame_from_bytes(data, height, width))
         self.started[frame] = time.perf_counter()
         out = self.runner.start_frame(int(frame), pixels)
         return self._reply(out)

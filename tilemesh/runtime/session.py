@@ -230,6 +230,7 @@ class BroadcastIn(Event):
 class RequestPlan(Event):
     kind: ClassVar[str] = "request_plan"
     strategy: str | None = None
+    variant: str | None = None  # one of the model card's variants (e.g. "heavy"); None: the model as served
 
 
 @dataclass(frozen=True)
@@ -458,7 +459,8 @@ class DeviceSession:
     # --- plans ----------------------------------------------------------------------------------------------
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
-        return [Signal("plan_request", {} if ev.strategy is None else {"strategy": ev.strategy})]
+        fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant)) if v is not None}
+        return [Signal("plan_request", fields)]
 
     def _on_plan(self, ev: PlanIn, now: float) -> list[Effect]:
         msg, me = ev.msg, ev.me

@@ -76,23 +76,32 @@ class Inference:
 
     def __init__(self, bundle):
         self.bundle = bundle  # tilemesh.server.model.ModelBundle, or None when no model is set up
-        self._graph: Graph | None = None
+        self._graphs: dict[str | None, Graph] = {}
         self._ids = itertools.count(1)
 
     @property
     def graph(self) -> Graph:
-        if self._graph is None:
+        return self.variant_graph(None)
+
+    def variant_graph(self, variant: str | None) -> Graph:
+        """The served model's graph, or its variant's (a ValueError naming the variants for an unknown one)."""
+        if variant not in self._graphs:
             if self.bundle is None:
                 raise ValueError("the server has no model: run `tilemesh setup` (or serve with --model FILE.onnx)")
-            self._graph = self.bundle.graph()
-        return self._graph
+            if variant is not None and variant not in {v.key for v in self.bundle.card.variants}:
+                raise ValueError(f"the model has no variant {variant!r} "
+                                 f"(its variants: {[v.key for v in self.bundle.card.variants]})")
+            self._graphs[variant] = self.bundle.graph(variant)
+        return self._graphs[variant]
 
     def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
+        graph = self.variant_graph(request.variant)
         profiles, links, edge = planner_inputs(room, requester, request.devices)
-        choice = planner.make_plan(request.strategy, self.graph, profiles, links, requester, edge=edge)
+        choice = planner.make_plan(request.strategy, graph, profiles, links, requester, edge=edge)
         plan_id = next(self._ids)
         spec = {"plan_id": plan_id, "source": requester, "cuts": list(choice.cuts),
-                "splits": [s.to_dict() for s in choice.splits]}
+                "splits": [s.to_dict() for s in choice.splits],
+                **({"variant": request.variant} if request.variant else {})}
         log.info("plan %d for %s: %s (%s), predicted %.0f ms", plan_id, requester, choice.strategy, choice.label,
                  choice.predicted_s * 1e3)
         return {
@@ -105,6 +114,7 @@ class Inference:
             "predicted_ms": choice.predicted_s * 1e3,
             "timeline": choice.prediction.to_dict(),
             "candidates": shortlist(choice.candidates),
+            **({"variant": request.variant} if request.variant else {}),
         }
 
     async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:

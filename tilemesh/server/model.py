@@ -5,6 +5,10 @@ At startup the ONNX file and its model card (`tilemesh.models.card`) become a bu
 `labels.json`, `card.json` (the checked card plus a summary of the graph) and `model.onnx` itself. Browsers get
 them under fixed names at `/model/<file>`, so no page or script names a model; the planner, the edge peer and
 the pages all read the same bundle. A second start with the same files converts nothing.
+
+Each of the card's variants (the same weights at another input size, e.g. the demo's "Heavy (448 px)") adds
+`variant-<key>.json`: the graph's topology and shapes at that size, whose weight table is the model's own
+blob (`graph.compact_variant`), so a device holds the weights once for every variant.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+import numpy as np
+
 from tilemesh.models.card import CardError, ModelCard, Preprocess, load_card
 from tilemesh.models.demo import sha256_file
-from tilemesh.runtime.graph import Graph, load_compact
+from tilemesh.runtime.graph import Graph, compact_variant, load_compact
 from tilemesh.server.context import CONFIG_KEY, MODEL_KEY
 
 log = logging.getLogger("tilemesh.model")
@@ -39,12 +45,20 @@ class ModelBundle:
     card: ModelCard
     summary: dict
 
-    def graph(self) -> Graph:
-        return load_compact(self.dir / "graph.json")
+    def graph(self, variant: str | None = None) -> Graph:
+        """The model's graph, or its variant's (raises CardError for a variant the card does not have)."""
+        base = load_compact(self.dir / "graph.json")
+        if self.card.variant(variant) is None:
+            return base
+        return compact_variant(base, (self.dir / variant_file(variant)).read_text())
 
     def page_info(self) -> dict:
         """What pages need to know of the model (rendered into every page as JSON)."""
-        return {**self.summary, "name": self.card.name, "preprocess": self.card.to_dict()["preprocess"]}
+        doc = self.card.to_dict()
+        variants = {k: {**v, "file": variant_file(k), "summary": self.summary.get("variants", {}).get(k)}
+                    for k, v in doc["variants"].items()}
+        return {**{k: v for k, v in self.summary.items() if k != "variants"}, "name": self.card.name,
+                "preprocess": doc["preprocess"], "variants": variants}
 
 
 def default_model(static_dir: Path) -> Path:
@@ -52,6 +66,52 @@ def default_model(static_dir: Path) -> Path:
     from tilemesh.models.demo import MODEL_FILE  # noqa: PLC0415  (the demo's builder imports onnx)
 
     return static_dir / "model" / MODEL_FILE
+
+
+def variant_file(key: str) -> str:
+    return f"variant-{key}.json"
+
+
+def write_variants(model: Path, out: Path, card: ModelCard) -> dict:
+    """`variant-<key>.json` for each of the card's variants (converted from the ONNX file at the variant's input
+    size, unless already there) and their summaries; raises ModelError when the model cannot take that size."""
+    summaries = {}
+    base = None
+    for v in card.variants:
+        path = out / variant_file(v.key)
+        if base is None:
+            base = load_compact(out / "graph.json")
+        try:
+            meta = json.loads(path.read_text())
+            graph = compact_variant(base, meta)
+        except (OSError, ValueError, KeyError):
+            graph = None
+        size = v.preprocess.crop
+        if graph is None or tuple(graph.shapes[graph.input]) != (1, 3, size, size):
+            from tilemesh.runtime.graph import compact_meta, load_onnx  # noqa: PLC0415  (onnx only when converting)
+
+            try:
+                graph = load_onnx(model, input_shape=(1, 3, size, size))
+            except Exception as exc:  # noqa: BLE001 - onnx raises many kinds; the user needs the variant and why
+                raise ModelError(f"{model}: variant {v.key!r} ({size}x{size}) cannot be built: {exc}") from exc
+            meta, _ = compact_meta(graph)
+            meta["bin"] = "graph.bin"
+            try:  # the same weights, laid out as the model's blob (nothing else to download), and it runs
+                compact_variant(base, meta)
+                same = all(np.array_equal(graph.weights[k], base.weights[k]) for k in base.weights)
+                from tilemesh.runtime.executor import run_graph  # noqa: PLC0415
+
+                y = run_graph(graph, np.zeros((1, 3, size, size), np.float32))
+                same = same and y.shape == base.shapes[base.output]
+            except ValueError:
+                same = False
+            if not same or graph.shapes[graph.output] != base.shapes[base.output]:
+                raise ModelError(f"{model}: variant {v.key!r} at {size}x{size} does not share the model's weights "
+                                 "and classes (only a fully convolutional body up to a global pool takes another size)")
+            _write_if_changed(path, json.dumps(meta, separators=(",", ":"), allow_nan=False))
+            log.info("model %s: variant %s at %dx%d written", model, v.key, size, size)
+        summaries[v.key] = graph_summary(graph)
+    return summaries
 
 
 def graph_summary(graph: Graph) -> dict:
@@ -102,6 +162,7 @@ def prepare(model: Path, static_dir: Path) -> ModelBundle:
         save_compact(graph, out / "graph")
         shutil.copyfile(model, out / "model.onnx")
         log.info("model %s converted into %s", model, out)
+    summary = {**summary, "variants": write_variants(model, out, card)}
     card_doc = {**card.to_dict(), "summary": summary}
     _write_if_changed(out / "labels.json", json.dumps(list(card.labels), ensure_ascii=False) + "\n")
     _write_if_changed(out / "card.json", json.dumps(card_doc, ensure_ascii=False) + "\n")
@@ -125,7 +186,7 @@ def bundle_of(app: web.Application) -> ModelBundle | None:
 async def model_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     bundle = bundle_of(request.app)
-    if bundle is None or name not in BUNDLE_FILES:
+    if bundle is None or name not in (*BUNDLE_FILES, *(variant_file(v.key) for v in bundle.card.variants)):
         raise web.HTTPNotFound(text="no such model file (is a model set up? `tilemesh setup`)")
     return web.FileResponse(bundle.dir / name)
 
@@ -145,4 +206,4 @@ def setup(app: web.Application) -> ModelBundle | None:
 
 
 __all__ = ["BUNDLE_FILES", "MODEL_KEY", "CardError", "ModelBundle", "ModelError", "Preprocess", "bundle_of",
-           "default_model", "graph_summary", "prepare", "setup"]
+           "default_model", "graph_summary", "prepare", "setup", "variant_file"]

@@ -25,10 +25,12 @@ Client -> server
     broadcast  {data: object}   Relayed to every other peer of the room as `broadcast {from, data}`.
     ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
     leave      {}               Leave the room now; the server closes the socket.
-    plan_request {strategy?: str, devices?: [peer_id]}
+    plan_request {strategy?: str, devices?: [peer_id], variant?: str}
                The sender (the device with the camera) asks the server's planner for a plan over the room's
                ready peers with profiles (or the listed subset). `strategy` picks a benchmark baseline
-               (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh".
+               (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh". `variant`
+               names one of the model card's variants (e.g. "heavy": the same weights at 448 px); the plan is
+               made on its graph and its spec carries it.
 
 Relay (binary frames): the server's own edge peer (`tilemesh serve --edge`) joins with the hub's per-process
 `relay_key` and is marked `relay: true` in the roster. Browsers and that edge then carry their mesh messages
@@ -56,8 +58,8 @@ Server -> client
     signal     {from: peer_id, data: object}
     broadcast  {from: peer_id, data: object}
     peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"|"too_slow"}
-    plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits}, devices,
-                predicted_ms, timeline, candidates}
+    plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits, variant?}, devices,
+                predicted_ms, timeline, candidates, variant?}
                The planner's answer to a `plan_request`, sent to every peer of the room: devices in `devices`
                expand `spec` with tilemesh.runtime.peer and run their part; the others (the host page) show it.
     error      {code, message, ref?: the offending message's type}
@@ -202,6 +204,7 @@ class Leave:
 class PlanRequest:
     strategy: str = "tilemesh"
     devices: tuple[PeerId, ...] | None = None
+    variant: str | None = None
 
 
 ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
@@ -384,7 +387,10 @@ def _parse_plan_request(obj: dict) -> PlanRequest:
             devices = tuple(PeerId.parse(d) for d in devices)
         except ValueError:
             raise ValueError("'devices' holds an invalid peer id") from None
-    return PlanRequest(strategy=strategy, devices=devices)
+    variant = obj.get("variant")
+    if variant is not None and not (isinstance(variant, str) and 0 < len(variant) <= 32):
+        raise ValueError("'variant' must be a model variant's name (a short string)")
+    return PlanRequest(strategy=strategy, devices=devices, variant=variant)
 
 
 _PARSERS = {

@@ -183,7 +183,8 @@ def test_request_plan_carries_the_variant():
     assert sig.fields == {"strategy": "tilemesh", "variant": "heavy"}
     (sig,) = s.handle(S.RequestPlan(), 0.0)
     assert sig.fields == {}
-    assert protocol.parse(json.dumps({"v": protocol.VERSION, "type": "plan_request", "variant": "heavy"})).variant == "heavy"
+    req = protocol.parse(json.dumps({"v": protocol.VERSION, "type": "plan_request", "variant": "heavy"}))
+    assert req.variant == "heavy"
     with pytest.raises(protocol.ProtocolError):
         protocol.parse(json.dumps({"v": protocol.VERSION, "type": "plan_request", "variant": 3}))
 

@@ -19,9 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
-
 import numpy as np
+from aiohttp import web
 
 from tilemesh.models.card import CardError, ModelCard, Preprocess, load_card
 from tilemesh.models.demo import sha256_file

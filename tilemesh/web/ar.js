@@ -2,7 +2,8 @@
 // computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
 // runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
-import { openCamera, grabFrame, cropRect, GRAB_SIZE } from "/web/camera.js";
+import { openCamera, grabFrame, cropRect, GRAB_SIZE, sizesOf } from "/web/camera.js";
+import { pageModel } from "/web/model.js";
 
 export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 
@@ -13,8 +14,8 @@ export class LocalEngine {
     return this.runtime.call("tilemesh.runtime.session", "load",
       ["/model/graph.json", "/model/labels.json", "/model/card.json"]);
   }
-  async classify(frame) {
-    const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, GRAB_SIZE, GRAB_SIZE, 5],
+  async classify(frame, size = GRAB_SIZE) {
+    const out = await this.runtime.call("tilemesh.runtime.session", "classify_local", [frame, size, size, 5],
       [frame.buffer]);
     this.name = `this device · ${out.engine || "numpy"}`;  // which engine ran it (onnxruntime-web or numpy)
     return { ...out, parts: [{ device: this.name, r0: 0, r1: 1, c0: 0, c1: 1 }] };
@@ -65,9 +66,21 @@ export class RoomArEngine {
     this.planning = null;
     this.lastError = "";
     // ?strategy=equal_split (or any benchmark baseline) on the page's URL; the planner's own choice by default.
-    this.strategy = new URLSearchParams(location.search).get("strategy") || "tilemesh";
+    const q = new URLSearchParams(location.search);
+    this.strategy = q.get("strategy") || "tilemesh";
+    // The model variant the room runs (heavy mode: ?variant=heavy or the page's mode picker); null: as served.
+    this.variant = null;
+    this.setVariant(q.get("variant"));
     room.addEventListener("replan", () => { this.planning = null; });
   }
+
+  // Switch the room to a variant of the model (null: the model as served); the next frame asks for its plan.
+  setVariant(variant) {
+    const known = pageModel()?.variants ?? {};
+    this.variant = variant && known[variant] ? variant : null;
+    this.planning = null;
+  }
+
 
   async load() { await this.room.load(); }
 
@@ -86,19 +99,22 @@ export class RoomArEngine {
   }
 
   async _ensurePlan() {
+    if (this.room.plan && (this.room.plan.variant ?? null) !== this.variant) this.room.plan = null;
     if (this.room.plan) return true;
-    this.planning ??= this.room.requestPlan(this.strategy).catch((err) => { this.lastError = err.message; })
+    this.planning ??= this.room.requestPlan(this.strategy, this.variant)
+      .catch((err) => { this.lastError = err.message; })
       .finally(() => setTimeout(() => { this.planning = null; }, 1000));
     await this.planning;
     return Boolean(this.room.plan);
   }
 
-  async classify(frame) {
-    if (await this._ensurePlan()) {
+  async classify(frame, size = GRAB_SIZE) {
+    if (await this._ensurePlan() && sizesOf(this.room.plan.variant).grab === size) {
       try {
-        const r = await this.room.classify(frame.slice());
+        const r = await this.room.classify(frame.slice(), size);
         const p = r.plan;
-        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}`;
+        const mode = p.variant ? ` · ${pageModel()?.variants?.[p.variant]?.name ?? p.variant}` : "";
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}${mode}`;
         return r;
       } catch (err) {
         this.lastError = err.message;
@@ -106,7 +122,7 @@ export class RoomArEngine {
       }
     }
     this.name = `this device alone${this.lastError ? " (" + this.lastError + ")" : ""}`;
-    return this.local.classify(frame);
+    return this.local.classify(frame, size);
   }
 }
 
@@ -182,7 +198,8 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
   const start = () => {
     const t0 = performance.now();
     // Each frame's result, or its error: one failed frame must not stop the frames queued behind it.
-    return engine.classify(grabFrame(video, grab)).then((result) => ({ result, t0, t1: performance.now() }),
+    const sizes = sizesOf(engine.variant ?? null);
+    return engine.classify(grabFrame(video, grab, sizes), sizes.grab).then((result) => ({ result, t0, t1: performance.now() }),
       (error) => ({ error }));
   };
   while (shouldRun() || inflight.length) {
@@ -226,6 +243,19 @@ export async function startAr() {
   }
 }
 
+// The model's sizes (the served model and its variants, e.g. "Heavy (448 px)") as a picker over the video: the
+// room plans the chosen one on its next frame.
+function modePicker(select, engine) {
+  const model = pageModel();
+  const variants = Object.entries(model?.variants ?? {});
+  if (!select || !variants.length) return;
+  select.replaceChildren(new Option(`Normal (${model.preprocess.crop} px)`, ""),
+    ...variants.map(([key, v]) => new Option(v.name, key)));
+  select.value = engine.variant ?? "";
+  select.hidden = false;
+  select.onchange = () => engine.setVariant(select.value || null);
+}
+
 // Inside a room (the join page): the camera opens on demand and frames go through the room's plan.
 export async function startRoomAr(app) {
   const els = arElements();
@@ -237,6 +267,7 @@ export async function startRoomAr(app) {
   try {
     stream = await openCamera(els.video);
     const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime));
+    modePicker(document.getElementById("ar-mode"), engine);
     await engine.load();
     app.ar = { engine, stream };
     await runLoop({ engine, els, shouldRun: () => running });

@@ -15,6 +15,15 @@ export const INPUT_SIZE = PRE.crop ?? 224;
 const PYTHON_PRE = typeof location !== "undefined" && new URLSearchParams(location.search).get("preprocess") === "python";
 export const GRAB_SIZE = PYTHON_PRE ? FRAME_SIZE : INPUT_SIZE;
 
+// The sizes of the model as served (`variant` null) or of one of its variants (heavy mode: frames scaled to
+// 512, input 448): {frame, input, grab}, grab being the side of the frames grabFrame hands over.
+export function sizesOf(variant, model = pageModel()) {
+  const pre = (variant ? model?.variants?.[variant]?.preprocess : model?.preprocess) ?? {};
+  const frame = pre.resize_shorter_side ?? 256;
+  const input = pre.crop ?? 224;
+  return { frame, input, grab: PYTHON_PRE ? frame : input };
+}
+
 export async function openCamera(video) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     throw new Error("this page has no camera access: open it over https (or on localhost)");
@@ -47,16 +56,17 @@ export function inputRect(video, frameSize = FRAME_SIZE, inputSize = INPUT_SIZE)
 }
 
 // One camera frame as the model's input pixels: INPUT_SIZE x INPUT_SIZE RGBA, scaled and cropped by the canvas
-// (GRAB_SIZE: FRAME_SIZE under ?preprocess=python).
-export function grabFrame(video, canvas) {
-  canvas.width = GRAB_SIZE;
-  canvas.height = GRAB_SIZE;
+// (GRAB_SIZE: FRAME_SIZE under ?preprocess=python); `sizes` (sizesOf) for a variant of the model.
+export function grabFrame(video, canvas, sizes = null) {
+  const { frame, input, grab } = sizes ?? { frame: FRAME_SIZE, input: INPUT_SIZE, grab: GRAB_SIZE };
+  canvas.width = grab;
+  canvas.height = grab;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = true;
   ctx.imageSmoothingQuality = "high";
-  const { x, y, side } = PYTHON_PRE ? cropRect(video) : inputRect(video);
-  ctx.drawImage(video, x, y, side, side, 0, 0, GRAB_SIZE, GRAB_SIZE);
-  return new Uint8Array(ctx.getImageData(0, 0, GRAB_SIZE, GRAB_SIZE).data.buffer);
+  const { x, y, side } = PYTHON_PRE ? cropRect(video) : inputRect(video, frame, input);
+  ctx.drawImage(video, x, y, side, side, 0, 0, grab, grab);
+  return new Uint8Array(ctx.getImageData(0, 0, grab, grab).data.buffer);
 }
 
 // RGBA pixels (size x size) -> the model's (1, 3, size, size) float32 input, (pixel / 255 - mean) / std per

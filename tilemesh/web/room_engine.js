@@ -74,18 +74,19 @@ export class RoomEngine extends EventTarget {
     return { compute: this.compute, links: this.links };
   }
 
-  requestPlan(strategy = "tilemesh") {
-    this._fire({ on: "request_plan", strategy });
+  // `variant`: one of the model card's variants (e.g. "heavy"); null: the model as served.
+  requestPlan(strategy = "tilemesh", variant = null) {
+    this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}) });
     return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
   }
 
-  // Classify one camera frame (GRAB_SIZE square RGBA, camera.js grabFrame) with the room's plan; rejects on
-  // timeout, replan or when a device leaves.
-  classify(frame) {
+  // Classify one camera frame (`size` square RGBA, camera.js grabFrame: GRAB_SIZE, or a model variant's size)
+  // with the room's plan; rejects on timeout, replan or when a device leaves.
+  classify(frame, size = GRAB_SIZE) {
     if (!this.plan) return Promise.reject(new Error("no plan yet"));
     const id = ++this.frameId;
     const result = new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject }));
-    this._fire({ on: "frame", frame: id, data: frame, height: GRAB_SIZE, width: GRAB_SIZE }, [frame.buffer]);
+    this._fire({ on: "frame", frame: id, data: frame, height: size, width: size }, [frame.buffer]);
     this.ticker ??= setInterval(() => {
       if (this.waiting.size) this._fire({ on: "tick" });
     }, TICK_MS);

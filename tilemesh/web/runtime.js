@@ -5,13 +5,17 @@
 //   await rt.boot({ files: MODEL_FILES });             // the served model into the worker's file system
 //   await rt.ready;                                     // resolves once a boot() (anyone's) has finished
 //   const out = await rt.call("tilemesh.runtime.session", "classify_local", [rgba, 256, 256, 5], [rgba.buffer]);
+import { pageModel } from "/web/model.js";
+
 // The served model's files (whatever `tilemesh serve --model` serves, under fixed names), fetched into the
-// worker's file system at boot (tilemesh.runtime.session.load reads them).
+// worker's file system at boot (tilemesh.runtime.session.load reads them); each variant of the model (e.g. heavy
+// mode) adds its topology file, a few tens of KB: it shares graph.bin.
 export const MODEL_FILES = [
   { url: "/model/graph.json", path: "/model/graph.json" },
   { url: "/model/graph.bin", path: "/model/graph.bin" },
   { url: "/model/labels.json", path: "/model/labels.json" },
   { url: "/model/card.json", path: "/model/card.json" },
+  ...Object.values(pageModel()?.variants ?? {}).map(({ file }) => ({ url: `/model/${file}`, path: `/model/${file}` })),
 ];
 
 export function engineOptionsFromUrl(search = self.location ? self.location.search : "") {

@@ -85,8 +85,8 @@ DEVICE_REPORTS = """() => {
 }"""
 PAUSE = "() => { window.__bench.paused = true; }"
 IDLE = "() => window.__bench.idle"
-SWITCH = """(s) => { const b = window.__bench, ar = window.tilemesh.ar.engine;
-  ar.strategy = s; ar.planning = null; window.tilemesh.engine.plan = null;
+SWITCH = """([s, devices]) => { const b = window.__bench, ar = window.tilemesh.ar.engine;
+  ar.strategy = s; ar.devices = devices; ar.planning = null; window.tilemesh.engine.plan = null;
   b.frames.length = 0; b.broadcasts.length = 0; b.resume(Infinity); }"""
 PLAN_SEEN = """([s, n]) => { const f = window.__bench.frames; const i = f.findIndex((x) => x.strategy === s);
   return i >= 0 && f.length - i >= n; }"""
@@ -135,18 +135,31 @@ def machine_info(chromium_version: str = "?") -> dict:
             "chromium": chromium_version, "load_avg_at_start": os.getloadavg()[0]}
 
 
-def expected_top1(photo) -> str:
-    """onnxruntime's top-1 for the photo as the camera frames it (the room must give the same answer)."""
+def expected_top1(photo, variant: str | None = None) -> str:
+    """onnxruntime's top-1 for the photo as the camera frames it (the room must give the same answer); for a
+    variant of the model, the ONNX file with its input declared at the variant's size, on its preprocessing."""
+    import onnx  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
 
-    from tilemesh.runtime.preprocess import preprocess, top_k  # noqa: PLC0415
+    from tilemesh.models.card import load_card  # noqa: PLC0415
+    from tilemesh.runtime.preprocess import Preprocessing, preprocess, top_k  # noqa: PLC0415
 
     h, w = photo.shape[:2]
     s = min(h, w)
     sq = photo[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    sess = ort.InferenceSession(str(REPO / "static/model/mobilenet_v2.onnx"), providers=["CPUExecutionProvider"])
+    path = REPO / "static/model/mobilenet_v2.onnx"
     labels = json.loads((REPO / "static/model/labels.json").read_text())
-    return top_k(sess.run(None, {"input": preprocess(sq)})[0][0], labels, 1)[0][1]
+    v = load_card(path, (1, 3, 224, 224), len(labels)).variant(variant)
+    model = onnx.load(path)
+    pre = None
+    if v is not None:
+        p = v.preprocess
+        pre = Preprocessing(p.resize_shorter_side, p.crop, p.mean, p.std)
+        for d, n in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, p.crop, p.crop), strict=True):
+            d.Clear()
+            d.dim_value = n
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return top_k(sess.run(None, {"input": preprocess(sq, pre=pre)})[0][0], labels, 1)[0][1]
 
 
 def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict], plan: dict | None,
@@ -269,11 +282,14 @@ class Run:
         pg.evaluate(PAUSE)
         pg.wait_for_function(IDLE, timeout=timeout_ms)
 
-    def measure(self, strategy: str, repeat: int) -> dict:
+    def measure(self, strategy: str, repeat: int, name: str | None = None,
+                devices: tuple[str, ...] | None = None) -> dict:
+        """One window of `strategy` (recorded as `name`), planned over `devices` (names) or every device."""
+        name = name or strategy
         pg = self.pages[self.sc.source]
         per_frame_ms = self.frame_timeout_s * 1e3
         try:
-            pg.evaluate(SWITCH, strategy)
+            pg.evaluate(SWITCH, [strategy, [self.ids[d] for d in devices] if devices else None])
             pg.wait_for_function(PLAN_SEEN, arg=[strategy, max(1, self.sc.warmup)],
                                  timeout=per_frame_ms * (self.sc.warmup + 3) + 30_000)
             self._pause(pg, per_frame_ms)
@@ -295,20 +311,20 @@ class Run:
             with contextlib.suppress(Exception):
                 self._pause(pg, per_frame_ms)
             errs = pg.evaluate("() => [window.tilemesh.ar.engine.lastError, ...window.tilemesh.engine.errors]")
-            log(f"{strategy}: failed: {str(exc).splitlines()[0]} {errs}")
-            return {"strategy": strategy, "repeat": repeat, "ok": False, "latencies_ms": [],
+            log(f"{name}: failed: {str(exc).splitlines()[0]} {errs}")
+            return {"strategy": name, "repeat": repeat, "ok": False, "latencies_ms": [],
                     "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}; page: {errs[:3]}"}
         w = window_from_frames(strategy, got["frames"], got["broadcasts"], plan, self.names,
                                self.ids.get(self.sc.edge.name) if self.sc.edge else None)
         n = len(w["latencies_ms"])
-        w["repeat"] = repeat
+        w["strategy"], w["repeat"] = name, repeat
         w["cpu_s_by_device"] = {d: c1["cpu"][d] - c0["cpu"][d] for d in c0["cpu"]}
         w["source_cpu_s"] = w["cpu_s_by_device"][self.sc.source] * n / max(1, len(got["frames"]))
         if "edge_proc" in c0:
             w["edge_cpu_s"] = (c1["edge_proc"] - c0["edge_proc"]) * n / max(1, len(got["frames"]))
         w["elapsed_s"] = c1["t"] - c0["t"]
         if w["ok"]:
-            log(f"{strategy:<18} repeat {repeat}: median {sorted(w['latencies_ms'])[n // 2]:.0f} ms over {n} frames, "
+            log(f"{name:<18} repeat {repeat}: median {sorted(w['latencies_ms'])[n // 2]:.0f} ms over {n} frames, "
                 f"predicted {w.get('predicted_ms') or 0:.0f} ms, phone CPU {w['source_cpu_s'] / n:.3f} s/frame "
                 f"({w.get('label')})")
         return w
@@ -324,7 +340,7 @@ class Run:
 
         sc = self.sc
         photo = skimage.data.coffee()
-        top1 = expected_top1(photo)
+        top1 = expected_top1(photo, sc.variant)
         windows: list[dict] = []
         result: dict = {"scenario": sc.to_dict(), "expected_top1": top1, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                         "source": source_state()}
@@ -341,15 +357,18 @@ class Run:
                 first = sc.strategies[0]
                 for d in sc.browsers:
                     args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
+                    query = f"kind={d.kind}&strategy={first}"
                     if d.name == sc.source:
                         args.append(f"--use-file-for-fake-video-capture={cam}")
+                        query += f"&variant={sc.variant}" if sc.variant else ""
+                        query += f"&depth={sc.depth}" if sc.depth else ""
                     b = p.chromium.launch(executable_path=net.launcher(d.name, [CHROMIUM], self.groups[d.name]),
                                           args=args)
                     browsers.append(b)
                     pg = b.new_context(ignore_https_errors=True).new_page()
                     for attempt in range(3):
                         try:
-                            pg.goto(f"{base}/join/{room}?kind={d.kind}&strategy={first}", timeout=120_000)
+                            pg.goto(f"{base}/join/{room}?{query}", timeout=120_000)
                             break
                         except Exception as exc:  # noqa: BLE001
                             # A namespace's link coming up can reach Chromium as a network change mid-navigation.
@@ -372,8 +391,8 @@ class Run:
                             "(n) => Object.keys(window.tilemesh.signaling.lastState.profile.links || {}).length >= n",
                             arg=nb - 1, timeout=60_000)
                 edge_id = self._wait_edge_profile(90) if sc.edge else None
-                strategies = [s for s in sc.strategies if s not in EDGE_STRATEGIES or sc.edge is None or edge_id]
-                skipped = [s for s in sc.strategies if s not in strategies]
+                usable = [w for w in sc.windows() if w[1] not in EDGE_STRATEGIES or sc.edge is None or edge_id]
+                skipped = [w[0] for w in sc.windows() if w not in usable]
                 src = self.pages[sc.source]
                 src.click("#start-ar")
                 src.wait_for_function("() => window.tilemesh.ar && window.tilemesh.ar.engine", timeout=60_000)
@@ -383,9 +402,9 @@ class Run:
                 self._pause(src, self.frame_timeout_s * 1e3)
                 for r in range(sc.repeats):
                     # Round robin, rotated every repeat: no strategy always runs first (warmest) or last.
-                    order = strategies[r % len(strategies):] + strategies[:r % len(strategies)]
-                    for s in order:
-                        windows.append(self.measure(s, r))
+                    order = usable[r % len(usable):] + usable[:r % len(usable)]
+                    for name, s, devs in order:
+                        windows.append(self.measure(s, r, name, devs))
                 for s in skipped:
                     windows.append({"strategy": s, "repeat": 0, "ok": False, "latencies_ms": [],
                                     "error": "edge peer has no compute profile (not ready): skipped"})
@@ -463,6 +482,11 @@ def predicted_sweeps(result: dict, strategies: list[str]) -> dict:
     if sc["source"] not in profiles:
         return {}
     graph = planner.cli_graph(None)  # the demo model setup built (what the run served)
+    if sc.get("variant"):
+        from tilemesh.server import model as model_mod  # noqa: PLC0415
+
+        static = REPO / "static"
+        graph = model_mod.prepare(model_mod.default_model(static), static).graph(sc["variant"])
     edge = next((d["name"] for d in sc["devices"] if d["kind"] == "edge" and d["name"] in profiles), None)
     src = sc["source"]
     devs = [src] + [n for n in profiles if n != src]
@@ -492,7 +516,8 @@ def write_results(result: dict, out_dir: Path, plots: bool = True) -> list[str]:
     written = ["results.json", "results.md"]
     if plots:
         try:
-            measured = [s for s, v in result["summary"].items() if "median_ms" in v]
+            # Windows over the first N devices ("tilemesh@3") are the strategy's own curve in the sweep.
+            measured = list(dict.fromkeys(s.split("@")[0] for s, v in result["summary"].items() if "median_ms" in v))
             result["sweeps"] = predicted_sweeps(result, measured)
             written += bench_report.plot_predictions(result["sweeps"], result["summary"], out_dir)
         except Exception as exc:  # noqa: BLE001 (plots are extras: never lose the measured numbers to them)

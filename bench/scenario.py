@@ -7,6 +7,10 @@
     repeats = 2               # each repeat runs every strategy once, in a rotated order
     warmup = 2                # frames run and discarded after every strategy switch
     strategies = ["single", "tilemesh"]   # optional: default all of tilemesh.planning.planner.STRATEGIES
+    variant = "heavy"         # optional: a variant of the served model (its card's `variants`), e.g. heavy mode
+    depth = 1                 # optional: frames in flight on the source (default 0: the AR loop's own tuning)
+    device_counts = [2, 3, 4] # optional: measure each strategy but "single" planned over the first N devices
+                              # (source first, file order) for each N, in the same run: windows "tilemesh@N"
 
     [[devices]]
     name = "phone"
@@ -34,7 +38,8 @@ KINDS = ("phone", "laptop", "edge")
 MODELS = ("mobilenet_v2",)
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 DEVICE_KEYS = {"name", "kind", "cores", "mbps", "delay_ms"}
-TOP_KEYS = {"name", "description", "source", "model", "frames", "repeats", "warmup", "strategies", "devices"}
+TOP_KEYS = {"name", "description", "source", "model", "frames", "repeats", "warmup", "strategies", "devices",
+            "variant", "device_counts", "depth"}
 
 
 class ScenarioError(ValueError):
@@ -65,6 +70,9 @@ class Scenario:
     warmup: int = 2
     strategies: tuple[str, ...] = STRATEGIES
     description: str = ""
+    variant: str | None = None
+    device_counts: tuple[int, ...] = ()
+    depth: int = 0
     path: str = field(default="", compare=False)
 
     @property
@@ -78,10 +86,28 @@ class Scenario:
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
 
+    def windows(self) -> list[tuple[str, str, tuple[str, ...] | None]]:
+        """(window name, strategy, devices planned over or None for all) per measurement window of a repeat.
+        With `device_counts`, "single" runs once and every other strategy once per count N, over the first N
+        devices (the source first, then file order)."""
+        if not self.device_counts:
+            return [(s, s, None) for s in self.strategies]
+        order = [self.source, *(d.name for d in self.devices if d.name != self.source)]
+        out = []
+        for s in self.strategies:
+            if s == "single":
+                out.append((s, s, (self.source,)))
+            else:
+                out += [(f"{s}@{n}", s, tuple(order[:n])) for n in self.device_counts]
+        return out
+
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source, "model": self.model,
                 "frames": self.frames, "repeats": self.repeats, "warmup": self.warmup,
-                "strategies": list(self.strategies), "devices": [d.__dict__ for d in self.devices]}
+                "strategies": list(self.strategies), "devices": [d.__dict__ for d in self.devices],
+                **({"variant": self.variant} if self.variant else {}),
+                **({"device_counts": list(self.device_counts)} if self.device_counts else {}),
+                **({"depth": self.depth} if self.depth else {})}
 
     def with_overrides(self, frames: int | None = None, repeats: int | None = None,
                        strategies: list[str] | None = None) -> Scenario:
@@ -169,8 +195,16 @@ def parse_scenario(raw, path: str = "<scenario>") -> Scenario:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ScenarioError(f"{path}: description must be a string")
+    variant = raw.get("variant")
+    if variant is not None and not (isinstance(variant, str) and variant.replace("_", "").replace("-", "").isalnum()):
+        raise ScenarioError(f"{path}: variant must be the name of one of the model card's variants, got {variant!r}")
+    counts = raw.get("device_counts", [])
+    if not isinstance(counts, list) or len(set(counts)) != len(counts) or any(
+            isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= len(devices) for n in counts):
+        raise ScenarioError(f"{path}: device_counts must be distinct integers in 2..{len(devices)} (the devices)")
     return Scenario(
-        name=name, source=source, devices=devices, model=model,
+        name=name, source=source, devices=devices, model=model, variant=variant, device_counts=tuple(counts),
+        depth=_integer(path, "depth", raw.get("depth", 0), 0),
         frames=_integer(path, "frames", raw.get("frames", 8), 1),
         repeats=_integer(path, "repeats", raw.get("repeats", 2), 1),
         warmup=_integer(path, "warmup", raw.get("warmup", 2), 0),

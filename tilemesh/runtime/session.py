@@ -231,6 +231,7 @@ class RequestPlan(Event):
     kind: ClassVar[str] = "request_plan"
     strategy: str | None = None
     variant: str | None = None  # one of the model card's variants (e.g. "heavy"); None: the model as served
+    devices: tuple[str, ...] | None = None  # plan over these devices only (and this one); None: every ready one
 
 
 @dataclass(frozen=True)
@@ -459,7 +460,9 @@ class DeviceSession:
     # --- plans ----------------------------------------------------------------------------------------------
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
-        fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant)) if v is not None}
+        fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
+                                    ("devices", list(ev.devices) if ev.devices is not None else None))
+                  if v is not None}
         return [Signal("plan_request", fields)]
 
     def _on_plan(self, ev: PlanIn, now: float) -> list[Effect]:
@@ -611,6 +614,8 @@ def event_from_dict(d: dict) -> Event:
     extra = set(d) - names
     if extra:
         raise ValueError(f"{kind} event has unknown fields {sorted(extra)}")
+    if cls is RequestPlan and d.get("devices") is not None:
+        d["devices"] = tuple(str(x) for x in d["devices"])
     if cls is LinkMeasured and "rtts_ms" in d:
         d["rtts_ms"] = tuple(d["rtts_ms"])
     if cls is Computed and isinstance(d.get("outputs"), dict):

@@ -71,6 +71,7 @@ export class RoomArEngine {
     // The model variant the room runs (heavy mode: ?variant=heavy or the page's mode picker); null: as served.
     this.variant = null;
     this.setVariant(q.get("variant"));
+    this.devices = null;  // plan over these peers only (set by benchmarks); null: every ready device
     room.addEventListener("replan", () => { this.planning = null; });
   }
 
@@ -101,7 +102,7 @@ export class RoomArEngine {
   async _ensurePlan() {
     if (this.room.plan && (this.room.plan.variant ?? null) !== this.variant) this.room.plan = null;
     if (this.room.plan) return true;
-    this.planning ??= this.room.requestPlan(this.strategy, this.variant)
+    this.planning ??= this.room.requestPlan(this.strategy, this.variant, this.devices)
       .catch((err) => { this.lastError = err.message; })
       .finally(() => setTimeout(() => { this.planning = null; }, 1000));
     await this.planning;

@@ -74,9 +74,10 @@ export class RoomEngine extends EventTarget {
     return { compute: this.compute, links: this.links };
   }
 
-  // `variant`: one of the model card's variants (e.g. "heavy"); null: the model as served.
-  requestPlan(strategy = "tilemesh", variant = null) {
-    this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}) });
+  // `variant`: one of the model card's variants (e.g. "heavy"); null: the model as served. `devices`: plan over
+  // these peers only (benchmarks: rooms of 1..N equal phones in one run); null: every ready device.
+  requestPlan(strategy = "tilemesh", variant = null, devices = null) {
+    this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}), ...(devices ? { devices } : {}) });
     return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
   }
 

@@ -54,6 +54,24 @@ def test_defaults_and_overrides():
     assert sc2.frames == 3 and sc2.strategies == ("single", "tilemesh") and sc2.repeats == 2
 
 
+def test_n_equal_phones_in_one_run():
+    """heavy.toml: the camera phone alone, then tilemesh over the first 2, 3 and 4 phones, all in one run."""
+    sc = load_scenario("heavy")
+    assert sc.variant == "heavy" and sc.depth == 1 and len({(d.cores, d.mbps) for d in sc.devices}) == 1
+    assert sum(d.cores for d in sc.devices) < 2  # fits the machine's 2 cores
+    assert sc.windows() == [("single", "single", ("phone1",)),
+                            ("tilemesh@2", "tilemesh", ("phone1", "phone2")),
+                            ("tilemesh@3", "tilemesh", ("phone1", "phone2", "phone3")),
+                            ("tilemesh@4", "tilemesh", ("phone1", "phone2", "phone3", "phone4"))]
+    normal = load_scenario("phones")
+    assert normal.variant is None and normal.devices == sc.devices and normal.windows() == sc.windows()
+    # Without device_counts every strategy is one window over every device; the source comes first.
+    plain = parse_scenario(scenario(source="lap", strategies=["single", "tilemesh"], device_counts=[2]))
+    assert plain.windows()[1] == ("tilemesh@2", "tilemesh", ("lap", "phone"))
+    assert parse_scenario(scenario()).windows()[0] == ("single", "single", None)
+    assert parse_scenario(sc.to_dict()) == sc
+
+
 def test_json_and_toml_files_agree(tmp_path):
     raw = scenario(frames=4)
     (tmp_path / "a.json").write_text(json.dumps(raw))
@@ -86,6 +104,11 @@ def test_json_and_toml_files_agree(tmp_path):
     ({"strategies": ["single", "single"]}, "strategies listed twice"),
     ({"model": "resnet50"}, "model must be one of"),
     ({"colour": "red"}, "unknown key(s) ['colour']"),
+    ({"variant": "he avy"}, "variant must be the name"),
+    ({"device_counts": [2, 3]}, "device_counts must be distinct integers in 2..2"),
+    ({"device_counts": [1]}, "device_counts must be"),
+    ({"device_counts": [2, 2]}, "device_counts must be"),
+    ({"depth": -1}, "depth must be an integer >= 0"),
 ])
 def test_bad_scenarios_say_what_is_wrong(change, message):
     with pytest.raises(ScenarioError) as err:

@@ -362,20 +362,42 @@ def _split_family(graph, costs: _Costs, profiles, links, source, devs, shape, fu
                                              (split,) * (k + 1) + (Split.whole(g),))))
             if best_k is None or total < best_k[0]:
                 best_k = (total, k)
-        # Rebalance on the segments that the best ending keeps split: speed = share / time taken.
+        # Rebalance on the segments that the best ending keeps split, so that devices finish together.
         k = best_k[1] if best_k else len(bounds) - 1
         t_dev = {d: 0.0 for d in devs}
         for t in plan.tasks:
             if t.segment <= k and t.device in t_dev:
                 t_dev[t.device] += secs[id(t)]
-        share = _area_shares(split, devs)
         if min(t_dev.values()) <= 0:
             break
-        balance = max(t_dev.values()) / min(t_dev.values())
+        arrival = _input_arrival(graph, plan, links, options)
+        finish = {d: arrival.get(d, 0.0) + t_dev[d] for d in devs}
+        balance = max(finish.values()) / min(finish.values())
         if balance > best_balance * 0.999 or balance < 1.03:
             break
         best_balance = balance
-        v = {d: share[d] / t_dev[d] for d in devs}
+        v = rebalanced_speeds(_area_shares(split, devs), t_dev, arrival)
+    return out
+
+
+def rebalanced_speeds(share: dict[str, float], busy: dict[str, float], arrival: dict[str, float]) -> dict[str, float]:
+    """Shares for the next split (as weights): each device computes `share[d]` of the frame in `busy[d]` seconds
+    once its part of the frame has arrived (`arrival[d]` s after the start; the source's own part at 0). Solves
+    `arrival[d] + new_share[d] * busy[d] / share[d] = T` for one finish time T over all devices, so a device whose
+    input comes last over the source's uplink gets less: with equal devices and a link-bound scatter, the source
+    (whose pixels are already there) takes the most. Without arrivals this is speed = share / time."""
+    rate = {d: share[d] / busy[d] for d in share}  # frame fraction per second
+    t = (1.0 + sum(arrival.get(d, 0.0) * r for d, r in rate.items())) / sum(rate.values())
+    return {d: max(t - arrival.get(d, 0.0), 0.05 * t) * r for d, r in rate.items()}
+
+
+def _input_arrival(graph, plan: Plan, links, options) -> dict[str, float]:
+    """When each device has its part of the camera frame (the source sends them one after another)."""
+    sim = LinkSim(links, options.get("default_link"), False, float(options.get("per_transfer_s", 0.0)))
+    out: dict[str, float] = {}
+    for tr in plan.input_send:
+        end = sim.send(tr.src, tr.dst, tensor_bytes(graph, tr.tensor, tr.region, INPUT_ITEMSIZE), 0.0)
+        out[tr.dst] = max(out.get(tr.dst, 0.0), end)
     return out
 
 

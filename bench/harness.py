@@ -58,7 +58,7 @@ INSTRUMENT = """() => {
   b.resume = (budget) => { b.budget = budget ?? Infinity; b.paused = false; b.idle = false;
     const w = b.wake; b.wake = []; w.forEach((f) => f()); };
   const classify = ar.classify.bind(ar);
-  ar.classify = async (frame) => {
+  ar.classify = async (...args) => {  // (frame, size): every argument passes through
     if (b.budget <= 0) b.paused = true;
     while (b.paused) { b.idle = b.inflight === 0; await new Promise((r) => { b.wake.push(r); }); }
     b.idle = false;
@@ -66,7 +66,7 @@ INSTRUMENT = """() => {
     b.inflight += 1;
     const t0 = performance.now();
     let r;
-    try { r = await classify(frame); } finally { b.inflight -= 1; if (b.paused && b.inflight === 0) b.idle = true; }
+    try { r = await classify(...args); } finally { b.inflight -= 1; if (b.paused && b.inflight === 0) b.idle = true; }
     const t1 = performance.now();
     b.frames.push({ t0, t1, strategy: r.plan ? r.plan.strategy : null, plan_id: r.plan ? r.plan.plan_id : null,
       top1: r.top && r.top[0] ? r.top[0].label : null, report: r.report || null });

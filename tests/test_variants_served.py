@@ -192,3 +192,4 @@ def test_request_plan_carries_the_variant():
 def test_the_compact_model_is_unchanged_by_variants(tiny_v, tmp_path):
     bundle = model_mod.prepare(tiny_v, tmp_path / "static")
     assert load_compact(bundle.dir / "graph.json").shapes["x"] == (1, 3, SIZE, SIZE)
+

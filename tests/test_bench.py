@@ -62,7 +62,10 @@ def test_n_equal_phones_in_one_run():
     assert sc.windows() == [("single", "single", ("phone1",)),
                             ("tilemesh@2", "tilemesh", ("phone1", "phone2")),
                             ("tilemesh@3", "tilemesh", ("phone1", "phone2", "phone3")),
-                            ("tilemesh@4", "tilemesh", ("phone1", "phone2", "phone3", "phone4"))]
+                            ("tilemesh@4", "tilemesh", ("phone1", "phone2", "phone3", "phone4")),
+                            ("equal_split@2", "equal_split", ("phone1", "phone2")),
+                            ("equal_split@3", "equal_split", ("phone1", "phone2", "phone3")),
+                            ("equal_split@4", "equal_split", ("phone1", "phone2", "phone3", "phone4"))]
     normal = load_scenario("phones")
     assert normal.variant is None and normal.devices == sc.devices and normal.windows() == sc.windows()
     # Without device_counts every strategy is one window over every device; the source comes first.

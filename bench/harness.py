@@ -179,12 +179,15 @@ def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict]
     # Bytes: the source reports every frame; the others every 4th (room_engine REPORT_EVERY). A device's mean
     # over its reports under this plan stands for each of its frames: a plan's transfers do not vary by frame.
     seen: dict[tuple[str, int], int] = {}
+    compute: dict[tuple[str, int], float] = {}
     reports = [f["report"] for f in ours if f.get("report") and f["plan_id"] == plan_id]
     reports += [b["report"] for b in broadcasts if b.get("plan_id") == plan_id and b.get("report")]
     frame_ids = {r["frame"] for r in reports if r["device"] == (plan or {}).get("source")}
     for r in reports:
         if not frame_ids or r["frame"] in frame_ids:  # the same report may come from a page and a broadcast
             seen[(r["device"], int(r["frame"]))] = int(r["bytes_sent"])
+            if r.get("compute_ms") is not None:
+                compute[(r["device"], int(r["frame"]))] = float(r["compute_ms"])
     per_dev: dict[str, list[int]] = {}
     for (dev, _), nbytes in sorted(seen.items()):
         per_dev.setdefault(dev, []).append(nbytes)
@@ -192,10 +195,17 @@ def window_from_frames(strategy: str, frames: list[dict], broadcasts: list[dict]
     w["reports_seen"] = {names.get(d, d): len(v) for d, v in per_dev.items()}
     w["reports_raw"] = len(reports)
     w["bytes_per_frame"] = sum(w["bytes_sent_by_device"].values())
+    # Each device's compute per frame (its tasks' run times, as it reported them): the rest of a frame's latency
+    # is waiting for input, halos and the gather, and the glue around each message.
+    per_dev_ms: dict[str, list[float]] = {}
+    for (dev, _), ms in sorted(compute.items()):
+        per_dev_ms.setdefault(dev, []).append(ms)
+    w["compute_ms_by_device"] = {names.get(d, d): sum(v) / len(v) for d, v in per_dev_ms.items()}
     if plan:
         devs = (plan.get("timeline") or {}).get("devices", {})
         macs = {d: v.get("macs", 0) for d, v in devs.items()}
         total = sum(macs.values())
+        w["predicted_compute_ms_by_device"] = {names.get(d, d): 1e3 * v.get("compute_s", 0.0) for d, v in devs.items()}
         w.update(plan_id=plan.get("plan_id"), label=plan.get("label"), predicted_ms=plan.get("predicted_ms"),
                  devices=[names.get(d, d) for d in plan.get("devices", [])],
                  predicted_bytes_per_frame=sum(v.get("bytes_sent", 0) for v in devs.values()),
@@ -326,7 +336,10 @@ class Run:
         if w["ok"]:
             log(f"{name:<18} repeat {repeat}: median {sorted(w['latencies_ms'])[n // 2]:.0f} ms over {n} frames, "
                 f"predicted {w.get('predicted_ms') or 0:.0f} ms, phone CPU {w['source_cpu_s'] / n:.3f} s/frame "
-                f"({w.get('label')})")
+                f"({w.get('label')}); compute ms/frame measured "
+                + ", ".join(f"{d} {v:.0f}" for d, v in w.get("compute_ms_by_device", {}).items())
+                + " predicted " + ", ".join(f"{d} {v:.0f}" for d, v in
+                                            (w.get("predicted_compute_ms_by_device") or {}).items()))
         return w
 
     # ------------------------------------------------------------------ the whole run

@@ -249,11 +249,11 @@ def test_window_from_frames_counts_bytes_once_per_device_and_frame():
             "timeline": {"devices": {"P1": {"macs": 100, "bytes_sent": 1000}, "P2": {"macs": 100, "bytes_sent": 500},
                                      "E": {"macs": 200, "bytes_sent": 40}}}}
     frames = [{"t0": 0, "t1": 100, "strategy": "tilemesh", "plan_id": 7, "top1": "cup",
-               "report": {"device": "P1", "frame": 9, "bytes_sent": 1000}},
+               "report": {"device": "P1", "frame": 9, "bytes_sent": 1000, "compute_ms": 60.0}},
               {"t0": 110, "t1": 230, "strategy": "tilemesh", "plan_id": 7, "top1": "cup",
-               "report": {"device": "P1", "frame": 10, "bytes_sent": 1000}},
+               "report": {"device": "P1", "frame": 10, "bytes_sent": 1000, "compute_ms": 80.0}},
               {"t0": 240, "t1": 300, "strategy": None, "plan_id": None, "top1": "cup", "report": None}]
-    reports = [{"plan_id": 7, "report": {"device": "P2", "frame": 9, "bytes_sent": 500}},
+    reports = [{"plan_id": 7, "report": {"device": "P2", "frame": 9, "bytes_sent": 500, "compute_ms": 30.0}},
                {"plan_id": 7, "report": {"device": "P2", "frame": 9, "bytes_sent": 500}},   # page + broadcast
                {"plan_id": 7, "report": {"device": "P2", "frame": 8, "bytes_sent": 999}},   # a warm-up frame
                {"plan_id": 6, "report": {"device": "E", "frame": 9, "bytes_sent": 7}}]      # an older plan
@@ -262,6 +262,7 @@ def test_window_from_frames_counts_bytes_once_per_device_and_frame():
     assert w["plan_ids"] == [7]
     assert w["bytes_sent_by_device"] == {"phone": 1000, "laptop": 500}
     assert w["bytes_per_frame"] == 1500 and w["predicted_bytes_per_frame"] == 1540
+    assert w["compute_ms_by_device"] == {"phone": 70.0, "laptop": 30.0}  # mean over frames, each frame once
     assert w["edge_mac_share"] == 0.5 and w["bytes_missing_devices"] == ["edge"]
     assert w["label"] == "split over phone,laptop" and w["devices"] == ["phone", "laptop", "edge"]
     none = window_from_frames("tilemesh", frames[2:], [], None, {}, None)

@@ -371,6 +371,7 @@ class Run:
                 for d in sc.browsers:
                     args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
                     query = f"kind={d.kind}&strategy={first}"
+                    query += f"&ort_threads={sc.ort_threads}" if sc.ort_threads else ""
                     if d.name == sc.source:
                         args.append(f"--use-file-for-fake-video-capture={cam}")
                         query += f"&variant={sc.variant}" if sc.variant else ""

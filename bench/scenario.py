@@ -8,6 +8,7 @@
     warmup = 2                # frames run and discarded after every strategy switch
     strategies = ["single", "tilemesh"]   # optional: default all of tilemesh.planning.planner.STRATEGIES
     variant = "heavy"         # optional: a variant of the served model (its card's `variants`), e.g. heavy mode
+    ort_threads = 1           # optional: onnxruntime-web threads in every browser (default 0: the page's own choice)
     depth = 1                 # optional: frames in flight on the source (default 0: the AR loop's own tuning)
     device_counts = [2, 3, 4] # optional: measure each strategy but "single" planned over the first N devices
                               # (source first, file order) for each N, in the same run: windows "tilemesh@N"
@@ -39,7 +40,7 @@ MODELS = ("mobilenet_v2",)
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 DEVICE_KEYS = {"name", "kind", "cores", "mbps", "delay_ms"}
 TOP_KEYS = {"name", "description", "source", "model", "frames", "repeats", "warmup", "strategies", "devices",
-            "variant", "device_counts", "depth"}
+            "variant", "device_counts", "depth", "ort_threads"}
 
 
 class ScenarioError(ValueError):
@@ -73,6 +74,7 @@ class Scenario:
     variant: str | None = None
     device_counts: tuple[int, ...] = ()
     depth: int = 0
+    ort_threads: int = 0
     path: str = field(default="", compare=False)
 
     @property
@@ -107,7 +109,8 @@ class Scenario:
                 "strategies": list(self.strategies), "devices": [d.__dict__ for d in self.devices],
                 **({"variant": self.variant} if self.variant else {}),
                 **({"device_counts": list(self.device_counts)} if self.device_counts else {}),
-                **({"depth": self.depth} if self.depth else {})}
+                **({"depth": self.depth} if self.depth else {}),
+                **({"ort_threads": self.ort_threads} if self.ort_threads else {})}
 
     def with_overrides(self, frames: int | None = None, repeats: int | None = None,
                        strategies: list[str] | None = None) -> Scenario:
@@ -205,6 +208,7 @@ def parse_scenario(raw, path: str = "<scenario>") -> Scenario:
     return Scenario(
         name=name, source=source, devices=devices, model=model, variant=variant, device_counts=tuple(counts),
         depth=_integer(path, "depth", raw.get("depth", 0), 0),
+        ort_threads=_integer(path, "ort_threads", raw.get("ort_threads", 0), 0),
         frames=_integer(path, "frames", raw.get("frames", 8), 1),
         repeats=_integer(path, "repeats", raw.get("repeats", 2), 1),
         warmup=_integer(path, "warmup", raw.get("warmup", 2), 0),

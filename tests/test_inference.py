@@ -48,7 +48,7 @@ def test_planner_inputs_keep_ready_measured_connected_peers(base_profile):
 
 def test_plan_message_is_a_small_spec_with_baselines(graph, base_profile, tmp_path):
     inf = inference.Inference(tmp_path)
-    inf._graph = graph
+    inf._graphs[None] = graph
     room = rooms.Room(id="r", created_at=0, peers=(
         peer("paaaa", profile={"compute": scaled_profile(base_profile, 0.05)}),
         peer("pbbbb", kind="laptop", profile={"compute": scaled_profile(base_profile, 0.1)}),

@@ -145,7 +145,9 @@ def test_planner_plans_on_the_variant_and_a_room_computes_it_split(tiny_v, tmp_p
 
     classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json",
                                             bundle.dir / "card.json")
+    assert classifier.variants == {}  # loaded when a plan needs it
     assert classifier.variant("big").graph.weights is classifier.graph.weights
+    assert classifier.variant("big") is classifier.variants["big"]
     a, b = msg["devices"]
     r = FakeRoom({d: S.DeviceSession(classifier) for d in (a, b)}, seed=1)
     r.open_links()
@@ -189,7 +191,19 @@ def test_request_plan_carries_the_variant():
         protocol.parse(json.dumps({"v": protocol.VERSION, "type": "plan_request", "variant": 3}))
 
 
-def test_the_compact_model_is_unchanged_by_variants(tiny_v, tmp_path):
+def test_the_compact_model_is_unchanged_by_variants_and_a_missing_variant_file_is_a_clear_error(tiny_v, tmp_path):
     bundle = model_mod.prepare(tiny_v, tmp_path / "static")
     assert load_compact(bundle.dir / "graph.json").shapes["x"] == (1, 3, SIZE, SIZE)
+    # A page that fetched only the model's own files still loads it; a plan for the variant then fails clearly.
+    only = tmp_path / "only"
+    only.mkdir()
+    for f in ("graph.json", "graph.bin", "labels.json", "card.json"):
+        (only / f).write_bytes((bundle.dir / f).read_bytes())
+    classifier = LocalClassifier.from_files(only / "graph.json", only / "labels.json", only / "card.json")
+    with pytest.raises(ValueError, match="variant 'big'.*not readable"):
+        classifier.variant("big")
+    s = S.DeviceSession(classifier)
+    spec = {"plan_id": 1, "source": "me", "cuts": [], "splits": [{"devices": [["me"]]}], "variant": "big"}
+    (err,) = s.handle(S.PlanIn({"plan_id": 1, "source": "me", "devices": ["me"], "spec": spec}, "me"), 0.0)
+    assert err.what == "error" and "variant 'big'" in err.detail["message"]
 

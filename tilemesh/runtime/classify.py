@@ -47,13 +47,22 @@ class LocalClassifier:
         self.backend = backend or NumpyBackend(graph)
         self.pre = pre
         self.variants: dict[str, LocalClassifier] = {}  # the card's variants: same weights, other input sizes
+        self.variant_files: dict[str, tuple[Path, Preprocessing]] = {}  # loaded on first use
 
     def variant(self, key: str | None) -> LocalClassifier:
-        """This model (`key` None) or its variant `key`; raises ValueError for a variant it does not have."""
+        """This model (`key` None) or its variant `key`, loaded from its file on first use; raises ValueError for
+        a variant the card does not have or whose file is missing."""
         if key is None:
             return self
         if key not in self.variants:
-            raise ValueError(f"the model has no variant {key!r} (it has {sorted(self.variants)})")
+            if key not in self.variant_files:
+                raise ValueError(f"the model has no variant {key!r} (it has {sorted(self.variant_files)})")
+            path, pre = self.variant_files[key]
+            try:
+                meta = path.read_text()
+            except OSError as exc:
+                raise ValueError(f"variant {key!r}: {path} not readable ({exc})") from None
+            self.variants[key] = LocalClassifier(compact_variant(self.graph, meta), self.labels, pre=pre)
         return self.variants[key]
 
     @classmethod
@@ -65,8 +74,7 @@ class LocalClassifier:
         labels = json.loads(Path(labels_json).read_text())
         out = cls(load_compact(model_json), labels, pre=Preprocessing.from_card(card) if card else IMAGENET)
         for key, v in ((card or {}).get("variants") or {}).items():
-            meta = Path(model_json).with_name(f"variant-{key}.json").read_text()
-            out.variants[key] = cls(compact_variant(out.graph, meta), labels, pre=Preprocessing.from_card(v))
+            out.variant_files[key] = (Path(model_json).with_name(f"variant-{key}.json"), Preprocessing.from_card(v))
         return out
 
     def logits(self, frame: np.ndarray) -> np.ndarray:

@@ -594,7 +594,7 @@ EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, Li
                                      Tick)}
 
 
-PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms")
+PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant")
 
 
 def plan_summary(plan: dict | None) -> dict | None:

@@ -98,6 +98,20 @@ def _variants(case):
     return f"batch {x.shape[0]}"
 
 
+def _graphs(op, cases):
+    """(case name, graph, x, expected) for each case of `op` the importer takes."""
+    for case in cases.get(op, []):
+        v = _variants(case)
+        if isinstance(v, str):
+            continue
+        for model, x, want in v:
+            try:
+                graph = load_onnx(model)
+            except UnsupportedOpError:
+                break
+            yield case, graph, np.ascontiguousarray(x), want
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_op_matches_onnx_node_test_data(op, cases, capsys):
     ran, skipped, refused = [], [], []
@@ -123,3 +137,21 @@ def test_op_matches_onnx_node_test_data(op, cases, capsys):
         print(f"\n{op}: {len(ran)} ONNX node cases ran, {len(refused)} refused, {len(skipped)} do not fit"
               + "".join(f"\n    refused {r}" for r in refused))
     assert len(ran) >= MIN_RUN.get(op, 0), (ran, skipped)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_task_model_on_onnxruntime_equals_numpy(op, cases):
+    """Every node case the importer takes, written as the task model the ONNX engines run (onnx_proto, no onnx
+    package) and run by onnxruntime, equals the numpy kernels within 1e-5: each op has an engine lowering."""
+    import onnxruntime as ort
+
+    from tilemesh.runtime.task_model import graph_model
+
+    ran = 0
+    for case, graph, x, _ in _graphs(op, cases):
+        ref = run_graph(graph, x)
+        sess = ort.InferenceSession(graph_model(graph).model, providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {graph.input: x})
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=case.name)
+        ran += 1
+    assert ran >= MIN_RUN.get(op, 0)

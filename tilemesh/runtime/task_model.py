@@ -12,9 +12,15 @@ length) pointing into the compact model's weight blob that every device already 
 onnxruntime-web takes that blob once per session as `externalData`, native onnxruntime through
 `add_external_initializers_from_files_in_memory`. Without it the weights are inlined (raw data).
 
-`lower_node` is the one place that maps an IR node to ONNX; it is generic: attributes pass through under their
-ONNX names (only `kernel` is renamed), params become inputs after the activations, and the few normalized forms
-of the importer go back (Clip's bounds and Reshape's shape as constant inputs, a constant operand's position).
+`lower_node` is the one place that maps an IR node to ONNX, for every op the importer emits. Most ops are
+generic: attributes pass through under their ONNX names (only `kernel` is renamed), params become inputs after
+the activations, and the few normalized forms of the importer go back (Clip's bounds and Reshape's shape as
+constant inputs, a constant operand's position). The others become a few ONNX nodes computing what the numpy
+kernel computes on the same tile: a legacy Softmax as Flatten/Softmax/Reshape, a channel shuffle as Gather, and
+the resampling ops (Pad, Resize, ConvTranspose, DepthToSpace) as their raw output on the tile followed by the
+tile's adjustment (Pad for added rows, Slice for removed ones; `deps.resample_rule`). Resize uses ONNX Resize
+only where onnxruntime maps coordinates as the kernel does (linear, integer scales); otherwise the kernel's own
+source indices and weights become Gathers and a blend, so no mode or scale can differ.
 """
 
 from __future__ import annotations
@@ -30,14 +36,20 @@ from .onnx_proto import External, Initializer, OnnxNode, model_bytes
 from .regions import Region, is_spatial, plane
 
 _RENAME = {"kernel": "kernel_shape"}
-# The IR ops `lower_node` writes (their IR attributes are ONNX's, up to the normalizations undone below). Other
-# ops (the importer keeps gaining them) raise `NotLowerable`: that task runs on numpy instead, per task.
-ENGINE_OPS = frozenset({
+# Elementwise and channel-local ops whose IR attributes are ONNX's as they are.
+_PLAIN_OPS = frozenset({
     "Conv", "Clip", "Relu", "Add", "Mul", "Sub", "Div", "Sigmoid", "HardSwish", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
-    # Elementwise activations whose IR attributes (alpha, beta) and params (PRelu's slope) are ONNX's as they are.
-    "PRelu", "HardSigmoid", "LeakyRelu", "Elu", "Tanh", "Softplus",
+    "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
+    "PRelu", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Exp", "LRN",
 })
+# Ops written as several ONNX nodes (see `lower_node`): normalized IR forms, and the resampling ops whose
+# attrs["pads"] adjusts their raw output per tile (kernels._adjust): the op, then Pad (added rows, in the op's
+# mode) and Slice (removed rows).
+_COMPOSED_OPS = frozenset({"Softmax", "LogSoftmax", "Gather", "Sum", "Max", "Min", "Mean", "SpaceToDepth",
+                           "Pad", "Resize", "ConvTranspose", "DepthToSpace"})
+# The IR ops `lower_node` writes: every op the importer emits (graph.SUPPORTED_OPS). An op outside it raises
+# `NotLowerable`: that task runs on numpy instead, per task.
+ENGINE_OPS = _PLAIN_OPS | _COMPOSED_OPS
 
 
 class NotLowerable(ValueError):
@@ -52,16 +64,30 @@ def check_lowerable(nodes) -> None:
 _DEFAULT_DILATIONS_DROPPED = frozenset({"MaxPool", "AveragePool"})
 
 
-def lower_node(node: Node, inputs: list[str] | None = None, pads=None) -> tuple[OnnxNode, dict[str, np.ndarray]]:
-    """The ONNX node for IR `node` reading `inputs` (default: its own), with `pads` overriding its padding.
+def _opset(nodes, opset: int) -> int:
+    """`opset`, raised to 19 where a dilated AveragePool needs it (no op the writer emits changes meaning
+    between 17 and 19)."""
+    dilated = any(n.op == "AveragePool" and tuple(n.attrs.get("dilations", (1, 1))) != (1, 1) for n in nodes)
+    return max(opset, 19) if dilated else opset
+_INT64_MAX = np.iinfo(np.int64).max
 
-    Returns the node and the small constants it needs as initializers (name -> array); weights (`node.params`)
-    are referenced by their graph names.
+
+def lower_node(node: Node, inputs: list[str] | None = None, pads=None,
+               in_shape: tuple[int, ...] | None = None) -> tuple[list[OnnxNode], dict[str, np.ndarray]]:
+    """The ONNX nodes for IR `node` reading `inputs` (default: its own), with `pads` overriding its padding
+    (a window op's pads; a resampling op's adjustment of its raw output), its first input shaped `in_shape`.
+
+    Returns the nodes (the last one writes `node.output`) and the small constants they need as initializers
+    (name -> array); weights (`node.params`) are referenced by their graph names.
     """
     attrs = dict(node.attrs)
     if pads is not None:
         attrs["pads"] = tuple(int(p) for p in pads)
     ins = list(node.inputs if inputs is None else inputs)
+    if node.op in _COMPOSED_OPS:
+        return _Composer(node, ins, attrs, in_shape).lower()
+    if node.op not in _PLAIN_OPS:
+        raise NotLowerable(f"no ONNX lowering for {node.op} (node {node.name})")
     params = list(node.params)
     consts: dict[str, np.ndarray] = {}
     if node.op == "Clip":
@@ -78,7 +104,135 @@ def lower_node(node: Node, inputs: list[str] | None = None, pads=None) -> tuple[
     if node.op in _DEFAULT_DILATIONS_DROPPED and tuple(attrs.get("dilations", (1, 1))) == (1, 1):
         attrs.pop("dilations", None)
     onnx_attrs = {_RENAME.get(k, k): v for k, v in attrs.items()}
-    return OnnxNode(node.op, ins + params, [node.output], onnx_attrs, name=node.name), consts
+    return [OnnxNode(node.op, ins + params, [node.output], onnx_attrs, name=node.name)], consts
+
+
+class _Composer:
+    """Writes one IR node whose ONNX form is several nodes or needs its input's shape (`lower_node`)."""
+
+    def __init__(self, node: Node, ins: list[str], attrs: dict, in_shape):
+        self.node, self.ins, self.a, self.in_shape = node, ins, attrs, in_shape
+        self.nodes: list[OnnxNode] = []
+        self.consts: dict[str, np.ndarray] = {}
+        self.n = 0
+
+    def const(self, tag: str, value) -> str:
+        name = f"{self.node.name}.{tag}"
+        self.consts[name] = np.asarray(value)
+        return name
+
+    def emit(self, op: str, ins, attrs=None, out: str | None = None) -> str:
+        self.n += 1
+        out = out or f"{self.node.output}.{self.n}"
+        self.nodes.append(OnnxNode(op, list(ins), [out], attrs or {}, name=f"{self.node.name}.{self.n}"))
+        return out
+
+    def shape(self) -> tuple[int, ...]:
+        if self.in_shape is None:
+            raise NotLowerable(f"{self.node.op} node {self.node.name}: lowering needs its input's shape")
+        return tuple(int(d) for d in self.in_shape)
+
+    def lower(self) -> tuple[list[OnnxNode], dict[str, np.ndarray]]:
+        node, a, x = self.node, self.a, self.ins[0]
+        op, out = node.op, node.output
+        if op in ("Softmax", "LogSoftmax"):
+            if a.get("legacy"):  # over every axis from `axis` on: flatten, normalize the last axis, restore
+                flat = self.emit("Flatten", [x], {"axis": int(a["axis"])})
+                y = self.emit(op, [flat], {"axis": -1})
+                self.emit("Reshape", [y, self.const("shape", np.asarray(self.shape(), np.int64))], out=out)
+            else:
+                self.emit(op, [x], {"axis": int(a["axis"])}, out=out)
+        elif op == "Gather":
+            self.emit("Gather", [x, self.const("indices", np.asarray(a["indices"], np.int64))],
+                      {"axis": int(a.get("axis", 1))}, out=out)
+        elif op in ("Sum", "Max", "Min", "Mean"):
+            ops = list(self.ins)
+            for pos, key in zip(a.get("const_positions", ()), node.params, strict=True):
+                ops.insert(pos, key)
+            self.emit(op, ops, out=out)
+        elif op == "SpaceToDepth":
+            bs = int(a["blocksize"])
+            if a.get("mode", "DCR") == "DCR":
+                self.emit(op, [x], {"blocksize": bs}, out=out)
+            else:  # CRD (ONNX's SpaceToDepth has it from opset 28 only): the kernel's reshape-transpose-reshape
+                _, c, h, w = self.shape()
+                blocks = self.emit("Reshape", [x, self.const("blocks", np.int64([1, c, h // bs, bs, w // bs, bs]))])
+                moved = self.emit("Transpose", [blocks], {"perm": (0, 1, 3, 5, 2, 4)})
+                self.emit("Reshape", [moved, self.const("shape", np.int64([1, c * bs * bs, h // bs, w // bs]))],
+                          out=out)
+        elif op == "Pad":
+            c0, c1 = a.get("channel_pads", (0, 0))
+            value = float(a.get("value", 0.0))
+            if c0 or c1:
+                x = self.emit("Pad", [x, self.const("cpads", np.int64([0, c0, 0, 0, 0, c1, 0, 0])),
+                                      self.const("value", np.float32(value))], {"mode": "constant"})
+            self.adjust(x, a["pads"], a.get("mode", "constant"), value)
+        elif op == "DepthToSpace":
+            raw = self.emit(op, [x], {"blocksize": int(a["blocksize"]), "mode": a.get("mode", "DCR")})
+            self.adjust(raw, a.get("pads", (0, 0, 0, 0)))
+        elif op == "ConvTranspose":
+            w, b = node.params
+            raw = self.emit(op, [x, w], {"kernel_shape": tuple(a["kernel"]), "strides": tuple(a["strides"]),
+                                         "dilations": tuple(a["dilations"]), "group": int(a.get("group", 1))})
+            y = self.adjust(raw, a["pads"], out=f"{out}.adjusted")
+            bias = self.emit("Reshape", [b, self.const("bias_shape", np.int64([1, -1, 1, 1]))])
+            self.emit("Add", [y, bias], out=out)  # after the adjustment, as the kernel: added rows get the bias
+        else:  # Resize
+            self.adjust(self.resize(x), a["pads"])
+        return self.nodes, self.consts
+
+    def adjust(self, x: str, adj, mode: str = "constant", value: float = 0.0, out: str | None = None) -> str:
+        """kernels._adjust: add rows/columns where `adj` is positive (Pad in `mode`), remove them where it is
+        negative (Slice); writes `out` (default the node's output)."""
+        out = out or self.node.output
+        t, left, b, r = (int(v) for v in adj)
+        pos, neg = [max(v, 0) for v in (t, left, b, r)], [max(-v, 0) for v in (t, left, b, r)]
+        if any(pos):
+            pin = [x, self.const("pads", np.int64([0, 0, pos[0], pos[1], 0, 0, pos[2], pos[3]]))]
+            if mode == "constant":
+                pin.append(self.const("value", np.float32(value)))
+            x = self.emit("Pad", pin, {"mode": mode}, out=None if any(neg) else out)
+        if any(neg):
+            ends = [-neg[2] if neg[2] else _INT64_MAX, -neg[3] if neg[3] else _INT64_MAX]
+            x = self.emit("Slice", [x, self.const("starts", np.int64(neg[:2])), self.const("ends", np.int64(ends)),
+                                    self.const("axes", np.int64([2, 3]))], out=out)
+        if x != out:
+            self.emit("Identity", [x], out=out)
+        return out
+
+    def resize(self, x: str) -> str:
+        """Resize's raw output on this input (kernels.resize before its adjustment). Linear with integer scales
+        and a coordinate mapping onnxruntime computes as the kernel does: ONNX Resize. Otherwise (nearest, other
+        scales or mappings): the kernel's own source indices and weights (kernels._resize_axis) as Gathers and
+        a blend, so every mode and scale gives the kernel's numbers, exactly for nearest."""
+        from .kernels import _resize_axis, resize_out_len
+
+        a = self.a
+        shape = self.shape()
+        hw = [resize_out_len(shape[2 + i], a["in_size"][i], a["sizes"][i], a["scales"][i]) for i in (0, 1)]
+        ct = a.get("coordinate_transformation_mode", "half_pixel")
+        integer = all(abs(sc - round(sc)) < 1e-9 and round(sc) >= 1 for sc in a["scales"])
+        if a.get("mode", "nearest") == "linear" and integer and ct in (
+                "half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners"):
+            scales = self.const("scales", np.float32([1, 1, *a["scales"]]))
+            return self.emit("Resize", [x, "", scales], {"mode": "linear", "coordinate_transformation_mode": ct})
+        (rl, rh, rw), (cl, ch, cw) = (_resize_axis(shape[2 + i], hw[i], a["scales"][i], a) for i in (0, 1))
+        rows = [self.emit("Gather", [x, self.const(f"rows{k}", idx.astype(np.int64))], {"axis": 2})
+                for k, idx in enumerate((rl, rh) if a.get("mode", "nearest") == "linear" else (rl,))]
+        if len(rows) == 1:
+            return self.emit("Gather", [rows[0], self.const("cols", cl.astype(np.int64))], {"axis": 3})
+        cw32 = cw.astype(np.float32)
+        rw32 = rw.astype(np.float32)[:, None]
+        c_lo, c_hi = self.const("cols0", cl.astype(np.int64)), self.const("cols1", ch.astype(np.int64))
+        w_l, w_h = self.const("cw0", 1 - cw32), self.const("cw1", cw32)
+
+        def blend_cols(r: str) -> str:  # x[r][:, cl] * (1 - cw) + x[r][:, ch] * cw
+            lo = self.emit("Mul", [self.emit("Gather", [r, c_lo], {"axis": 3}), w_l])
+            return self.emit("Add", [lo, self.emit("Mul", [self.emit("Gather", [r, c_hi], {"axis": 3}), w_h])])
+
+        top, bot = blend_cols(rows[0]), blend_cols(rows[1])
+        return self.emit("Add", [self.emit("Mul", [top, self.const("rw0", 1 - rw32)]),
+                                 self.emit("Mul", [bot, self.const("rw1", rw32)])])
 
 
 def tile_shape(graph: Graph, tensor: str, region: Region) -> tuple[int, ...]:
@@ -140,8 +294,8 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
     for step in deps.steps:
         node = nodes[step.node]
         args = [view(t, r) for t, r in zip(node.inputs, step.ins, strict=True)]
-        onode, c = lower_node(node, args, step.pads)
-        onodes.append(onode)
+        ons, c = lower_node(node, args, step.pads, tile_shape(graph, node.inputs[0], step.ins[0]))
+        onodes += ons
         consts.update(c)
         used_weights += [p for p in node.params if p not in used_weights]
         have[node.output] = step.out
@@ -162,6 +316,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
             inits.append(Initializer.from_array(k, w))
     ins = {t: tile_shape(graph, t, r) for t, r in inputs.items()}
     outs = {t: tile_shape(graph, t, have[t]) for t in keep}
+    opset = _opset([nodes[st.node] for st in deps.steps], opset)
     return TaskModel(model_bytes(onodes, ins, outs, inits, opset=opset), ins, outs)
 
 
@@ -174,9 +329,10 @@ def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: s
     check_lowerable(nodes)
     onodes, inits, seen = [], [], set()
     offsets = compact_offsets(graph)[0] if external else {}
+    shapes = {**graph.shapes, **input_shapes}
     for n in nodes:
-        onode, consts = lower_node(n)
-        onodes.append(onode)
+        ons, consts = lower_node(n, in_shape=shapes.get(n.inputs[0]))
+        onodes += ons
         for k, v in consts.items():
             if k not in seen:
                 seen.add(k)
@@ -191,7 +347,7 @@ def nodes_model(graph: Graph, nodes, input_shapes: dict, outputs, *, external: s
                          else Initializer.from_array(k, w))
     ins = {t: tuple(input_shapes.get(t, graph.shapes.get(t))) for t in external_inputs(nodes)}
     outs = {t: (output_shapes or {}).get(t) for t in outputs}
-    return model_bytes(onodes, ins, outs, inits, opset=opset)
+    return model_bytes(onodes, ins, outs, inits, opset=_opset(nodes, opset))
 
 
 def whole_deps(graph: Graph, nodes=None, outputs=None) -> SegmentDeps:

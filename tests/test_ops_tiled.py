@@ -1,7 +1,8 @@
 """The vision ops beyond MobileNetV2, each inside a small CNN: whole inference against onnxruntime on the
 original ONNX model (1e-4), tiled execution against whole inference (1e-5) on 2x2 grids, uneven row bands
-and column splits with a cut in the middle, tiles through the `OnnxRuntimeBackend` (the ONNX export of
-every op, per-tile adjustments included), and the export of the whole graph back to ONNX.
+and column splits with a cut in the middle, every tile's task model on onnxruntime (the ONNX engines' lowering
+of every op, per-tile adjustments included: no tile falls back to numpy), and the export of the whole graph back
+to ONNX.
 
 Each model is conv 3x3 -> OP -> conv 3x3, so the op's own dependency rule sits between two halos.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_task_model import check_tasks
 
 from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime.backend import OnnxRuntimeBackend
@@ -177,9 +179,11 @@ def test_op_whole_and_tiled(name, tmp_path):
         splits = [split if segment_is_spatial(graph, s) else Split.whole("b") for s in segs]
         plan = build_plan(graph, cuts, splits, "a")
         np.testing.assert_allclose(simulate(graph, plan, x, roundtrip_json=(i == 0)), whole, rtol=1e-5, atol=1e-5)
+        # Every tile's task model runs on the engine (none falls back to numpy) and equals its numpy steps.
+        check_tasks(graph, plan)
         if i == 0:
             out = simulate(graph, plan, x, backend=OnnxRuntimeBackend(graph))
-            np.testing.assert_allclose(out, whole, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_every_tile_of_a_resampling_op_is_exact():
@@ -196,9 +200,11 @@ def test_every_tile_of_a_resampling_op_is_exact():
         devs = {f"r{i}": 1 for i in range(oh)}
         plan = build_plan(graph, [k + 1], [Split.rows(devs), Split.whole("r0")], "r0")
         np.testing.assert_allclose(simulate(graph, plan, x), whole, rtol=1e-5, atol=1e-5, err_msg=name)
+        check_tasks(graph, plan)  # and each one-row tile's task model on onnxruntime
         cols = Split.grid([[f"c{i}" for i in range(ow)]])
         plan = build_plan(graph, [k + 1], [cols, Split.whole("c0")], "c0")
         np.testing.assert_allclose(simulate(graph, plan, x), whole, rtol=1e-5, atol=1e-5, err_msg=name)
+        check_tasks(graph, plan)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -2,14 +2,14 @@
 
 Random small CNNs (kernels 1/3/5, strides 1/2, dilation, grouped and depthwise convs, asymmetric
 padding, residual adds, concat, gating Mul, pools, the activations and channel-local ops (PRelu, LRN,
-channel Softmax, channel shuffle, n-ary Sum/Max/Min), squeeze-excite gates from global pools inside
-the body (distributed reductions when a cut precedes the pool), the resampling ops (Pad in three modes, Resize,
-ConvTranspose, DepthToSpace, SpaceToDepth), optional classifier head) are cut at random node
-indices and split among devices at random (uneven row bands, grids up to 3x3, gathers). Every device
-runs only its own tasks on only the pieces the transfer list brings it; the stitched output is compared
-with running every node whole, and with onnxruntime on the same graph exported to ONNX. The real
-MobileNetV2 is checked with the grids the demo uses, and its halo and redundant-compute figures are
-printed (run with -s to see them).
+channel Softmax, channel shuffle, n-ary Sum/Max/Min/Mean), squeeze-excite gates from global pools inside
+the body (distributed reductions when a cut precedes the pool), the resampling ops (Pad in three modes,
+Resize in every coordinate and nearest mode, ConvTranspose, DepthToSpace, SpaceToDepth), optional
+classifier head) are cut at random node indices and split among devices at random (uneven row bands,
+grids up to 3x3, gathers). Every device runs only its own tasks on only the pieces the transfer list
+brings it; the stitched output is compared with running every node whole, and with onnxruntime on the
+same graph exported to ONNX. The real MobileNetV2 is checked with the grids the demo uses, and its halo
+and redundant-compute figures are printed (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -98,18 +98,21 @@ def window(draw, h, w, max_k=5, allow_dil=True, pool=False):
     return (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)
 
 
+KINDS = ("conv", "conv", "dw", "res", "pool", "avg", "concat", "gate", "act", "act2", "lrn", "shuffle", "softmax",
+         "nary", "pad", "resize", "convT", "d2s", "s2d", "se")
+
+
 @st.composite
-def random_cnn(draw, head=None):
-    """(builder) for a random small CNN; node dicts in topological order, shapes of every tensor."""
+def random_cnn(draw, head=None, kinds=KINDS):
+    """(builder) for a random small CNN; node dicts in topological order, shapes of every tensor. `kinds`: the
+    layer kinds to draw from (default all)."""
     seed = draw(st.integers(0, 2**31 - 1))
     c, h, w = draw(st.integers(1, 3)), draw(st.integers(6, 20)), draw(st.integers(6, 20))
     b = _Builder(np.random.default_rng(seed), c, h, w)
     x = "x"
     for _ in range(draw(st.integers(2, 6))):
         _, c, h, w = b.shapes[x]
-        kind = draw(st.sampled_from(["conv", "conv", "dw", "res", "pool", "avg", "concat", "gate", "act",
-                                     "act2", "lrn", "shuffle", "softmax", "nary", "pad", "resize", "convT",
-                                     "d2s", "s2d", "se"]))
+        kind = draw(st.sampled_from(list(kinds)))
         if kind in ("conv", "dw"):
             k, s, p, d = draw(window(h, w))
             if kind == "dw":
@@ -143,7 +146,8 @@ def random_cnn(draw, head=None):
             g = b.unary("Sigmoid", b.conv(x, c, (1, 1)))
             x = b.add("Mul", [x, g], b.shapes[x])
         elif kind == "act2":
-            op = draw(st.sampled_from(["LeakyRelu", "Elu", "Tanh", "HardSigmoid", "Softplus", "PRelu"]))
+            op = draw(st.sampled_from(["LeakyRelu", "Elu", "Tanh", "HardSigmoid", "Softplus", "PRelu", "Selu",
+                                       "Softsign", "Abs", "Neg"]))
             attrs = {"LeakyRelu": {"alpha": 0.1}, "Elu": {"alpha": 0.8},
                      "HardSigmoid": {"alpha": 0.2, "beta": 0.5}}.get(op, {})
             params = ()
@@ -161,7 +165,7 @@ def random_cnn(draw, head=None):
             x = b.add(draw(st.sampled_from(["Softmax", "LogSoftmax"])), [x], b.shapes[x], {"axis": 1})
         elif kind == "nary":
             ins = [x] + [b.conv(x, c, (1, 1)) for _ in range(draw(st.integers(1, 3)))]
-            x = b.add(draw(st.sampled_from(["Sum", "Max", "Min"])), ins, b.shapes[x])
+            x = b.add(draw(st.sampled_from(["Sum", "Max", "Min", "Mean"])), ins, b.shapes[x])
         elif kind == "pad":
             mode = draw(st.sampled_from(["constant", "reflect", "edge"]))
             lim = (h - 1, w - 1) if mode == "reflect" else (3, 3)
@@ -171,9 +175,11 @@ def random_cnn(draw, head=None):
         elif kind == "resize" and h * w <= 150:
             s_h, s_w = draw(st.integers(1, 3)), draw(st.integers(1, 2))
             mode = draw(st.sampled_from(["nearest", "linear"]))
-            ct = draw(st.sampled_from(["half_pixel", "asymmetric", "pytorch_half_pixel"]))
+            ct = draw(st.sampled_from(["half_pixel", "asymmetric", "pytorch_half_pixel", "align_corners"]
+                                      + (["tf_half_pixel_for_nn"] if mode == "nearest" else [])))
+            nm = draw(st.sampled_from(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]))
             x = b.add("Resize", [x], (1, c, h * s_h, w * s_w),
-                      {"mode": mode, "coordinate_transformation_mode": ct, "nearest_mode": "round_prefer_floor",
+                      {"mode": mode, "coordinate_transformation_mode": ct, "nearest_mode": nm,
                        "scales": (float(s_h), float(s_w)), "sizes": (h * s_h, w * s_w), "in_size": (h, w),
                        "pads": (0, 0, 0, 0)})
         elif kind == "convT" and h * w <= 150:
@@ -258,7 +264,8 @@ def to_onnx(b: _Builder):
         elif n["op"] == "Resize":
             inits.append(numpy_helper.from_array(np.float32([1, 1, *a["scales"]]), n["name"] + "_s"))
             ins = [ins[0], "", n["name"] + "_s"]
-            kw = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate_transformation_mode"]}
+            kw = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate_transformation_mode"],
+                  "nearest_mode": a["nearest_mode"]}
         elif n["op"] == "ConvTranspose":
             kw = {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]), "pads": [a["onnx_pads"]] * 4,
                   "output_padding": [a["output_padding"]] * 2}

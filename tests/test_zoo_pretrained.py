@@ -229,6 +229,13 @@ def test_craft_converter_wiring_whole_and_tiled():
     assert np.abs(whole - ref).max() <= 1e-4 * scale
     for split in (Split.grid([["a", "b"], ["c", "d"]]), Split.rows({"a": 3, "b": 1, "c": 2})):
         assert np.abs(simulate(graph, tiled_plan(graph, split), x) - whole).max() <= 1e-4 * scale
+    # Its bilinear Resize tiles run on the ONNX engine like the convs (no task falls back to numpy).
+    from tilemesh.runtime.backend import OnnxRuntimeBackend
+    from tilemesh.runtime.task_model import plan_task_models
+
+    plan = tiled_plan(graph, Split.grid([["a", "b"], ["c", "d"]]))
+    assert all(tm is not None for d in plan.devices for tm in plan_task_models(graph, plan.device_plan(d)))
+    assert np.abs(simulate(graph, plan, x, backend=OnnxRuntimeBackend(graph)) - whole).max() <= 1e-4 * scale
     del state["module.upconv2.conv.4.running_var"]
     with pytest.raises(StateDictError, match="upconv2.conv.4.running_var"):
         nets.build_craft(state, size=64)
@@ -304,11 +311,11 @@ def test_yolo_stem_and_head_rewrites_are_exact_and_tile():
         nets.adapt_onnx(model.SerializeToString(), (1, 3, 32, 32), drop_softmax=False, focus=True)
 
 
-@pytest.mark.parametrize("name", ["mtcnn_onet", "pplcnet_orientation", "ppocr_mobilenetv3_cls"])
+@pytest.mark.parametrize("name", ["mtcnn_onet", "pplcnet_orientation", "ppocr_mobilenetv3_cls", "ppocr_det"])
 def test_tiles_run_on_the_onnx_engine(zoo_dir, name):
-    """PRelu and HardSigmoid (O-Net, the SE blocks of PP-LCNet and MobileNetV3) lower to ONNX, so browsers and the
-    edge compute every task of these models on onnxruntime(-web) instead of falling back to numpy; each tiled task
-    model run in onnxruntime equals the numpy reference."""
+    """Every op lowers to ONNX (O-Net's PRelu, the SE blocks' HardSigmoid, DBNet's Resize and ConvTranspose), so
+    browsers and the edge compute every task of these models on onnxruntime(-web) instead of falling back to
+    numpy; the tiled result through onnxruntime equals the numpy reference."""
     from tilemesh.runtime.backend import OnnxRuntimeBackend
     from tilemesh.runtime.graph import save_compact
     from tilemesh.runtime.task_model import plan_task_models

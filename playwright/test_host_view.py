@@ -21,7 +21,7 @@ from browsers import REPO
 from tilemesh.runtime.deps import node_macs
 from tilemesh.runtime.peer import plan_from_spec
 from tilemesh.runtime.preprocess import centre_crop_u8
-from tilemesh.runtime.profile import OP_CLASSES, measure_profile, op_class, predict_graph_seconds, scaled_profile
+from tilemesh.runtime.profile import OP_CLASSES, op_class, predict_graph_seconds, scaled_profile
 from tilemesh.runtime.regions import Region, plane
 from tilemesh.runtime.runner import DeviceRunner
 from tilemesh.server.inference import Inference
@@ -61,6 +61,10 @@ window.t = { signaling, engine, view, host, pageModel, modelSeconds, effectiveGf
 
 NAMES = {"phone": "Pixel phone", "fast": "Work laptop", "slow": "Old laptop"}
 SPEEDS = {"phone": 0.02, "fast": 0.1, "slow": 0.07}  # x native: browser-like, so splitting the frame pays
+# Native numpy on a laptop core, roughly (tests/test_planner.py's Pyodide LAPTOP x 10).
+NATIVE = {"version": 1, "overhead_s": 3e-6, "chain_factor": 1.0,
+          "sec_per_mac": {"conv_dense": 2e-10, "conv_pointwise": 3e-11, "conv_depthwise": 1e-10,
+                          "elementwise": 3e-11, "gemm": 3e-11}}
 
 
 def fmt_ms(ms: float) -> str:
@@ -85,7 +89,7 @@ def room_data():
     """(plan message, {frame: {device: report}}, roster peers, the Python graph) for three devices."""
     inference = Inference(prepare(default_model(REPO / "static"), REPO / "static"))
     graph = inference.graph
-    base = measure_profile(graph, budget_s=0.05)
+    base = NATIVE  # fixed, not timed: a profile measured on a busy machine can make splitting not pay
     ids = {k: PeerId("p" + k.ljust(11, "x")) for k in NAMES}
     links = {("phone", "fast"): (6.0, 150.0), ("phone", "slow"): (9.0, 90.0), ("fast", "slow"): (2.0, 400.0)}
     peers = []

@@ -8,6 +8,12 @@ pair), delivers broadcasts, answers `Probe` with what the scripted link would me
 profile, and `Compute` by running the task with the runtime's own kernels. Everything happens on `now`, a fake
 clock advanced from one delivery to the next, and a `Tick` reaches every session every `tick` seconds, so
 timeouts fire deterministically and a test of a lossy link takes milliseconds of real time per event.
+
+Faults: `leave(d)` (the server says d left), `cut(d)` (d's network goes silent: nothing to or from it, nobody is
+told), `compute_delay[d]` (a device computing slowly: its `Compute` answers come that many seconds late, plus
+`sec_per_mac[d]` per multiply-accumulate of the task) and
+`tamper[d]` (a device whose computed tiles are wrong: a function of the outputs dict, applied before they are
+sent on, so the wire format stays valid and only the values lie).
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class FakeRoom:
     reports: list[tuple[str, S.ReportProfile]] = field(default_factory=list)
     delivered: int = 0
     dropped: int = 0
+    compute_delay: dict[str, float] = field(default_factory=dict)
+    sec_per_mac: dict[str, float] = field(default_factory=dict)  # fake compute time of a deferred task
+    tamper: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
+    silent: set = field(default_factory=set)  # devices cut off the network (see `cut`)
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -81,15 +91,19 @@ class FakeRoom:
             self.fire(a, S.LinkOpened(b, self.links[(b, a)].max_message if (b, a) in self.links else link.max_message))
 
     def run(self, until: float | None = None, max_events: int = 1_000_000) -> None:
-        """Deliver everything queued (and what it causes), in time order, ticking sessions on the way."""
+        """Deliver everything queued (and what it causes), in time order, ticking sessions on the way; with
+        `until`, go on ticking to that time (a tick may queue new events: they are delivered in order too)."""
         for _ in range(max_events):
             head = self.queue[0][0] if self.queue else None
-            if head is None or (until is not None and head > until):
-                if until is not None:
-                    self._tick_to(until)
-                    self.now = max(self.now, until)
+            if head is None and until is None:
                 return
-            self._tick_to(head)
+            nxt = min(self.next_tick, head) if head is not None else self.next_tick
+            if until is not None and nxt > until:
+                self.now = max(self.now, until)
+                return
+            if head is None or self.next_tick <= head:
+                self._tick_to(self.next_tick)
+                continue
             self.now = head
             _, _, device, event = heapq.heappop(self.queue)
             if device in self.sessions:
@@ -113,6 +127,21 @@ class FakeRoom:
         for d in list(self.sessions):
             self.fire(d, S.PeerLeft(device))
 
+    def cut(self, device: str) -> None:
+        """`device`'s network goes silent: what it sends and what is sent to it is lost; nobody is told."""
+        self.silent.add(device)
+
+        def touches(q) -> bool:
+            ev = q[3]
+            if isinstance(ev, S.ChunkIn):
+                return q[2] == device or ev.peer == device
+            if isinstance(ev, S.BroadcastIn):
+                return q[2] == device or ev.sender == device
+            return False
+
+        self.queue = [q for q in self.queue if not touches(q)]
+        heapq.heapify(self.queue)
+
     # --- effects out ------------------------------------------------------------------------------------
 
     def _execute(self, device: str, e: S.Effect) -> None:
@@ -120,9 +149,9 @@ class FakeRoom:
             self._send(device, e)
         elif isinstance(e, S.Signal):
             self.signals.append((device, e))
-            if e.type == "broadcast":
+            if e.type == "broadcast" and device not in self.silent:
                 for d in self.sessions:
-                    if d != device:
+                    if d != device and d not in self.silent:
                         self.at(0.001, d, S.BroadcastIn(device, e.fields["data"]))
         elif isinstance(e, S.FrameDone):
             self.done.setdefault(device, {})[e.frame] = e.result
@@ -144,7 +173,11 @@ class FakeRoom:
             runtime = self.sessions[device].runtime
             task = runtime.runner.dplan.tasks[e.request.task]
             outputs = run_steps(runtime.plan_graph, task.deps, e.request.inputs, keep=e.request.keep)
-            self.at(0.0, device, S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
+            if device in self.tamper:
+                outputs = self.tamper[device](outputs)
+            delay = self.compute_delay.get(device, 0.0) + task.macs * self.sec_per_mac.get(device, 0.0)
+            self.at(delay, device,
+                    S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, src: str, e: S.Send) -> None:
         link = self.links[(src, e.dst)]
@@ -153,7 +186,7 @@ class FakeRoom:
             assert len(chunk) <= link.max_message, (src, e.dst, len(chunk), link.max_message)
             n = self.sent_counts.get((src, e.dst), 0)
             self.sent_counts[(src, e.dst)] = n + 1
-            if self.lose(src, e.dst, chunk, n):
+            if self.lose(src, e.dst, chunk, n) or src in self.silent or e.dst in self.silent:
                 self.dropped += 1
                 continue
             start = max(self.now, link.busy_until)

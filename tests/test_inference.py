@@ -44,6 +44,10 @@ def test_planner_inputs_keep_ready_measured_connected_peers(base_profile):
                          ("pbbbb", "paaaa"): {"rtt_ms": 2.0, "mbps": 300.0}}
     with pytest.raises(ValueError, match="measuring its speed"):
         inference.planner_inputs(room, PeerId("pcccc"))
+    # A device the source excludes (caught returning wrong results) is left out; the source never is.
+    profiles, got_links, edge = inference.planner_inputs(room, PeerId("paaaa"), exclude=[PeerId("pbbbb"),
+                                                                                        PeerId("paaaa")])
+    assert set(profiles) == {"paaaa"} and got_links == {} and edge is None
 
 
 def test_plan_message_is_a_small_spec_with_baselines(graph, base_profile, tmp_path):

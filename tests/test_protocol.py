@@ -35,6 +35,9 @@ def test_valid_messages_parse():
     assert protocol.parse(msg("broadcast", data={"plan": [1]})) == protocol.Broadcast({"plan": [1]})
     assert protocol.parse(msg("ping")) == protocol.Ping()
     assert protocol.parse(msg("leave")) == protocol.Leave()
+    # A source leaves out devices it caught returning wrong results or stalling.
+    assert protocol.parse(msg("plan_request", exclude=[PEER])) == protocol.PlanRequest(exclude=(PeerId(PEER),))
+    assert protocol.parse(msg("plan_request")).exclude == ()
     # Unknown extra fields are ignored: newer clients may add optional fields.
     assert protocol.parse(msg("ping", future_field=1)) == protocol.Ping()
 
@@ -90,6 +93,8 @@ def test_join_field_errors(fields, needle):
     ("signal", {"to": ["p"], "data": {}}, "to"),
     ("broadcast", {}, "data"),
     ("broadcast", {"data": [1]}, "data"),
+    ("plan_request", {"exclude": "pabcd"}, "exclude"),
+    ("plan_request", {"exclude": ["not an id!"]}, "exclude"),
 ])
 def test_message_field_errors(mtype, fields, needle):
     err = error_of(msg(mtype, **fields))

@@ -13,8 +13,8 @@ import pytest
 
 from bench.fakenet import FakeLink, FakeRoom
 from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime import recovery, wire
 from tilemesh.runtime import session as S
-from tilemesh.runtime import wire
 from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
 
@@ -181,35 +181,43 @@ def test_chunk_before_plan_is_held_then_replayed(classifier):
         "phone", "laptop"}
 
 
-def test_plan_replaced_mid_frame_fails_the_frame_and_the_new_plan_runs(classifier):
+def test_plan_replaced_mid_frame_finishes_the_frame_alone_and_the_new_plan_runs(classifier):
     r = room(classifier)
     r.open_links()
     adopt(r, plan_msg(classifier.graph, plan_id=5))
-    r.fire("phone", S.FrameIn(1, frame(2), 256, 256))
+    first = frame(2)
+    r.fire("phone", S.FrameIn(1, first, 256, 256))
     r.run(until=r.now + 0.001)  # some chunks are in flight, the frame has not finished
     assert 1 not in r.done.get("phone", {})
     adopt(r, plan_msg(classifier.graph, plan_id=6))
-    assert r.failed["phone"][1].startswith("plan replaced by plan 6")
+    # The camera holds the frame: it finishes it alone rather than losing it.
+    assert r.done["phone"][1]["recovered"].startswith("plan replaced by plan 6")
+    assert top5(r.done["phone"][1]) == local_top5(classifier, first) and not r.failed
     data = frame(3)
     r.fire("phone", S.FrameIn(2, data, 256, 256))
     r.run()  # plan 5's late chunks arrive too: dropped as stale, never mixed in
-    assert list(r.done["phone"]) == [2] and top5(r.done["phone"][2]) == local_top5(classifier, data)
+    assert list(r.done["phone"]) == [1, 2] and top5(r.done["phone"][2]) == local_top5(classifier, data)
     assert r.sessions["laptop"].runtime.dropped_chunks > 0
     assert not [n for _, n in r.notices if n.what == "error"]
 
 
-def test_peer_left_mid_frame_fails_the_frame_and_asks_for_a_new_plan(classifier):
+def test_peer_left_mid_frame_is_rescued_and_the_room_replans_in_the_background(classifier):
     r = room(classifier)
     r.open_links()
     adopt(r, plan_msg(classifier.graph))
-    r.fire("phone", S.FrameIn(1, frame(4), 256, 256))
+    data = frame(4)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
     r.run(until=r.now + 0.001)
     r.leave("laptop")
-    assert "device laptop left" in r.failed["phone"][1]
-    assert [n.detail["reason"] for d, n in r.notices if n.what == "replan"] == ["device laptop left"]
-    assert r.sessions["phone"].plan is None
-    r.fire("phone", S.FrameIn(2, frame(5), 256, 256))
-    assert r.failed["phone"][2] == "no plan yet"
+    r.run()
+    assert top5(r.done["phone"][1]) == local_top5(classifier, data) and not r.failed
+    assert [n.detail["device"] for d, n in r.notices if n.what == "recovering"] == ["laptop"]
+    assert [d for d, s in r.signals if s.type == "plan_request"] == ["phone"]
+    # Until the new plan comes, the plan keeps running: the laptop's share is computed on the phone.
+    data = frame(5)
+    r.fire("phone", S.FrameIn(2, data, 256, 256))
+    r.run()
+    assert top5(r.done["phone"][2]) == local_top5(classifier, data) and not r.failed
 
 
 def test_late_max_message_update_applies_to_the_running_plan(classifier):
@@ -235,7 +243,7 @@ def test_late_max_message_update_applies_to_the_running_plan(classifier):
 
 def test_drift_reprofiles_with_cooldown_and_the_source_replans(classifier):
     """The laptop computes far slower than the plan predicted: after DRIFT_FRAMES frames it profiles itself
-    again, reports the new profile and tells the room; the phone drops the plan. Within the cooldown, no more."""
+    again, reports the new profile and tells the room; the phone asks for a new plan. Within the cooldown, no more."""
     r = room(classifier)
     r.open_links()
     r.profiles["laptop"] = {"sec_per_mac": {"conv_pointwise": 1e-9}}
@@ -248,8 +256,9 @@ def test_drift_reprofiles_with_cooldown_and_the_source_replans(classifier):
     changed = [d for d, s in r.signals if s.type == "broadcast" and s.fields["data"]["kind"] == "profile_changed"]
     assert sorted(changed) == ["laptop", "phone"]
     assert ("laptop", {"conv_pointwise": 1e-9}) in [(d, (p.compute or {}).get("sec_per_mac")) for d, p in r.reports]
-    assert r.sessions["phone"].plan is None
-    assert any(n.what == "replan" and "changed speed" in n.detail["reason"] for _, n in r.notices)
+    assert r.sessions["phone"].plan is not None  # the plan runs on while the room replans
+    assert any(n.what == "replanning" and "changed speed" in n.detail["reason"] for _, n in r.notices)
+    assert [d for d, s in r.signals if s.type == "plan_request"] == ["phone"]  # on the laptop's news
     # The room replans (the same layout, a new id): the frames are still slow, but the cooldown holds.
     adopt(r, plan_msg(classifier.graph, plan_id=4, compute_s={"laptop": 1e-6, "phone": 1e-6}))
     for f in range(10, 10 + 2 * S.DRIFT_FRAMES):
@@ -313,7 +322,7 @@ def test_reordered_delayed_links_give_the_single_device_answer(classifier):
     assert links["laptop"]["mbps"] == pytest.approx(1024 * 1024 * 8 / 1e6 / (0.02 + 1024 * 1024 / 2e6), rel=1e-3)
 
 
-def test_a_lost_chunk_times_out_its_frame_and_later_frames_finish(classifier):
+def test_a_lost_chunk_is_rescued_and_later_frames_finish(classifier):
     lost = []
 
     def lose(src, dst, chunk, n):
@@ -328,12 +337,15 @@ def test_a_lost_chunk_times_out_its_frame_and_later_frames_finish(classifier):
     r.fire("phone", S.FrameIn(1, frame(11), 256, 256))
     r.run()
     assert 1 not in r.done.get("phone", {}) and r.sessions["phone"].waiting  # stuck: a piece never came
+    # No plan prediction: the stall bound is STALL_MAX_S; the laptop's piece (the output, level 2) is computed
+    # on the phone from the frame once it is that late, well before the frame's timeout.
     r.run(until=r.now + S.FRAME_TIMEOUT_S + 1)
-    assert "timed out" in r.failed["phone"][1] and not r.sessions["phone"].waiting
+    assert not r.failed and top5(r.done["phone"][1]) == local_top5(classifier, frame(11))
+    assert r.done["phone"][1]["ms"] / 1e3 <= recovery.piece_wait(recovery.STALL_MAX_S, 2) + 2 * r.tick
     for f in (2, 3):
         r.fire("phone", S.FrameIn(f, frame(f), 256, 256))
         r.run()
-    assert sorted(r.done["phone"]) == [2, 3] and r.dropped == 1
+    assert sorted(r.done["phone"]) == [1, 2, 3] and r.dropped == 1
 
 
 def test_deferred_compute_through_the_session_equals_inline(classifier):

@@ -277,7 +277,7 @@ class ComputeDevice:
             self.edge._spawn(self._notify_plan())
         elif e.what == "error":
             self._error(e.detail["message"])
-        elif e.what in ("replan", "drift"):
+        elif e.what in ("replanning", "recovering", "straggler", "mismatch", "wrong_result", "drift"):
             log.info("device %s: %s %s", self.peer_id, e.what, e.detail)
 
     def _settle(self, frame: int, *, result: dict | None = None, error: BaseException | None = None) -> None:

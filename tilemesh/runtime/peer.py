@@ -59,6 +59,11 @@ class PlanRuntime:
         self.held: list[tuple[int, str, bytes]] = []
         self.held_bytes = 0
         self.dropped_chunks = 0
+        self.plan = None  # the whole plan (tiling.Plan) this device runs a part of: who owes whom what
+        self.levels: dict[str, int] = {}
+        self.rescue_macs: dict[tuple, int] = {}  # (plan id, piece) -> MACs to compute it from the frame
+        self.whole_macs: int | None = None
+        self.pixels: dict[int, object] = {}  # frames started here -> the uint8 crop (rescues compute from it)
 
     def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
         """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
@@ -72,14 +77,22 @@ class PlanRuntime:
         replay = self._take_held(plan_id)
         if device not in plan.devices and device != spec["source"]:
             self.runner = None
+            self.plan = None
             self.spec = spec
             return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
         self.device = device
         self.model = model
         backend = self._backend_for(spec.get("variant"), model.graph)
+        self.plan = plan
+        self.whole_macs = None  # the plan's model may be another variant
+        # How deep each tensor is made: 0 for the frame, k for segment k-1's outputs (rescue waits grow with it).
+        self.levels = {t: s.index + 1 for s in plan.segments for t in s.outputs}
+        out_owners = plan.owners.get(plan.output_tensor, {})
         self.runner = DeviceRunner(model.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
                                    max_message={k: int(v) for k, v in (max_message or {}).items()},
-                                   backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8)
+                                   backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8,
+                                   members=plan.devices,
+                                   output_from=next(iter(out_owners)) if len(out_owners) == 1 else None)
         self.spec = spec
         dplan = self.runner.dplan
         # An engine with sessions per task (onnxruntime) makes them now, never per frame.
@@ -126,7 +139,73 @@ class PlanRuntime:
         pixels = self.model.pre.centre_crop_u8(frame_from_bytes(data, height, width))
         self.started[frame] = time.perf_counter()
         out = self.runner.start_frame(int(frame), pixels)
+        self.pixels[int(frame)] = pixels
+        for old in [f for f in self.pixels if f <= int(frame) - self.runner.window]:
+            del self.pixels[old]
         return self._reply(out)
+
+    # --- rescues: pieces computed from the frame on another device's behalf (tilemesh.runtime.recovery) --------
+
+    def owed(self, src: str, dst: str | None = None) -> list:
+        """The transfers `src` owes in the current plan (to `dst` only, if given): what a rescue recomputes."""
+        if self.plan is None:
+            return []
+        out = [t for t in self.plan.transfers if t.src == src and (dst is None or t.dst == dst)]
+        piece = self.runner.output_piece if self.runner is not None else None
+        if piece is not None and piece.src == src and dst in (None, piece.dst):
+            out.append(piece)
+        return out
+
+    def rescue(self, frame: int, transfers) -> dict:
+        """On the source: compute `transfers` of `frame` from the frame; send them to their receivers (as their
+        planned sender would) and take the ones for this device. Returns the reply, pieces and MACs spent."""
+        from .recovery import rescue_macs, rescue_piece
+
+        pixels = self.pixels.get(int(frame))
+        if self.runner is None or pixels is None:
+            return {**self._reply([]), "rescued": 0, "macs": 0}
+        out, macs = [], 0
+        for tr in transfers:
+            arr = rescue_piece(self.model.graph, pixels, self.model.pre.normalize_u8, tr)
+            macs += rescue_macs(self.model.graph, tr)
+            if tr.dst == self.device:
+                out += self.runner.deliver(int(frame), tr, self.device, arr)
+            else:
+                out.append(self.runner.encode_piece(int(frame), tr.dst, tr.tensor, tr.region, arr))
+        return {**self._reply(out), "rescued": len(transfers), "macs": macs}
+
+    def rescue_cost(self, transfers) -> int:
+        """MACs `rescue` spends on `transfers` (cached per piece for the plan)."""
+        from .recovery import rescue_macs
+
+        total = 0
+        for t in transfers:
+            key = (self.plan_id, t.src, t.dst, t.tensor, t.region)
+            if key not in self.rescue_macs:
+                self.rescue_macs[key] = rescue_macs(self.model.graph, t)
+            total += self.rescue_macs[key]
+        return total
+
+    def model_macs(self) -> int:
+        """MACs of one whole-model inference."""
+        from .recovery import rescue_macs
+        from .regions import Region, plane
+        from .tiling import Transfer
+
+        if self.whole_macs is None:
+            g = self.model.graph
+            full = Region.full(*plane(g.shapes[g.output]))
+            self.whole_macs = rescue_macs(g, Transfer("", "", g.output, full))
+        return self.whole_macs
+
+    def finish_alone(self, frame: int):
+        """The logits of a frame started here, computed whole on this device (its plan was replaced)."""
+        from .executor import run_graph
+
+        pixels = self.pixels.get(int(frame))
+        if pixels is None:
+            return None
+        return run_graph(self.model.graph, self.model.pre.normalize_u8(pixels))
 
     def _reply(self, out) -> dict:
         """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""

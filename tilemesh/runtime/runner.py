@@ -24,8 +24,8 @@ import numpy as np
 
 from . import wire
 from .preprocess import normalize_u8
-from .regions import Region
-from .tiling import DevicePlan, crop, finish_task, run_task, task_inputs
+from .regions import Region, plane
+from .tiling import DevicePlan, Transfer, crop, finish_task, run_task, task_inputs
 
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 
@@ -80,6 +80,9 @@ class FrameState:
     computing: int | None = None  # deferred mode: the task handed out and not yet answered
     compute_ready: float = 0.0
     compute_start: float = 0.0
+    watch: set = field(default_factory=set)  # pieces whose first copy is kept, to compare with a later one
+    hold: set = field(default_factory=set)  # pieces not used until a second copy (a spot check) is here
+    copies: dict = field(default_factory=dict)  # piece key -> [(sender, array)] for watched/held pieces
 
 
 class PlanMismatch(ValueError):
@@ -98,7 +101,7 @@ class DeviceRunner:
 
     def __init__(self, graph, dplan: DevicePlan, plan_id: int, source: str, backend=None, window: int = 4,
                  max_message: dict[str, int] | None = None, clock=time.perf_counter, deferred: bool = False,
-                 normalize=normalize_u8):
+                 normalize=normalize_u8, members=(), output_from: str | None = None):
         self.graph = graph
         self.normalize = normalize  # uint8 camera pixels -> the model's input values (its card's mean/std)
         self.dplan = dplan
@@ -124,6 +127,17 @@ class DeviceRunner:
         # What this device must hear from each peer before its tasks can run, per tensor: for validation.
         self.expected = {(t.src, t.tensor, t.region) for task in dplan.tasks for t in task.recv}
         self.output_tensor = graph.output
+        # Every piece this device waits for, by what it is (tensor, region): any device of the plan may deliver
+        # it (a rescue of a device that vanished or straggles, a spot check), the first copy is used.
+        self.incoming: dict[tuple, Transfer] = {(t.tensor, t.region): t for task in dplan.tasks for t in task.recv}
+        if self.device == source and output_from is not None and output_from != self.device:
+            full = Region.full(*plane(graph.shapes[graph.output]))
+            self.output_piece = Transfer(output_from, self.device, self.output_tensor, full)
+            self.incoming[(self.output_tensor, None)] = self.output_piece
+        else:
+            self.output_piece = None
+        self.members = set(members) | {t.src for t in self.incoming.values()} | {source}
+        self.comparisons: list[tuple] = []  # (frame, Transfer, (sender, array), (sender, array)) to judge
         # needed_from[i]: what tasks i.. still read or send, and the output; fixed by the plan, so computed once.
         self.needed_from: list[set[str]] = []
         tail: set[str] = {self.output_tensor}
@@ -187,22 +201,98 @@ class DeviceRunner:
         if tensor is None:
             raise PlanMismatch(f"unknown tensor id {h.tensor} from {peer}")
         region = Region(*h.region)
+        if tensor == self.output_tensor and self.device == self.source:
+            tr = self.output_piece
+            if tr is None:  # no single known sender (a runner made without `output_from`): first copy counts
+                st = self._frame(h.frame)
+                if st is not None:
+                    st.output = np.array(got.array)
+                    return self._advance(st)
+                return []
+        else:
+            tr = self.incoming.get((tensor, region))
+            if tr is None:
+                raise PlanMismatch(f"{self.device} did not expect {tensor} {region} from {peer}")
+        if peer != tr.src and peer not in self.members:
+            raise PlanMismatch(f"{peer} is not in plan {self.plan_id}: it cannot deliver {tensor} {region}")
         st = self._frame(h.frame)
         if st is None:
+            done = self.finished.get(h.frame)
+            if done is not None and self.key(tr) in done.watch:  # a straggler's late copy: still compared
+                self._piece(done, tr, peer, got.array)
             return []
         st.bytes_received += got.array.nbytes
         array = got.array
         if tensor == self.graph.input:
             array = self.normalize(array)
-        if tensor == self.output_tensor and self.device == self.source:
+        return self._piece(st, tr, peer, array)
+
+    @staticmethod
+    def key(tr: Transfer) -> tuple:
+        return (tr.src, tr.tensor, tr.region)
+
+    def _piece(self, st: FrameState, tr: Transfer, peer: str, array) -> list:
+        """One copy of an expected piece, from its planned sender or from a stand-in: the first copy is used
+        (a held piece waits for two), a watched piece's copies are kept and handed out for comparison."""
+        key = self.key(tr)
+        if key in st.watch or key in st.hold:
+            copies = st.copies.setdefault(key, [])
+            if any(p == peer for p, _ in copies):
+                return []
+            copies.append((peer, np.array(array)))
+            if len(copies) >= 2:
+                self.comparisons.append((st.frame, tr, copies[0], copies[-1]))
+            if key in st.hold:
+                if len(copies) < 2:
+                    return []
+                st.hold.discard(key)
+                # The camera's own copy (computed from the frame) is the reference when the two disagree.
+                array = next((a for p, a in copies if p == self.source), copies[0][1])
+                st.arrived.discard(key)
+        if key in st.arrived or st.done:
+            return []  # a later copy: the first one was used
+        st.arrived.add(key)
+        if tr is self.output_piece:
             st.output = np.array(array)
             return self._advance(st)
-        if (peer, tensor, region) not in self.expected:
-            raise PlanMismatch(f"{self.device} did not expect {tensor} {region} from {peer}")
-        st.arrived.add((peer, tensor, region))
-        st.store.setdefault(tensor, []).append((region, array))
+        st.store.setdefault(tr.tensor, []).append((tr.region, array))
         st.ready_at = self.clock()
         return self._advance(st)
+
+    def deliver(self, frame: int, tr: Transfer, peer: str, array) -> list:
+        """A piece computed here on behalf of `tr.src` (a rescue or a spot check on this device)."""
+        st = self._frame(frame)
+        if st is None:
+            return []
+        return self._piece(st, tr, peer, array)
+
+    def outstanding(self, frame: int) -> list[Transfer]:
+        """The pieces of a frame in flight here that have not arrived (none for a frame not in flight)."""
+        st = self.frames.get(frame)
+        if st is None:
+            return []
+        return [tr for tr in self.incoming.values()
+                if self.key(tr) not in st.arrived or self.key(tr) in st.hold]
+
+    def watch(self, frame: int, tr: Transfer, hold: bool = False) -> None:
+        """Keep the copies of piece `tr` of `frame` for comparison; `hold`: use it only once two are here."""
+        st = self._frame(frame)
+        if st is None:
+            return
+        key = self.key(tr)
+        (st.hold if hold else st.watch).add(key)
+
+    def take_comparisons(self) -> list[tuple]:
+        out, self.comparisons = self.comparisons, []
+        return out
+
+    def encode_piece(self, frame: int, dst: str, tensor: str, region: Region, array: np.ndarray) -> Outgoing:
+        """A piece this device computed on another's behalf, on the wire as that device would send it."""
+        chunks = wire.encode(
+            array, frame=frame, tensor=self.tensor_ids[tensor], plan_id=self.plan_id, region=region.to_list(),
+            max_message=self.max_message.get(dst, wire.DEFAULT_MAX_MESSAGE),
+        )
+        return Outgoing(dst, chunks, tensor, int(array.nbytes))
 
     def _encode(self, st: FrameState, dst: str, tensor: str, region: Region, array: np.ndarray) -> Outgoing:
         chunks = wire.encode(

@@ -20,11 +20,17 @@ The rules, each in one place:
   links measured before the device's first profile (while it boots and profiles itself) are measured once more
   after it, the new figures replacing the old;
 - frames (`FrameIn`, `Tick`): a frame without a plan fails at once, one that takes longer than `FRAME_TIMEOUT_S`
-  fails at the next tick, every frame of a plan fails when a device of that plan leaves;
+  fails at the next tick;
+- faults within a frame (`tilemesh.runtime.recovery`): a device of the plan that leaves, or a frame with no
+  result within `recovery.stall_bound`, has its missing pieces recomputed from the frame by the source (asked
+  with a `rescue` broadcast) while the room replans in the background; a device that stalls again and again is
+  left out of the next plan (with hysteresis); spot checks compare pieces with the source's own copy and a device
+  whose copy disagrees is excluded and named (`wrong_result` broadcast); a source whose plan is replaced with
+  frames in flight finishes them alone;
 - reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast);
 - drift: a device whose measured compute stays `DRIFT_FACTOR` off the planner's prediction for `DRIFT_FRAMES`
   frames profiles itself again (at most once per `DRIFT_COOLDOWN_S`) and tells the room (`profile_changed`);
-  a source hearing that from a device of its plan drops the plan so the next frame asks for a new one.
+  a source hearing that from a device of its plan asks for a new plan and keeps running the old one meanwhile.
 
 Events and effects are small frozen dataclasses; `event_from_dict` / `effect_to_dict` convert them for the
 browser's worker boundary (`handle` at the bottom of this module is the worker's entry point).
@@ -32,10 +38,12 @@ browser's worker boundary (`handle` at the bottom of this module is the worker's
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from .classify import LocalClassifier
+from . import recovery
+from .classify import LocalClassifier, top_entries
 from .peer import PlanRuntime
 from .runner import ComputeRequest
 
@@ -50,6 +58,7 @@ DRIFT_COOLDOWN_S = 30.0
 UNKNOWN_MAX_MESSAGE = 16 * 1024
 # Chromium refuses a single send above this whatever the remote advertises.
 SEND_LIMIT = 256 * 1024
+MAX_RESCUE_PIECES = 256  # pieces one rescue request may ask for
 MAX_LINKS_REPORTED = 40  # keeps the profile JSON under the signaling protocol's MAX_PROFILE_BYTES
 
 
@@ -321,9 +330,11 @@ class Compute(Effect):
 
 @dataclass(frozen=True)
 class Notice(Effect):
-    """For the UI and logs: `plan` (adopted: plan message and role), `replan`, `drift`, `report` (timings shared
-    with the room), `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so
-    far), `error`."""
+    """For the UI and logs: `plan` (adopted: plan message and role), `replanning` (the plan runs on while a new
+    one is asked for), `recovering` (a device of the plan is gone: its pieces are rescued), `straggler` (devices
+    left out of the next plan for stalling), `mismatch` (a checked piece disagreed; the source judges),
+    `wrong_result` (a device convicted of wrong results), `drift`, `report` (timings shared with the room),
+    `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so far), `error`."""
 
     kind: ClassVar[str] = "notice"
     what: str
@@ -336,8 +347,27 @@ class Notice(Effect):
 class DeviceSession:
     """One device's session. `handle(event, now)` returns the effects; state lives in the attributes below."""
 
-    def __init__(self, classifier: LocalClassifier | None = None, *, backend=None, deferred: bool = False):
+    def __init__(self, classifier: LocalClassifier | None = None, *, backend=None, deferred: bool = False,
+                 check_rate: float = recovery.CHECK_RATE, seed: int = 0):
         self.backend, self.deferred = backend, deferred
+        self.check_rate = float(check_rate)
+        self.strategy: str | None = None  # the strategy this device last asked the planner for
+        self.variant: str | None = None  # and the model variant
+        self.corrupt = 0.0  # tests only: added to every computed tile (a device that returns wrong results)
+        self.rng = random.Random(seed)
+        self.gone: set[str] = set()  # devices of the current plan that left or were excluded: rescued up front
+        self.seen: dict[int, float] = {}  # frames in flight here -> when this device first saw them
+        self.asked: dict[tuple[int, str], float] = {}  # (frame, device) -> when its missing pieces were asked for
+        self.rescued: set[tuple] = set()  # source: (frame, piece key) computed here already
+        self.blocked: dict[int, set[str]] = {}  # source: frame -> devices that asked for rescues (they wait too)
+        self.stalled: dict[int, set[str]] = {}  # source: frame -> devices whose pieces were rescued for stalling
+        self.straggle = recovery.Straggle()
+        self.tainted: set[int] = set()  # source: frames in flight when a device was caught lying
+        self.audit: tuple[int, int, int] | None = None  # (plan id, first, last frame): every piece is checked
+        self.audited: set[int] = set()  # frames whose every piece from another device was held for a check
+        self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
+        self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "checks": 0, "compared": 0,
+                       "caught": 0, "finished_alone": 0}
         self.runtime: PlanRuntime | None = None
         self.max_message: dict[str, int] = {}  # peer -> chunk size, for every open link
         self.links: dict[str, dict] = {}  # peer -> {"rtt_ms", "mbps"} (megabits/s), as the planner reads them
@@ -441,25 +471,252 @@ class DeviceSession:
             self.runtime.forget_peer(ev.peer)
         if self.links.pop(ev.peer, None) is not None:
             out.append(self._report())
-        if self.plan is not None and ev.peer in self.plan["devices"]:
-            out += self._drop_plan(f"device {ev.peer} left")
+        return out + self._lost(ev.peer, "left", now)
+
+    # --- faults within a frame (tilemesh.runtime.recovery) --------------------------------------------------
+
+    def _runner(self):
+        return self.runtime.runner if self.runtime is not None else None
+
+    def _is_source(self) -> bool:
+        r = self._runner()
+        return r is not None and r.device == r.source
+
+    def _lost(self, device: str, why: str, now: float) -> list[Effect]:
+        """`device` of the running plan is gone (or convicted): rescue what it still owes, replan in background."""
+        r = self._runner()
+        if r is None or device not in r.members or device in (r.device, r.source):
+            return []
+        out: list[Effect] = []
+        self.gone.add(device)
+        if self._is_source():
+            for f in list(r.frames):
+                out += self._rescue_here(f, [t for t in r.outstanding(f) if t.src == device], now)
+            out.append(Notice("recovering", {"device": device, "why": why, "frames": sorted(r.frames)}))
+            out.append(self._plan_request())
+        else:
+            for f in list(r.frames):
+                out += self._ask(f, device, why, now)
         return out
 
-    def _drop_plan(self, reason: str) -> list[Effect]:
-        """The source's plan can no longer run: fail its frames now (not at their timeout) and ask for another."""
-        self.plan = None
-        out: list[Effect] = self._fail_all(reason)
-        out.append(Notice("replan", {"reason": reason}))
+    def _plan_request(self, now: float | None = None) -> Signal:
+        exclude = sorted(d for d, (_, until) in self.excluded.items() if until is None or now is None or now < until)
+        fields = {"exclude": exclude} if exclude else {}
+        if self.strategy not in (None, "tilemesh"):
+            fields["strategy"] = self.strategy
+        if self.variant is not None:
+            fields["variant"] = self.variant
+        return Signal("plan_request", fields)
+
+    def _ask(self, frame: int, device: str, why: str, now: float, pieces=None) -> list[Effect]:
+        """Ask the source for `device`'s missing pieces of `frame` (or `pieces`); watch them for a late copy."""
+        r = self._runner()
+        if pieces is None:
+            pieces = [t for t in r.outstanding(frame) if t.src == device]
+        if not pieces:
+            return []
+        self.asked[(frame, device)] = now
+        self.faults["rescue_requests"] += 1
+        for t in pieces:
+            r.watch(frame, t, hold=why == "check")
+        data = {"kind": "rescue", "plan_id": r.plan_id, "frame": frame, "why": why,
+                "pieces": [[t.src, t.tensor, *t.region.to_list()] for t in pieces]}
+        return [Signal("broadcast", {"data": data})]
+
+    def _rescue_here(self, frame: int, pieces, now: float, again: bool = False) -> list[Effect]:
+        """On the source: compute `pieces` of `frame` from the frame and send or take them (each once, unless
+        `again`: a spot check, or a piece asked for again after its copy was lost)."""
+        r = self._runner()
+        if not again:
+            pieces = [t for t in pieces if (frame, r.key(t)) not in self.rescued]
+        if not pieces:
+            return []
+        self.rescued |= {(frame, r.key(t)) for t in pieces}
+        for key in [k for k in self.rescued if k[0] not in self.waiting]:
+            self.rescued.discard(key)
+        res = self.runtime.rescue(frame, pieces)
+        self.faults["rescued_pieces"] += res["rescued"]
+        self.faults["rescue_macs"] += res["macs"]
+        return self._reply(res, now)
+
+    def _on_rescue(self, sender: str, data: dict, now: float) -> list[Effect]:
+        """On the source: a device asks for pieces another device owes it (gone, stalled, or a spot check)."""
+        r = self._runner()
+        if not self._is_source() or data.get("plan_id") != r.plan_id:
+            return []
+        try:
+            frame, why = int(data["frame"]), str(data.get("why", ""))
+            pieces = list(data["pieces"])
+            if len(pieces) > MAX_RESCUE_PIECES or any(len(p) != 6 for p in pieces):
+                raise ValueError(f"pieces must be at most {MAX_RESCUE_PIECES} [src, tensor, r0, r1, c0, c1]")
+            wanted = {(str(p[0]), str(p[1]), tuple(int(v) for v in p[2:6])) for p in pieces}
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            return self._error(f"unusable rescue request from {sender}: {exc!r}")
+        owed = [t for t in self.runtime.plan.transfers
+                if t.dst == sender and (t.src, t.tensor, tuple(t.region.to_list())) in wanted]
+        if why == "stall":
+            blocked = self.blocked.setdefault(frame, set())
+            blocked.add(sender)
+            # A device that itself waits for a rescue will send its pieces once it has it.
+            owed = [t for t in owed if t.src not in blocked or t.src in self.gone]
+            self.stalled.setdefault(frame, set()).update(t.src for t in owed)
+        if why == "check":
+            self.faults["checks"] += 1
+        return self._rescue_here(frame, owed, now, again=why in ("check", "stall"))
+
+    def _mismatch(self, frame: int, device: str, tensor: str, err: float, audited: bool,
+                  now: float) -> list[Effect]:
+        """On the source: `device`'s piece of `tensor` disagreed with the source's own copy. That convicts
+        `device` when its inputs were surely right: they all come from the source, or the frame was audited
+        (the receiver held every piece until the source's copy came). Otherwise a liar upstream may have fed it
+        wrong inputs: the next `recovery.AUDIT_FRAMES` frames are audited to find who. The frame finishes alone."""
+        if frame in self.waiting:
+            self.tainted.add(frame)
+        r = self._runner()
+        plan = self.runtime.plan
+        if audited or all(t.src == r.source for t in plan.transfers if t.dst == device):
+            return self._convict(device, frame, tensor, err, now)
+        if self.audit is not None and self.audit[0] == r.plan_id and self.audit[2] > self.last_frame:
+            return []  # an audit is under way
+        first = self.last_frame + 1
+        self.audit = (r.plan_id, first, first + recovery.AUDIT_FRAMES - 1)
+        detail = {"kind": "audit", "plan_id": r.plan_id, "first": first, "last": self.audit[2], "suspect": device}
+        return [Notice("audit", detail), Signal("broadcast", {"data": detail})]
+
+    def _convict(self, device: str, frame: int, tensor: str, err: float, now: float) -> list[Effect]:
+        """`device` sent a piece that disagrees with the source's copy: exclude it from plans, name it."""
+        if device in self.excluded and self.excluded[device][1] is None:
+            return []
+        self.faults["caught"] += 1
+        self.excluded[device] = ("wrong results", None)
+        if self._is_source():  # its other pieces of these frames may be wrong too: they finish alone
+            self.tainted |= set(self.waiting)
+        detail = {"kind": "wrong_result", "device": device, "frame": frame, "tensor": tensor,
+                  "max_err": err if err != float("inf") else -1.0}
+        out: list[Effect] = [Notice("wrong_result", detail), Signal("broadcast", {"data": detail})]
+        return out + self._lost(device, "wrong results", now)
+
+    def _after(self, now: float) -> list[Effect]:
+        """After the runtime moved: note frames first seen (and pick spot checks), judge copies compared."""
+        r = self._runner()
+        if r is None:
+            return []
+        out: list[Effect] = []
+        for f in [f for f in self.seen if f not in r.frames]:
+            del self.seen[f]
+        for f in r.frames:
+            if f in self.seen:
+                continue
+            self.seen[f] = now
+            if not self._is_source():  # a frame first seen after a device of the plan left: ask at once
+                for d in sorted(self.gone):
+                    out += self._ask(f, d, "left", now)
+            if self.audit is not None and self.audit[0] == r.plan_id and self.audit[1] <= f <= self.audit[2]:
+                out += self._check_all(f, now)
+            elif self.check_rate > 0 and self.rng.random() < self.check_rate:
+                out += self._spot_check(f, now)
+        for frame, tr, (p1, a1), (p2, a2) in r.take_comparisons():
+            self.faults["compared"] += 1
+            ok, err = recovery.agree(a1, a2)
+            if ok:
+                continue
+            culprit = p2 if p1 == r.source else p1
+            if self._is_source():
+                out += self._mismatch(frame, culprit, tr.tensor, err, frame in self.audited, now)
+            else:  # told to the source, which judges
+                detail = {"kind": "mismatch", "plan_id": r.plan_id, "device": culprit, "frame": frame,
+                          "tensor": tr.tensor, "max_err": err if err != float("inf") else -1.0,
+                          "audited": frame in self.audited}
+                out += [Notice("mismatch", detail), Signal("broadcast", {"data": detail})]
         return out
 
-    def _fail_all(self, reason: str) -> list[Effect]:
-        out: list[Effect] = [FrameFailed(f, f"{reason} during frame {f}") for f in sorted(self.waiting)]
-        self.waiting.clear()
+    def _check_all(self, frame: int, now: float) -> list[Effect]:
+        """An audited frame: every piece from another device (not the source) is held for the source's copy."""
+        r = self._runner()
+        pieces = [t for t in r.outstanding(frame) if t.src not in (r.source, r.device)]
+        self.audited.add(frame)
+        for old in [f for f in self.audited if f < frame - 4 * r.window]:
+            self.audited.discard(old)
+        if not self._is_source():
+            out: list[Effect] = []
+            for src in sorted({t.src for t in pieces}):
+                out += self._ask(frame, src, "check", now, [t for t in pieces if t.src == src])
+            return out
+        for t in pieces:
+            r.watch(frame, t, hold=True)
+        self.faults["checks"] += len(pieces)
+        return self._rescue_here(frame, pieces, now, again=True)
+
+    def _spot_check(self, frame: int, now: float) -> list[Effect]:
+        r = self._runner()
+        pieces = [t for t in r.outstanding(frame) if t.src not in (r.source, r.device)]
+        if not pieces:
+            return []
+        tr = pieces[self.rng.randrange(len(pieces))]
+        if not self._is_source():
+            return self._ask(frame, tr.src, "check", now, [tr])
+        r.watch(frame, tr, hold=True)
+        self.faults["checks"] += 1
+        return self._rescue_here(frame, [tr], now, again=True)
+
+    def _stalls(self, now: float) -> list[Effect]:
+        """Frames here without a result within the stall bound: ask (or, on the source, compute) the missing."""
+        r = self._runner()
+        if r is None:
+            return []
+        bound = recovery.stall_bound(self.last_plan)
+        level = self.runtime.levels
+        out: list[Effect] = []
+        for f in list(r.frames):
+            waited = now - self.seen.get(f, now)
+            if waited < bound:
+                continue
+            by_src: dict[str, list] = {}
+            due: set[str] = set()  # senders with a piece overdue: all their missing pieces are asked for
+            for t in r.outstanding(f):
+                if t.src != r.source:
+                    by_src.setdefault(t.src, []).append(t)
+                    if waited >= recovery.piece_wait(bound, level.get(t.of or t.tensor, 0)):
+                        due.add(t.src)
+            for src in sorted(due):
+                pieces = by_src[src]
+                if now - self.asked.get((f, src), -1e9) < bound:
+                    continue
+                if self._is_source():
+                    blocked = self.blocked.get(f, set())
+                    if src in blocked and src not in self.gone:
+                        continue
+                    self.asked[(f, src)] = now
+                    self.stalled.setdefault(f, set()).add(src)
+                    for t in pieces:
+                        r.watch(f, t)
+                    out += self._rescue_here(f, pieces, now)
+                else:
+                    out += self._ask(f, src, "stall", now, pieces)
+        for key in [k for k in self.asked if k[0] not in r.frames]:
+            del self.asked[key]
         return out
+
+    def _finished(self, frame: int, now: float) -> list[Effect]:
+        """On the source, a frame done: straggler bookkeeping (replan without a device that keeps stalling)."""
+        self.blocked.pop(frame, None)
+        stalled = self.stalled.pop(frame, set())
+        r = self._runner()
+        if r is None or self.plan is None:
+            return []
+        devices = [d for d in self.plan["devices"] if d != r.device and d not in self.gone]
+        self.straggle, slow = recovery.straggle_step(self.straggle, devices, stalled - self.gone, now)
+        if not slow:
+            return []
+        for d in slow:
+            self.excluded[d] = ("stalls", now + recovery.EXCLUDE_S)
+            self.gone.add(d)
+        return [Notice("straggler", {"devices": slow, "exclude_s": recovery.EXCLUDE_S}), self._plan_request(now)]
 
     # --- plans ----------------------------------------------------------------------------------------------
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
+        self.strategy, self.variant = ev.strategy, ev.variant  # background replans (faults, drift) ask the same
         fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
                                     ("devices", list(ev.devices) if ev.devices is not None else None))
                   if v is not None}
@@ -484,21 +741,59 @@ class DeviceSession:
         out: list[Effect] = [self._error_notice(e) for e in role.pop("errors", [])]
         out += self._reply(role)  # chunks that outran this plan message, replayed now
         if source == me:
-            out += self._fail_all(f"plan replaced by plan {msg.get('plan_id')}")
+            out += self._finish_alone(f"plan replaced by plan {msg.get('plan_id')}", now)
             self.plan = msg
             self.parts = role.get("parts", [])
+        self.gone = set()
         summary = {k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")}
         out.append(Notice("plan", {"plan": msg, "role": summary}))
         return out
 
+    def _finish_alone(self, reason: str, now: float, frames=None) -> list[Effect]:
+        """The source's frames in flight when its plan goes: computed whole here from the frame, never lost."""
+        out: list[Effect] = []
+        for f in sorted(self.waiting if frames is None else frames):
+            logits = self.runtime.finish_alone(f)
+            t0 = self.waiting.pop(f)
+            if logits is None:
+                out.append(FrameFailed(f, f"{reason} during frame {f}"))
+                continue
+            self.faults["finished_alone"] += 1
+            top = top_entries(logits, self.runtime.classifier.labels, 5)
+            out.append(FrameDone(f, {"frame": f, "top": top, "ms": (now - t0) * 1e3, "report": None,
+                                     "parts": [], "plan": self.plan, "recovered": reason}))
+        return out
+
     def _on_broadcast(self, ev: BroadcastIn, now: float) -> list[Effect]:
         data = ev.data if isinstance(ev.data, dict) else {}
+        if data.get("kind") == "rescue":
+            return self._on_rescue(ev.sender, data, now)
+        if data.get("kind") == "mismatch" and self._is_source() and isinstance(data.get("device"), str):
+            r = self._runner()
+            if ev.sender in r.members and data["device"] in r.members and data.get("plan_id") == r.plan_id:
+                try:
+                    frame, err = int(data.get("frame")), float(data.get("max_err"))
+                except (TypeError, ValueError):
+                    return self._error(f"unusable mismatch report from {ev.sender}")
+                return self._mismatch(frame, data["device"], str(data.get("tensor")), err,
+                                      data.get("audited") is True, now)
+            return []
+        if data.get("kind") == "audit" and not self._is_source():
+            r = self._runner()
+            if r is not None and ev.sender == r.source and data.get("plan_id") == r.plan_id:
+                try:
+                    self.audit = (r.plan_id, int(data["first"]), int(data["last"]))
+                except (KeyError, TypeError, ValueError):
+                    return self._error(f"unusable audit from {ev.sender}")
+            return []
         if data.get("kind") == "profile_changed" and self.plan is not None and ev.sender in self.plan["devices"]:
             try:
                 ratio = float(data.get("ratio"))
             except (TypeError, ValueError):
                 ratio = 0.0
-            return self._drop_plan(f"device {ev.sender} changed speed (x{ratio:.1f})")
+            # The plan keeps running while the room replans in the background: no frame is dropped.
+            return [Notice("replanning", {"reason": f"device {ev.sender} changed speed (x{ratio:.1f})"}),
+                    self._plan_request(now)]
         return []
 
     # --- frames and chunks ----------------------------------------------------------------------------------
@@ -516,7 +811,16 @@ class DeviceSession:
         except (RuntimeError, ValueError) as exc:
             del self.waiting[frame]
             return [FrameFailed(frame, str(exc))]
-        return self._reply(res, now)
+        out = self._reply(res, now)
+        if self.gone:  # until the new plan comes: what gone devices would have sent, computed here up front,
+            # unless that costs more than the whole frame (a gone device held a late segment): then alone.
+            owed = [t for d in sorted(self.gone) for t in self.runtime.owed(d) if t.dst not in self.gone]
+            own = sum(t.macs for t in self._runner().dplan.tasks)
+            if self.runtime.rescue_cost(owed) + own < self.runtime.model_macs():
+                out += self._rescue_here(frame, owed, now)
+            else:
+                out += self._finish_alone("a device of the plan is gone", now, frames=[frame])
+        return out
 
     def _on_chunk(self, ev: ChunkIn, now: float) -> list[Effect]:
         if self.runtime is None:
@@ -530,8 +834,12 @@ class DeviceSession:
     def _on_computed(self, ev: Computed, now: float) -> list[Effect]:
         if self.runtime is None:
             return []
+        outputs = ev.outputs
+        if self.corrupt:  # a test's lying device (`corrupt_for_test`): wrong values, valid wire format
+            outputs = {k: (v + self.corrupt).astype(v.dtype) if getattr(v, "ndim", 0) == 4 else v
+                       for k, v in outputs.items()}
         try:
-            res = self.runtime.computed(ev.plan_id, ev.frame, ev.task, ev.outputs)
+            res = self.runtime.computed(ev.plan_id, ev.frame, ev.task, outputs)
         except ValueError as exc:
             return self._error(f"compute result refused: {exc}")
         return self._reply(res, now)
@@ -540,7 +848,8 @@ class DeviceSession:
         late = [f for f, t0 in self.waiting.items() if now - t0 > FRAME_TIMEOUT_S]
         for f in late:
             del self.waiting[f]
-        return [FrameFailed(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
+        out: list[Effect] = [FrameFailed(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
+        return out + self._stalls(now)
 
     def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
         """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift."""
@@ -555,9 +864,19 @@ class DeviceSession:
             if t0 is None:
                 continue  # failed meanwhile (timeout, replaced plan): its caller was told already
             ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
+            if r["frame"] in self.tainted:
+                self.tainted.discard(r["frame"])
+                self.waiting[r["frame"]] = t0
+                out += self._finish_alone("a device of its plan returned wrong results", now or 0.0,
+                                          frames=[r["frame"]])
+                continue
             out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": plan_summary(self.plan)}))
+            if now is not None:
+                out += self._finished(r["frame"], now)
         for report in res.get("reports", []):
             out += self._on_report(int(plan_id), report, now)
+        if now is not None:
+            out += self._after(now)
         return out
 
     def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:
@@ -679,7 +998,24 @@ def state() -> dict:
     """What the page shows and tests read: current plans, tasks run, errors, links."""
     s = session()
     return {"plan": s.plan, "last_plan": s.last_plan, "tasks_run": s.tasks_run, "errors": list(s.errors),
-            "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting)}
+            "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting), "faults": s.faults,
+            "excluded": {d: why for d, (why, _) in s.excluded.items()}}
+
+
+def set_check_rate(rate: float) -> float:
+    """Worker entry: the share of frames in which this device spot-checks one piece (`recovery.CHECK_RATE`)."""
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"check rate must be within 0..1, got {rate}")
+    session().check_rate = rate
+    return rate
+
+
+def corrupt_for_test(offset: float) -> float:
+    """Worker entry for fault-injection tests: this device adds `offset` to every tile it computes from now on,
+    as a broken or malicious device would (the wire format stays valid). Its peers' checks must catch it."""
+    session().corrupt = float(offset)
+    return session().corrupt
 
 
 def profile() -> dict:

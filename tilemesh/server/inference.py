@@ -27,15 +27,17 @@ READY_STATES = ("ready", "busy")
 MAX_CANDIDATES = 12
 
 
-def planner_inputs(room: rooms.Room, requester: PeerId, devices=None) -> tuple[dict, dict, str | None]:
-    """(profiles, links, edge id) from the roster: ready, connected peers with a compute profile."""
+def planner_inputs(room: rooms.Room, requester: PeerId, devices=None, exclude=()) -> tuple[dict, dict, str | None]:
+    """(profiles, links, edge id) from the roster: ready, connected peers with a compute profile, but for
+    `exclude` (never the requester)."""
     wanted = None if devices is None else {*devices, requester}
+    excluded = set(exclude) - {requester}
     profiles: dict[str, dict] = {}
     links: dict[tuple[str, str], dict] = {}
     edge = None
     for peer in room.peers:
         prof = peer.profile if isinstance(peer.profile, dict) else None
-        if wanted is not None and peer.id not in wanted:
+        if (wanted is not None and peer.id not in wanted) or peer.id in excluded:
             continue
         usable = peer.connected and peer.state in READY_STATES and prof and isinstance(prof.get("compute"), dict)
         if not usable:
@@ -96,7 +98,7 @@ class Inference:
 
     def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
         graph = self.variant_graph(request.variant)
-        profiles, links, edge = planner_inputs(room, requester, request.devices)
+        profiles, links, edge = planner_inputs(room, requester, request.devices, request.exclude)
         choice = planner.make_plan(request.strategy, graph, profiles, links, requester, edge=edge)
         plan_id = next(self._ids)
         spec = {"plan_id": plan_id, "source": requester, "cuts": list(choice.cuts),

@@ -266,9 +266,28 @@ export class HostView {
     signaling.on("roster", ({ peers }) => this.setNames(peers));
     signaling.on("broadcast", ({ from, data }) => {
       if (data && data.kind === "frame_report") this.addReport(data.plan_id, data.report, from);
+      if (data && data.kind === "wrong_result") this.addWrongResult(data);
     });
     // Broadcasts are relayed to the others only: this device's own reports come from its engine.
-    if (engine) engine.addEventListener("report", (e) => this.addReport(e.detail.plan_id, e.detail.report, e.detail.from));
+    if (engine) {
+      engine.addEventListener("report", (e) => this.addReport(e.detail.plan_id, e.detail.report, e.detail.from));
+      engine.addEventListener("wrong_result", (e) => this.addWrongResult(e.detail));
+    }
+  }
+
+  // A device caught returning wrong results (tilemesh.runtime.recovery): named on the page, left out of plans.
+  addWrongResult({ device, frame, tensor, max_err: err }) {
+    if (typeof device !== "string") return;
+    this.wrong ??= new Map();
+    if (!this.wrong.has(device)) this.wrong.set(device, { frame, tensor, err });
+    this._renderPlan();
+  }
+
+  _wrongLines() {
+    return [...(this.wrong || new Map())].map(([device, { frame, tensor, err }]) => el("p",
+      { class: "wrong-result", "data-device": device },
+      `⚠ ${this.name(device)} returned wrong results (frame ${frame}, ${tensor}, `
+      + `${err >= 0 ? `off by up to ${Number(err).toPrecision(3)}` : "unreadable"}): it is left out of plans.`));
   }
 
   _chartWidth() {
@@ -291,7 +310,7 @@ export class HostView {
       this.planEl.dataset.state = "none";
       this.planEl.replaceChildren(el("p", { class: "hint" },
         "No plan yet. When a phone taps “Classify with this camera”, the server plans how the devices here share "
-        + "each frame, and the plan appears here."));
+        + "each frame, and the plan appears here."), ...this._wrongLines());
       return;
     }
     const colours = this._colours(plan);
@@ -382,7 +401,7 @@ export class HostView {
     const chart = gantt(rows, { width, maxMs: total, endMs: total, endLabel: `result at ${fmtMs(total)}` });
     chart.classList.add("predicted-gantt");
 
-    this.planEl.replaceChildren(head, meta, share,
+    this.planEl.replaceChildren(head, meta, ...this._wrongLines(), share,
       el("h3", {}, "Candidates the planner compared"), candList,
       el("h3", {}, "Predicted timeline of one frame"), chart,
       el("p", { class: "small key" }, this._key()));

@@ -25,9 +25,10 @@ Client -> server
     broadcast  {data: object}   Relayed to every other peer of the room as `broadcast {from, data}`.
     ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
     leave      {}               Leave the room now; the server closes the socket.
-    plan_request {strategy?: str, devices?: [peer_id], variant?: str}
+    plan_request {strategy?: str, devices?: [peer_id], variant?: str, exclude?: [peer_id]}
                The sender (the device with the camera) asks the server's planner for a plan over the room's
-               ready peers with profiles (or the listed subset). `strategy` picks a benchmark baseline
+               ready peers with profiles (or the listed subset), leaving out `exclude` (devices it caught
+               returning wrong results, or stalling). `strategy` picks a benchmark baseline
                (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh". `variant`
                names one of the model card's variants (e.g. "heavy": the same weights at 448 px); the plan is
                made on its graph and its spec carries it.
@@ -205,6 +206,7 @@ class PlanRequest:
     strategy: str = "tilemesh"
     devices: tuple[PeerId, ...] | None = None
     variant: str | None = None
+    exclude: tuple[PeerId, ...] = ()
 
 
 ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
@@ -379,18 +381,21 @@ def _parse_plan_request(obj: dict) -> PlanRequest:
     strategy = obj.get("strategy", "tilemesh")
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"'strategy' must be one of {', '.join(STRATEGY_NAMES)}")
-    devices = obj.get("devices")
-    if devices is not None:
-        if not isinstance(devices, list) or len(devices) > MAX_PLAN_DEVICES:
-            raise ValueError(f"'devices' must be a list of at most {MAX_PLAN_DEVICES} peer ids")
-        try:
-            devices = tuple(PeerId.parse(d) for d in devices)
-        except ValueError:
-            raise ValueError("'devices' holds an invalid peer id") from None
+    lists = {}
+    for name in ("devices", "exclude"):
+        ids = obj.get(name)
+        if ids is not None:
+            if not isinstance(ids, list) or len(ids) > MAX_PLAN_DEVICES:
+                raise ValueError(f"'{name}' must be a list of at most {MAX_PLAN_DEVICES} peer ids")
+            try:
+                ids = tuple(PeerId.parse(d) for d in ids)
+            except ValueError:
+                raise ValueError(f"'{name}' holds an invalid peer id") from None
+        lists[name] = ids
     variant = obj.get("variant")
     if variant is not None and not (isinstance(variant, str) and 0 < len(variant) <= 32):
         raise ValueError("'variant' must be a model variant's name (a short string)")
-    return PlanRequest(strategy=strategy, devices=devices, variant=variant)
+    return PlanRequest(strategy=strategy, devices=lists["devices"], variant=variant, exclude=lists["exclude"] or ())
 
 
 _PARSERS = {

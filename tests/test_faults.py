@@ -1,0 +1,341 @@
+"""Faults within a frame over the fake room: devices that vanish, go silent, straggle or lie.
+
+Every frame must end with the single-device answer; detection bounds are checked on the fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.fakenet import FakeRoom
+from tilemesh.runtime import graph as graph_mod
+from tilemesh.runtime import recovery as R
+from tilemesh.runtime import session as S
+from tilemesh.runtime.classify import LocalClassifier
+from tilemesh.runtime.deps import cut_candidates
+from tilemesh.runtime.executor import run_nodes
+from tilemesh.runtime.peer import plan_from_spec
+from tilemesh.runtime.regions import Region
+
+DEVICES = ("phone", "laptop", "tablet")
+
+
+@pytest.fixture(scope="module")
+def classifier(demo_model_dir):
+    graph = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
+    labels = json.loads((demo_model_dir / "labels.json").read_text())
+    return LocalClassifier(graph, labels)
+
+
+def plan3(graph, plan_id=3, predicted_ms=None):
+    """Three segments: rows over all three devices, rows over laptop and tablet, the head on the tablet."""
+    cuts = cut_candidates(graph)
+    rows3 = {"devices": [["phone"], ["laptop"], ["tablet"]], "row_shares": [1, 1, 1], "col_shares": None}
+    rows2 = {"devices": [["laptop"], ["tablet"]], "row_shares": [1, 1], "col_shares": None}
+    whole = {"devices": [["tablet"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": plan_id, "source": "phone", "cuts": [cuts[len(cuts) // 3], cuts[2 * len(cuts) // 3]],
+            "splits": [rows3, rows2, whole]}
+    msg = {"plan_id": plan_id, "source": "phone", "devices": list(DEVICES), "spec": spec, "timeline": {}}
+    if predicted_ms is not None:
+        msg["predicted_ms"] = predicted_ms
+    return json.loads(json.dumps(msg))
+
+
+def frame(seed):
+    return np.random.default_rng(seed).integers(0, 256, (256, 256, 4), dtype=np.uint8).tobytes()
+
+
+def local(classifier, data):
+    return [t["index"] for t in classifier.classify(data, 256, 256)["top"]]
+
+
+def top5(result):
+    return [t["index"] for t in result["top"]]
+
+
+def room(classifier, deferred=False, check_rate=0.0, **kw) -> FakeRoom:
+    sessions = {d: S.DeviceSession(classifier, deferred=deferred, check_rate=check_rate, seed=i)
+                for i, d in enumerate(DEVICES)}
+    r = FakeRoom(sessions, **kw)
+    r.open_links()
+    return r
+
+
+def adopt(r, msg):
+    for d in list(r.sessions):
+        r.fire(d, S.PlanIn(msg, d))
+
+
+def requests(r):
+    return [(d, s.fields) for d, s in r.signals if s.type == "plan_request"]
+
+
+# --- pure pieces ----------------------------------------------------------------------------------------------
+
+
+def test_every_piece_rescued_from_the_frame_equals_full_inference(classifier):
+    """Any piece of any segment, computed from the frame alone over its receptive field, is the tensor's part."""
+    g = classifier.graph
+    plan = plan_from_spec(g, plan3(g)["spec"])
+    pixels = classifier.pre.centre_crop_u8(np.frombuffer(frame(1), np.uint8).reshape(256, 256, 4)[:, :, :3])
+    x = classifier.pre.normalize_u8(pixels)
+    tensors = {t.tensor for t in plan.transfers} | {g.output}
+    full = run_nodes(g, g.nodes, {g.input: x}, keep=sorted(tensors))
+    pieces = list(plan.transfers) + [R.Transfer("tablet", "phone", g.output, Region(0, 1, 0, 1))]
+    assert {t.tensor for t in pieces} >= {g.input, g.output} and len(pieces) > 6
+    for tr in pieces:
+        got = R.rescue_piece(g, pixels, classifier.pre.normalize_u8, tr)
+        ref = x if tr.tensor == g.input else full[tr.tensor]
+        if ref.ndim == 4:
+            ref = ref[:, :, tr.region.r0:tr.region.r1, tr.region.c0:tr.region.c1]
+        if tr.tensor == g.input:
+            np.testing.assert_array_equal(got, pixels[:, :, tr.region.r0:tr.region.r1, tr.region.c0:tr.region.c1])
+        else:
+            np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    # A first-segment piece costs a band of the frame; the head costs all of it.
+    first = next(t for t in plan.transfers if t.src == "laptop")
+    assert R.rescue_region(g, first).area < 0.6 * 224 * 224
+    assert R.rescue_region(g, pieces[-1]).area == 224 * 224
+
+
+def test_stall_bound_follows_the_prediction_within_limits():
+    assert R.stall_bound({"predicted_ms": 200}) == pytest.approx(0.6)
+    assert R.stall_bound({"predicted_ms": 10}) == R.STALL_MIN_S
+    assert R.stall_bound({"predicted_ms": 5000}) == R.STALL_MAX_S
+    assert R.stall_bound({}) == R.STALL_MAX_S and R.stall_bound(None) == R.STALL_MAX_S
+
+
+def test_copies_agree_within_float_tolerance_only():
+    a = np.linspace(-5, 5, 1000, dtype=np.float32).reshape(1, 10, 10, 10)
+    assert R.agree(a, a + 1e-5)[0]
+    bad = a.copy()
+    bad[0, 3, 4, 5] += 0.5
+    ok, err = R.agree(a, bad)
+    assert not ok and err == pytest.approx(0.5)
+    assert not R.agree(a, a[:, :5])[0]
+    assert not R.agree(a, np.full_like(a, np.nan))[0]
+
+
+def test_straggler_replans_with_hysteresis():
+    """A scripted slow device: replanned without after STRAGGLE_K of STRAGGLE_N frames, not before; no second
+    replan within REPLAN_HOLD_S; a device slow once in a while never triggers one."""
+    st, t = R.Straggle(), 0.0
+    script = [True, False, False, True, False, False, True, False]  # never 2 stalls in 3 frames
+    for slow in script:
+        st, out = R.straggle_step(st, ["laptop", "tablet"], {"tablet"} if slow else set(), t)
+        t += 0.1
+        assert out == []
+    st = R.Straggle()
+    hits = []
+    for i in range(20):
+        st, out = R.straggle_step(st, ["laptop", "tablet"], {"laptop"}, t)
+        hits += [(i, d) for d in out]
+        t += 0.1  # 20 frames in 2 s: within the hold
+    assert hits == [(R.STRAGGLE_K - 1, "laptop")]
+    st, out = R.straggle_step(st, ["laptop"], {"laptop"}, t + R.REPLAN_HOLD_S)
+    assert out == ["laptop"]  # still slow after the hold: replanned again
+
+
+# --- a device lost mid-frame ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def span(classifier):
+    """A clean frame's latency on the fake clock."""
+    r = room(classifier)
+    adopt(r, plan3(classifier.graph))
+    t0 = r.now
+    r.fire("phone", S.FrameIn(1, frame(20), 256, 256))
+    r.run()
+    return r.now - t0
+
+
+@pytest.mark.parametrize("victim", ["laptop", "tablet"])
+@pytest.mark.parametrize("stage", [0.0, 0.3, 0.6, 0.95])
+def test_a_device_leaving_at_any_stage_of_a_frame_is_rescued(classifier, span, victim, stage):
+    msg = plan3(classifier.graph)
+    r = room(classifier, seed=7)
+    adopt(r, msg)
+    data = frame(21)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=r.now + stage * span)
+    r.leave(victim)
+    r.run(until=r.now + 1.0)
+    assert not r.failed and top5(r.done["phone"][1]) == local(classifier, data)
+    assert r.now < 1.0 + span  # detected at once (peer_left): no timeout was waited for
+    assert requests(r) == [("phone", {})]  # the room replans in the background
+    # The stream goes on under the old plan until the new one comes: the gone device's share is rescued (or,
+    # when that costs more than the whole model, the phone computes the frame alone).
+    for f in (2,):
+        nxt = frame(21 + f)
+        r.fire("phone", S.FrameIn(f, nxt, 256, 256))
+        r.run(until=r.now + 1.0)
+        assert top5(r.done["phone"][f]) == local(classifier, nxt)
+    phone = r.sessions["phone"]
+    assert phone.faults["rescued_pieces"] > 0 and not r.failed
+
+
+def test_only_unfinished_pieces_are_rescued(classifier):
+    """The laptop leaves after sending its first-segment pieces: only what it still owed is recomputed."""
+    msg = plan3(classifier.graph)
+    r = room(classifier, seed=2)
+    adopt(r, msg)
+    g = classifier.graph
+    plan = plan_from_spec(g, msg["spec"])
+    owed = [t for t in plan.transfers if t.src == "laptop"]
+    first_seg = {t for t in owed if t.tensor == plan.segments[0].outputs[0]}
+    r.fire("phone", S.FrameIn(1, frame(30), 256, 256))
+    # Run until the tablet holds the laptop's first-segment pieces, then the laptop goes.
+    tablet = r.sessions["tablet"].runtime.runner
+    while not tablet.frames or not all(tablet.key(t) in tablet.frames[1].arrived
+                                       for t in first_seg if t.dst == "tablet"):
+        r.run(until=r.now + 0.001)
+    r.leave("laptop")
+    r.run(until=r.now + 1.0)
+    assert top5(r.done["phone"][1]) == local(classifier, frame(30))
+    rescued = r.sessions["phone"].faults["rescued_pieces"]
+    assert 0 < rescued < len(owed)
+
+
+def test_a_silent_device_is_detected_within_the_stall_bound(classifier):
+    """Network cut, nobody told: the frame completes once the stall bound passes, not before, with the right
+    answer; later frames too (each after the bound) until the room is replanned."""
+    msg = plan3(classifier.graph, predicted_ms=100)
+    bound = R.stall_bound(msg)
+    assert bound == pytest.approx(0.3)
+    r = room(classifier, seed=3, tick=0.05)
+    adopt(r, msg)
+    data = frame(40)
+    r.cut("laptop")
+    t0 = r.now
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    # The tablet misses the laptop's first-segment pieces (level 1): it asks after piece_wait(bound, 1).
+    ask = R.piece_wait(bound, 1)
+    r.run(until=t0 + ask - 0.01)
+    assert 1 not in r.done.get("phone", {})
+    r.run(until=t0 + R.piece_wait(bound, 3) + 1.0)
+    done_at = r.done["phone"][1]["ms"] / 1e3
+    assert ask <= done_at <= ask + r.tick + 0.05  # rescued once, by the device really waiting for it
+    # Exactly the laptop's pieces for the tablet were recomputed (from the frame: a later segment's piece costs
+    # its receptive field), never the tablet's output, which would be the whole model.
+    g = classifier.graph
+    owed = [t for t in plan_from_spec(g, msg["spec"]).transfers if t.src == "laptop" and t.dst == "tablet"]
+    whole = R.rescue_macs(g, R.Transfer("tablet", "phone", g.output, Region(0, 1, 0, 1)))
+    spent = r.sessions["phone"].faults["rescue_macs"]
+    assert spent == sum(R.rescue_macs(g, t) for t in owed) < whole
+    assert top5(r.done["phone"][1]) == local(classifier, data) and not r.failed
+
+
+# --- stragglers -----------------------------------------------------------------------------------------------
+
+
+def test_a_straggler_is_duplicated_first_copy_wins_and_the_room_replans_without_it(classifier):
+    msg = plan3(classifier.graph, predicted_ms=100)
+    r = room(classifier, deferred=True, seed=4, tick=0.05)
+    r.compute_delay["laptop"] = 3.0  # far behind its prediction
+    adopt(r, msg)
+    for f in range(1, R.STRAGGLE_K + 2):
+        data = frame(50 + f)
+        t0 = r.now
+        r.fire("phone", S.FrameIn(f, data, 256, 256))
+        r.run(until=t0 + 1.0)
+        assert top5(r.done["phone"][f]) == local(classifier, data)
+        assert r.done["phone"][f]["ms"] < 1000  # not the straggler's 3 s per task
+    r.run(until=r.now + 10)  # the straggler's late copies arrive and are compared: they agree
+    assert sum(s.faults["compared"] for s in r.sessions.values()) > 0
+    assert not any(n.what == "wrong_result" for _, n in r.notices)
+    assert requests(r) == [("phone", {"exclude": ["laptop"]})]  # once: the hold keeps it from flapping
+    assert [n.detail["devices"] for d, n in r.notices if n.what == "straggler"] == [["laptop"]]
+
+
+# --- wrong results --------------------------------------------------------------------------------------------
+
+
+def lie(outputs):
+    return {k: (v + np.float32(0.25)).astype(v.dtype) if v.ndim == 4 else v for k, v in outputs.items()}
+
+
+def test_a_device_returning_wrong_tiles_is_caught_excluded_and_named(classifier):
+    msg = plan3(classifier.graph)
+    r = room(classifier, deferred=True, check_rate=1.0, seed=5)
+    r.tamper["laptop"] = lie
+    adopt(r, msg)
+    data = frame(60)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=r.now + 2.0)
+    # Frame 1: the laptop's and the tablet's pieces disagree with the phone's, but both had inputs from other
+    # devices (the tablet used the laptop's wrong pieces): nobody is convicted, the next frames are audited.
+    assert not any(n.what == "wrong_result" for _, n in r.notices)
+    assert [n.detail["first"] for d, n in r.notices if n.what == "audit"] == [2]
+    assert top5(r.done["phone"][1]) == local(classifier, data) and r.done["phone"][1]["recovered"]
+    first = data
+    data = frame(62)
+    r.fire("phone", S.FrameIn(2, data, 256, 256))
+    r.run(until=r.now + 2.0)
+    named = [(d, n.detail["device"]) for d, n in r.notices if n.what == "wrong_result"]
+    assert named == [("phone", "laptop")]  # the audited frame shows who: the laptop alone
+    broadcast = [s.fields["data"] for d, s in r.signals if s.type == "broadcast"
+                 and s.fields["data"].get("kind") == "wrong_result"]
+    assert broadcast and all(b["device"] == "laptop" and b["max_err"] > 0.1 for b in broadcast)
+    assert ("phone", {"exclude": ["laptop"]}) in requests(r)
+    assert r.sessions["phone"].excluded["laptop"] == ("wrong results", None)
+    # The frames it lied in are still right (checked pieces replaced, or finished alone), and so is the next
+    # one (its share rescued until the new plan comes).
+    assert top5(r.done["phone"][1]) == local(classifier, first) and not r.failed
+    assert top5(r.done["phone"][2]) == local(classifier, data)
+    data = frame(61)
+    r.fire("phone", S.FrameIn(3, data, 256, 256))
+    r.run(until=r.now + 2.0)
+    assert top5(r.done["phone"][3]) == local(classifier, data)
+
+
+def test_honest_devices_are_never_accused(classifier):
+    msg = plan3(classifier.graph)
+    r = room(classifier, deferred=True, check_rate=1.0, seed=6)
+    adopt(r, msg)
+    for f in range(1, 4):
+        data = frame(70 + f)
+        r.fire("phone", S.FrameIn(f, data, 256, 256))
+        r.run(until=r.now + 2.0)
+        assert top5(r.done["phone"][f]) == local(classifier, data)
+    assert sum(s.faults["compared"] for s in r.sessions.values()) >= 6  # every device checked every frame
+    assert not any(n.what == "wrong_result" for _, n in r.notices) and not requests(r)
+
+
+def test_a_forged_rescue_request_is_checked(classifier):
+    msg = plan3(classifier.graph)
+    r = room(classifier)
+    adopt(r, msg)
+    r.fire("phone", S.FrameIn(1, frame(80), 256, 256))
+    effects = r.fire("phone", S.BroadcastIn("tablet", {"kind": "rescue", "plan_id": 3, "frame": 1,
+                                                       "why": "left", "pieces": [["laptop", "x"]]}))
+    assert [e.what for e in effects if isinstance(e, S.Notice)] == ["error"]
+    # A request for pieces planned for someone else computes nothing.
+    assert r.fire("phone", S.BroadcastIn("tablet", {"kind": "rescue", "plan_id": 3, "frame": 1, "why": "left",
+                                                    "pieces": [["phone", classifier.graph.input, 0, 1, 0, 1]]})) == []
+
+
+def test_a_liar_fed_only_by_the_camera_is_convicted_in_the_frame_it_lies(classifier):
+    """Phone and laptop share the first segment, the laptop runs the rest: everything the laptop reads comes
+    from the phone, so one disagreeing check is proof."""
+    cuts = cut_candidates(classifier.graph)
+    spec = {"plan_id": 4, "source": "phone", "cuts": [cuts[len(cuts) // 2]],
+            "splits": [{"devices": [["phone"], ["laptop"]], "row_shares": [1, 2], "col_shares": None},
+                       {"devices": [["laptop"]], "row_shares": None, "col_shares": None}]}
+    msg = {"plan_id": 4, "source": "phone", "devices": ["phone", "laptop"], "spec": spec, "timeline": {}}
+    sessions = {d: S.DeviceSession(classifier, deferred=True, check_rate=1.0, seed=i)
+                for i, d in enumerate(("phone", "laptop"))}
+    r = FakeRoom(sessions, seed=8)
+    r.open_links()
+    r.tamper["laptop"] = lie
+    adopt(r, msg)
+    data = frame(90)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=r.now + 2.0)
+    assert [(d, n.detail["device"], n.detail["frame"]) for d, n in r.notices if n.what == "wrong_result"] == [
+        ("phone", "laptop", 1)]
+    assert not any(n.what == "audit" for _, n in r.notices)
+    assert top5(r.done["phone"][1]) == local(classifier, data) and not r.failed

@@ -1,0 +1,156 @@
+"""Faults within a frame: the rules for rescuing pieces, spotting stragglers and catching wrong results.
+
+Pure functions and small frozen states; the device session (`session.DeviceSession`) calls them and turns
+their answers into effects. The same rules run in the browser (Pyodide) and on the edge (CPython).
+
+Design (region-level recovery). Every piece a device waits for is named by (tensor, region), so any device of
+the plan may deliver it; the first copy is used (`runner.DeviceRunner._piece`). The camera phone (the plan's
+source) holds the frame, so it can compute any piece of any segment from the frame alone: the piece's region is
+mapped back through every layer before it (`deps.segment_deps` over the graph's prefix) to the input rows and
+columns it needs, and only those are computed (`rescue_piece`). A piece of the first segment costs its own tile
+plus halo; a piece of a later segment costs its receptive field in the frame, up to the whole frame for the
+classifier's head. Nobody else holds a later segment's inputs once they are consumed, so the frame is the one
+input every rescue can count on.
+
+Who asks. A device waiting for pieces of a frame asks the source for the ones a device still owes it
+(`rescue` broadcast): at once when that device leaves the room or its link closes, or when the frame has made
+no progress for `stall_bound(plan)` seconds (a device that vanished silently, or a straggler). The source does
+the same for its own missing pieces, locally. Until a new plan arrives, the source computes a gone device's
+pieces for every new frame up front. A late copy from a straggler is compared with the rescue (a free check).
+
+Wrong results. With probability `check_rate` per frame, each device picks one piece it expects from another
+device (not the source) and asks the source for its own copy; the piece is used only when both copies are here.
+Copies that differ by more than float tolerance (`agree`) convict the non-source sender when its inputs were
+surely right (they all came from the source, or the frame was audited); it is excluded from the source's plans
+and named to the room (`wrong_result` broadcast). Otherwise an honest device may only have passed on a liar's
+wrong pieces, so the next AUDIT_FRAMES frames are audited (every piece from another device held until the
+source's copy arrives), which shows who computes wrong. Frames touched by a disagreement finish alone on the
+source. The source's copy is trusted: the camera phone is the user's own device, and it computed the piece
+from the frame itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .deps import segment_deps
+from .regions import Region, plane
+from .tiling import Transfer, crop, partial_pool, run_steps
+
+# A piece of segment k-1's output still missing `piece_wait(bound, k)` = bound + k x LEVEL_STEP_S after a device
+# first saw its frame is rescued, where bound = STALL_FACTOR x the plan's predicted latency (at least
+# STALL_MIN_S, at most STALL_MAX_S; without a prediction STALL_MAX_S).
+STALL_FACTOR = 3.0
+STALL_MIN_S = 0.3
+STALL_MAX_S = 2.0
+LEVEL_STEP_S = 0.1
+# Straggler hysteresis: a device rescued for stalling in STRAGGLE_K of the last STRAGGLE_N frames (silent or
+# slow) makes the source replan without it, at most once per REPLAN_HOLD_S; it may come back after EXCLUDE_S.
+STRAGGLE_K = 2
+STRAGGLE_N = 3
+REPLAN_HOLD_S = 10.0
+EXCLUDE_S = 30.0
+# Spot checks: the share of frames in which each device has one received piece re-computed by the source.
+CHECK_RATE = 0.05
+# After a disagreement that does not show who lied (the sender's inputs came from other devices), this many
+# frames are audited: every piece from a device other than the source is checked before it is used.
+AUDIT_FRAMES = 2
+# Float tolerance of two copies of one piece (tiled vs whole inference agree within 1e-5 on the demo model).
+ATOL = 1e-3
+RTOL = 1e-3
+
+
+def stall_bound(plan_msg: dict | None) -> float:
+    """Seconds without progress after which a frame's missing pieces are rescued, from the plan's prediction."""
+    try:
+        predicted = float((plan_msg or {}).get("predicted_ms")) / 1e3
+    except (TypeError, ValueError):
+        return STALL_MAX_S
+    if not predicted > 0:
+        return STALL_MAX_S
+    return min(STALL_MAX_S, max(STALL_MIN_S, STALL_FACTOR * predicted))
+
+
+def piece_wait(bound: float, level: int) -> float:
+    """How long a device waits for a piece produced at `level` (0: the frame, k: segment k-1's output) before
+    asking for it: deeper pieces wait longer, so a device blocked upstream asks before those waiting on it
+    (and the rescue goes to the device that really stalled, not to everyone downstream of it)."""
+    return bound + LEVEL_STEP_S * max(0, int(level))
+
+
+def rescue_region(graph, tr: Transfer) -> Region:
+    """The region of the graph input `rescue_piece` reads for `tr` (its receptive field, clipped)."""
+    return _prefix_deps(graph, tr).inputs[graph.input]
+
+
+def _prefix_deps(graph, tr: Transfer):
+    target = tr.of if tr.reduce else tr.tensor
+    if target == graph.input:
+        return None
+    last = next(i for i, n in enumerate(graph.nodes) if n.output == target)
+    return segment_deps(graph, graph.nodes[: last + 1], {target: tr.region})
+
+
+def rescue_piece(graph, pixels: np.ndarray, normalize, tr: Transfer, backend=None) -> np.ndarray:
+    """Piece `tr` computed from the frame alone: `pixels` is the (1, 3, H, W) uint8 crop the model sees.
+
+    Only the input region the piece depends on is read and only the layers before it run; the result equals
+    what `tr.src` would have sent (a partial pool for a reduction transfer)."""
+    full = Region.full(*plane(pixels.shape))
+    deps = _prefix_deps(graph, tr)
+    if deps is None:  # a piece of the frame itself
+        return np.ascontiguousarray(crop(pixels, full, tr.region))
+    need = deps.inputs[graph.input]
+    target = tr.of if tr.reduce else tr.tensor
+    out = run_steps(graph, deps, {graph.input: normalize(crop(pixels, full, need))}, keep=[target],
+                    backend=backend)[target]
+    if out.ndim == 4:
+        out = crop(out, deps.regions[target], tr.region)
+    return np.ascontiguousarray(partial_pool(out, tr.reduce) if tr.reduce else out)
+
+
+def rescue_macs(graph, tr: Transfer) -> int:
+    deps = _prefix_deps(graph, tr)
+    return 0 if deps is None else deps.macs
+
+
+def agree(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
+    """Whether two copies of one piece agree within float tolerance, and their largest difference."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape:
+        return False, float("inf")
+    if a.size == 0:
+        return True, 0.0
+    diff = np.abs(a - b)
+    err = float(np.nanmax(diff)) if np.isfinite(diff).all() else float("inf")
+    return bool(np.all(diff <= ATOL + RTOL * np.abs(a))), err
+
+
+@dataclass(frozen=True)
+class Straggle:
+    """Per device, the last STRAGGLE_N frames of the source's plan: True where it had to be rescued."""
+
+    history: tuple[tuple[str, tuple[bool, ...]], ...] = ()
+    replanned_at: float | None = None
+
+    def of(self, device: str) -> tuple[bool, ...]:
+        return dict(self.history).get(device, ())
+
+
+def straggle_step(state: Straggle, frame_devices, stalled, now: float) -> tuple[Straggle, list[str]]:
+    """One finished frame: `frame_devices` took part, `stalled` (a subset) had pieces rescued for stalling.
+
+    Returns the new state and the devices to replan without (empty unless some device stalled in STRAGGLE_K
+    of its last STRAGGLE_N frames and no straggler replan happened in the last REPLAN_HOLD_S)."""
+    hist = dict(state.history)
+    for d in frame_devices:
+        hist[d] = (*hist.get(d, ()), d in stalled)[-STRAGGLE_N:]
+    slow = sorted(d for d, h in hist.items() if sum(h) >= STRAGGLE_K)
+    held = state.replanned_at is not None and now - state.replanned_at < REPLAN_HOLD_S
+    if not slow or held:
+        return Straggle(tuple(sorted(hist.items())), state.replanned_at), []
+    for d in slow:
+        hist[d] = ()
+    return Straggle(tuple(sorted(hist.items())), now), slow

@@ -1,11 +1,12 @@
-"""Faults in a real room: a device that lies, then one that vanishes mid-stream; no frame may be lost or wrong.
+"""Faults in a real room: a device that lies, then one that vanishes mid-stream.
 
 Inside a network namespace: the server (no edge), a host page, a phone whose camera shows a real photo, and a
 tablet, all three in the plan (equal split). The tablet starts returning wrong tiles (a page-side hook into its
-worker's session, `corrupt_for_test`): the phone, checking every frame (`set_check_rate(1)`), must catch it and
-the host page must name it. Then the phone checks at the default rate again, a new plan without the liar comes,
-and the host's page closes mid-stream. Every frame the phone shows must carry onnxruntime's top-1; the latency
-spikes are printed against a normal frame.
+worker's session, `corrupt_for_test`): the phone, checking one piece in every frame (`set_check_rate(1)`), must
+catch it and the host page must name it. Then the phone checks at the default rate again, a new plan without
+the liar comes, and the host's page closes mid-stream. Every frame from the liar's conviction on must carry
+onnxruntime's top-1 (before it, a frame whose one checked piece was not the liar's may be wrong: counted and
+printed); the latency spikes are printed against a normal frame.
 """
 
 from __future__ import annotations
@@ -93,12 +94,16 @@ def test_a_lying_device_is_caught_and_a_vanishing_one_costs_no_frame(tmp_path, p
             wait_frames(phone, int(phone.locator("#labels").get_attribute("data-frames")) + 4)
 
             frames = recorded(phone)
-            wrong = [f for f in frames if f["top1"] != expected]
+            # Spot checks look at one piece per frame: a frame the liar touched before it was caught may be
+            # wrong (counted, printed); from its conviction on, none may be.
+            before = [f for f in frames[:lied] if f["top1"] != expected]
+            wrong = [f for f in frames[lied:] if f["top1"] != expected]
             spike_lie = max((f["ms"] for f in frames[:lied + 1]), default=0.0)
             spike_close = max((f["ms"] for f in frames[closed:closed + 3]), default=0.0)
             print(f"\nframes {len(frames)}: normal {normal:.0f} ms; while the liar was caught up to "
                   f"{spike_lie:.0f} ms ({spike_lie / normal:.1f}x); after a device closed up to {spike_close:.0f} ms "
-                  f"({spike_close / normal:.1f}x); answered by: {sorted({f['by'] for f in frames})}")
+                  f"({spike_close / normal:.1f}x); wrong top-1 before the conviction: {len(before)} of {lied}; "
+                  f"answered by: {sorted({f['by'] for f in frames})}")
             assert not wrong, wrong
             errors = phone.evaluate("window.tilemesh.engine.errors")
             assert not [e for e in errors if "refused" in e], errors

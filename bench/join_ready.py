@@ -26,8 +26,11 @@ from bench.chromium import CHROMIUM_ARGS
 from bench.netns import NetNS, unavailable_reason
 
 # Records the moment the page's device turns ready (installed before any page script runs).
-WATCH = """(() => { const t = setInterval(() => {
+# Also keeps each step the page reports on its way (`state.detail`), with its time, to show where joining goes.
+WATCH = """(() => { window.__steps = []; let last = ''; const t = setInterval(() => {
   const s = window.tilemesh && window.tilemesh.signaling && window.tilemesh.signaling.lastState;
+  const step = s ? `${s.state}: ${s.detail || ''}` : '';
+  if (step && step !== last) { last = step; window.__steps.push([Math.round(performance.now()), step]); }
   if (s && s.state === 'ready') { window.__readyAt = performance.now(); clearInterval(t); } }, 25); })();"""
 
 
@@ -80,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                         ready.append(pg.evaluate("window.__readyAt"))
                     reasons = [pg.evaluate("() => (window.tilemesh.engine.compute || {}).engine_reason")
                                for pg in pages]
+                    steps = [pg.evaluate("window.__steps") for pg in pages]
                 finally:
                     for b in browsers:
                         b.close()
-                rows.append({"mode": mode, "ready_ms": ready, "reasons": reasons})
+                rows.append({"mode": mode, "ready_ms": ready, "reasons": reasons, "steps": steps})
                 print(f"[join_ready] {mode}: {[round(x) for x in ready]} ms; {reasons[0]}", file=sys.stderr, flush=True)
+                slowest = steps[max(range(len(ready)), key=ready.__getitem__)]
+                print("[join_ready]   slowest page's steps (ms: state: detail): "
+                      + "; ".join(f"{ms}: {step}" for ms, step in slowest), file=sys.stderr, flush=True)
         finally:
             srv.stop()
     print(f"\nload average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.browsers} "

@@ -20,15 +20,11 @@ import argparse
 import base64
 import os
 import statistics
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS, local_server
 from tilemesh.planning.costmodel import task_seconds
 from tilemesh.runtime.backend import OnnxRuntimeBackend
 from tilemesh.runtime.classify import LocalClassifier
@@ -131,39 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     graph = clf.graph
     plans = specs(graph, args.segments)
     seg_plan = plan_from_spec(graph, plans["segments"]).device_plan("me")
-    port = 8700 + int(time.time()) % 200
-    srv = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     rows: dict[str, dict] = {}
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).close()  # noqa: S310 (our local server)
-                break
-            except OSError:
-                time.sleep(0.2)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            pages = [*((f"ort-wasm x{t}", f"?ort_threads={t}") for t in threads), ("numpy x1", "?ort=off")]
-            for engine, query in pages:
-                page, info = open_page(browser, url + "/runtime" + query)
-                prof = page.evaluate(CALL, ["profile", []])
-                row = {"info": info, "profile": prof}
-                t = int(engine.rsplit("x", 1)[1])
-                native = rows.setdefault(f"native ort x{t}", {}) if engine.startswith("ort") else {}
-                for name, spec in plans.items():
-                    row[name], native_row = run_pair(page, clf, spec, t, args.frames)
-                    native.setdefault(name, native_row)
-                    if not engine.startswith("ort"):
-                        row[f"{name}:native"] = native_row
-                rows[engine] = row
-                page.close()
-                print(f"[bench] {engine}: {info.get('reason')}", flush=True)
-            browser.close()
-    finally:
-        srv.terminate()
-        srv.wait(10)
+    with local_server() as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pages = [*((f"ort-wasm x{t}", f"?ort_threads={t}") for t in threads), ("numpy x1", "?ort=off")]
+        for engine, query in pages:
+            page, info = open_page(browser, url + "/runtime" + query)
+            prof = page.evaluate(CALL, ["profile", []])
+            row = {"info": info, "profile": prof}
+            t = int(engine.rsplit("x", 1)[1])
+            native = rows.setdefault(f"native ort x{t}", {}) if engine.startswith("ort") else {}
+            for name, spec in plans.items():
+                row[name], native_row = run_pair(page, clf, spec, t, args.frames)
+                native.setdefault(name, native_row)
+                if not engine.startswith("ort"):
+                    row[f"{name}:native"] = native_row
+            rows[engine] = row
+            page.close()
+            print(f"[bench] {engine}: {info.get('reason')}", flush=True)
+        browser.close()
 
     def fmt(v):
         return f"{v:8.2f}" if v is not None else "       -"

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from bench.backends import CALL, LOAD_MODEL, frame_bytes, specs
-from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS, local_server
 from bench.env import CpuGroup, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,32 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench.harness import refresh_runtime
 
     refresh_runtime()  # the browsers import the packed runtime: it must be this code
-    port = 8700 + int(time.time()) % 200
-    srv = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     rows = []
     load0 = os.getloadavg()[0]
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).close()  # noqa: S310 (our local server)
-                break
-            except OSError:
-                time.sleep(0.2)
-        with sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
-            for cores in (float(c) for c in args.cores.split(",")):
-                for threads in (0 if t == "auto" else int(t) for t in args.threads.split(",")):
-                    try:
-                        row = measure(pw, url, Path(tmp), cores, threads, args.frames)
-                    except Exception as exc:  # noqa: BLE001 (one row failing must not lose the others)
-                        print(f"[calibration] {cores:g} cores, threads {threads}: failed: {exc}", file=sys.stderr)
-                        continue
-                    rows.append(row)
-                    print(f"[calibration] {row}", file=sys.stderr, flush=True)
-    finally:
-        srv.terminate()
-        srv.wait(10)
+    with local_server() as url, sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
+        for cores in (float(c) for c in args.cores.split(",")):
+            for threads in (0 if t == "auto" else int(t) for t in args.threads.split(",")):
+                try:
+                    row = measure(pw, url, Path(tmp), cores, threads, args.frames)
+                except Exception as exc:  # noqa: BLE001 (one row failing must not lose the others)
+                    print(f"[calibration] {cores:g} cores, threads {threads}: failed: {exc}", file=sys.stderr)
+                    continue
+                rows.append(row)
+                print(f"[calibration] {row}", file=sys.stderr, flush=True)
     print(f"\nload average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one browser alone, "
           f"{args.frames} frames back to back through the device session, ms per frame")
     print("threads 0 = the device chooses by measurement (the default); 1 or 2 = pinned with ?ort_threads=N")

@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS, local_server
 from bench.env import CpuGroup, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,29 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     from bench.media import write_y4m
 
     refresh_runtime()
-    port = 8500 + int(time.time()) % 200
-    srv = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     load0 = os.getloadavg()[0]
     rows = []
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).close()  # noqa: S310 (our local server)
-                break
-            except OSError:
-                time.sleep(0.2)
-        with sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
-            cam = write_y4m(Path(tmp) / "coffee.y4m", skimage.data.coffee())
-            for r in range(args.rounds):
-                for mode in (("python", "browser") if r % 2 == 0 else ("browser", "python")):
-                    row = run_one(pw, url, Path(tmp), cam, args.cores, mode, args.seconds)
-                    rows.append(row)
-                    print(f"[camera_cpu] {row}", file=sys.stderr, flush=True)
-    finally:
-        srv.terminate()
-        srv.wait(10)
+    with local_server() as url, sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
+        cam = write_y4m(Path(tmp) / "coffee.y4m", skimage.data.coffee())
+        for r in range(args.rounds):
+            for mode in (("python", "browser") if r % 2 == 0 else ("browser", "python")):
+                row = run_one(pw, url, Path(tmp), cam, args.cores, mode, args.seconds)
+                rows.append(row)
+                print(f"[camera_cpu] {row}", file=sys.stderr, flush=True)
     print(f"\nload average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; /ar (one device, "
           f"onnxruntime-web) in a {args.cores:g}-core cgroup, {args.seconds:g} s per window, "
           f"{args.rounds} windows each")

@@ -32,16 +32,14 @@ import argparse
 import base64
 import json
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from bench.chromium import CHROMIUM, CHROMIUM_ARGS
+from bench.chromium import CHROMIUM, CHROMIUM_ARGS, local_server
 from tilemesh.runtime.backend import NumpyBackend
 from tilemesh.runtime.deps import is_global
 from tilemesh.runtime.graph import compact_meta, load_onnx
@@ -198,65 +196,51 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     from playwright.sync_api import sync_playwright
 
-    port = 8500 + int(time.time()) % 200
-    srv = subprocess.Popen([sys.executable, "-m", "tilemesh.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).close()  # noqa: S310 (our local server)
-                break
-            except OSError:
-                time.sleep(0.2)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page()
-            page.goto(url + "/runtime")
-            page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=120_000)
-            assert page.evaluate(SETUP, args.threads) is True
-            for name, src in models():
-                graph = load_onnx(src)
-                ops = sorted({n.op for n in graph.nodes} & {"Resize", "ConvTranspose", "Pad", "DepthToSpace"})
-                meta, blob = blob_of(graph)
-                numpy = NumpyBackend(graph)
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = args.threads
-                opts.add_external_initializers_from_files_in_memory(["model.bin"], [blob], [len(blob)])
-                # The tiled part: the graph up to its first global op (DBNet's), 2x2, the rest whole.
-                k = next((i for i, n in enumerate(graph.nodes) if is_global(n, graph)), None)
-                cuts = [k] if k else []
-                for part, tile in (("whole", False), ("2x2 tile", True)):
-                    if tile:
-                        grid = [Split.grid([["a", "b"], ["c", "d"]])] + [Split.whole("a")] * len(cuts)
-                        task = build_plan(graph, cuts, grid, "a").device_plan("a").tasks[0]
-                        deps, keep = task.deps, sorted(task.owned)[0]
-                    else:
-                        deps, keep = whole_deps(graph), graph.output
-                    rng = np.random.default_rng(1)
-                    feeds = {t: rng.standard_normal((1, graph.shapes[t][1], r.rows, r.cols)).astype(np.float32)
-                             for t, r in deps.inputs.items()}
-                    tm = task_model(graph, deps, [keep], external="model.bin")
-                    sess = ort.InferenceSession(tm.model, opts, providers=["CPUExecutionProvider"])
-                    np_ms, ref = native_ms(partial(_numpy_run, graph, deps, feeds, keep, numpy), args.runs)
-                    ort_ms, got = native_ms(partial(_ort_run, sess, feeds, keep), args.runs)
-                    web_ms, web = page.evaluate(TIME_ORT, [b64(tm.model), b64(blob),
-                                                           [[t, b64(a), list(a.shape)] for t, a in feeds.items()],
-                                                           keep, args.runs])
-                    code = PYODIDE.format(meta=b64(json.dumps(meta).encode()), blob=b64(blob), tile=tile, cuts=cuts,
-                                          feeds={t: (b64(a), list(a.shape)) for t, a in feeds.items()}, keep=keep,
-                                          runs=max(3, args.runs // 2))
-                    py_ms, py = page.evaluate("(c) => window.tilemeshRuntime.exec(c)", code)
-                    web = np.frombuffer(base64.b64decode(web), np.float32).reshape(ref.shape)
-                    py = np.frombuffer(base64.b64decode(py), np.float32).reshape(ref.shape)
-                    err = max(float(np.abs(a - ref).max()) for a in (got, web, py))
-                    rows.append((name, part, ops, py_ms, web_ms, np_ms, ort_ms, err, tuple(ref.shape)))
-                    print(f"[bench] {name} {part}: done", flush=True)
-            browser.close()
-    finally:
-        srv.terminate()
-        srv.wait(10)
+    with local_server() as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page()
+        page.goto(url + "/runtime")
+        page.wait_for_function("document.getElementById('info').dataset.state !== 'booting'", timeout=120_000)
+        assert page.evaluate(SETUP, args.threads) is True
+        for name, src in models():
+            graph = load_onnx(src)
+            ops = sorted({n.op for n in graph.nodes} & {"Resize", "ConvTranspose", "Pad", "DepthToSpace"})
+            meta, blob = blob_of(graph)
+            numpy = NumpyBackend(graph)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = args.threads
+            opts.add_external_initializers_from_files_in_memory(["model.bin"], [blob], [len(blob)])
+            # The tiled part: the graph up to its first global op (DBNet's), 2x2, the rest whole.
+            k = next((i for i, n in enumerate(graph.nodes) if is_global(n, graph)), None)
+            cuts = [k] if k else []
+            for part, tile in (("whole", False), ("2x2 tile", True)):
+                if tile:
+                    grid = [Split.grid([["a", "b"], ["c", "d"]])] + [Split.whole("a")] * len(cuts)
+                    task = build_plan(graph, cuts, grid, "a").device_plan("a").tasks[0]
+                    deps, keep = task.deps, sorted(task.owned)[0]
+                else:
+                    deps, keep = whole_deps(graph), graph.output
+                rng = np.random.default_rng(1)
+                feeds = {t: rng.standard_normal((1, graph.shapes[t][1], r.rows, r.cols)).astype(np.float32)
+                         for t, r in deps.inputs.items()}
+                tm = task_model(graph, deps, [keep], external="model.bin")
+                sess = ort.InferenceSession(tm.model, opts, providers=["CPUExecutionProvider"])
+                np_ms, ref = native_ms(partial(_numpy_run, graph, deps, feeds, keep, numpy), args.runs)
+                ort_ms, got = native_ms(partial(_ort_run, sess, feeds, keep), args.runs)
+                web_ms, web = page.evaluate(TIME_ORT, [b64(tm.model), b64(blob),
+                                                       [[t, b64(a), list(a.shape)] for t, a in feeds.items()],
+                                                       keep, args.runs])
+                code = PYODIDE.format(meta=b64(json.dumps(meta).encode()), blob=b64(blob), tile=tile, cuts=cuts,
+                                      feeds={t: (b64(a), list(a.shape)) for t, a in feeds.items()}, keep=keep,
+                                      runs=max(3, args.runs // 2))
+                py_ms, py = page.evaluate("(c) => window.tilemeshRuntime.exec(c)", code)
+                web = np.frombuffer(base64.b64decode(web), np.float32).reshape(ref.shape)
+                py = np.frombuffer(base64.b64decode(py), np.float32).reshape(ref.shape)
+                err = max(float(np.abs(a - ref).max()) for a in (got, web, py))
+                rows.append((name, part, ops, py_ms, web_ms, np_ms, ort_ms, err, tuple(ref.shape)))
+                print(f"[bench] {name} {part}: done", flush=True)
+        browser.close()
 
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.threads} thread(s); median of "
           f"{args.runs} runs (Pyodide {max(3, args.runs // 2)}) after a warm-up")

@@ -47,3 +47,14 @@ def local_server(port: int | None = None):
     finally:
         srv.terminate()
         srv.wait(10)
+
+
+# A page's onnxruntime-web (wasm build, served from static/vendor/ort) with `threads` threads, as window.ort;
+# returns whether the page is cross-origin isolated (threads need it).
+ORT_WASM_SETUP = """async (threads) => {
+    const ort = await import("/static/vendor/ort/ort.wasm.min.mjs");
+    ort.env.wasm.wasmPaths = "/static/vendor/ort/";
+    ort.env.wasm.numThreads = threads;
+    window.ort = ort;
+    return crossOriginIsolated;
+}"""

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.chromium import CHROMIUM, CHROMIUM_ARGS, local_server
+from bench.chromium import ORT_WASM_SETUP as SETUP
 from tilemesh.runtime.backend import NumpyBackend
 from tilemesh.runtime.deps import is_global
 from tilemesh.runtime.graph import compact_meta, load_onnx
@@ -48,13 +49,6 @@ from tilemesh.runtime.tiling import Split, build_plan, run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
-SETUP = """async (threads) => {
-    const ort = await import("/static/vendor/ort/ort.wasm.min.mjs");
-    ort.env.wasm.wasmPaths = "/static/vendor/ort/";
-    ort.env.wasm.numThreads = threads;
-    window.ort = ort;
-    return crossOriginIsolated;
-}"""
 
 # Session made once (plan adoption), one warm-up run, then `runs` timed runs; the median ms and the last output.
 TIME_ORT = """async ([model, blob, feeds, output, runs]) => {

@@ -20,19 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_task_model import compact_blob, tile_input  # noqa: E402
 from test_tiling import random_cnn, random_plan_args, to_graph  # noqa: E402
 
+from bench.chromium import ORT_WASM_SETUP as SETUP  # noqa: E402
 from tilemesh.runtime.backend import NumpyBackend  # noqa: E402
 from tilemesh.runtime.task_model import plan_task_models, task_model  # noqa: E402
 from tilemesh.runtime.tiling import build_plan, run_steps  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
-SETUP = """async (threads) => {
-    const ort = await import("/static/vendor/ort/ort.wasm.min.mjs");
-    ort.env.wasm.wasmPaths = "/static/vendor/ort/";
-    ort.env.wasm.numThreads = threads;
-    window.ort = ort;
-    return crossOriginIsolated;
-}"""
 
 # One task: its model and the graph's weight blob as external data; inputs in, outputs out, all base64.
 RUN = """async ([model, blob, feeds, outputs]) => {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
     photo = skimage.data.coffee()
     cam = write_y4m(tmp_path / "coffee.y4m", photo)
     expected = expected_top1(photo)
-    with cpu_group(f"tm-test-{tmp_path.name[-12:]}", 0.5) as slow_cpu, netns_server(["--edge"]) as srv:
+    with cpu_group(f"tm-test-{os.getpid()}-{tmp_path.name[-12:]}", 0.5) as slow_cpu, netns_server(["--edge"]) as srv:
         in_ns = srv.ns.chromium_wrapper(CHROMIUM)
         args = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
         fast = pw.chromium.launch(executable_path=in_ns, args=[*args, f"--use-file-for-fake-video-capture={cam}"])

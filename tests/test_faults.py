@@ -339,3 +339,49 @@ def test_a_liar_fed_only_by_the_camera_is_convicted_in_the_frame_it_lies(classif
         ("phone", "laptop", 1)]
     assert not any(n.what == "audit" for _, n in r.notices)
     assert top5(r.done["phone"][1]) == local(classifier, data) and not r.failed
+
+
+# --- a device joining mid-stream ------------------------------------------------------------------------------
+
+
+def test_newcomers_are_ready_devices_the_last_request_did_not_know():
+    assert R.newcomers({"phone", "laptop"}, {"phone", "laptop", "tablet"}) == ["tablet"]
+    assert R.newcomers({"phone"}, {"phone", "tablet"}, excluded=["tablet"]) == []
+    assert R.newcomers({"phone", "tablet"}, {"phone"}) == []
+
+
+def test_a_device_ready_mid_stream_is_asked_into_the_next_plan_once_and_no_frame_pauses(classifier):
+    """The phone streams on a plan over phone and laptop; the tablet becomes ready mid-frame: the phone asks for a
+    new plan once (the running plan keeps its frames), and the frame in flight finishes right."""
+    cuts = cut_candidates(classifier.graph)
+    rows2 = {"devices": [["phone"], ["laptop"]], "row_shares": [1, 1], "col_shares": None}
+    whole = {"devices": [["laptop"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 2, "source": "phone", "cuts": [cuts[len(cuts) // 2]], "splits": [rows2, whole]}
+    msg = {"plan_id": 2, "source": "phone", "devices": ["phone", "laptop"], "spec": spec, "timeline": {}}
+    r = room(classifier, seed=3)
+    r.fire("phone", S.Roster(("phone", "laptop")))
+    r.fire("phone", S.RequestPlan())
+    assert requests(r) == [("phone", {})]
+    adopt(r, msg)
+    r.fire("phone", S.Roster(("phone", "laptop")))  # nothing new
+    assert len(requests(r)) == 1
+    data = frame(60)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.fire("phone", S.Roster(("phone", "laptop", "tablet")))  # the tablet profiled itself and is ready
+    assert len(requests(r)) == 2 and requests(r)[-1] == ("phone", {})
+    assert [n.detail["devices"] for d, n in r.notices if n.what == "replanning"] == [["tablet"]]
+    r.fire("phone", S.Roster(("phone", "laptop", "tablet")))
+    r.fire("laptop", S.Roster(("phone", "laptop", "tablet")))  # only the source asks
+    assert len(requests(r)) == 2
+    r.run()
+    assert top5(r.done["phone"][1]) == local(classifier, data)
+    assert not r.failed.get("phone")
+    # An excluded device coming back ready is no newcomer while its exclusion lasts; one that left and rejoins is.
+    r.sessions["phone"].excluded["tablet"] = ("stalls", r.now + 30)
+    r.fire("phone", S.PeerLeft("tablet"))
+    r.fire("phone", S.Roster(("phone", "laptop", "tablet")))
+    assert len(requests(r)) == 2
+    del r.sessions["phone"].excluded["tablet"]
+    r.fire("phone", S.PeerLeft("tablet"))
+    r.fire("phone", S.Roster(("phone", "laptop", "tablet")))
+    assert len(requests(r)) == 3

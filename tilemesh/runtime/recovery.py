@@ -18,6 +18,10 @@ no progress for `stall_bound(plan)` seconds (a device that vanished silently, or
 the same for its own missing pieces, locally. Until a new plan arrives, the source computes a gone device's
 pieces for every new frame up front. A late copy from a straggler is compared with the rescue (a free check).
 
+Newcomers. A device that becomes ready (profiled) while the source streams is used from the next plan: the
+source asks for one in the background as soon as the roster shows a ready device its last plan request did not
+know of (`newcomers`), and keeps running its plan until the new one comes; each arrival asks once.
+
 Wrong results. With probability `check_rate` per frame, each device picks one piece it expects from another
 device (not the source) and asks the source for its own copy; the piece is used only when both copies are here.
 Copies that differ by more than float tolerance (`agree`) convict the non-source sender when its inputs were
@@ -154,3 +158,9 @@ def straggle_step(state: Straggle, frame_devices, stalled, now: float) -> tuple[
     for d in slow:
         hist[d] = ()
     return Straggle(tuple(sorted(hist.items())), now), slow
+
+
+def newcomers(known, ready, excluded=()) -> list[str]:
+    """Ready devices (profiled, in the roster) that the source's last plan request did not know of and that are
+    not excluded: each is a reason to ask for a new plan in the background, once."""
+    return sorted(set(ready) - set(known) - set(excluded))

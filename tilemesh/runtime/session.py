@@ -199,6 +199,14 @@ class PeerLeft(Event):
 
 
 @dataclass(frozen=True)
+class Roster(Event):
+    """The room's roster changed: `ready` are the peers that are ready and have reported a compute profile."""
+
+    kind: ClassVar[str] = "roster"
+    ready: tuple = ()
+
+
+@dataclass(frozen=True)
 class FrameIn(Event):
     """A camera frame (RGBA or RGB bytes, `height` x `width`) to classify with the room's plan as frame `frame`."""
 
@@ -366,6 +374,8 @@ class DeviceSession:
         self.audit: tuple[int, int, int] | None = None  # (plan id, first, last frame): every piece is checked
         self.audited: set[int] = set()  # frames whose every piece from another device was held for a check
         self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
+        self.ready: set[str] = set()  # peers the roster shows ready with a profile
+        self.known: set[str] = set()  # ready peers as of this source's last plan request (newcomers: the others)
         self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "checks": 0, "compared": 0,
                        "caught": 0, "finished_alone": 0}
         self.runtime: PlanRuntime | None = None
@@ -471,7 +481,23 @@ class DeviceSession:
             self.runtime.forget_peer(ev.peer)
         if self.links.pop(ev.peer, None) is not None:
             out.append(self._report())
+        self.ready.discard(ev.peer)
+        self.known.discard(ev.peer)  # if it comes back, it is a newcomer again
         return out + self._lost(ev.peer, "left", now)
+
+    def _on_roster(self, ev: Roster, now: float) -> list[Effect]:
+        """On a source with a running plan: a device that became ready since the last plan request is used from
+        the next plan, asked for now in the background (the running plan keeps taking frames meanwhile)."""
+        self.ready = {str(p) for p in ev.ready}
+        if self.plan is None or not self._is_source():
+            return []
+        excluded = [d for d, (_, until) in self.excluded.items() if until is None or now < until]
+        new = recovery.newcomers(self.known | {*self.plan["devices"]}, self.ready - {self._runner().device},
+                                 excluded)
+        if not new:
+            return []
+        return [Notice("replanning", {"reason": f"{', '.join(new)} joined", "devices": new}),
+                self._plan_request(now)]
 
     # --- faults within a frame (tilemesh.runtime.recovery) --------------------------------------------------
 
@@ -500,6 +526,7 @@ class DeviceSession:
         return out
 
     def _plan_request(self, now: float | None = None) -> Signal:
+        self.known |= self.ready
         exclude = sorted(d for d, (_, until) in self.excluded.items() if until is None or now is None or now < until)
         fields = {"exclude": exclude} if exclude else {}
         if self.strategy not in (None, "tilemesh"):
@@ -716,6 +743,7 @@ class DeviceSession:
     # --- plans ----------------------------------------------------------------------------------------------
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
+        self.known |= self.ready
         self.strategy, self.variant = ev.strategy, ev.variant  # background replans (faults, drift) ask the same
         fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
                                     ("devices", list(ev.devices) if ev.devices is not None else None))
@@ -909,8 +937,8 @@ class DeviceSession:
 # --- the browser worker's boundary ----------------------------------------------------------------------------
 
 EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, LinkUpdated, LinkMeasured,
-                                     ProbeFailed, PeerLeft, FrameIn, Computed, Profiled, BroadcastIn, RequestPlan,
-                                     Tick)}
+                                     ProbeFailed, PeerLeft, Roster, FrameIn, Computed, Profiled, BroadcastIn,
+                                     RequestPlan, Tick)}
 
 
 PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant")
@@ -935,6 +963,8 @@ def event_from_dict(d: dict) -> Event:
         raise ValueError(f"{kind} event has unknown fields {sorted(extra)}")
     if cls is RequestPlan and d.get("devices") is not None:
         d["devices"] = tuple(str(x) for x in d["devices"])
+    if cls is Roster and "ready" in d:
+        d["ready"] = tuple(str(x) for x in d["ready"])
     if cls is LinkMeasured and "rtts_ms" in d:
         d["rtts_ms"] = tuple(d["rtts_ms"])
     if cls is Computed and isinstance(d.get("outputs"), dict):

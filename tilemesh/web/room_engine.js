@@ -40,6 +40,16 @@ export class RoomEngine extends EventTarget {
     mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
     signaling.on("plan", (msg) => this._fire({ on: "plan", msg, me: signaling.peerId }));
     signaling.on("peer_left", ({ id }) => this._fire({ on: "peer_left", peer: id }));
+    // Who is ready with a profile (the session asks for a new plan when a device arrives mid-stream); only
+    // changes of that set reach the worker, not every profile update.
+    this.readyKey = "";
+    signaling.on("roster", ({ peers }) => {
+      const ready = (peers || []).filter((p) => p.connected !== false && (p.state === "ready" || p.state === "busy") &&
+        p.profile?.compute)
+        .map((p) => p.id).sort();
+      const key = ready.join(",");
+      if (key !== this.readyKey) { this.readyKey = key; this._fire({ on: "roster", ready }); }
+    });
     signaling.on("broadcast", ({ from, data }) => {
       if (data && typeof data === "object") this._fire({ on: "broadcast", sender: from, data });
     });

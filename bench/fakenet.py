@@ -60,6 +60,7 @@ class FakeRoom:
     sec_per_mac: dict[str, float] = field(default_factory=dict)  # fake compute time of a deferred task
     tamper: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
     silent: set = field(default_factory=set)  # devices cut off the network (see `cut`)
+    signal_delay: dict[str, float] = field(default_factory=dict)  # a device's broadcasts take this long (slow path)
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -152,7 +153,7 @@ class FakeRoom:
             if e.type == "broadcast" and device not in self.silent:
                 for d in self.sessions:
                     if d != device and d not in self.silent:
-                        self.at(0.001, d, S.BroadcastIn(device, e.fields["data"]))
+                        self.at(self.signal_delay.get(device, 0.001), d, S.BroadcastIn(device, e.fields["data"]))
         elif isinstance(e, S.FrameDone):
             self.done.setdefault(device, {})[e.frame] = e.result
         elif isinstance(e, S.FrameFailed):

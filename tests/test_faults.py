@@ -385,3 +385,31 @@ def test_a_device_ready_mid_stream_is_asked_into_the_next_plan_once_and_no_frame
     r.fire("phone", S.PeerLeft("tablet"))
     r.fire("phone", S.Roster(("phone", "laptop", "tablet")))
     assert len(requests(r)) == 3
+
+
+def test_a_device_blocked_by_a_silent_one_is_not_blamed_for_its_stalls(classifier):
+    """The tablet's link is cut; the laptop needs the tablet's rows before it can send the phone its own, so the
+    phone sees both late. The laptop asks for its rescue too, but its request travels slowly (it reaches the phone
+    after the phone rescued the laptop's pieces and finished the frame, as page ticks and the signaling path make
+    it in browsers): only the tablet may be left out of the next plan."""
+    cuts = cut_candidates(classifier.graph)
+    spec = {"plan_id": 5, "source": "phone", "cuts": [cuts[len(cuts) // 3], cuts[2 * len(cuts) // 3]],
+            "splits": [{"devices": [["tablet"], ["laptop"]], "row_shares": [1, 1], "col_shares": None},
+                       {"devices": [["laptop"], ["phone"]], "row_shares": [1, 1], "col_shares": None},
+                       {"devices": [["phone"]], "row_shares": None, "col_shares": None}]}
+    msg = {"plan_id": 5, "source": "phone", "devices": list(DEVICES), "spec": spec, "timeline": {},
+           "predicted_ms": 100}
+    r = room(classifier, seed=8, tick=0.05)
+    r.signal_delay["laptop"] = 0.4
+    adopt(r, msg)
+    r.cut("tablet")
+    for f in range(1, R.STRAGGLE_N + 2):
+        data = frame(70 + f)
+        r.fire("phone", S.FrameIn(f, data, 256, 256))
+        r.run(until=r.now + 1.5)
+        assert top5(r.done["phone"][f]) == local(classifier, data)
+    r.run(until=r.now + 3)
+    stalled = {d for _, n in r.notices if n.what == "stalled" for d in [n.detail["device"]]}
+    assert stalled == {"laptop", "tablet"}  # both were late at the phone and rescued
+    assert [n.detail["devices"] for _, n in r.notices if n.what == "straggler"] == [["tablet"]]
+    assert requests(r) == [("phone", {"exclude": ["tablet"]})]

@@ -52,6 +52,9 @@ STALL_MAX_S = 2.0
 LEVEL_STEP_S = 0.1
 # Straggler hysteresis: a device rescued for stalling in STRAGGLE_K of the last STRAGGLE_N frames (silent or
 # slow) makes the source replan without it, at most once per REPLAN_HOLD_S; it may come back after EXCLUDE_S.
+# A finished frame's stalls are judged `judge_after(bound, levels)` after it finished: time for a device blocked
+# upstream to ask for its own rescue (on its tick), which clears it of the blame.
+TICK_SLACK_S = 1.0
 STRAGGLE_K = 2
 STRAGGLE_N = 3
 REPLAN_HOLD_S = 10.0
@@ -82,6 +85,12 @@ def piece_wait(bound: float, level: int) -> float:
     asking for it: deeper pieces wait longer, so a device blocked upstream asks before those waiting on it
     (and the rescue goes to the device that really stalled, not to everyone downstream of it)."""
     return bound + LEVEL_STEP_S * max(0, int(level))
+
+
+def judge_after(bound: float, levels: int) -> float:
+    """Seconds after a frame finished on the source before its stalls are blamed on devices (`straggle_step`):
+    the longest a device blocked upstream waits before asking for a rescue, plus two page ticks."""
+    return piece_wait(bound, levels) + TICK_SLACK_S
 
 
 def rescue_region(graph, tr: Transfer) -> Region:

@@ -339,7 +339,8 @@ class Compute(Effect):
 @dataclass(frozen=True)
 class Notice(Effect):
     """For the UI and logs: `plan` (adopted: plan message and role), `replanning` (the plan runs on while a new
-    one is asked for), `recovering` (a device of the plan is gone: its pieces are rescued), `straggler` (devices
+    one is asked for), `recovering` (a device of the plan is gone: its pieces are rescued), `stalled` (the
+    source rescued a device's pieces of a frame that made no progress within the stall bound), `straggler` (devices
     left out of the next plan for stalling), `mismatch` (a checked piece disagreed; the source judges),
     `wrong_result` (a device convicted of wrong results), `drift`, `report` (timings shared with the room),
     `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so far), `error`."""
@@ -370,6 +371,7 @@ class DeviceSession:
         self.blocked: dict[int, set[str]] = {}  # source: frame -> devices that asked for rescues (they wait too)
         self.stalled: dict[int, set[str]] = {}  # source: frame -> devices whose pieces were rescued for stalling
         self.straggle = recovery.Straggle()
+        self.judging: dict[int, float] = {}  # source: frames finished -> when (their stalls are judged later)
         self.tainted: set[int] = set()  # source: frames in flight when a device was caught lying
         self.audit: tuple[int, int, int] | None = None  # (plan id, first, last frame): every piece is checked
         self.audited: set[int] = set()  # frames whose every piece from another device was held for a check
@@ -717,6 +719,7 @@ class DeviceSession:
                     self.stalled.setdefault(f, set()).add(src)
                     for t in pieces:
                         r.watch(f, t)
+                    out.append(Notice("stalled", {"frame": f, "device": src, "waited_ms": round(waited * 1e3, 1)}))
                     out += self._rescue_here(f, pieces, now)
                 else:
                     out += self._ask(f, src, "stall", now, pieces)
@@ -725,20 +728,37 @@ class DeviceSession:
         return out
 
     def _finished(self, frame: int, now: float) -> list[Effect]:
-        """On the source, a frame done: straggler bookkeeping (replan without a device that keeps stalling)."""
-        self.blocked.pop(frame, None)
-        stalled = self.stalled.pop(frame, set())
+        """On the source, a frame done: its stalls are judged `recovery.judge_after` later (`_judge`)."""
+        self.judging[frame] = now
+        return self._judge(now)
+
+    def _judge(self, now: float) -> list[Effect]:
+        """Straggler bookkeeping (replan without a device that keeps stalling) of the frames finished at least
+        `recovery.judge_after` ago. A device that asked for rescues in a frame was itself blocked upstream (its
+        pieces were late because another device's were): it is not blamed for that frame. Judging later lets
+        its request arrive first: a blocked device asks on its own tick, after the source may have finished."""
         r = self._runner()
-        if r is None or self.plan is None:
+        if r is None or self.plan is None or not self.judging:
             return []
-        devices = [d for d in self.plan["devices"] if d != r.device and d not in self.gone]
-        self.straggle, slow = recovery.straggle_step(self.straggle, devices, stalled - self.gone, now)
-        if not slow:
-            return []
-        for d in slow:
-            self.excluded[d] = ("stalls", now + recovery.EXCLUDE_S)
-            self.gone.add(d)
-        return [Notice("straggler", {"devices": slow, "exclude_s": recovery.EXCLUDE_S}), self._plan_request(now)]
+        grace = recovery.judge_after(recovery.stall_bound(self.last_plan), max(self.runtime.levels.values(),
+                                                                                default=0))
+        out: list[Effect] = []
+        for f in sorted(f for f, t in self.judging.items() if now - t >= grace):
+            del self.judging[f]
+            stalled = self.stalled.pop(f, set()) - self.blocked.pop(f, set()) - self.gone
+            devices = [d for d in self.plan["devices"] if d != r.device and d not in self.gone]
+            self.straggle, slow = recovery.straggle_step(self.straggle, devices, stalled, now)
+            if not slow:
+                continue
+            for d in slow:
+                self.excluded[d] = ("stalls", now + recovery.EXCLUDE_S)
+                self.gone.add(d)
+            out += [Notice("straggler", {"devices": slow, "exclude_s": recovery.EXCLUDE_S}),
+                    self._plan_request(now)]
+        for f in [f for f in (*self.stalled, *self.blocked) if f < self.last_frame - 8 * r.window]:
+            self.stalled.pop(f, None)  # frames that never finished here (failed, replaced)
+            self.blocked.pop(f, None)
+        return out
 
     # --- plans ----------------------------------------------------------------------------------------------
 
@@ -877,7 +897,7 @@ class DeviceSession:
         for f in late:
             del self.waiting[f]
         out: list[Effect] = [FrameFailed(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
-        return out + self._stalls(now)
+        return out + self._stalls(now) + self._judge(now)
 
     def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
         """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift."""

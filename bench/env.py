@@ -146,9 +146,11 @@ def _free_subnet() -> int:
 class StarNet:
     """Device namespaces around a bridge, each device link shaped by netem. See the module docstring."""
 
-    def __init__(self, links: dict[str, tuple[float, float]]):
-        """`links`: device name -> (Mbit/s, one-way delay in ms), in address order."""
+    def __init__(self, links: dict[str, tuple[float, float] | None]):
+        """`links`: device name -> (Mbit/s, one-way delay in ms), or None for a link left unshaped (tests), in
+        address order."""
         self.links = dict(links)
+        self.veth: dict[str, tuple[str, str]] = {}  # device -> (its end, the hub's end)
         self.tag = secrets.token_hex(2)
         self.hub = f"tmb{self.tag}-hub"
         self.ns: dict[str, str] = {}
@@ -179,12 +181,13 @@ class StarNet:
             probe = subprocess.run([*hub, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
                                    capture_output=True, text=True)
             self.shaping = "netem" if probe.returncode == 0 else "tbf"
-            for i, (name, (mbps, delay_ms)) in enumerate(self.links.items()):
+            for i, (name, link) in enumerate(self.links.items()):
                 ns = f"tmb{self.tag}-{i}"
                 outer, inner = f"tb{self.tag}{i}h", f"tb{self.tag}{i}d"
                 _run("ip", "netns", "add", ns)
                 self._made.append(ns)
                 self.ns[name], self.addr[name] = ns, f"10.99.{n}.{10 + i}"
+                self.veth[name] = (inner, outer)
                 dev = ["ip", "netns", "exec", ns]
                 _run(*dev, "ip", "link", "set", "lo", "up")
                 _run(*dev, "ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
@@ -196,13 +199,21 @@ class StarNet:
                 _run(*dev, "ip", "route", "add", "default", "via", self.hub_addr)
                 _run(*hub, "ip", "link", "set", outer, "master", bridge)
                 _run(*hub, "ip", "link", "set", outer, "up")
-                shaper = self._shaper(mbps, delay_ms)
+                if link is None:
+                    continue
+                shaper = self._shaper(*link)
                 _run(*dev, "tc", "qdisc", "add", "dev", inner, "root", *shaper)   # the device's uplink
                 _run(*hub, "tc", "qdisc", "add", "dev", outer, "root", *shaper)   # and its downlink
         except BaseException:
             self.remove()
             raise
         return self
+
+    def cut(self, device: str) -> None:
+        """`device` drops off the network (its access point is gone): the hub's end of its link goes down, so
+        nothing more reaches it or leaves it, and nobody is told. This kernel has no netem loss and no tc drop
+        action, so the link itself is taken down."""
+        _run("ip", "netns", "exec", self.hub, "ip", "link", "set", self.veth[device][1], "down")
 
     def wrap(self, device: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns[device], *argv]

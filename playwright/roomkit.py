@@ -58,3 +58,48 @@ def decode_qr(page) -> str:
     found = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
     assert found, "no QR code found on the host page"
     return found[0].text
+
+
+class StarRoom:
+    """A room whose devices each have a namespace of their own around a bridge (`bench.env.StarNet`), so one
+    device's network can be cut without touching the others'. The server lives in namespace "server"."""
+
+    def __init__(self, net, srv, room: str):
+        self.net, self.srv, self.room = net, srv, room
+        self.url = srv.url
+        self.join_url = f"{srv.url}/join/{room}"
+
+    def launcher(self, device: str, group=None) -> str:
+        """A Chromium that starts in `device`'s namespace (and CPU group), for Playwright's executable_path."""
+        from browsers import CHROMIUM  # noqa: PLC0415
+
+        return self.net.launcher(device, [CHROMIUM], group)
+
+    def get_json(self, path: str, body: dict | None = None) -> dict:
+        return self.net.call_in_hub(get_json, self.srv, path, body)
+
+
+@contextlib.contextmanager
+def star_room(devices: list[str], port: int = 8443):
+    """A StarNet with `devices` and the server (unshaped links), the server started, one room made (by POST, as
+    the front page's button does)."""
+    from bench.env import StarNet  # noqa: PLC0415
+    from bench.env import unavailable_reason as star_unavailable  # noqa: PLC0415
+
+    reason = star_unavailable()
+    if reason:
+        pytest.skip(reason)
+    require_browser_assets()
+    with StarNet({"server": None, **dict.fromkeys(devices)}) as net, tempfile.TemporaryDirectory() as state:
+        addr = net.addr["server"]
+        srv = ServerProcess(addr, port, prefix=net.wrap("server", []),
+                            extra=["--https", "--state-dir", state])
+        srv.url = f"https://{addr}:{port}"
+        srv.insecure = ssl._create_unverified_context()  # our own self-signed certificate, inside the namespace
+        try:
+            net.call_in_hub(lambda: wait_http(srv.url + "/healthz", timeout=30, context=srv.insecure))
+            room = net.call_in_hub(get_json, srv, "/api/rooms", {})["room"]
+            yield StarRoom(net, srv, room)
+        finally:
+            log = srv.stop()
+            print(log[-6000:])

@@ -413,3 +413,24 @@ def test_a_device_blocked_by_a_silent_one_is_not_blamed_for_its_stalls(classifie
     assert stalled == {"laptop", "tablet"}  # both were late at the phone and rescued
     assert [n.detail["devices"] for _, n in r.notices if n.what == "straggler"] == [["tablet"]]
     assert requests(r) == [("phone", {"exclude": ["tablet"]})]
+    # The laptop asked again while its rescue was on the way: the phone sends each rescued piece once per receiver
+    # (a second copy from the same sender is a duplicate message the wire refuses).
+    assert not [e for s in r.sessions.values() for e in s.errors], [s.errors for s in r.sessions.values()]
+
+
+def test_a_plan_still_holding_an_excluded_device_is_run_around_it_and_asked_again(classifier):
+    """Two background replans at once (a drift report, then a straggler exclusion): the server runs one per peer
+    and refuses the other, so the plan that comes may still hold the excluded device. The phone adopts it (every
+    device of it does), computes the excluded device's share up front, and asks again with the exclusion."""
+    r = room(classifier, seed=9, tick=0.05)
+    r.cut("laptop")
+    r.sessions["phone"].excluded["laptop"] = ("stalls", 30.0)
+    adopt(r, plan3(classifier.graph, predicted_ms=100))
+    assert requests(r) == [("phone", {"exclude": ["laptop"]})]
+    assert [n.detail["devices"] for _, n in r.notices if n.what == "replanning"] == [["laptop"]]
+    data = frame(90)
+    t0 = r.now
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=t0 + 1.0)
+    assert top5(r.done["phone"][1]) == local(classifier, data)
+    assert not any(n.what == "stalled" for _, n in r.notices)  # rescued up front, not after the stall bound

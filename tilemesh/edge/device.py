@@ -177,7 +177,9 @@ class ComputeDevice:
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            if self._waiting:
+            # Frames of its own (timeouts) or a plan it computes in (the stall rule: ask the camera for a silent
+            # device's pieces, which also clears this device of the blame).
+            if self._waiting or self.session.runtime is not None and self.session.runtime.runner is not None:
                 self._fire(S.Tick())
 
     def _on_peer(self, remote: str, state: str) -> None:

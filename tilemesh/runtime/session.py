@@ -557,11 +557,12 @@ class DeviceSession:
         `again`: a spot check, or a piece asked for again after its copy was lost)."""
         r = self._runner()
         if not again:
-            pieces = [t for t in pieces if (frame, r.key(t)) not in self.rescued]
+            pieces = [t for t in pieces if (frame, r.key(t), t.dst) not in self.rescued]
         if not pieces:
             return []
-        self.rescued |= {(frame, r.key(t)) for t in pieces}
-        for key in [k for k in self.rescued if k[0] not in self.waiting]:
+        self.rescued |= {(frame, r.key(t), t.dst) for t in pieces}
+        # Kept after the frame finished here: a device still waiting for it may ask again.
+        for key in [k for k in self.rescued if k[0] < self.last_frame - 2 * r.window]:
             self.rescued.discard(key)
         res = self.runtime.rescue(frame, pieces)
         self.faults["rescued_pieces"] += res["rescued"]
@@ -591,7 +592,9 @@ class DeviceSession:
             self.stalled.setdefault(frame, set()).update(t.src for t in owed)
         if why == "check":
             self.faults["checks"] += 1
-        return self._rescue_here(frame, owed, now, again=why in ("check", "stall"))
+        # A piece is rescued once per frame and receiver: a device asking again (its copy is slow to come, the
+        # source busy) would get a duplicate message. Only a spot check asks for the source's own copy again.
+        return self._rescue_here(frame, owed, now, again=why == "check")
 
     def _mismatch(self, frame: int, device: str, tensor: str, err: float, audited: bool,
                   now: float) -> list[Effect]:
@@ -795,6 +798,15 @@ class DeviceSession:
         self.gone = set()
         summary = {k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")}
         out.append(Notice("plan", {"plan": msg, "role": summary}))
+        # A plan asked for before a device was excluded (two background replans at once: the server runs one per
+        # peer and refuses the other) may still hold it: every device of it adopts it, so the source does too,
+        # rescues the excluded device's share up front, and asks again.
+        excluded = {d for d, (_, until) in self.excluded.items() if until is None or now < until}
+        stale = sorted(excluded & set(devices)) if source == me else []
+        if stale:
+            self.gone = set(stale)
+            out += [Notice("replanning", {"reason": f"plan {msg.get('plan_id')} holds excluded {', '.join(stale)}",
+                                          "devices": stale}), self._plan_request(now)]
         return out
 
     def _finish_alone(self, reason: str, now: float, frames=None) -> list[Effect]:

@@ -98,10 +98,16 @@ export class RoomEngine extends EventTarget {
     const id = ++this.frameId;
     const result = new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject }));
     this._fire({ on: "frame", frame: id, data: frame, height: size, width: size }, [frame.buffer]);
-    this.ticker ??= setInterval(() => {
-      if (this.waiting.size) this._fire({ on: "tick" });
-    }, TICK_MS);
+    this._startTicker();
     return result;
+  }
+
+  // The session's clock: frame timeouts on the camera, and on every device of a plan the stall rule (a device
+  // waiting for a silent one's pieces asks the camera for them, which also clears it of the blame).
+  _startTicker() {
+    this.ticker ??= setInterval(() => {
+      if (this.waiting.size || this.inPlan) this._fire({ on: "tick" });
+    }, TICK_MS);
   }
 
   _onMessage(from, bytes) {
@@ -154,6 +160,8 @@ export class RoomEngine extends EventTarget {
       const { plan, role } = detail;
       this.lastPlan = plan;  // the room's latest plan, whether or not this device is in it (the host page)
       if (role.role === "source") { this.plan = plan; this.parts = role.parts || []; }
+      this.inPlan = role.role === "source" || role.role === "worker" || (this.inPlan && role.role === "idle");
+      if (this.inPlan) this._startTicker();
       this._emit("plan", { plan, role });
     } else if (what === "replan") {
       this.plan = null;
@@ -175,7 +183,7 @@ export class RoomEngine extends EventTarget {
     this.waiting.delete(frame);
     if (error) w.reject(error);
     else w.resolve(result);
-    if (!this.waiting.size && this.ticker) { clearInterval(this.ticker); this.ticker = null; }
+    if (!this.waiting.size && !this.inPlan && this.ticker) { clearInterval(this.ticker); this.ticker = null; }
   }
 
   _error(text) {

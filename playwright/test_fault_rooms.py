@@ -25,6 +25,7 @@ from bench.env import CpuGroup
 from bench.env import unavailable_reason as emulation_unavailable
 from bench.media import write_y4m
 from tilemesh.runtime import recovery
+from tilemesh.runtime.session import FRAME_TIMEOUT_S
 
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
@@ -109,6 +110,14 @@ def debug(pages) -> None:
             print(pg.url, exc)
 
 
+def in_group(executable: str, group: CpuGroup, tmp_path: Path) -> str:
+    """A wrapper that starts `executable` (a whole Chromium, Workers included) inside the CPU group."""
+    script = tmp_path / f"in-{group.name}"
+    script.write_text("#!/bin/sh\n" + group.join_lines() + f'exec {executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def photo_camera(tmp_path: Path):
     photo = skimage.data.coffee()
     return write_y4m(tmp_path / "coffee.y4m", photo), expected_top1(photo)
@@ -138,6 +147,7 @@ def test_a_device_whose_network_is_cut_mid_stream_costs_no_frame(tmp_path, pw):
             assert sorted(plan["devices"]) == sorted(ids), plan
             bound = recovery.stall_bound(plan)
             levels = len(plan["spec"]["splits"])
+            wait = recovery.piece_wait(bound, levels, levels)  # the longest any piece waits before its rescue
 
             before = len(recorded(phone))
             t_cut = now_ms(phone)
@@ -154,7 +164,7 @@ def test_a_device_whose_network_is_cut_mid_stream_costs_no_frame(tmp_path, pw):
             after = frames[before:]
             spike = max(f["ms"] for f in after[:4])
             print(f"\nnetwork cut: normal frame {normal:.0f} ms; detected after {detected} s "
-                  f"(stall bound {bound:.2f} s + {levels} levels x {recovery.LEVEL_STEP_S} s + tick {TICK_S} s); "
+                  f"(a level-{levels} piece waits {wait:.2f} s, stall bound {bound:.2f} s; + tick {TICK_S} s); "
                   f"plan without it after {(t_plan - t_cut) / 1e3:.1f} s; spike {spike:.0f} ms "
                   f"({spike / normal:.1f}x); {len(frames)} frames, {len(wrong)} wrong; first answers after the cut by "
                   f"{[f['by'] for f in after[:4]]}; notices "
@@ -165,7 +175,7 @@ def test_a_device_whose_network_is_cut_mid_stream_costs_no_frame(tmp_path, pw):
             assert sorted(phone.evaluate("window.tilemesh.engine.plan.devices")) == sorted(ids[:2]), notices(phone)
             # Detected by the phone's own rules (a stalled rescue), not only by the server's heartbeat drop.
             assert detected is not None, notices(phone)
-            assert detected <= bound + levels * recovery.LEVEL_STEP_S + 2 * TICK_S + normal / 1e3, detected
+            assert detected <= wait + 2 * TICK_S + normal / 1e3, detected
             # Replanned without it: by the straggler rule (STRAGGLE_K stalled frames) or the heartbeat drop.
             assert (t_plan - t_cut) / 1e3 <= HEARTBEAT_DROP_S + 10.0
         except Exception:
@@ -179,13 +189,22 @@ def test_a_device_whose_network_is_cut_mid_stream_costs_no_frame(tmp_path, pw):
 def test_a_device_joining_mid_stream_is_used_from_a_later_plan_without_a_pause(tmp_path, pw):
     """Phone and laptop stream; a tablet opens the join link mid-stream, boots, profiles itself and turns ready.
     The phone must ask for a plan with it (the newcomer rule) and the tablet must compute in it, while frames keep
-    coming: no gap between two shown frames longer than the stated bound (GAP_BOUND x a normal frame, at least
-    GAP_FLOOR_S: the newcomer's boot shares the machine's 2 cores with the other pages)."""
-    gap_bound, gap_floor_s = 10.0, 3.0
+    coming. Two bounds: across the switch to the newcomer's plan (the last frame before it to the second after),
+    no gap longer than the stall rule allows a frame (`recovery.piece_wait` at the plan's depth, two page ticks,
+    two normal frames; at least SWITCH_FLOOR_S); and over the whole join, never a gap as long as a frame's timeout
+    (`session.FRAME_TIMEOUT_S`): the newcomer's boot shares this machine's 2 cores with the other pages, and a
+    device starved meanwhile is rescued by the stall rule (and may be left out as a straggler), not waited for."""
+    switch_floor_s = 3.0
+    if emulation_unavailable():
+        pytest.skip(emulation_unavailable())
     cam, expected = photo_camera(tmp_path)
+    # The newcomer is another device: its boot (Pyodide, onnxruntime-web, the profile) must not take the phone's
+    # CPU. On this shared machine its Chromium gets a quota of half a core, as test_distributed's slow device.
+    group = CpuGroup(f"tm-join-{tmp_path.name[-12:]}", 0.5).create()
     with netns_server() as srv:
-        browser = pw.chromium.launch(executable_path=srv.ns.chromium_wrapper(CHROMIUM),
-                                     args=[*ARGS, f"--use-file-for-fake-video-capture={cam}"])
+        in_ns = srv.ns.chromium_wrapper(CHROMIUM)
+        browser = pw.chromium.launch(executable_path=in_ns, args=[*ARGS, f"--use-file-for-fake-video-capture={cam}"])
+        late = pw.chromium.launch(executable_path=in_group(in_ns, group, tmp_path), args=ARGS)
         pages = []
         try:
             join = f"{srv.url}/join/{get_json(srv, '/api/rooms', {})['room']}"
@@ -196,11 +215,15 @@ def test_a_device_joining_mid_stream_is_used_from_a_later_plan_without_a_pause(t
                 pg.wait_for_function(READY, timeout=180_000)
             ids = [pg.evaluate("window.tilemesh.peerId") for pg in pages]
             normal = start_stream(phone)
-            assert sorted(phone.evaluate("window.tilemesh.engine.plan.devices")) == sorted(ids)
+            plan = phone.evaluate("window.tilemesh.engine.plan")
+            assert sorted(plan["devices"]) == sorted(ids)
+            depth = len(plan["spec"]["splits"])
+            allowed = max(switch_floor_s, recovery.piece_wait(recovery.stall_bound(plan), depth, depth) + 2 * TICK_S
+                          + 2 * normal / 1e3)
 
             before = len(recorded(phone))
             t_join = now_ms(phone)
-            tablet = open_page(browser, join + "?kind=tablet")
+            tablet = open_page(late, join + "?kind=tablet")
             pages.append(tablet)
             tablet.wait_for_function(READY, timeout=180_000)
             t_ready = now_ms(phone)
@@ -216,22 +239,31 @@ def test_a_device_joining_mid_stream_is_used_from_a_later_plan_without_a_pause(t
             wrong = [f for f in frames if f["top1"] != expected]
             window = frames[before - 1:]
             gaps = [(b["end"] - a["end"]) / 1e3 for a, b in zip(window, window[1:], strict=False)]
-            allowed = max(gap_floor_s, gap_bound * normal / 1e3)
+            # The switch: the last frame shown before the newcomer's plan came, to the second one after it.
+            i = max(k for k, f in enumerate(frames) if f["end"] <= t_plan)
+            switch = (frames[min(i + 2, len(frames) - 1)]["end"] - frames[i]["end"]) / 1e3
             spike = max(f["ms"] for f in frames[before:])
             print(f"\njoin mid-stream: normal frame {normal:.0f} ms; tablet ready {(t_ready - t_join) / 1e3:.1f} s "
                   f"after opening the link, in a plan {(t_plan - t_ready) / 1e3:.2f} s after ready (plan {plan_id}, "
-                  f"{tasks} tasks computed there); {len(frames) - before} frames meanwhile, longest gap "
-                  f"{max(gaps):.2f} s (bound {allowed:.1f} s), slowest frame {spike:.0f} ms ({spike / normal:.1f}x); "
+                  f"{tasks} tasks computed there); {len(frames) - before} frames meanwhile; across the switch two "
+                  f"frames in {switch:.2f} s (bound {allowed:.1f} s); longest gap during the join {max(gaps):.2f} s "
+                  f"(bound {FRAME_TIMEOUT_S:g} s); slowest frame {spike:.0f} ms ({spike / normal:.1f}x); "
                   f"{len(wrong)} wrong of {len(frames)}; answered by {sorted({f['by'] for f in frames[before:]})}")
             assert not wrong, wrong
             assert tasks > 0, f"the newcomer computed nothing under plan {plan_id}"
-            assert max(gaps) <= allowed, gaps
+            assert switch <= allowed, switch
+            assert max(gaps) < FRAME_TIMEOUT_S, gaps
             assert [n for n in notices(phone) if n["what"] == "replanning" and new_id in n["devices"]]
         except Exception:
             debug(pages)
+            for f in recorded(phone)[:50]:
+                print(round((f["end"] - t_join) / 1e3, 2), round(f["ms"]), f["by"])
+            print([(n["what"], n["devices"], round((n["t"] - t_join) / 1e3, 2)) for n in notices(phone)])
             raise
         finally:
             browser.close()
+            late.close()
+            group.remove()
 
 
 def test_a_device_throttled_mid_stream_is_treated_as_a_straggler(tmp_path, pw):
@@ -245,11 +277,8 @@ def test_a_device_throttled_mid_stream_is_treated_as_a_straggler(tmp_path, pw):
     try:
         with netns_server() as srv:
             in_ns = srv.ns.chromium_wrapper(CHROMIUM)
-            script = tmp_path / "in-group"
-            script.write_text("#!/bin/sh\n" + group.join_lines() + f'exec {in_ns} "$@"\n')
-            script.chmod(0o755)
             near = pw.chromium.launch(executable_path=in_ns, args=[*ARGS, f"--use-file-for-fake-video-capture={cam}"])
-            far = pw.chromium.launch(executable_path=str(script), args=ARGS)
+            far = pw.chromium.launch(executable_path=in_group(in_ns, group, tmp_path), args=ARGS)
             pages = []
             try:
                 join = f"{srv.url}/join/{get_json(srv, '/api/rooms', {})['room']}"

@@ -43,9 +43,10 @@ from .deps import segment_deps
 from .regions import Region, plane
 from .tiling import Transfer, crop, partial_pool, run_steps
 
-# A piece of segment k-1's output still missing `piece_wait(bound, k)` = bound + k x LEVEL_STEP_S after a device
+# A piece of segment k-1's output still missing `piece_wait(bound, k, n)` = bound + k x step after a device
 # first saw its frame is rescued, where bound = STALL_FACTOR x the plan's predicted latency (at least
-# STALL_MIN_S, at most STALL_MAX_S; without a prediction STALL_MAX_S).
+# STALL_MIN_S, at most STALL_MAX_S; without a prediction STALL_MAX_S) and step = LEVEL_STEP_S, or less in a plan
+# of n segments (at most bound / n).
 STALL_FACTOR = 3.0
 STALL_MIN_S = 0.3
 STALL_MAX_S = 2.0
@@ -80,17 +81,20 @@ def stall_bound(plan_msg: dict | None) -> float:
     return min(STALL_MAX_S, max(STALL_MIN_S, STALL_FACTOR * predicted))
 
 
-def piece_wait(bound: float, level: int) -> float:
+def piece_wait(bound: float, level: int, levels: int | None = None) -> float:
     """How long a device waits for a piece produced at `level` (0: the frame, k: segment k-1's output) before
     asking for it: deeper pieces wait longer, so a device blocked upstream asks before those waiting on it
-    (and the rescue goes to the device that really stalled, not to everyone downstream of it)."""
-    return bound + LEVEL_STEP_S * max(0, int(level))
+    (and the rescue goes to the device that really stalled, not to everyone downstream of it). With the plan's
+    depth `levels` the step shrinks to at most bound / levels, so no piece waits more than twice the bound (a
+    20-segment plan would otherwise add 2 s to every detection)."""
+    step = LEVEL_STEP_S if not levels else min(LEVEL_STEP_S, bound / max(1, int(levels)))
+    return bound + step * max(0, int(level))
 
 
 def judge_after(bound: float, levels: int) -> float:
     """Seconds after a frame finished on the source before its stalls are blamed on devices (`straggle_step`):
     the longest a device blocked upstream waits before asking for a rescue, plus two page ticks."""
-    return piece_wait(bound, levels) + TICK_SLACK_S
+    return piece_wait(bound, levels, levels) + TICK_SLACK_S
 
 
 def rescue_region(graph, tr: Transfer) -> Region:

@@ -698,6 +698,7 @@ class DeviceSession:
             return []
         bound = recovery.stall_bound(self.last_plan)
         level = self.runtime.levels
+        depth = max(level.values(), default=0)
         out: list[Effect] = []
         for f in list(r.frames):
             waited = now - self.seen.get(f, now)
@@ -708,7 +709,7 @@ class DeviceSession:
             for t in r.outstanding(f):
                 if t.src != r.source:
                     by_src.setdefault(t.src, []).append(t)
-                    if waited >= recovery.piece_wait(bound, level.get(t.of or t.tensor, 0)):
+                    if waited >= recovery.piece_wait(bound, level.get(t.of or t.tensor, 0), depth):
                         due.add(t.src)
             for src in sorted(due):
                 pieces = by_src[src]

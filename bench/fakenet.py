@@ -61,6 +61,7 @@ class FakeRoom:
     tamper: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
     silent: set = field(default_factory=set)  # devices cut off the network (see `cut`)
     signal_delay: dict[str, float] = field(default_factory=dict)  # a device's broadcasts take this long (slow path)
+    reference_runs: dict[str, int] = field(default_factory=dict)  # whole-model reference runs per device
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -170,6 +171,12 @@ class FakeRoom:
             self.at(seconds, device, S.LinkMeasured(e.peer, (rtt,) * e.rtt_count, float(e.total), seconds))
         elif isinstance(e, S.Profile):
             self.at(0.5, device, S.Profiled(self.profiles.get(device, {"sec_per_mac": {}})))
+        elif isinstance(e, S.Compute) and e.request.task < 0:  # a reference run (tilemesh.runtime.recovery)
+            runtime = self.sessions[device].runtime
+            outputs = runtime.reference_numpy(e.request)
+            delay = self.compute_delay.get(device, 0.0) + runtime.model_macs() * self.sec_per_mac.get(device, 0.0)
+            self.reference_runs[device] = self.reference_runs.get(device, 0) + 1
+            self.at(delay, device, S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
         elif isinstance(e, S.Compute):
             runtime = self.sessions[device].runtime
             task = runtime.runner.dplan.tasks[e.request.task]

@@ -20,6 +20,8 @@ class NativeEngine:
         self.blob = blob
         self.sessions: dict[int, tuple] = {}
         self.runs = 0
+        self.reference = None
+        self.reference_runs = 0
 
     def session(self, model: dict):
         opts = ort.SessionOptions()
@@ -36,7 +38,10 @@ class NativeEngine:
             if not reqs:
                 return reply
             for req in reqs:
-                sess, outs = self.sessions[req["task"]]
+                if req["task"] < 0:  # a reference run (rescues, a frame alone): one session per graph
+                    self.reference = self.reference or self.session(bridge.reference_model())
+                    self.reference_runs += 1
+                sess, outs = self.reference if req["task"] < 0 else self.sessions[req["task"]]
                 got = sess.run(outs, {name: a for name, a in req["inputs"]})
                 self.runs += 1
                 bridge.computed(reply, req["plan_id"], req["frame"], req["task"], outs,
@@ -158,3 +163,86 @@ def test_engine_profile_from_probes_and_the_choice(files):
     assert slow["backend"] == "numpy" and "numpy predicted faster" in slow["engine_reason"]
     assert slow["sec_per_mac"] == scaled_profile(numpy_prof, 1000)["sec_per_mac"]
     assert not S.session().runtime.deferred
+
+
+def test_reference_run_pieces_equal_numpy_rescues(files):
+    """The reference run's model (the whole graph keeping every block boundary's tensor) on onnxruntime: every
+    piece of a plan cut out of it equals the numpy kernels' rescue of that piece over its receptive field."""
+    from tilemesh.runtime import recovery as R
+    from tilemesh.runtime.deps import cut_candidates
+    from tilemesh.runtime.peer import plan_from_spec
+
+    model_json, labels_json, bin_path = files
+    S._session = None
+    S.load(model_json, labels_json)
+    rt = S.session().runtime
+    graph = rt.graph
+    sess, outs = NativeEngine(bin_path.read_bytes()).session(bridge.reference_model())
+    assert outs == R.reference_tensors(graph) and outs[-1] == graph.output
+    pixels = np.random.default_rng(4).integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+    ref = dict(zip(outs, sess.run(outs, {graph.input: rt.classifier.pre.normalize_u8(pixels)}), strict=True))
+    cuts = cut_candidates(graph)
+    rows = {"devices": [["a"], ["b"], ["c"]], "row_shares": [1, 2, 1], "col_shares": None}
+    grid = {"devices": [["a", "b"], ["c", "d"]], "row_shares": [1, 1], "col_shares": [2, 1]}
+    head = {"devices": [["c"]], "row_shares": None, "col_shares": None}
+    plan = plan_from_spec(graph, {"source": "a", "cuts": [cuts[2], cuts[6], cuts[12]],
+                                  "splits": [rows, grid, rows, head]})
+    checked = 0
+    for tr in plan.transfers:
+        got = R.piece_from_reference(graph, ref, tr)
+        if tr.tensor == graph.input:
+            assert got is None  # pixels travel as they are: nothing to rescue
+            continue
+        want = R.rescue_piece(graph, pixels, rt.classifier.pre.normalize_u8, tr)
+        assert got is not None and got.shape == want.shape, tr
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        checked += 1
+    assert checked >= 8
+
+
+def test_a_silent_device_is_rescued_by_a_reference_run_on_the_engine(files):
+    """The phone's session on onnxruntime, a tablet in its plan that never answers: past the stall bound the
+    phone rescues the tablet's pieces from one reference run on the engine (the profile predicts it faster than
+    numpy for pieces that deep), and the frame equals single-device numpy. A frame finished alone (its plan
+    replaced) takes its answer from a reference run too."""
+    from tilemesh.runtime.deps import cut_candidates
+
+    model_json, labels_json, bin_path = files
+    S._session = None
+    S.load(model_json, labels_json)
+    bridge.use_engine("onnxruntime", True)
+    engine = NativeEngine(bin_path.read_bytes())
+    s = S.session()
+    s.check_rate = 0.0
+    s.handle(S.Profiled({"engines": {"onnxruntime": 5.0, "numpy": 40.0}}), 0.0)
+    graph = s.runtime.graph
+    cuts = cut_candidates(graph)
+    rows = {"devices": [["me"], ["tablet"]], "row_shares": [1, 1], "col_shares": None}
+    whole = {"devices": [["me"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 6, "source": "me", "cuts": [cuts[2 * len(cuts) // 3]], "splits": [rows, whole]}
+    msg = {"type": "plan", "plan_id": 6, "source": "me", "devices": ["me", "tablet"], "spec": spec}
+    engine.drain(bridge.handle({"on": "plan", "msg": msg, "me": "me"}, 0.0))
+    engine.adopt()
+    frames = {f: np.random.default_rng(20 + f).integers(0, 256, (256, 256, 4), dtype=np.uint8) for f in (1, 2)}
+    reply = engine.drain(bridge.handle({"on": "frame", "frame": 1, "data": frames[1].tobytes(), "height": 256,
+                                        "width": 256}, 1.0))
+    assert not [e for e in reply["effects"] if e["do"] == "frame_done"]
+    assert engine.reference_runs == 0
+    reply = engine.drain(bridge.handle({"on": "tick"}, 1.0 + 2 * 2.0 + 0.5))  # past piece_wait at the 2 s bound
+    done = [e["result"] for e in reply["effects"] if e["do"] == "frame_done"]
+    assert engine.reference_runs == 1 and len(done) == 1, (s.faults, reply["effects"])
+    assert s.faults["rescue_macs"] == 0  # nothing on numpy
+    local = s.runtime.classifier.classify(frames[1].tobytes(), 256, 256)
+    assert [t["index"] for t in done[0]["top"]] == [t["index"] for t in local["top"]]
+    np.testing.assert_allclose([t["p"] for t in done[0]["top"]], [t["p"] for t in local["top"]], atol=1e-4)
+    # Frame 2 is in flight when a new plan replaces this one: it finishes alone, from a reference run.
+    engine.drain(bridge.handle({"on": "frame", "frame": 2, "data": frames[2].tobytes(), "height": 256,
+                                "width": 256}, 7.0))
+    reply = engine.drain(bridge.handle({"on": "plan", "msg": {**msg, "plan_id": 7, "devices": ["me"],
+                                                              "spec": {**spec, "plan_id": 7, "splits": [whole, whole]}},
+                                        "me": "me"}, 7.1))
+    done = [e["result"] for e in reply["effects"] if e["do"] == "frame_done"]
+    assert engine.reference_runs == 2 and len(done) == 1 and done[0]["recovered"]
+    local = s.runtime.classifier.classify(frames[2].tobytes(), 256, 256)
+    assert [t["index"] for t in done[0]["top"]] == [t["index"] for t in local["top"]]
+    bridge.use_engine("onnxruntime", False)

@@ -27,7 +27,7 @@ from . import session as session_mod
 from .classify import frame_from_bytes, top_entries
 from .graph import Node
 from .profile import predict_graph_seconds, profile_from_timings, profile_probes
-from .task_model import graph_model, nodes_model, plan_task_models
+from .task_model import graph_model, nodes_model, plan_task_models, task_model, whole_deps
 
 BLOB_NAME = "model.bin"  # the external-data location every task model names; the worker maps it to the blob
 
@@ -80,6 +80,23 @@ def plan_models() -> dict | None:
     return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
 
 
+def reference_model() -> dict:
+    """The reference run's model for the current plan's graph (the model's, or its variant's): the whole graph
+    on the whole frame, keeping every block boundary's tensor and the logits (`recovery.reference_tensors`).
+    `key` names the graph, so the worker makes its session once per graph."""
+    p = _rt()
+    g = p.model.graph
+    keep = p.reference_keep()
+    model = task_model(g, whole_deps(g, outputs=keep), keep, external=BLOB_NAME, whole_inputs=True)
+    return {"key": (p.spec or {}).get("variant") or "", **model.to_dict()}
+
+
+def reference_off(reason: str) -> None:
+    """The engine cannot run reference runs: rescues stay on the numpy kernels."""
+    _rt().reference_ok = False
+    _engine["reference"] = f"off: {reason}"
+
+
 def _split(effects, reply: dict) -> dict:
     """Effects for the main thread (as `session.effect_to_dict`) apart from compute requests (raw arrays)."""
     for e in effects:
@@ -117,6 +134,11 @@ def computed_numpy(reply: dict, plan_id: int, req: dict, now: float = 0.0) -> di
     from .tiling import run_steps
 
     p = _rt()
+    if int(req["task"]) < 0:  # a reference run (rescues, a frame alone): the whole model on numpy
+        vals = p.reference_numpy(req["request"])
+        names = list(vals)
+        return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],
+                        [vals[n].shape for n in names], now)
     if p.runner is None or int(plan_id) != p.runner.plan_id:
         return reply
     task = p.runner.dplan.tasks[int(req["task"])]

@@ -64,6 +64,15 @@ class PlanRuntime:
         self.rescue_macs: dict[tuple, int] = {}  # (plan id, piece) -> MACs to compute it from the frame
         self.whole_macs: int | None = None
         self.pixels: dict[int, object] = {}  # frames started here -> the uint8 crop (rescues compute from it)
+        # Reference runs (tilemesh.runtime.recovery): on a deferred device, rescues and frames finished alone run
+        # the whole model once per frame on the engine, keeping every block boundary's tensor.
+        self.reference_ok = True  # the engine can run it (engine_bridge turns this off when it cannot)
+        self.engines: dict | None = None  # the profile's predicted whole-model ms per engine
+        self.references: dict[int, dict] = {}  # frame -> {tensor: whole array} of its reference run
+        self.ref_asked: set[int] = set()  # frames whose reference run was asked for
+        self.ref_pending: dict[int, list] = {}  # frame -> (plan id, transfers) waiting for its reference run
+        self.alone: set[int] = set()  # frames to finish from their reference run's logits
+        self._ref_keep: tuple[object, list[str]] | None = None  # (graph, reference_tensors(graph))
 
     def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
         """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
@@ -158,21 +167,117 @@ class PlanRuntime:
 
     def rescue(self, frame: int, transfers) -> dict:
         """On the source: compute `transfers` of `frame` from the frame; send them to their receivers (as their
-        planned sender would) and take the ones for this device. Returns the reply, pieces and MACs spent."""
+        planned sender would) and take the ones for this device. A piece the engine's reference run gives faster
+        (`recovery.use_reference`) waits for that run (asked for once per frame: a compute request in the reply);
+        the others are computed here on the numpy kernels. Returns the reply, pieces and numpy MACs spent."""
         from .recovery import rescue_macs, rescue_piece
 
-        pixels = self.pixels.get(int(frame))
+        frame = int(frame)
+        pixels = self.pixels.get(frame)
         if self.runner is None or pixels is None:
-            return {**self._reply([]), "rescued": 0, "macs": 0}
-        out, macs = [], 0
+            return {**self._reply([]), "rescued": 0, "macs": 0, "reference": 0}
+        out, macs, ref = [], 0, []
         for tr in transfers:
+            if self._via_reference(tr):
+                ref.append(tr)
+                continue
             arr = rescue_piece(self.model.graph, pixels, self.model.pre.normalize_u8, tr)
             macs += rescue_macs(self.model.graph, tr)
-            if tr.dst == self.device:
-                out += self.runner.deliver(int(frame), tr, self.device, arr)
+            out += self._take_piece(frame, tr, arr)
+        if ref:
+            if frame in self.references:
+                out += self._serve(frame, ref, self.references[frame])
             else:
-                out.append(self.runner.encode_piece(int(frame), tr.dst, tr.tensor, tr.region, arr))
-        return {**self._reply(out), "rescued": len(transfers), "macs": macs}
+                self.ref_pending.setdefault(frame, []).append((self.runner.plan_id, ref))
+                out += self._ask_reference(frame)
+        return {**self._reply(out), "rescued": len(transfers), "macs": macs, "reference": len(ref)}
+
+    def _take_piece(self, frame: int, tr, arr) -> list:
+        if tr.dst == self.device:
+            return self.runner.deliver(frame, tr, self.device, arr)
+        return [self.runner.encode_piece(frame, tr.dst, tr.tensor, tr.region, arr)]
+
+    # --- reference runs: the whole model once per frame on the engine (tilemesh.runtime.recovery) -------------
+
+    def reference_keep(self) -> list[str]:
+        """The tensors the current model's reference run keeps."""
+        from .recovery import reference_tensors
+
+        g = self.model.graph
+        if self._ref_keep is None or self._ref_keep[0] is not g:
+            self._ref_keep = (g, reference_tensors(g))
+        return self._ref_keep[1]
+
+    def _via_reference(self, tr) -> bool:
+        from .recovery import use_reference
+
+        if not (self.deferred and self.reference_ok):
+            return False
+        target = tr.of if tr.reduce else tr.tensor
+        if target == self.model.graph.input or target not in self.reference_keep():
+            return False
+        return use_reference(self.rescue_cost([tr]), self.model_macs(), self.engines)
+
+    def _ask_reference(self, frame: int) -> list:
+        """The reference run of `frame` as a compute request for the engine (once per frame)."""
+        from .recovery import REFERENCE_TASK
+
+        if frame in self.ref_asked or frame not in self.pixels:
+            return []
+        self.ref_asked.add(frame)
+        x = self.model.pre.normalize_u8(self.pixels[frame])
+        return [ComputeRequest(frame, REFERENCE_TASK, -1, {self.model.graph.input: x}, tuple(self.reference_keep()))]
+
+    def reference_numpy(self, request: ComputeRequest) -> dict:
+        """A reference run on the numpy kernels (the engine could not run it; fake rooms)."""
+        from .task_model import whole_deps
+        from .tiling import run_steps
+
+        g = self.model.graph
+        keep = list(request.keep)
+        return run_steps(g, whole_deps(g, outputs=keep), dict(request.inputs), keep=keep)
+
+    def alone_request(self, frame: int) -> list | None:
+        """Finish `frame` alone on the engine: its reference run's logits are the answer (`computed` returns them
+        under "alone"). None when this device cannot (no engine, or the frame's pixels are gone)."""
+        frame = int(frame)
+        if not (self.deferred and self.reference_ok) or frame not in self.pixels:
+            return None
+        self.alone.add(frame)
+        return self._ask_reference(frame)
+
+    def alone_from_reference(self, frame: int):
+        """The logits of `frame` if its reference run already came (a frame finished alone right away)."""
+        ref = self.references.get(int(frame))
+        return None if ref is None else ref.get(self.model.graph.output)
+
+    def _serve(self, frame: int, transfers, ref: dict) -> list:
+        from .recovery import piece_from_reference
+
+        out = []
+        for tr in transfers:
+            arr = piece_from_reference(self.model.graph, ref, tr)
+            if arr is not None:
+                out += self._take_piece(frame, tr, arr)
+        return out
+
+    def reference_done(self, frame: int, outputs: dict) -> dict:
+        """The engine's reference run of `frame`: serve the pieces waiting for it, and its logits if the frame
+        finishes alone."""
+        frame = int(frame)
+        self.references[frame] = outputs
+        for old in [f for f in self.references if f <= frame - 2 * (self.runner.window if self.runner else 4)]:
+            del self.references[old]
+            self.ref_asked.discard(old)
+        out = []
+        for plan_id, transfers in self.ref_pending.pop(frame, []):
+            if self.runner is not None and plan_id == self.runner.plan_id:  # else: that plan's frames went alone
+                out += self._serve(frame, transfers, outputs)
+        reply = self._reply(out)
+        if frame in self.alone:
+            self.alone.discard(frame)
+            reply["alone"] = [(frame, outputs[self.model.graph.output])]
+        return reply
 
     def rescue_cost(self, transfers) -> int:
         """MACs `rescue` spends on `transfers` (cached per piece for the plan)."""
@@ -224,6 +329,8 @@ class PlanRuntime:
 
     def computed(self, plan_id: int, frame: int, task: int, outputs: dict) -> dict:
         """The engine's answer to a `ComputeRequest` of the reply's `compute` list (deferred mode)."""
+        if int(task) < 0:
+            return self.reference_done(frame, outputs)
         if self.runner is None or int(plan_id) != self.runner.plan_id:
             return {"out": [], "results": [], "ignored": True}
         return self._reply(self.runner.on_computed(int(frame), int(task), outputs))

@@ -22,6 +22,13 @@ Newcomers. A device that becomes ready (profiled) while the source streams is us
 source asks for one in the background as soon as the roster shows a ready device its last plan request did not
 know of (`newcomers`), and keeps running its plan until the new one comes; each arrival asks once.
 
+Engines. On a device whose tiles run on an engine outside Python (onnxruntime-web in the browser), rescues and
+frames finished alone use it too: one "reference run" per frame, the whole model on the whole frame with every
+block boundary's tensor as an output (`reference_tensors`, one model per graph, made once), from which any piece
+at a block boundary is cropped (`piece_from_reference`) and whose logits are the frame's answer alone. It costs a
+whole model on the engine, so a piece whose receptive field is small stays on the numpy kernels when they are
+predicted faster (`use_reference`, from the profile's predicted whole-model times per engine).
+
 Wrong results. With probability `check_rate` per frame, each device picks one piece it expects from another
 device (not the source) and asks the source for its own copy; the piece is used only when both copies are here.
 Copies that differ by more than float tolerance (`agree`) convict the non-source sender when its inputs were
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .deps import segment_deps
+from .deps import cut_candidates, live_tensors, segment_deps
 from .regions import Region, plane
 from .tiling import Transfer, crop, partial_pool, run_steps
 
@@ -177,3 +184,52 @@ def newcomers(known, ready, excluded=()) -> list[str]:
     """Ready devices (profiled, in the roster) that the source's last plan request did not know of and that are
     not excluded: each is a reason to ask for a new plan in the background, once."""
     return sorted(set(ready) - set(known) - set(excluded))
+
+
+# The reference run's task index in `runner.ComputeRequest`s (tasks of a device plan count from 0).
+REFERENCE_TASK = -1
+# Without a profile that says, the engine is taken to be this many times faster than the numpy kernels
+# (onnxruntime-web vs Pyodide numpy, shared/PLATFORM.md: 5-8x).
+ENGINE_SPEEDUP = 5.0
+
+
+def reference_tensors(graph) -> list[str]:
+    """What the reference run keeps: every tensor crossing a block boundary, and the model's output."""
+    out = {t for k in cut_candidates(graph) for t in live_tensors(graph, k)} - {graph.input}
+    return sorted(out) + [graph.output]
+
+
+def piece_from_reference(graph, tensors: dict, tr: Transfer) -> np.ndarray | None:
+    """Piece `tr` cut out of a reference run's whole tensors (None when the run did not keep its tensor)."""
+    target = tr.of if tr.reduce else tr.tensor
+    whole = tensors.get(target)
+    if whole is None:
+        return None
+    if whole.ndim == 4:
+        whole = crop(whole, Region.full(*plane(whole.shape)), tr.region)
+    return np.ascontiguousarray(partial_pool(whole, tr.reduce) if tr.reduce else whole)
+
+
+def use_reference(piece_macs: int, model_macs: int, engines: dict | None) -> bool:
+    """Whether a piece costing `piece_macs` (of `model_macs` for the whole model) is faster from a reference run
+    on the engine than on the numpy kernels, by the profile's predicted whole-model ms per engine (`engines`,
+    e.g. {"ort-wasm": 25, "numpy": 140}); without them the engine is taken ENGINE_SPEEDUP times faster."""
+    if model_macs <= 0:
+        return False
+    numpy_ms = engine_ms = None
+    for name, ms in (engines or {}).items():
+        if name == "numpy":
+            numpy_ms = float(ms)
+        else:
+            engine_ms = float(ms) if engine_ms is None else min(engine_ms, float(ms))
+    if not numpy_ms or not engine_ms:
+        numpy_ms, engine_ms = ENGINE_SPEEDUP, 1.0
+    return piece_macs / model_macs * numpy_ms > engine_ms
+
+
+def up_front_pays(rescue_ms: float, plan_ms: float | None, alone_ms: float) -> bool:
+    """Until the new plan comes, a new frame's share of a gone device is computed up front on the source when
+    that (`rescue_ms`, then the plan's predicted `plan_ms`) is predicted faster than the frame alone on the
+    source's fastest engine (`alone_ms`); otherwise the frame goes alone, so it is never slower than the phone
+    alone by prediction. Without a plan prediction: alone."""
+    return plan_ms is not None and plan_ms > 0 and rescue_ms + plan_ms < alone_ms

@@ -372,6 +372,7 @@ class DeviceSession:
         self.stalled: dict[int, set[str]] = {}  # source: frame -> devices whose pieces were rescued for stalling
         self.straggle = recovery.Straggle()
         self.judging: dict[int, float] = {}  # source: frames finished -> when (their stalls are judged later)
+        self.alone_reason: dict[int, str] = {}  # source: frames finishing alone on the engine -> why
         self.tainted: set[int] = set()  # source: frames in flight when a device was caught lying
         self.audit: tuple[int, int, int] | None = None  # (plan id, first, last frame): every piece is checked
         self.audited: set[int] = set()  # frames whose every piece from another device was held for a check
@@ -419,6 +420,8 @@ class DeviceSession:
     def _on_profiled(self, ev: Profiled, now: float) -> list[Effect]:
         first = self.compute is None
         self.compute = ev.compute
+        if self.runtime is not None:  # which engine rescues run on: the profile's predicted model times
+            self.runtime.engines = (ev.compute or {}).get("engines") if isinstance(ev.compute, dict) else None
         out: list[Effect] = [self._report()]
         if self.pending_drift is not None:
             out.append(Signal("broadcast", {"data": {"kind": "profile_changed", "ratio": self.pending_drift}}))
@@ -814,7 +817,14 @@ class DeviceSession:
         """The source's frames in flight when its plan goes: computed whole here from the frame, never lost."""
         out: list[Effect] = []
         for f in sorted(self.waiting if frames is None else frames):
-            logits = self.runtime.finish_alone(f)
+            logits = self.runtime.alone_from_reference(f)
+            if logits is None:
+                asked = self.runtime.alone_request(f)  # on the engine: the answer comes with its reference run
+                if asked is not None:
+                    self.alone_reason[f] = reason
+                    out += [Compute(self.runtime.plan_id, c) for c in asked]
+                    continue
+                logits = self.runtime.finish_alone(f)
             t0 = self.waiting.pop(f)
             if logits is None:
                 out.append(FrameFailed(f, f"{reason} during frame {f}"))
@@ -874,14 +884,30 @@ class DeviceSession:
             return [FrameFailed(frame, str(exc))]
         out = self._reply(res, now)
         if self.gone:  # until the new plan comes: what gone devices would have sent, computed here up front,
-            # unless that costs more than the whole frame (a gone device held a late segment): then alone.
+            # when that and the plan's remaining work are predicted faster than the frame alone; else alone.
             owed = [t for d in sorted(self.gone) for t in self.runtime.owed(d) if t.dst not in self.gone]
-            own = sum(t.macs for t in self._runner().dplan.tasks)
-            if self.runtime.rescue_cost(owed) + own < self.runtime.model_macs():
+            if self._up_front_pays(owed):
                 out += self._rescue_here(frame, owed, now)
             else:
                 out += self._finish_alone("a device of the plan is gone", now, frames=[frame])
         return out
+
+    def _up_front_pays(self, owed) -> bool:
+        """`recovery.up_front_pays` with this device's predicted whole-model times per engine (its profile);
+        without them, by MAC count (the rescue and this device's own tasks against one whole model)."""
+        model = self.runtime.model_macs()
+        cost = self.runtime.rescue_cost(owed)
+        engines = (self.compute or {}).get("engines") if isinstance(self.compute, dict) else None
+        numpy_ms = float((engines or {}).get("numpy") or 0)
+        engine_ms = min((float(v) for k, v in (engines or {}).items() if k != "numpy" and v), default=0.0)
+        if not numpy_ms and not engine_ms:
+            own = sum(t.macs for t in self._runner().dplan.tasks)
+            return cost + own < model
+        alone_ms = engine_ms or numpy_ms
+        rescue_ms = numpy_ms * cost / model if numpy_ms else engine_ms
+        if engine_ms and self.runtime.deferred and self.runtime.reference_ok:
+            rescue_ms = min(rescue_ms, engine_ms)  # one reference run on the engine serves every piece
+        return recovery.up_front_pays(rescue_ms, (self.plan or {}).get("predicted_ms"), alone_ms)
 
     def _on_chunk(self, ev: ChunkIn, now: float) -> list[Effect]:
         if self.runtime is None:
@@ -922,6 +948,7 @@ class DeviceSession:
         out += [Compute(int(plan_id), c) for c in res.get("compute", [])]
         for r in res.get("results", []):
             t0 = self.waiting.pop(r["frame"], None)
+            self.alone_reason.pop(r["frame"], None)  # the plan's answer came before the reference run's
             if t0 is None:
                 continue  # failed meanwhile (timeout, replaced plan): its caller was told already
             ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
@@ -934,6 +961,15 @@ class DeviceSession:
             out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": plan_summary(self.plan)}))
             if now is not None:
                 out += self._finished(r["frame"], now)
+        for f, logits in res.get("alone", []):  # frames finished alone on the engine (a reference run)
+            t0 = self.waiting.pop(f, None)
+            reason = self.alone_reason.pop(f, "finished alone")
+            if t0 is None:
+                continue
+            self.faults["finished_alone"] += 1
+            top = top_entries(logits, self.runtime.classifier.labels, 5)
+            out.append(FrameDone(f, {"frame": f, "top": top, "ms": ((now or t0) - t0) * 1e3, "report": None,
+                                     "parts": [], "plan": plan_summary(self.plan), "recovered": reason}))
         for report in res.get("reports", []):
             out += self._on_report(int(plan_id), report, now)
         if now is not None:

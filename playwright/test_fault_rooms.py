@@ -30,6 +30,7 @@ from tilemesh.runtime.session import FRAME_TIMEOUT_S
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
 ARGS = [*CHROMIUM_ARGS, "--ignore-certificate-errors"]
+SESSION = "tilemesh.runtime.session"
 # Every frame the phone shows (top-1, latency, when it ended, who answered), and the session's notices on faults.
 RECORD = """() => {
   const ar = window.tilemesh.ar.engine;
@@ -170,6 +171,8 @@ def test_a_device_whose_network_is_cut_mid_stream_costs_no_frame(tmp_path, pw):
                   f"{[f['by'] for f in after[:4]]}; notices "
                   f"{[(n['what'], round((n['t'] - t_cut) / 1e3, 2)) for n in seen]}; all notices after the cut "
                   f"{[(n['what'], [ids.index(d) if d in ids else d for d in n['devices']], round((n['t'] - t_cut) / 1e3, 2)) for n in notices(phone) if n['t'] >= t_cut]}")  # noqa: E501
+            faults = phone.evaluate("(s) => window.tilemesh.runtime.call(s, 'state', [])", SESSION)["faults"]
+            print("phone's rescues:", faults)
             assert not wrong, wrong
             # Only the cut device is left out: the laptop, blocked waiting for the tablet's rows, is not blamed.
             assert sorted(phone.evaluate("window.tilemesh.engine.plan.devices")) == sorted(ids[:2]), notices(phone)

@@ -77,7 +77,8 @@ def plan_models() -> dict | None:
     t0 = time.perf_counter()
     models = [m.to_dict() if m is not None else None
               for m in plan_task_models(p.plan_graph, p.runner.dplan, external=BLOB_NAME)]
-    return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3}
+    return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3,
+            "source": p.runner.device == p.runner.source}
 
 
 def reference_model() -> dict:

@@ -177,8 +177,10 @@ class PlanRuntime:
         if self.runner is None or pixels is None:
             return {**self._reply([]), "rescued": 0, "macs": 0, "reference": 0}
         out, macs, ref = [], 0, []
+        # Once this frame has a reference run (asked for, or chosen for one piece), it serves every piece it can.
+        by_ref = frame in self.ref_asked or any(self._via_reference(tr) for tr in transfers)
         for tr in transfers:
-            if self._via_reference(tr):
+            if by_ref and self._via_reference(tr, force=True):
                 ref.append(tr)
                 continue
             arr = rescue_piece(self.model.graph, pixels, self.model.pre.normalize_u8, tr)
@@ -208,7 +210,9 @@ class PlanRuntime:
             self._ref_keep = (g, reference_tensors(g))
         return self._ref_keep[1]
 
-    def _via_reference(self, tr) -> bool:
+    def _via_reference(self, tr, force: bool = False) -> bool:
+        """Whether piece `tr` is best taken from a reference run (`force`: whenever it can be, the run being paid
+        for anyway)."""
         from .recovery import use_reference
 
         if not (self.deferred and self.reference_ok):
@@ -216,7 +220,7 @@ class PlanRuntime:
         target = tr.of if tr.reduce else tr.tensor
         if target == self.model.graph.input or target not in self.reference_keep():
             return False
-        return use_reference(self.rescue_cost([tr]), self.model_macs(), self.engines)
+        return force or use_reference(self.rescue_cost([tr]), self.model_macs(), self.engines)
 
     def _ask_reference(self, frame: int) -> list:
         """The reference run of `frame` as a compute request for the engine (once per frame)."""

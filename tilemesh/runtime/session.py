@@ -379,8 +379,9 @@ class DeviceSession:
         self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
         self.ready: set[str] = set()  # peers the roster shows ready with a profile
         self.known: set[str] = set()  # ready peers as of this source's last plan request (newcomers: the others)
-        self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "checks": 0, "compared": 0,
-                       "caught": 0, "finished_alone": 0}
+        # rescue_macs: spent on the numpy kernels; reference_pieces: served by a reference run on the engine
+        self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "reference_pieces": 0,
+                       "checks": 0, "compared": 0, "caught": 0, "finished_alone": 0}
         self.runtime: PlanRuntime | None = None
         self.max_message: dict[str, int] = {}  # peer -> chunk size, for every open link
         self.links: dict[str, dict] = {}  # peer -> {"rtt_ms", "mbps"} (megabits/s), as the planner reads them
@@ -570,6 +571,7 @@ class DeviceSession:
         res = self.runtime.rescue(frame, pieces)
         self.faults["rescued_pieces"] += res["rescued"]
         self.faults["rescue_macs"] += res["macs"]
+        self.faults["reference_pieces"] += res.get("reference", 0)
         return self._reply(res, now)
 
     def _on_rescue(self, sender: str, data: dict, now: float) -> list[Effect]:

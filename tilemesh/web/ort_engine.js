@@ -323,6 +323,9 @@ export class OrtEngine {
         }
       } finally { list.destroy(); }
       this.plan = { planId: models.get("plan_id"), tasks };
+      // The camera device rescues pieces and finishes frames alone on a reference run: its session is made now
+      // (once per graph), not when a device has just vanished.
+      if (models.get("source")) await this._reference(bridge);
       // creation and warm-up, at adoption: a notice for the page and the tests
       this.lastAdoption = { plan_id: this.plan.planId, sessions_ms: performance.now() - t0, warmup_ms: warmMs,
         engine: this.info.engine, tasks: tasks.length, on_numpy: tasks.filter((t) => t === null).length };
@@ -337,6 +340,28 @@ export class OrtEngine {
       bridge.destroy();
     }
     return reply;
+  }
+
+  // The reference run's session (tilemesh.runtime.recovery): the whole model keeping every block boundary's
+  // tensor, made the first time a rescue needs it and kept per graph (the model, or a variant). If it cannot be
+  // made, rescues stay on numpy and the session is told why.
+  async _reference(bridge) {
+    const model = bridge.reference_model();
+    try {
+      const key = model.get("key");
+      if (this.reference && this.reference.key === key) return this.reference.entry;
+      if (this.reference) this.reference.entry.session.release().catch(() => {});
+      this.reference = null;
+      const t0 = performance.now();
+      const entry = await this._session(model);
+      this.reference = { key, entry, createMs: performance.now() - t0 };
+      return entry;
+    } catch (err) {
+      bridge.reference_off(`reference session failed: ${err.message || err}`);
+      return null;
+    } finally {
+      model.destroy();
+    }
   }
 
   _fallBack(bridge, reason) {
@@ -395,7 +420,9 @@ export class OrtEngine {
             try {
               const planId = req.get("plan_id");
               const task = req.get("task");
-              const entry = this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
+              // task -1: a reference run (rescues, a frame finished alone), in its own session made once per graph
+              const entry = task < 0 ? (this.active ? await this._reference(bridge) : null)
+                : this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
               if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy(); continue; }
               const pairs = takePairs(req.get("inputs"));
               const t0 = performance.now();

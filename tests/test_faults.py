@@ -434,3 +434,36 @@ def test_a_plan_still_holding_an_excluded_device_is_run_around_it_and_asked_agai
     r.run(until=t0 + 1.0)
     assert top5(r.done["phone"][1]) == local(classifier, data)
     assert not any(n.what == "stalled" for _, n in r.notices)  # rescued up front, not after the stall bound
+
+
+# --- rescues on the engine, and the up-front choice -------------------------------------------------------------
+
+
+def test_up_front_rescue_only_when_predicted_faster_than_alone():
+    assert R.up_front_pays(300.0, 400.0, 1000.0)
+    assert not R.up_front_pays(700.0, 400.0, 1000.0)
+    assert not R.up_front_pays(100.0, None, 1000.0)  # no prediction: alone
+    assert R.use_reference(60, 100, {"ort-wasm": 25.0, "numpy": 140.0})  # 84 ms on numpy vs 25
+    assert not R.use_reference(10, 100, {"ort-wasm": 25.0, "numpy": 140.0})  # 14 ms on numpy
+    assert R.use_reference(30, 100, None) and not R.use_reference(10, 100, None)  # engine taken 5x faster
+
+
+@pytest.mark.parametrize("engines, up_front", [({"ort-wasm": 1000.0, "numpy": 5600.0}, False),
+                                               ({"ort-wasm": 20000.0, "numpy": 12000.0}, True)])
+def test_before_the_replan_new_frames_go_the_predicted_faster_way(classifier, engines, up_front):
+    """The laptop left; until a new plan comes each new frame either rescues its share up front or goes alone,
+    whichever the phone's profile predicts faster (alone on a fast engine is one reference run)."""
+    r = room(classifier, deferred=True, seed=11, tick=0.05)
+    r.fire("phone", S.Profiled({"engines": engines}))
+    adopt(r, plan3(classifier.graph, predicted_ms=100))
+    r.leave("laptop")
+    phone = r.sessions["phone"]
+    runs0, macs0 = r.reference_runs.get("phone", 0), phone.faults["rescue_macs"]
+    data = frame(95)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=r.now + 2.0)
+    assert top5(r.done["phone"][1]) == local(classifier, data)
+    alone = r.done["phone"][1].get("recovered") is not None
+    assert alone == (not up_front)
+    assert (r.reference_runs.get("phone", 0) > runs0) == (not up_front)  # alone: one run on the engine
+    assert (phone.faults["rescue_macs"] > macs0) == up_front  # up front: the laptop's share on numpy

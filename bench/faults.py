@@ -65,10 +65,11 @@ class Bench:
             self.refs[seed] = self.c.classify(frame(seed), 256, 256)["top"]
         return self.refs[seed]
 
-    def room(self, msg, check_rate=0.0, seed=0, tick=0.02, engine=True):
+    def room(self, msg, check_rate=0.0, seed=0, tick=0.02, engine=True, audit_first=False):
         """`engine`: the phone rescues on reference runs of its engine where they pay (else every rescue on numpy);
         its profile says what each engine takes for the whole model."""
-        sessions = {d: S.DeviceSession(self.c, deferred=True, check_rate=check_rate, seed=seed * 10 + i)
+        sessions = {d: S.DeviceSession(self.c, deferred=True, check_rate=check_rate, seed=seed * 10 + i,
+                                       audit_first=audit_first)
                     for i, d in enumerate(DEVICES)}
         r = FakeRoom(sessions, seed=seed, tick=tick)
         for link in r.links.values():
@@ -203,6 +204,38 @@ def detection_table(b: Bench, trials: int, frames: int) -> list[str]:
     return lines
 
 
+def first_frame_table(b: Bench, trials: int, frames: int, rate: float = R.CHECK_RATE) -> list[str]:
+    """The option `DeviceSession(audit_first=True)`: every plan's first frame audited, beside spot checks at
+    `rate`; a liar wrong from the start, and one that turns at frame 5 (which the option cannot see)."""
+    msg = plan3(b.g, predicted_ms=100)
+    lines = [f"first frame of each plan audited (audit_first), spot checks at {rate:.2f}:", "",
+             "| liar | caught (of trials) | frames to conviction, median | wrong top-1 frames before | honest room: "
+             "first frame vs normal, later frames vs no audit |", "|---|---|---|---|---|"]
+    r0, r1 = b.room(msg, check_rate=rate, seed=5), b.room(msg, check_rate=rate, seed=5, audit_first=True)
+    plain = [b.run_frame(r0, f, 300 + f)[1] for f in range(1, 13)]
+    audited = [b.run_frame(r1, f, 300 + f)[1] for f in range(1, 13)]
+    cost = (f"{audited[0] / statistics.median(plain):.2f}x, "
+            f"{statistics.median(audited[1:]) / statistics.median(plain[1:]):.2f}x")
+    for start in (1, 5):
+        caught, when, wrong = 0, [], []
+        for trial in range(trials):
+            r = b.room(msg, check_rate=rate, seed=100 + trial, audit_first=True)
+            n_wrong = 0
+            for f in range(1, frames + 1):
+                if f == start:
+                    r.tamper["laptop"] = lambda out: {k: (v + np.float32(0.25)).astype(v.dtype) if v.ndim == 4
+                                                      else v for k, v in out.items()}
+                n_wrong += not b.run_frame(r, f, 400 + f)[3]
+                if r.sessions["phone"].excluded:
+                    caught += 1
+                    when.append(f)
+                    break
+            wrong.append(n_wrong)
+        lines.append(f"| wrong from frame {start} | {caught}/{trials} within {frames} frames | "
+                     f"{statistics.median(when) if when else '-'} | {sum(wrong) / trials:.1f} | {cost} |")
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="ONNX or compact .json model (default: the demo model from setup)")
@@ -217,6 +250,8 @@ def main(argv=None) -> None:
     print("\n".join(recovery_table(b)))
     print()
     print("\n".join(detection_table(b, args.trials, args.frames)))
+    print()
+    print("\n".join(first_frame_table(b, args.trials, args.frames)))
 
 
 if __name__ == "__main__":

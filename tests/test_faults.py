@@ -467,3 +467,20 @@ def test_before_the_replan_new_frames_go_the_predicted_faster_way(classifier, en
     assert alone == (not up_front)
     assert (r.reference_runs.get("phone", 0) > runs0) == (not up_front)  # alone: one run on the engine
     assert (phone.faults["rescue_macs"] > macs0) == up_front  # up front: the laptop's share on numpy
+
+
+def test_audit_first_catches_a_device_wrong_from_the_start_before_any_wrong_answer(classifier):
+    """The option `audit_first`: the first frame of a plan is audited, so a device wrong from its first tile is
+    convicted in that frame, which finishes alone with the right answer."""
+    sessions = {d: S.DeviceSession(classifier, deferred=True, check_rate=0.0, seed=i, audit_first=True)
+                for i, d in enumerate(DEVICES)}
+    r = FakeRoom(sessions, seed=12, tick=0.05)
+    r.open_links()
+    r.tamper["laptop"] = lie
+    adopt(r, plan3(classifier.graph, predicted_ms=100))
+    data = frame(97)
+    r.fire("phone", S.FrameIn(1, data, 256, 256))
+    r.run(until=r.now + 3.0)
+    assert top5(r.done["phone"][1]) == local(classifier, data)
+    assert [n.detail["device"] for d, n in r.notices if d == "phone" and n.what == "wrong_result"] == ["laptop"]
+    assert requests(r) == [("phone", {"exclude": ["laptop"]})]

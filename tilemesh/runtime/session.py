@@ -357,9 +357,13 @@ class DeviceSession:
     """One device's session. `handle(event, now)` returns the effects; state lives in the attributes below."""
 
     def __init__(self, classifier: LocalClassifier | None = None, *, backend=None, deferred: bool = False,
-                 check_rate: float = recovery.CHECK_RATE, seed: int = 0):
+                 check_rate: float = recovery.CHECK_RATE, seed: int = 0, audit_first: bool = False):
         self.backend, self.deferred = backend, deferred
         self.check_rate = float(check_rate)
+        # An option measured by bench.faults, off by default: the first frame of every plan is audited (every
+        # piece from another device checked before use), which catches a device wrong from the start at once.
+        self.audit_first = bool(audit_first)
+        self.first_audited: set[int] = set()  # plan ids whose first frame here was audited
         self.strategy: str | None = None  # the strategy this device last asked the planner for
         self.variant: str | None = None  # and the model variant
         self.corrupt = 0.0  # tests only: added to every computed tile (a device that returns wrong results)
@@ -649,6 +653,9 @@ class DeviceSession:
                 for d in sorted(self.gone):
                     out += self._ask(f, d, "left", now)
             if self.audit is not None and self.audit[0] == r.plan_id and self.audit[1] <= f <= self.audit[2]:
+                out += self._check_all(f, now)
+            elif self.audit_first and r.plan_id not in self.first_audited:
+                self.first_audited.add(r.plan_id)
                 out += self._check_all(f, now)
             elif self.check_rate > 0 and self.rng.random() < self.check_rate:
                 out += self._spot_check(f, now)

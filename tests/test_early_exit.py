@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilemesh.runtime.early_exit import calibration_table, choose_threshold, decide, normalized_entropy
+from tilemesh.runtime.early_exit import (
+    StreamExit,
+    calibration_table,
+    choose_threshold,
+    decide,
+    normalized_entropy,
+    reset,
+    room_answer,
+    step,
+)
 
 
 def test_entropy_bounds_and_extremes():
@@ -76,3 +85,84 @@ def test_choose_threshold_keeps_agreement_and_needs_enough_exits():
     # A threshold is only chosen when it makes enough exits to be judged on.
     assert choose_threshold(rows, 1.0, min_exits=30, n=101) == 0.19
     assert choose_threshold(rows, 1.0, min_exits=50, n=101) == 0.0
+
+
+# --------------------------------------------------------------------------- the rule on a camera stream
+
+def sharp(k: int, margin: float = 40.0, n: int = 1000) -> np.ndarray:
+    z = np.zeros(n)
+    z[k] = margin
+    return z
+
+
+def test_stream_exit_needs_confidence_and_the_rooms_answer():
+    s = StreamExit(threshold=0.1, alone_threshold=0.0, max_run=8)
+    # No room answer yet and alone_threshold 0: even a certain cheap pass goes to the room.
+    s, d = step(s, sharp(3))
+    assert not d.exit and d.top1 == 3 and "no room answer" in d.reason
+    s = room_answer(s, 3)
+    s, d = step(s, sharp(3))
+    assert d.exit and d.top1 == 3 and d.reason == "confident and names the room's answer"
+    # Confident, but another class than the room said: the room is asked.
+    s, d = step(s, sharp(5))
+    assert not d.exit and "differs" in d.reason
+    # The room's class, but unsure: asked too.
+    s, d = step(s, np.zeros(1000))
+    assert not d.exit and d.reason == "not confident" and d.entropy == pytest.approx(1.0)
+    assert (s.frames, s.exits) == (4, 1) and s.exit_rate == pytest.approx(0.25)
+
+
+def test_alone_threshold_and_max_run():
+    s = StreamExit(threshold=0.5, alone_threshold=0.01, max_run=3)
+    s, d = step(s, sharp(7))
+    assert d.exit and d.reason == "confident, no room answer yet"
+    s, d = step(s, sharp(7, margin=5.0))  # confident enough for `threshold`, not for `alone_threshold`
+    assert not d.exit and d.entropy > 0.01
+    s = room_answer(s, 7)
+    exits = []
+    for _ in range(5):
+        s, d = step(s, sharp(7))
+        exits.append(d.exit)
+    # At most 3 in a row, then the room must answer again; its answer restarts the run.
+    assert exits == [True, True, True, False, False] and "3 exits in a row" in d.reason
+    s = room_answer(s, 7)
+    s, d = step(s, sharp(7))
+    assert d.exit
+    s = reset(s)
+    assert s.last_room is None and s.exits == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.floats(-30, 30), min_size=3, max_size=12), st.integers(0, 11),
+                          st.booleans()), min_size=1, max_size=30),
+       st.floats(0, 1), st.floats(0, 1), st.integers(1, 5))
+def test_a_stream_exit_never_shows_a_label_the_cheap_pass_did_not_produce(frames, threshold, alone, max_run):
+    """Any stream of cheap scores and room answers: an exit's label is the cheap pass's own top-1, and it is the
+    room's latest answer unless no answer had come (then the cheap pass was confident to `alone`)."""
+    s = StreamExit(threshold, alone, max_run)
+    run = 0
+    for scores, room, answered in frames:
+        z = np.array(scores)
+        before = s
+        s, d = step(s, z)
+        assert d.top1 == int(np.argmax(z))
+        if d.exit:
+            run += 1
+            assert run <= max_run
+            if before.last_room is None:
+                assert d.entropy <= alone
+            else:
+                assert d.top1 == before.last_room and d.entropy <= threshold
+        if answered:
+            s = room_answer(s, room)
+            run = 0
+    assert s.frames == len(frames)
+
+
+def test_stream_rule_refuses_bad_settings():
+    with pytest.raises(ValueError):
+        StreamExit(threshold=1.5)
+    with pytest.raises(ValueError):
+        StreamExit(threshold=0.1, alone_threshold=-0.1)
+    with pytest.raises(ValueError):
+        StreamExit(threshold=0.1, max_run=0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tilemesh.planning.variants import Target, Variant, choose_variant
+from tilemesh.planning.variants import Target, Variant, choose_variant, choose_variant_lazily, ladder
 
 V = [Variant("224", 224, 1.0), Variant("192", 192, 0.8), Variant("160", 160, 0.6), Variant("128", 128, 0.45)]
 
@@ -48,3 +50,29 @@ def test_bad_inputs():
         choose_variant([], {}, Target("fps", 1))
     with pytest.raises(ValueError):
         choose_variant(V, {"224": (0.1, 10)}, Target("fps", 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.2, 5.0), st.sampled_from(["latency", "fps"]), st.floats(0.05, 20.0),
+       st.sampled_from([None, "224", "192", "160", "128"]))
+def test_lazy_choice_equals_the_full_choice_and_plans_only_what_it_needs(scale, kind, value, current):
+    preds = room(scale)
+    asked = []
+
+    def predict(name):
+        asked.append(name)
+        return preds[name]
+
+    target = Target(kind, value)
+    chosen, made = choose_variant_lazily(V, predict, target, current)
+    assert chosen == choose_variant(V, preds, target, current)
+    assert made == {n: preds[n] for n in asked} and len(asked) == len(set(asked))
+    # Variants less accurate than the chosen one were never planned unless nothing met the target.
+    order = [v.name for v in V]
+    if target.met(*preds[chosen]):
+        assert asked == order[:order.index(chosen) + 1]
+
+
+def test_ladder_keeps_the_served_model_and_measured_variants():
+    got = ladder(224, {"heavy": (448, None), "fast160": (160, 0.6)})
+    assert got == [Variant("", 224, 1.0), Variant("fast160", 160, 0.6)]

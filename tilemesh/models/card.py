@@ -16,8 +16,15 @@ It is `FILE.json` next to `FILE.onnx`:
         "heavy": {                                   # convolutional body up to a global pool takes any size);
           "name": "Heavy (448 px)",                  # the AR page offers each one, the room plans on its graph
           "input": 448,                              # the variant's square input (its crop)
-          "resize_shorter_side": 512                 # frames' shorter side for it (default: input)
-        }
+          "resize_shorter_side": 512,                # frames' shorter side for it (default: input)
+          "agreement": 0.7                           # optional: measured top-1 agreement with the model as
+        }                                            # served; a variant with it joins automatic scaling
+      },
+      "early_exit": {                                # optional: the camera phone's cheap pass (one variant)
+        "variant": "fast160",                        # which variant is the cheap pass
+        "threshold": 0.2,                            # normalized entropy at most this AND the room's latest
+        "alone_threshold": 0.02,                     # answer named; at most this when no answer is known yet
+        "max_run": 8                                 # ask the room at least every max_run frames
       }
     }
 
@@ -53,6 +60,17 @@ class Variant:
     key: str
     name: str
     preprocess: Preprocess
+    agreement: float | None = None  # measured top-1 agreement with the model as served (None: not scalable)
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """The camera phone's cheap pass (`tilemesh.runtime.early_exit`): a variant and its calibrated thresholds."""
+
+    variant: str
+    threshold: float
+    alone_threshold: float
+    max_run: int
 
 
 @dataclass(frozen=True)
@@ -61,11 +79,15 @@ class ModelCard:
     labels: tuple[str, ...]
     preprocess: Preprocess
     variants: tuple[Variant, ...] = ()
+    early_exit: EarlyExit | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["labels"] = list(self.labels)
-        d["variants"] = {v.key: {"name": v.name, "preprocess": asdict(v.preprocess)} for v in self.variants}
+        d["variants"] = {v.key: {"name": v.name, "preprocess": asdict(v.preprocess),
+                                 **({"agreement": v.agreement} if v.agreement is not None else {})}
+                         for v in self.variants}
+        d["early_exit"] = asdict(self.early_exit) if self.early_exit else None
         return d
 
     def variant(self, key: str | None) -> Variant | None:
@@ -125,8 +147,33 @@ def parse_card(raw, path: Path, input_shape, classes: int, default_name: str = "
     std = _triple(pre.get("std", (1.0, 1.0, 1.0)), "preprocess.std", path)
     if min(std) <= 0:
         raise CardError(f"{path}: 'preprocess.std' must be positive")
-    return ModelCard(name.strip(), labels, Preprocess(shorter, crop, mean, std),
-                     _variants(raw.get("variants", {}), path, mean, std))
+    variants = _variants(raw.get("variants", {}), path, mean, std)
+    return ModelCard(name.strip(), labels, Preprocess(shorter, crop, mean, std), variants,
+                     _early_exit(raw.get("early_exit"), path, variants))
+
+
+def _fraction(value, field: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise CardError(f"{path}: '{field}' must be a number in 0..1")
+    return float(value)
+
+
+def _early_exit(value, path: Path, variants: tuple[Variant, ...]) -> EarlyExit | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CardError(f"{path}: 'early_exit' must be an object")
+    unknown = set(value) - {"variant", "threshold", "alone_threshold", "max_run"}
+    if unknown:
+        raise CardError(f"{path}: unknown 'early_exit' fields {sorted(unknown)}")
+    key = value.get("variant")
+    if key not in {v.key for v in variants}:
+        raise CardError(f"{path}: 'early_exit.variant' must name one of the card's variants "
+                        f"({[v.key for v in variants]}), got {key!r}")
+    threshold = _fraction(value.get("threshold"), "early_exit.threshold", path)
+    alone = _fraction(value.get("alone_threshold", 0.0), "early_exit.alone_threshold", path)
+    max_run = _int(value.get("max_run", 8), "early_exit.max_run", path)
+    return EarlyExit(key, threshold, alone, max_run)
 
 
 MAX_VARIANTS = 4
@@ -144,7 +191,7 @@ def _variants(value, path: Path, mean, std) -> tuple[Variant, ...]:
             raise CardError(f"{path}: variant names are 1-32 letters, digits, '-' or '_', got {key!r}")
         if not isinstance(v, dict):
             raise CardError(f"{path}: '{where}' must be an object")
-        unknown = set(v) - {"name", "input", "resize_shorter_side"}
+        unknown = set(v) - {"name", "input", "resize_shorter_side", "agreement"}
         if unknown:
             raise CardError(f"{path}: unknown '{where}' fields {sorted(unknown)}")
         name = v.get("name", key)
@@ -156,7 +203,8 @@ def _variants(value, path: Path, mean, std) -> tuple[Variant, ...]:
         shorter = _int(v.get("resize_shorter_side", size), f"{where}.resize_shorter_side", path)
         if not size <= shorter <= 4096:
             raise CardError(f"{path}: '{where}.resize_shorter_side' must lie in {size}..4096")
-        out.append(Variant(key, name.strip(), Preprocess(shorter, size, mean, std)))
+        agreement = _fraction(v["agreement"], f"{where}.agreement", path) if "agreement" in v else None
+        out.append(Variant(key, name.strip(), Preprocess(shorter, size, mean, std), agreement))
     return tuple(out)
 
 

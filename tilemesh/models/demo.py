@@ -38,7 +38,14 @@ from tilemesh.runtime import preprocess
 
 # Bump when the conversion changes in a way that changes the outputs: forces a rebuild.
 HEAVY = "heavy"  # the demo card's variant key
-BUILDER_VERSION = 3  # 2: writes the model card; 3: with its heavy variant (448 px)
+BUILDER_VERSION = 4  # 2: writes the model card; 3: with its heavy variant (448 px); 4: 192/160 px + early exit
+# Lower resolutions of the same network, for context-aware scaling and the early exit's cheap pass. `agreement`:
+# top-1 agreement with the model at 224 px on augmented views of scikit-image/scikit-learn photos, measured by
+# `python -m bench.early_exit` (all 840 views; on the 9 object photos alone: 75.8% and 70.8%).
+FAST = {"fast192": (192, 0.705), "fast160": (160, 0.615)}
+# The early exit's rule on the 160 px pass (tilemesh.runtime.early_exit.StreamExit), calibrated on simulated
+# hand-held shots by `python -m bench.early_exit --stream`: exits agree with the full model >= 97% of the time.
+EARLY_EXIT = {"variant": "fast160", "threshold": 0.1, "alone_threshold": 0.02, "max_run": 8}
 
 MODEL_FILE = "mobilenet_v2.onnx"
 LABELS_FILE = "labels.json"
@@ -265,7 +272,11 @@ def build_demo_model(
         # Heavy mode: the same network (fully convolutional up to its global pool) on the same field of view at
         # twice the resolution, for small objects in a wide scene; about 4x the work of the 224 model.
         "variants": {HEAVY: {"name": "Heavy (448 px)", "input": 2 * preprocess.CROP_SIZE,
-                             "resize_shorter_side": 2 * preprocess.RESIZE_SHORTER}},
+                             "resize_shorter_side": 2 * preprocess.RESIZE_SHORTER},
+                     **{key: {"name": f"Fast ({size} px)", "input": size,
+                              "resize_shorter_side": round(size * preprocess.RESIZE_SHORTER / preprocess.CROP_SIZE),
+                              "agreement": agreement} for key, (size, agreement) in FAST.items()}},
+        "early_exit": EARLY_EXIT,
     }
     card_json = (json.dumps(card, indent=1) + "\n").encode()
     _write_atomic(out_dir / CARD_FILE, card_json)

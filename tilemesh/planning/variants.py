@@ -13,7 +13,7 @@ meets the target, the fastest variant runs (the frame rate drops only after the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 HEADROOM = 0.15
@@ -58,3 +58,30 @@ def choose_variant(variants: Sequence[Variant], predicted: Mapping[str, tuple[fl
         if target.met(lat, fps, headroom if up else 0.0):
             return v.name
     return min(variants, key=lambda v: (predicted[v.name][0], -v.agreement)).name
+
+
+def choose_variant_lazily(variants: Sequence[Variant], predict: Callable[[str], tuple[float, float]],
+                          target: Target, current: str | None = None,
+                          headroom: float = HEADROOM) -> tuple[str, dict[str, tuple[float, float]]]:
+    """`choose_variant` with the predictions made on demand, most accurate variant first: a room that meets the
+    target with its most accurate variant costs one plan, not one per variant. `predict(name)` = (latency_s,
+    fps). Returns the choice and every prediction made (the same choice `choose_variant` makes on them all)."""
+    if not variants:
+        raise ValueError("no variants")
+    ranked = sorted(variants, key=lambda v: (-v.agreement, -v.input_size))
+    rank = {v.name: i for i, v in enumerate(ranked)}
+    predicted: dict[str, tuple[float, float]] = {}
+    for v in ranked:
+        predicted[v.name] = predict(v.name)
+        up = current is not None and current in rank and rank[v.name] < rank[current]
+        if target.met(*predicted[v.name], headroom if up else 0.0):
+            return v.name, predicted
+    return choose_variant(variants, predicted, target, current, headroom), predicted
+
+
+def ladder(served_input: int, variants: Mapping[str, tuple[int, float | None]]) -> list[Variant]:
+    """The variants automatic scaling chooses among: the model as served (name "", agreement 1) and each card
+    variant with a measured agreement (`variants[key]` = (input size, agreement or None))."""
+    out = [Variant("", int(served_input), 1.0)]
+    out += [Variant(k, int(size), float(a)) for k, (size, a) in variants.items() if a is not None]
+    return out

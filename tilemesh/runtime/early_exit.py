@@ -16,7 +16,7 @@ Everything here is a pure function of numbers, so the rule is the same on every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,3 +98,75 @@ def choose_threshold(rows: Sequence[CalibrationRow], min_exit_agreement: float =
         if enough and r.exit_agreement >= min_exit_agreement:
             best = r.threshold
     return best
+
+
+# --------------------------------------------------------------------------- the rule on a camera stream
+
+
+@dataclass(frozen=True)
+class StreamExit:
+    """The camera phone's early-exit state on a stream of frames (a pure value; `step` and `room_answer` move it).
+
+    A frame exits (its cheap answer is shown and the room is not asked) when the cheap pass is confident, normalized
+    entropy <= `threshold`, AND its top-1 names the room's latest full answer: consecutive frames of a stream show
+    the same scene, so a confident cheap pass agreeing with what the full model just said is very likely what the
+    full model would say again. With no room answer yet (the first frames, or after `reset`), only a very confident
+    cheap pass exits (`alone_threshold`). At most `max_run` frames exit in a row, so the room's answer stays fresh.
+    """
+
+    threshold: float
+    alone_threshold: float = 0.0
+    max_run: int = 8
+    last_room: int | None = None  # the room's latest answer (class index), None before the first
+    run: int = 0  # frames exited since the room last answered
+    frames: int = 0
+    exits: int = 0
+
+    def __post_init__(self):
+        for name in ("threshold", "alone_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is outside [0, 1]")
+        if self.max_run < 1:
+            raise ValueError(f"max_run must be at least 1, got {self.max_run}")
+
+    @property
+    def exit_rate(self) -> float:
+        return self.exits / self.frames if self.frames else 0.0
+
+
+@dataclass(frozen=True)
+class StreamDecision:
+    exit: bool
+    entropy: float
+    top1: int  # the cheap pass's best class: the only label an exit may show
+    reason: str  # why: "confident and names the room's answer", "confident, no room answer yet", or why not
+
+
+def step(state: StreamExit, logits: np.ndarray) -> tuple[StreamExit, StreamDecision]:
+    """One frame's cheap-pass scores -> (the next state, whether the frame exits)."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    h = normalized_entropy(z)
+    top1 = int(np.argmax(z))
+    if state.run >= state.max_run:
+        ok, why = False, f"{state.max_run} exits in a row: the room is asked"
+    elif state.last_room is None:
+        ok = h <= state.alone_threshold
+        why = "confident, no room answer yet" if ok else "no room answer yet and not confident enough"
+    elif h > state.threshold:
+        ok, why = False, "not confident"
+    elif top1 != state.last_room:
+        ok, why = False, "confident but differs from the room's answer"
+    else:
+        ok, why = True, "confident and names the room's answer"
+    nxt = replace(state, frames=state.frames + 1, exits=state.exits + ok, run=state.run + 1 if ok else state.run)
+    return nxt, StreamDecision(ok, h, top1, why)
+
+
+def room_answer(state: StreamExit, top1: int) -> StreamExit:
+    """The room's full answer for a frame arrived (class index `top1`): it becomes the one exits must name."""
+    return replace(state, last_room=int(top1), run=0)
+
+
+def reset(state: StreamExit) -> StreamExit:
+    """Forget the room's answer (the camera stopped, the scene is new): counts are kept."""
+    return replace(state, last_room=None, run=0)

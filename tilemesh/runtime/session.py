@@ -249,6 +249,9 @@ class RequestPlan(Event):
     strategy: str | None = None
     variant: str | None = None  # one of the model card's variants (e.g. "heavy"); None: the model as served
     devices: tuple[str, ...] | None = None  # plan over these devices only (and this one); None: every ready one
+    # {"kind": "fps" | "latency", "value": x}: the planner picks the variant that meets it (context-aware
+    # scaling); `variant` is then the one in use, and background replans (a device left, drift) ask again
+    target: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,7 @@ class DeviceSession:
         self.first_audited: set[int] = set()  # plan ids whose first frame here was audited
         self.strategy: str | None = None  # the strategy this device last asked the planner for
         self.variant: str | None = None  # and the model variant
+        self.target: dict | None = None  # and the frame-rate or latency target (the planner picks the variant)
         self.corrupt = 0.0  # tests only: added to every computed tile (a device that returns wrong results)
         self.rng = random.Random(seed)
         self.gone: set[str] = set()  # devices of the current plan that left or were excluded: rescued up front
@@ -543,6 +547,8 @@ class DeviceSession:
             fields["strategy"] = self.strategy
         if self.variant is not None:
             fields["variant"] = self.variant
+        if self.target is not None:
+            fields["target"] = dict(self.target)
         return Signal("plan_request", fields)
 
     def _ask(self, frame: int, device: str, why: str, now: float, pieces=None) -> list[Effect]:
@@ -780,9 +786,11 @@ class DeviceSession:
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
         self.known |= self.ready
-        self.strategy, self.variant = ev.strategy, ev.variant  # background replans (faults, drift) ask the same
+        # background replans (faults, drift, newcomers) ask the same
+        self.strategy, self.variant, self.target = ev.strategy, ev.variant, ev.target
         fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
-                                    ("devices", list(ev.devices) if ev.devices is not None else None))
+                                    ("devices", list(ev.devices) if ev.devices is not None else None),
+                                    ("target", dict(ev.target) if ev.target is not None else None))
                   if v is not None}
         return [Signal("plan_request", fields)]
 
@@ -807,6 +815,8 @@ class DeviceSession:
         if source == me:
             out += self._finish_alone(f"plan replaced by plan {msg.get('plan_id')}", now)
             self.plan = msg
+            if self.target is not None:  # scaling: the planner chose this variant; replans start from it
+                self.variant = spec.get("variant")
             self.parts = role.get("parts", [])
         self.gone = set()
         summary = {k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")}
@@ -1019,7 +1029,7 @@ EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, Li
                                      RequestPlan, Tick)}
 
 
-PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant")
+PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant", "scaling")
 
 
 def plan_summary(plan: dict | None) -> dict | None:

@@ -15,7 +15,7 @@ import logging
 
 from aiohttp import web
 
-from tilemesh.planning import planner
+from tilemesh.planning import planner, variants
 from tilemesh.runtime.graph import Graph
 from tilemesh.server.context import MODEL_KEY
 from tilemesh.server.signaling import protocol, rooms
@@ -97,26 +97,58 @@ class Inference:
         return self._graphs[variant]
 
     def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
-        graph = self.variant_graph(request.variant)
         profiles, links, edge = planner_inputs(room, requester, request.devices, request.exclude)
+        if request.target is not None:
+            return self._choose_scaled(profiles, links, edge, requester, request)
+        graph = self.variant_graph(request.variant)
         choice = planner.make_plan(request.strategy, graph, profiles, links, requester, edge=edge)
+        return self._message(choice, requester, request.strategy, request.variant)
+
+    def _choose_scaled(self, profiles, links, edge, requester: PeerId, request: protocol.PlanRequest) -> dict:
+        """Context-aware scaling: the most accurate variant (the model as served, or a card variant with a
+        measured agreement) whose plan in this room is predicted to meet the target (`variants`)."""
+        if self.bundle is None:
+            raise ValueError("the server has no model: run `tilemesh setup` (or serve with --model FILE.onnx)")
+        card = self.bundle.card
+        served = card.preprocess.crop
+        options = variants.ladder(served, {v.key: (v.preprocess.crop, v.agreement) for v in card.variants})
+        target = variants.Target(*request.target)
+        current = request.variant or ""
+        choices: dict[str, planner.PlanChoice] = {}
+
+        def predict(name: str) -> tuple[float, float]:
+            choices[name] = planner.make_plan(request.strategy, self.variant_graph(name or None), profiles, links,
+                                              requester, edge=edge)
+            latency = choices[name].predicted_s
+            return latency, 1.0 / latency  # one frame at a time: the rate is the latency's inverse
+
+        chosen, predicted = variants.choose_variant_lazily(options, predict, target, current)
+        scaling = {"target": {"kind": target.kind, "value": target.value}, "chosen": chosen or None,
+                   "predicted": {k or "": {"latency_ms": lat * 1e3, "fps": fps} for k, (lat, fps) in predicted.items()},
+                   "met": target.met(*predicted[chosen])}
+        log.info("scaling for %s: target %s %.3g -> variant %s (%s)", requester, target.kind, target.value,
+                 chosen or "as served", ", ".join(f"{k or 'served'} {v[0] * 1e3:.0f} ms" for k, v in predicted.items()))
+        return self._message(choices[chosen], requester, request.strategy, chosen or None, scaling=scaling)
+
+    def _message(self, choice, requester: PeerId, strategy: str, variant: str | None, **extra) -> dict:
         plan_id = next(self._ids)
         spec = {"plan_id": plan_id, "source": requester, "cuts": list(choice.cuts),
                 "splits": [s.to_dict() for s in choice.splits],
-                **({"variant": request.variant} if request.variant else {})}
+                **({"variant": variant} if variant else {})}
         log.info("plan %d for %s: %s (%s), predicted %.0f ms", plan_id, requester, choice.strategy, choice.label,
                  choice.predicted_s * 1e3)
         return {
             "plan_id": plan_id,
             "source": requester,
-            "strategy": request.strategy,
+            "strategy": strategy,
             "label": choice.label,
             "spec": spec,
             "devices": list(choice.plan.devices),
             "predicted_ms": choice.predicted_s * 1e3,
             "timeline": choice.prediction.to_dict(),
             "candidates": shortlist(choice.candidates),
-            **({"variant": request.variant} if request.variant else {}),
+            **({"variant": variant} if variant else {}),
+            **extra,
         }
 
     async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:

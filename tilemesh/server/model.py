@@ -57,7 +57,7 @@ class ModelBundle:
         variants = {k: {**v, "file": variant_file(k), "summary": self.summary.get("variants", {}).get(k)}
                     for k, v in doc["variants"].items()}
         return {**{k: v for k, v in self.summary.items() if k != "variants"}, "name": self.card.name,
-                "preprocess": doc["preprocess"], "variants": variants}
+                "preprocess": doc["preprocess"], "variants": variants, "early_exit": doc["early_exit"]}
 
 
 def default_model(static_dir: Path) -> Path:

@@ -2,8 +2,10 @@
 // computed which part of the frame are drawn over it. Classification goes through an engine: the local engine
 // runs the whole network in this browser's worker; the room engine (distributed) has the same interface.
 import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
-import { openCamera, grabFrame, cropRect, GRAB_SIZE, sizesOf } from "/web/camera.js";
+import { openCamera, grabFrame, cropRect, GRAB_SIZE, sizesOf, rescaleFrame } from "/web/camera.js";
 import { pageModel } from "/web/model.js";
+import { EarlyExit, bindExitToggle } from "/web/early_exit.js";
+import { bindTarget, variantName } from "/web/scaling.js";
 
 export const DEVICE_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 
@@ -59,9 +61,11 @@ function drawMap(canvas, video, parts, legend, nameOf = (d) => d) {
 // Classifies with the room's plan; asks the planner when there is none, and falls back to this device alone for
 // a frame when the room cannot answer (no plan yet, a device left mid-frame), so the labels never freeze.
 export class RoomArEngine {
-  constructor(room, local) {
+  constructor(room, local, exit = null) {
     this.room = room;
     this.local = local;
+    this.exit = exit;  // early exit (early_exit.js): easy frames answered here by a cheap pass; null: none
+    this.target = null;  // context-aware scaling (scaling.js): {kind: "fps"|"latency", value}; null: none
     this.name = "room";
     this.planning = null;
     this.lastError = "";
@@ -83,6 +87,22 @@ export class RoomArEngine {
   }
 
 
+  // Context-aware scaling: with a target the planner picks the variant (the one in use is sent along, for
+  // hysteresis); without one the room runs the picker's choice again.
+  setTarget(target) {
+    this.target = target;
+    if (!target) this.setVariant(document.getElementById("ar-mode")?.value || null);
+    else this.replan();
+  }
+
+  // Ask the planner again in the background; the current plan runs until the new one is adopted.
+  replan() {
+    if (this.planning) return;
+    this.planning = this.room.requestPlan(this.strategy, this.variant, this.devices, this.target)
+      .catch((err) => { this.lastError = err.message; })
+      .finally(() => setTimeout(() => { this.planning = null; }, 1000));
+  }
+
   async load() { await this.room.load(); }
 
   // The current plan's id when other devices share its work (a second frame in flight may then pay off).
@@ -100,22 +120,41 @@ export class RoomArEngine {
   }
 
   async _ensurePlan() {
+    if (this.target && this.room.plan) this.variant = this.room.plan.variant ?? null;  // the planner's choice
     if (this.room.plan && (this.room.plan.variant ?? null) !== this.variant) this.room.plan = null;
     if (this.room.plan) return true;
-    this.planning ??= this.room.requestPlan(this.strategy, this.variant, this.devices)
+    this.planning ??= this.room.requestPlan(this.strategy, this.variant, this.devices, this.target)
       .catch((err) => { this.lastError = err.message; })
       .finally(() => setTimeout(() => { this.planning = null; }, 1000));
     await this.planning;
     return Boolean(this.room.plan);
   }
 
-  async classify(frame, size = GRAB_SIZE) {
-    if (await this._ensurePlan() && sizesOf(this.room.plan.variant).grab === size) {
+  // `cheap`: the same camera frame at the early exit's cheap size (early_exit.js grab), when early exit is on.
+  async classify(frame, size = GRAB_SIZE, cheap = null) {
+    if (cheap && this.exit && this.exit.on) {
+      const c = await this.exit.run(cheap);
+      if (c.exit) {  // answered here: the room is not asked for this frame
+        this.name = `this phone alone · ${this.exit.variantName} · entropy ${c.entropy.toFixed(3)}`;
+        return this.exit.result(c);
+      }
+      const r = await this._classify(frame, size);
+      await this.exit.answered(r);
+      return r;
+    }
+    return this._classify(frame, size);
+  }
+
+  async _classify(frame, size) {
+    if (await this._ensurePlan()) {
+      // A frame grabbed for another size of the model (scaling switched variants meanwhile) is rescaled.
+      const want = sizesOf(this.room.plan.variant).grab;
       try {
-        const r = await this.room.classify(frame.slice(), size);
+        const r = await this.room.classify(rescaleFrame(frame, size, want).slice(), want);
         const p = r.plan;
-        const mode = p.variant ? ` · ${pageModel()?.variants?.[p.variant]?.name ?? p.variant}` : "";
-        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}${mode}`;
+        const mode = p.variant || this.target ? ` · ${variantName(p.variant)}` : "";
+        const target = this.target ? ` (target ${this.target.value} ${this.target.kind === "fps" ? "fps" : "s"})` : "";
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}${mode}${target}`;
         return r;
       } catch (err) {
         this.lastError = err.message;
@@ -123,7 +162,7 @@ export class RoomArEngine {
       }
     }
     this.name = `this device alone${this.lastError ? " (" + this.lastError + ")" : ""}`;
-    return this.local.classify(frame, size);
+    return this.local.classify(rescaleFrame(frame, size, GRAB_SIZE), GRAB_SIZE);
   }
 }
 
@@ -200,7 +239,8 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
     const t0 = performance.now();
     // Each frame's result, or its error: one failed frame must not stop the frames queued behind it.
     const sizes = sizesOf(engine.variant ?? null);
-    return engine.classify(grabFrame(video, grab, sizes), sizes.grab).then((result) => ({ result, t0, t1: performance.now() }),
+    const cheap = engine.exit ? engine.exit.grab(video) : null;  // early exit's cheap-pass frame, when on
+    return engine.classify(grabFrame(video, grab, sizes), sizes.grab, cheap).then((result) => ({ result, t0, t1: performance.now() }),
       (error) => ({ error }));
   };
   while (shouldRun() || inflight.length) {
@@ -218,8 +258,11 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
       since = performance.now();
     }
     drawLabels(els.labels, result.top);
+    els.labels.dataset.source = result.exit ? "exit" : "room";  // an early exit's answer is marked as such
     drawMap(els.map, video, result.parts, els.legend, engine.nameOf ? (d) => engine.nameOf(d) : undefined);
-    els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}`;
+    els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}` +
+      (engine.exit ? engine.exit.text() : "");
+    els.stats.dataset.variant = result.exit ? "" : result.plan?.variant ?? "";
     els.stats.dataset.latencyMs = latency.toFixed(1);
     els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);
     els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
@@ -267,8 +310,11 @@ export async function startRoomAr(app) {
   if (close) close.onclick = () => { running = false; };
   try {
     stream = await openCamera(els.video);
-    const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime));
+    const exit = new EarlyExit(app.runtime);
+    const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime), exit);
     modePicker(document.getElementById("ar-mode"), engine);
+    bindExitToggle(document.getElementById("ar-exit"), exit);
+    bindTarget(document.getElementById("ar-target"), engine, app.signaling);
     await engine.load();
     app.ar = { engine, stream };
     await runLoop({ engine, els, shouldRun: () => running });

@@ -83,3 +83,19 @@ export function normalizeFrame(rgba, size, mean = [0, 0, 0], std = [1, 1, 1]) {
   }
   return out;
 }
+
+// A square RGBA frame (`from` x `from`) scaled to `to` x `to`: a frame grabbed for one size of the model (a
+// variant) that reaches a plan for another, e.g. when scaling switched variants while it was in flight. The
+// variants share the field of view, so only the resolution changes.
+export function rescaleFrame(rgba, from, to) {
+  if (from === to) return rgba;
+  const src = new OffscreenCanvas(from, from);
+  src.getContext("2d").putImageData(new ImageData(new Uint8ClampedArray(rgba.buffer, rgba.byteOffset, rgba.length),
+    from, from), 0, 0);
+  const dst = new OffscreenCanvas(to, to);
+  const ctx = dst.getContext("2d", { willReadFrequently: true });
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(src, 0, 0, to, to);
+  return new Uint8Array(ctx.getImageData(0, 0, to, to).data.buffer);
+}

@@ -571,6 +571,43 @@ export class OrtEngine {
     }
   }
 
+  // The early exit's cheap pass (tilemesh.runtime.exit_bridge): the card's cheap variant of the model on its own
+  // session (made on first use, same weights blob, this engine's threads), the frame normalised here as for the
+  // whole model; the scores go to the exit rule in Python, whose answer (exit or not, the cheap top-k) returns.
+  // `args` as the worker converted them ([data, height, width, k]), `raw` as the page sent them.
+  async cheapPass([data, height, width, k = 5], raw = []) {
+    const EXIT = "tilemesh.runtime.exit_bridge";
+    const exit = this.pyodide.pyimport(EXIT);
+    try {
+      const pre = toJsObject(exit.preprocessing());
+      this.cheap ??= {};
+      if (!this.cheap[pre.variant]) {
+        const model = exit.variant_model();
+        try { this.cheap[pre.variant] = await this._session(model); } finally { model.destroy(); }
+        this.cheap[pre.variant].inputName = this.cheap[pre.variant].session.inputNames[0];
+      }
+      const entry = this.cheap[pre.variant];
+      const pixels = raw[0];
+      if (!(pixels instanceof Uint8Array) || height !== pre.crop || width !== pre.crop ||
+          pixels.length !== pre.crop * pre.crop * 4) {
+        return exit.cheap_pass(data, height, width, k);  // another frame size: Python's reference path (numpy)
+      }
+      const p0 = performance.now();
+      const x = normalizeFrame(pixels, pre.crop, pre.mean, pre.std);
+      const preMs = performance.now() - p0;
+      const t0 = performance.now();
+      const out = await entry.session.run(
+        { [entry.inputName]: new this.ort.Tensor("float32", x, [1, 3, pre.crop, pre.crop]) }, entry.outputs);
+      const ms = performance.now() - t0;
+      const logits = out[entry.outputs[0]];
+      const result = exit.cheap_result(logits.data, logits.dims, preMs, ms, k);
+      result.set("engine", this.info.engine);
+      return result;
+    } finally {
+      exit.destroy();
+    }
+  }
+
   _wholeInput() {
     this.whole.inputName = this.whole.session.inputNames[0];
     return this.whole.inputName;

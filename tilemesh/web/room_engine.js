@@ -86,8 +86,11 @@ export class RoomEngine extends EventTarget {
 
   // `variant`: one of the model card's variants (e.g. "heavy"); null: the model as served. `devices`: plan over
   // these peers only (benchmarks: rooms of 1..N equal phones in one run); null: every ready device.
-  requestPlan(strategy = "tilemesh", variant = null, devices = null) {
-    this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}), ...(devices ? { devices } : {}) });
+  // `target` ({kind: "fps"|"latency", value}): the planner picks the variant that meets it (`variant` is then
+  // the one in use); the session asks again with it when the room changes (a device leaves, drift).
+  requestPlan(strategy = "tilemesh", variant = null, devices = null, target = null) {
+    this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}), ...(devices ? { devices } : {}),
+      ...(target ? { target } : {}) });
     return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
   }
 

@@ -122,6 +122,10 @@ async function call({ module, fn, args = [] }) {
       if (module === SESSION && fn === "classify_local" && engine && engine.active) {
         return toJs(await engine.classifyLocal(pyArgs, args));
       }
+      // The early exit's cheap pass on onnxruntime-web (numpy otherwise: exit_bridge.cheap_pass itself).
+      if (module === "tilemesh.runtime.exit_bridge" && fn === "cheap_pass" && engine && engine.active) {
+        return toJs(await engine.cheapPass(pyArgs, args));
+      }
       // Session events go through the engine: its compute requests run here before the effects leave.
       if (module === SESSION && fn === "handle" && engine) return toJs(await engine.handle(pyArgs));
       let result = mod[fn](...pyArgs);

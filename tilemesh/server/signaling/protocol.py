@@ -25,13 +25,18 @@ Client -> server
     broadcast  {data: object}   Relayed to every other peer of the room as `broadcast {from, data}`.
     ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
     leave      {}               Leave the room now; the server closes the socket.
-    plan_request {strategy?: str, devices?: [peer_id], variant?: str, exclude?: [peer_id]}
+    plan_request {strategy?: str, devices?: [peer_id], variant?: str, exclude?: [peer_id],
+                  target?: {kind: "fps"|"latency", value: number}}
                The sender (the device with the camera) asks the server's planner for a plan over the room's
                ready peers with profiles (or the listed subset), leaving out `exclude` (devices it caught
                returning wrong results, or stalling). `strategy` picks a benchmark baseline
                (single, offload, partition_offload, equal_split, fixed_grid); default "tilemesh". `variant`
                names one of the model card's variants (e.g. "heavy": the same weights at 448 px); the plan is
-               made on its graph and its spec carries it.
+               made on its graph and its spec carries it. With `target` (context-aware scaling: at least
+               `value` frames/s, or at most `value` s per frame) the planner picks the variant itself: the most
+               accurate of the model as served and its variants with a measured `agreement` whose predicted
+               figures in this room meet the target (`planning.variants`); `variant` then names the one in use,
+               which a more accurate one must beat with headroom. The plan's `scaling` says what was predicted.
 
 Relay (binary frames): the server's own edge peer (`tilemesh serve --edge`) joins with the hub's per-process
 `relay_key` and is marked `relay: true` in the roster. Browsers and that edge then carry their mesh messages
@@ -207,6 +212,7 @@ class PlanRequest:
     devices: tuple[PeerId, ...] | None = None
     variant: str | None = None
     exclude: tuple[PeerId, ...] = ()
+    target: tuple[str, float] | None = None  # ("fps" | "latency", value): the planner picks the variant
 
 
 ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
@@ -395,7 +401,15 @@ def _parse_plan_request(obj: dict) -> PlanRequest:
     variant = obj.get("variant")
     if variant is not None and not (isinstance(variant, str) and 0 < len(variant) <= 32):
         raise ValueError("'variant' must be a model variant's name (a short string)")
-    return PlanRequest(strategy=strategy, devices=lists["devices"], variant=variant, exclude=lists["exclude"] or ())
+    target = obj.get("target")
+    if target is not None:
+        ok = isinstance(target, dict) and set(target) == {"kind", "value"} and target["kind"] in ("fps", "latency")
+        value = target.get("value") if isinstance(target, dict) else None
+        if not ok or isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e4:
+            raise ValueError("'target' must be {kind: 'fps' | 'latency', value: a positive number}")
+        target = (target["kind"], float(value))
+    return PlanRequest(strategy=strategy, devices=lists["devices"], variant=variant, exclude=lists["exclude"] or (),
+                       target=target)
 
 
 _PARSERS = {

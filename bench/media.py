@@ -37,3 +37,18 @@ def write_y4m(path: Path, rgb: np.ndarray, frames: int = 2, fps: int = 10) -> Pa
         for _ in range(frames):
             f.write(frame)
     return path
+
+
+def write_y4m_frames(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
+    """Write equally sized RGB frames (H, W, 3 uint8) as a video: a camera stream for Chromium's fake capture,
+    which plays it in a loop at `fps`."""
+    h, w = frames[0].shape[:2]
+    h, w = h - h % 2, w - w % 2
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for rgb in frames:
+            if rgb.shape[:2] != frames[0].shape[:2]:
+                raise ValueError(f"frame of {rgb.shape[:2]}, the first was {frames[0].shape[:2]}")
+            y, u, v = rgb_to_yuv420(np.ascontiguousarray(rgb[:h, :w]))
+            f.write(b"FRAME\n" + y.tobytes() + u.tobytes() + v.tobytes())
+    return path

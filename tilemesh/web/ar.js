@@ -266,6 +266,11 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
     els.stats.dataset.latencyMs = latency.toFixed(1);
     els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);
     els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
+    // Every shown frame as an event (tests and benchmarks read which path answered it, and with what).
+    els.root.dispatchEvent(new CustomEvent("tilemesh-frame", { detail: { exit: Boolean(result.exit),
+      label: result.top[0].label, index: result.top[0].index, latencyMs: latency, t0: done.t0, t1: done.t1,
+      variant: result.exit ? null : result.plan?.variant ?? null, entropy: result.entropy ?? null,
+      reason: result.reason ?? null } }));
     // Yield so the video and the UI repaint between frames.
     await new Promise((resolve) => requestAnimationFrame(resolve));
   }

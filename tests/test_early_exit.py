@@ -166,3 +166,32 @@ def test_stream_rule_refuses_bad_settings():
         StreamExit(threshold=0.1, alone_threshold=-0.1)
     with pytest.raises(ValueError):
         StreamExit(threshold=0.1, max_run=0)
+
+
+def test_exit_scaling_bench_window_arithmetic():
+    """bench.exit_scaling's per-mode numbers from recorded frames (pure)."""
+    from bench.exit_scaling import window_stats
+
+    frames = [{"t0": 0.0, "t1": 100.0, "exit": False, "index": 5, "variant": ""},
+              {"t0": 100.0, "t1": 120.0, "exit": True, "index": 5, "variant": "exit"},
+              {"t0": 120.0, "t1": 140.0, "exit": True, "index": 6, "variant": "exit"},
+              {"t0": 140.0, "t1": 400.0, "exit": False, "index": 7, "variant": "fast160"}]
+    w = window_stats(frames, [5, 5, 5, 7], cpu_s=0.2, traffic=4000)
+    assert w["frames"] == 4 and w["fps"] == pytest.approx(10.0) and w["median_ms"] == pytest.approx(60.0)
+    assert w["bytes_per_frame"] == 1000 and w["phone_cpu_ms_per_frame"] == pytest.approx(50.0)
+    assert w["exit_rate"] == 0.5 and w["agreement"] == 0.75 and w["exit_agreement"] == 0.5
+    assert w["variants"] == {"": 1, "exit": 2, "fast160": 1}
+
+
+def test_bench_replay_uses_the_products_rule():
+    """bench.early_exit's stream replay runs `early_exit.step`: a stream of one confident class exits once the
+    (lagged) room answer arrives, and never more than max_run in a row."""
+    from bench.early_exit import stream_policy
+
+    z = np.full(10, -20.0)
+    z[2] = 20.0
+    rows = [{"full": 2, 160: (2, normalized_entropy(z)), "z": {160: z}} for _ in range(12)]
+    out = stream_policy(rows, 160, 0.1, lag=2, match=True, alone_threshold=0.0, max_run=4)
+    # Frames 0 and 1 go to the room (no answer yet), frame 2 sees frame 0's answer; then runs of 4 exits, each
+    # followed by one room frame whose answer arrives 2 frames later.
+    assert out["exit_rate"] == pytest.approx(8 / 12) and out["exit_agreement"] == 1.0

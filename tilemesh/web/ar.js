@@ -95,12 +95,13 @@ export class RoomArEngine {
     else this.replan();
   }
 
-  // Ask the planner again in the background; the current plan runs until the new one is adopted.
+  // Ask the planner again in the background, after any request still running (the server takes one at a time);
+  // the current plan runs until the new one is adopted.
   replan() {
-    if (this.planning) return;
-    this.planning = this.room.requestPlan(this.strategy, this.variant, this.devices, this.target)
-      .catch((err) => { this.lastError = err.message; })
-      .finally(() => setTimeout(() => { this.planning = null; }, 1000));
+    const ask = (this.planning ?? Promise.resolve()).then(() => this.room.requestPlan(this.strategy, this.variant,
+      this.devices, this.target)).catch((err) => { this.lastError = err.message; });
+    this.planning = ask;
+    ask.finally(() => setTimeout(() => { if (this.planning === ask) this.planning = null; }, 1000));
   }
 
   async load() { await this.room.load(); }
@@ -140,7 +141,7 @@ export class RoomArEngine {
       }
       const r = await this._classify(frame, size);
       await this.exit.answered(r);
-      return r;
+      return { ...r, cheap: { entropy: c.entropy, top1: c.top1, reason: c.reason } };  // why it went to the room
     }
     return this._classify(frame, size);
   }

@@ -215,7 +215,11 @@ class ExitRun(Run):
         if scaled and target is None:
             return {"mode": mode, "repeat": repeat, "ok": False, "error": "no target yet (none runs first)"}
         pg.evaluate(MODE, [exit_on, target if scaled else None])
-        # Warm-up: the new plan adopted and a few frames through it (the exit rule's state settles too).
+        # Warm-up: the mode's plan adopted (a target's plan says how it scaled; planning every variant takes the
+        # server a few seconds under load), then a few frames through it (the exit rule's state settles too).
+        pg.wait_for_function("(scaled) => { const p = window.tilemesh.engine.plan;"
+                             " return p && Boolean(p.scaling) === scaled; }", arg=scaled, timeout=180_000)
+        pg.evaluate("() => { window.__bench.frames.length = 0; }")
         pg.wait_for_function("(k) => window.__bench.frames.length >= k", arg=8, timeout=180_000)
         self._pause(pg, 60_000)
         plan = pg.evaluate("() => window.tilemesh.engine.plan")

@@ -110,3 +110,51 @@ def test_easy_photo_exits_on_the_phone_and_hard_one_goes_to_the_room(tmp_path: P
                 pg.context.close()
             b_phone.close()
             b_laptop.close()
+
+
+def test_a_frame_rate_target_picks_a_variant_and_the_page_shows_it(tmp_path: Path, pw):
+    """Context-aware scaling in the AR page: with a frame-rate target the room cannot reach on the full model,
+    the planner picks a lower-resolution variant, the page says which, and the labels are onnxruntime's top-1 at
+    that variant's size; without a target the model as served runs again."""
+    photo = square(skimage.data.coffee())
+    cam = write_y4m_frames(tmp_path / "coffee.y4m", [photo] * 2)
+    with netns_server() as srv:
+        in_ns = srv.ns.chromium_wrapper(CHROMIUM)
+        args = [*CHROMIUM_ARGS, "--ignore-certificate-errors", f"--use-file-for-fake-video-capture={cam}"]
+        b_phone = pw.chromium.launch(executable_path=in_ns, args=args)
+        page = None
+        try:
+            room = get_json(srv, "/api/rooms", {})["room"]
+            page = b_phone.new_context(ignore_https_errors=True).new_page()
+            page.goto(f"{srv.url}/join/{room}?kind=phone&depth=1")
+            page.wait_for_function(READY, timeout=180_000)
+            page.click("#start-ar")
+            page.wait_for_function("() => window.tilemesh.ar && Number(document.getElementById('labels')"
+                                   ".dataset.frames || 0) >= 2", timeout=60_000)
+            full = page.evaluate("window.tilemesh.engine.plan")
+            assert not full.get("variant")
+            # A target 10x the full model's predicted rate: nothing meets it, the fastest variant runs.
+            fps = round(10 * 1e3 / full["predicted_ms"], 1)
+            page.evaluate("(v) => { const s = document.getElementById('ar-target');"
+                          " s.append(new Option('test', v)); s.value = v; s.dispatchEvent(new Event('change')); }",
+                          f"fps:{fps}")
+            page.wait_for_function("() => window.tilemesh.engine.plan?.scaling", timeout=60_000)
+            plan = page.evaluate("window.tilemesh.engine.plan")
+            print("scaling:", plan["scaling"])
+            assert plan["variant"] == plan["scaling"]["chosen"] == "fast160" and not plan["scaling"]["met"]
+            page.wait_for_function("() => document.getElementById('stats').dataset.variant === 'fast160'",
+                                   timeout=60_000)
+            stats = page.locator("#stats").inner_text()
+            assert "Fast (160 px)" in stats and f"target {fps:g} fps" in stats, stats
+            assert page.locator("#labels").get_attribute("data-top1") == expected_top1(photo, "fast160")
+            # No target: the model as served again.
+            page.select_option("#ar-target", "")
+            page.wait_for_function("() => { const p = window.tilemesh.engine.plan; return p && !p.variant; }",
+                                   timeout=60_000)
+            page.wait_for_function("() => document.getElementById('stats').dataset.variant === ''", timeout=60_000)
+            assert page.locator("#labels").get_attribute("data-top1") == expected_top1(photo)
+            assert page.evaluate("window.tilemesh.engine.errors") == []
+        finally:
+            if page is not None:
+                page.context.close()
+            b_phone.close()

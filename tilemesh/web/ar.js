@@ -91,8 +91,10 @@ export class RoomArEngine {
   // hysteresis); without one the room runs the picker's choice again.
   setTarget(target) {
     this.target = target;
-    if (!target) this.setVariant(document.getElementById("ar-mode")?.value || null);
-    else this.replan();
+    if (target) return this.replan();
+    if (this.room.plan?.scaling) this.room.plan = null;  // chosen for the target that is gone
+    this.setVariant(document.getElementById("ar-mode")?.value || null);
+    return null;
   }
 
   // Ask the planner again in the background, after any request still running (the server takes one at a time);

@@ -73,8 +73,8 @@ def test_phone_picks_heavy_mode_and_two_browsers_split_it(tmp_path: Path, pw):
             wait_frames(phone, 2)
             # The picker offers the served model and its heavy variant.
             options = phone.eval_on_selector_all("#ar-mode option", "os => os.map((o) => [o.value, o.text])")
-            assert options == [["", "Normal (224 px)"], ["heavy", "Heavy (448 px)"], ["fast192", "Fast (192 px)"],
-                               ["fast160", "Fast (160 px)"]], options
+            assert options == [["", "Normal (224 px)"], ["fast160", "Fast (160 px)"], ["fast192", "Fast (192 px)"],
+                               ["heavy", "Heavy (448 px)"]], options
             phone.select_option("#ar-mode", "heavy")
             # Both browsers in: every frame split between them (the planner's own choice is printed, not forced).
             phone.wait_for_function("() => window.tilemesh.engine.plan?.variant === 'heavy'", timeout=60_000)

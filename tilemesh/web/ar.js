@@ -299,7 +299,8 @@ export async function startAr() {
 // room plans the chosen one on its next frame.
 function modePicker(select, engine) {
   const model = pageModel();
-  const variants = Object.entries(model?.variants ?? {});
+  const variants = Object.entries(model?.variants ?? {})
+    .sort(([, a], [, b]) => (a.preprocess?.crop ?? 0) - (b.preprocess?.crop ?? 0));  // smallest first
   if (!select || !variants.length) return;
   select.replaceChildren(new Option(`Normal (${model.preprocess.crop} px)`, ""),
     ...variants.map(([key, v]) => new Option(v.name, key)));

@@ -44,8 +44,10 @@ BUILDER_VERSION = 4  # 2: writes the model card; 3: with its heavy variant (448 
 # `python -m bench.early_exit` (all 840 views; on the 9 object photos alone: 75.8% and 70.8%).
 FAST = {"fast192": (192, 0.705), "fast160": (160, 0.615)}
 # The early exit's rule on the 160 px pass (tilemesh.runtime.early_exit.StreamExit), calibrated on simulated
-# hand-held shots by `python -m bench.early_exit --stream`: exits agree with the full model >= 97% of the time.
-EARLY_EXIT = {"variant": "fast160", "threshold": 0.1, "alone_threshold": 0.02, "max_run": 8}
+# hand-held shots by `python -m bench.early_exit --stream`: the largest threshold whose exits agree with the full
+# model >= 97% of the time on the calibration shots (seed 0: 0.10, 97.7%) AND on other shots (seed 1: 0.10 gave
+# 96.7%, 0.05 gave 100%).
+EARLY_EXIT = {"variant": "fast160", "threshold": 0.05, "alone_threshold": 0.02, "max_run": 8}
 
 MODEL_FILE = "mobilenet_v2.onnx"
 LABELS_FILE = "labels.json"

@@ -136,7 +136,14 @@ export class RoomArEngine {
   // `cheap`: the same camera frame at the early exit's cheap size (early_exit.js grab), when early exit is on.
   async classify(frame, size = GRAB_SIZE, cheap = null) {
     if (cheap && this.exit && this.exit.on) {
-      const c = await this.exit.run(cheap);
+      let c;
+      try {
+        c = await this.exit.run(cheap);
+      } catch (err) {  // the cheap pass failed: early exit turns itself off, the frame goes to the room
+        this.lastError = `early exit off: ${err.message || err}`;
+        await this.exit.setOn(false).catch(() => {});
+        return this._classify(frame, size);
+      }
       if (c.exit) {  // answered here: the room is not asked for this frame
         this.name = `this phone alone · ${this.exit.variantName} · entropy ${c.entropy.toFixed(3)}`;
         return this.exit.result(c);

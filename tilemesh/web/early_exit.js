@@ -34,6 +34,8 @@ export class EarlyExit {
 
   async setOn(on) {
     this.on = this.available && Boolean(on);
+    const box = document.getElementById("ar-exit");
+    if (box) box.checked = this.on;
     if (!this.on && this.configured) {
       this.configured = null;
       await this.runtime.call(EXIT, "turn_off", []);

@@ -172,3 +172,7 @@ def test_target_on_the_wire_and_in_background_replans(loaded):
              0.0)
     assert s.variant == "fast160"
     assert s._plan_request().fields == {"variant": "fast160", "target": {"kind": "fps", "value": 5}}
+    # A device becoming ready (the session's newcomer rule): asked again with the target, so the variant can rise.
+    out = s.handle(S.Roster(ready=("me", "pnew")), 1.0)
+    (sig,) = [e for e in out if isinstance(e, S.Signal)]
+    assert sig.type == "plan_request" and sig.fields == {"variant": "fast160", "target": {"kind": "fps", "value": 5}}

@@ -330,7 +330,7 @@ export async function startRoomAr(app) {
     const engine = new RoomArEngine(app.engine, new LocalEngine(app.runtime), exit);
     modePicker(document.getElementById("ar-mode"), engine);
     bindExitToggle(document.getElementById("ar-exit"), exit);
-    bindTarget(document.getElementById("ar-target"), engine, app.signaling);
+    bindTarget(document.getElementById("ar-target"), engine);
     await engine.load();
     app.ar = { engine, stream };
     await runLoop({ engine, els, shouldRun: () => running });

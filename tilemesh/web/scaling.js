@@ -1,9 +1,9 @@
 // Context-aware scaling on the AR page: the user sets a target (at least N frames/s, or at most T per frame);
 // the server's planner then picks the most accurate variant of the model (the card's variants with a measured
 // agreement, e.g. 192 and 160 px, or the model as served) whose predicted figures in this room meet it
-// (tilemesh.planning.variants). The room asks again when its devices change: a device leaving (the session's own
-// background replan carries the target) drops the variant before the frame rate drops; a device becoming ready
-// lets it rise again (asked here, when the ready set grows).
+// (tilemesh.planning.variants). The device session keeps the target, so every background replan it asks for
+// chooses again: a device leaving or a device's speed drifting drops the variant before the frame rate drops; a
+// device becoming ready (the session's newcomer rule) lets it rise again.
 import { pageModel } from "/web/model.js";
 
 // "fps:5" -> {kind: "fps", value: 5}; "" -> null.
@@ -21,7 +21,7 @@ export function variantName(key, model = pageModel()) {
 }
 
 // The target picker (#ar-target), bound to a RoomArEngine; ?target=fps:5 presets it.
-export function bindTarget(select, engine, signaling) {
+export function bindTarget(select, engine) {
   const preset = parseTarget(new URLSearchParams(location.search).get("target"));
   if (preset) engine.setTarget(preset);
   if (select) {
@@ -31,12 +31,4 @@ export function bindTarget(select, engine, signaling) {
     select.value = preset ? `${preset.kind}:${preset.value}` : "";
     select.onchange = () => engine.setTarget(parseTarget(select.value));
   }
-  // A device becoming ready (or a new one in the room): with a target, plan again, so the variant can rise.
-  let ready = null;
-  signaling.on("roster", ({ peers }) => {
-    const now = new Set(peers.filter((p) => p.state === "ready" || p.state === "busy").map((p) => p.id));
-    const grew = ready && [...now].some((id) => !ready.has(id));
-    ready = now;
-    if (grew && engine.target) engine.replan();
-  });
 }

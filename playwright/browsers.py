@@ -46,12 +46,14 @@ def wait_http(url: str, timeout: float = 20.0, context=None) -> None:
 
 
 class ServerProcess:
-    def __init__(self, host: str, port: int, extra: list[str] | None = None, prefix: list[str] | None = None):
+    def __init__(self, host: str, port: int, extra: list[str] | None = None, prefix: list[str] | None = None,
+                 cwd: Path | None = None):
         self.host, self.port = host, port
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tilemesh-server-{port}.log", "w+")  # noqa: SIM115
         cmd = [*(prefix or []), sys.executable, "-m", "tilemesh.cli", "serve", "--host", host, "--port", str(port),
                *(extra or [])]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        # `cwd`: another checkout's code (its `tilemesh` package comes first on the path), for benchmarks
+        self.proc = subprocess.Popen(cmd, cwd=cwd or REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://{host}:{port}"
 
     def stop(self) -> str:

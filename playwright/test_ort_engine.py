@@ -248,7 +248,7 @@ def test_profile_chooses_the_faster_engine(page, server, threads):
     """The device times the profile's probes on numpy and on onnxruntime-web and reports the faster one's
     profile (how close predictions come is for bench/backends.py to print, not for a test to assert)."""
     boot(page, server, threads)
-    prof = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'profile', [])")
+    prof = page.evaluate("() => window.tilemeshRuntime.call('tilemesh.runtime.session', 'profile', [{numpy: true}])")
     engines = prof["engines"]
     assert set(engines) == {"ort-wasm", "numpy"}, prof
     assert prof["backend"] == min(engines, key=engines.get) == "ort-wasm", engines  # about 3-6x apart here

@@ -115,24 +115,68 @@ def test_events_from_the_worker_boundary_are_checked():
 # --- one session, event by event ------------------------------------------------------------------------------
 
 
+def acts(effects):
+    """The effects but the `refining` notices (what the roster shows; asserted in the tests about them)."""
+    return [e for e in effects if not (isinstance(e, S.Notice) and e.what == "refining")]
+
+
 def test_links_measured_while_joining_are_measured_again_after_the_first_profile():
     s = S.DeviceSession()
     s.handle(S.LinkOpened("b", 65536), 0.0)
     s.handle(S.LinkOpened("c", 65536), 0.0)
     s.handle(S.LinkMeasured("b", (9.0,) * 10, 1024 * 1024, 2.0), 0.5)  # slow: the device was busy joining
-    report, again = s.handle(S.Profiled({"sec_per_mac": {}}), 1.0)  # c's probe is still in flight
+    report, again = acts(s.handle(S.Profiled({"sec_per_mac": {}}), 1.0))  # c's probe is still in flight
     assert isinstance(report, S.ReportProfile) and again == S.Probe("b", 64, 10, 65536, 1024 * 1024)
     assert s.links["b"]["mbps"] == pytest.approx(4.19, abs=0.01)  # the old figures stand until the new ones come
-    (report,) = s.handle(S.LinkMeasured("b", (2.0,) * 10, 1024 * 1024, 0.2), 1.5)
+    (report,) = acts(s.handle(S.LinkMeasured("b", (2.0,) * 10, 1024 * 1024, 0.2), 1.5))
     assert report.links["b"] == {"rtt_ms": 2.0, "mbps": 41.94}  # replaced, and measured no third time
-    report, again = s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 1.0), 1.6)
+    report, again = acts(s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 1.0), 1.6))
     assert again == S.Probe("c", 64, 10, 65536, 1024 * 1024)  # in flight during the profile: measured again
-    (report,) = s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 0.5), 2.0)
+    (report,) = acts(s.handle(S.LinkMeasured("c", (3.0,) * 10, 1024 * 1024, 0.5), 2.0))
     assert report.links["c"]["mbps"] == pytest.approx(16.78, abs=0.01)
+    assert s.provisional == set()
     # A second profile (drift) re-measures nothing; a link opened after the first profile is measured once.
     assert [type(e) for e in s.handle(S.Profiled({"sec_per_mac": {}}), 3.0)] == [S.ReportProfile]
     (probe,) = s.handle(S.LinkOpened("d", 65536), 3.1)
     assert [type(e) for e in s.handle(S.LinkMeasured("d", (1.0,) * 10, 1024 * 1024, 0.1), 3.2)] == [S.ReportProfile]
+
+
+def test_what_is_measured_while_others_boot_is_measured_again_once_the_room_settles():
+    """Ready with provisional figures, refined when no device boots any more: the profile first, then each link
+    measured in the storm, once; a device booting later makes only its own link provisional."""
+    s = S.DeviceSession()
+    s.handle(S.RoomChanged(2), 0.0)  # two others still boot
+    s.handle(S.LinkOpened("b", 65536), 0.1)
+    s.handle(S.LinkMeasured("b", (9.0,) * 10, 1024 * 1024, 2.0), 0.5)
+    report, notice = s.handle(S.Profiled({"sec_per_mac": {}}), 1.0)  # ready, with both provisional
+    assert isinstance(report, S.ReportProfile) and report.compute == {"sec_per_mac": {}}
+    assert notice == S.Notice("refining", {"pending": ["b", "compute"]})
+    s.handle(S.LinkOpened("c", 65536), 1.1)
+    assert acts(s.handle(S.LinkMeasured("c", (9.0,) * 10, 1024 * 1024, 1.0), 1.5)) == [s._report()]
+    assert s.handle(S.RoomChanged(1), 2.0) == []  # one still boots: nothing yet
+    assert s.handle(S.RoomChanged(0), 3.0) == [S.Profile("settled")]  # settled: the profile first
+    effects = s.handle(S.Profiled({"sec_per_mac": {}, "fast": 1}), 4.0)
+    assert [e for e in effects if isinstance(e, S.Probe)] == [S.Probe("b", 64, 10, 65536, 1 << 20),
+                                                             S.Probe("c", 64, 10, 65536, 1 << 20)]
+    assert S.Notice("refining", {"pending": ["b", "c"]}) in effects
+    acts(s.handle(S.LinkMeasured("b", (2.0,) * 10, 1 << 20, 0.2), 4.5))
+    (report, notice) = s.handle(S.LinkMeasured("c", (2.0,) * 10, 1 << 20, 0.1), 4.6)
+    assert notice == S.Notice("refining", {"pending": []}) and report.links["c"]["mbps"] == pytest.approx(83.89)
+    # A fourth device boots and settles: its link (measured in its boot) again, this device's profile not.
+    s.handle(S.RoomChanged(1), 5.0)
+    s.handle(S.LinkOpened("d", 65536), 5.1)
+    s.handle(S.LinkMeasured("d", (5.0,) * 10, 1 << 20, 1.0), 5.5)
+    assert acts(s.handle(S.RoomChanged(0), 6.0)) == [S.Probe("d", 64, 10, 65536, 1 << 20)]
+    acts(s.handle(S.LinkMeasured("d", (1.0,) * 10, 1 << 20, 0.1), 6.5))
+    assert s.provisional == set() and s.handle(S.RoomChanged(0), 7.0) == []  # nothing left: nothing measured
+
+
+def test_a_profile_that_says_it_is_provisional_is_taken_again_once_settled():
+    """onnxruntime-web joins on its default thread count and chooses it later: its first profile says so."""
+    s = S.DeviceSession()
+    assert acts(s.handle(S.Profiled({"sec_per_mac": {}, "provisional": True}), 1.0))[1:] == [S.Profile("settled")]
+    assert acts(s.handle(S.Profiled({"sec_per_mac": {}}), 2.0)) == [s._report()]
+    assert s.provisional == set()
 
 
 def test_a_link_is_probed_once_and_reported_in_megabits():

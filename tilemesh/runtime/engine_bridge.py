@@ -219,6 +219,8 @@ def engine_profile(name: str, seconds, reason: str = "", model_ms: float = 0.0, 
     extra = {str(k): v for k, v in dict(extra or {}).items()}
     numpy_profile = dict(numpy_profile) if numpy_profile is not None else None
     frame_s = float((numpy_profile or {}).get("frame_s", 0.0))
+    if numpy_profile is not None and "sec_per_mac" not in numpy_profile:
+        numpy_profile = None  # only Python's per-frame work was measured: numpy is not a candidate
     prof = profile_from_timings(graph, _probes, adjusted, name, call_s=call, task_s=call, frame_s=frame_s,
                                 model_ms=round(float(model_ms), 3) if model_ms else None, **extra)
     if model_ms:

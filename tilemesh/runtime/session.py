@@ -17,8 +17,12 @@ The rules, each in one place:
 - per-link max message size (`LinkOpened`, `LinkUpdated`): recorded whenever it is known or changes, applied to
   the running plan, and `UNKNOWN_MAX_MESSAGE` (what every browser accepts) for a plan device with no open link;
 - link probes (`Probe` effect, `LinkMeasured` event): one set of parameters, and one unit: megabits per second;
-  links measured before the device's first profile (while it boots and profiles itself) are measured once more
-  after it, the new figures replacing the old;
+- provisional measurements (`RoomChanged`): a link measured before this device's first profile (while it boots
+  and profiles itself), or while another device of the room is still booting, and a profile taken while one is
+  booting (or that says itself it is `provisional`: its engine has not chosen its thread count yet), read low
+  (3-20x for links in a boot storm, 1.5-6x apart for equal phones, measured). The device is ready with them, and
+  takes each once more when the room has settled (no device booting): the profile first, then the links; the
+  new figures replace the old (a `refining` notice says what is pending);
 - frames (`FrameIn`, `Tick`): a frame without a plan fails at once, one that takes longer than `FRAME_TIMEOUT_S`
   fails at the next tick;
 - faults within a frame (`tilemesh.runtime.recovery`): a device of the plan that leaves, or a frame with no
@@ -204,6 +208,14 @@ class Roster(Event):
 
     kind: ClassVar[str] = "roster"
     ready: tuple = ()
+
+
+@dataclass(frozen=True)
+class RoomChanged(Event):
+    """The roster changed: `booting` other devices of the room are still joining (their CPU and links busy)."""
+
+    kind: ClassVar[str] = "room"
+    booting: int = 0
 
 
 @dataclass(frozen=True)
@@ -393,8 +405,9 @@ class DeviceSession:
         self.runtime: PlanRuntime | None = None
         self.max_message: dict[str, int] = {}  # peer -> chunk size, for every open link
         self.links: dict[str, dict] = {}  # peer -> {"rtt_ms", "mbps"} (megabits/s), as the planner reads them
-        self.probing: set[str] = set()
-        self.reprobe: set[str] = set()  # links whose probe ran while this device profiled itself at join
+        self.probing: dict[str, bool] = {}  # peer -> whether its probe started with the room settled
+        self.room_booting = 0  # other devices of the room still booting (`RoomChanged`)
+        self.provisional: set[str] = set()  # "compute" and links measured while the room was not settled
         self.compute: dict | None = None
         self.plan: dict | None = None  # the plan this device is the source of, while it is usable
         self.last_plan: dict | None = None  # the last plan message adopted (any role)
@@ -426,25 +439,53 @@ class DeviceSession:
             self._load(ev.classifier)
         return []
 
+    def _settled(self) -> bool:
+        """Measurements taken now are final: this device has its first profile and no other device is booting."""
+        return self.compute is not None and self.room_booting == 0
+
     def _on_profiled(self, ev: Profiled, now: float) -> list[Effect]:
-        first = self.compute is None
         self.compute = ev.compute
         if self.runtime is not None:  # which engine rescues run on: the profile's predicted model times
             self.runtime.engines = (ev.compute or {}).get("engines") if isinstance(ev.compute, dict) else None
+        provisional = self.room_booting > 0 or bool(isinstance(ev.compute, dict) and ev.compute.get("provisional"))
+        was = set(self.provisional)
+        if provisional:
+            self.provisional.add("compute")
+        else:
+            self.provisional.discard("compute")
         out: list[Effect] = [self._report()]
         if self.pending_drift is not None:
             out.append(Signal("broadcast", {"data": {"kind": "profile_changed", "ratio": self.pending_drift}}))
             self.pending_drift = None
-        if first:
-            # Links measured while this device was still joining (booting, profiling itself: its CPU busy) read
-            # several times low on a throttled phone (3.6 Mbit/s on a 50 Mbit/s link, measured): each is measured
-            # once more now, and the new figures replace the old. One in flight is re-measured when it answers.
-            self.reprobe = set(self.probing)
-            out += [self._probe(peer) for peer in sorted(self.links) if peer not in self.probing]
-        return out
+        if self._settled():
+            # The profile is what a settled device measures first; then its provisional links, one probe each
+            # (one in flight is measured again when it answers: it started before the room settled).
+            if "compute" in self.provisional:
+                out.append(Profile("settled"))
+            else:
+                out += [self._probe(peer) for peer in sorted(self.provisional - {"compute"})
+                        if peer in self.links and peer not in self.probing]
+        return out + self._refining(was)
+
+    def _refining(self, was: set[str]) -> list[Effect]:
+        """A notice when what is pending re-measurement changed (the roster shows the device as refining)."""
+        if self.compute is None or was == self.provisional:
+            return []
+        return [Notice("refining", {"pending": sorted(self.provisional)})]
+
+    def _on_room(self, ev: RoomChanged, now: float) -> list[Effect]:
+        settled = self._settled()
+        self.room_booting = max(0, int(ev.booting))
+        if settled or not self._settled():
+            return []
+        # The room has just settled: what was measured while it was busy is measured again, the profile first.
+        if "compute" in self.provisional:
+            return [Profile("settled")]
+        return [self._probe(peer) for peer in sorted(self.provisional) if peer in self.links
+                and peer not in self.probing]
 
     def _probe(self, peer: str) -> Probe:
-        self.probing.add(peer)
+        self.probing[peer] = self._settled()
         spec = LINK_PROBE
         return Probe(peer, spec.rtt_size, spec.rtt_count, min(spec.message, self.max_message[peer]), spec.total)
 
@@ -469,28 +510,33 @@ class DeviceSession:
             self.runtime.set_max_message(peer, size)
 
     def _on_link_measured(self, ev: LinkMeasured, now: float) -> list[Effect]:
-        self.probing.discard(ev.peer)
+        started_settled = self.probing.pop(ev.peer, False)
         if ev.peer not in self.max_message:
             return []  # the link closed while it was measured
         try:
             self.links[ev.peer] = link_figures(list(ev.rtts_ms), ev.nbytes, ev.seconds)
         except ValueError as exc:
             return self._error(f"link to {ev.peer}: {exc}")
-        if ev.peer in self.reprobe:  # measured while this device profiled itself: once more
-            self.reprobe.discard(ev.peer)
-            return [self._report(), self._probe(ev.peer)]
-        return [self._report()]
+        was = set(self.provisional)
+        if started_settled and self._settled():
+            self.provisional.discard(ev.peer)
+            return [self._report(), *self._refining(was)]
+        self.provisional.add(ev.peer)
+        if self._settled() and "compute" not in self.provisional:  # it started before the room settled: again
+            return [self._report(), self._probe(ev.peer), *self._refining(was)]
+        return [self._report(), *self._refining(was)]
 
     def _on_probe_failed(self, ev: ProbeFailed, now: float) -> list[Effect]:
-        self.probing.discard(ev.peer)
-        self.reprobe.discard(ev.peer)
-        return []
+        self.probing.pop(ev.peer, None)
+        was = set(self.provisional)
+        self.provisional.discard(ev.peer)
+        return self._refining(was)
 
     def _on_peer_left(self, ev: PeerLeft, now: float) -> list[Effect]:
         out: list[Effect] = []
         self.max_message.pop(ev.peer, None)
-        self.probing.discard(ev.peer)
-        self.reprobe.discard(ev.peer)
+        self.probing.pop(ev.peer, None)
+        self.provisional.discard(ev.peer)
         if self.runtime is not None:
             self.runtime.forget_peer(ev.peer)
         if self.links.pop(ev.peer, None) is not None:
@@ -1025,8 +1071,8 @@ class DeviceSession:
 # --- the browser worker's boundary ----------------------------------------------------------------------------
 
 EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, LinkUpdated, LinkMeasured,
-                                     ProbeFailed, PeerLeft, Roster, FrameIn, Computed, Profiled, BroadcastIn,
-                                     RequestPlan, Tick)}
+                                     ProbeFailed, PeerLeft, Roster, RoomChanged, FrameIn, Computed, Profiled,
+                                     BroadcastIn, RequestPlan, Tick)}
 
 
 PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant", "scaling")
@@ -1136,14 +1182,16 @@ def corrupt_for_test(offset: float) -> float:
     return session().corrupt
 
 
-def profile() -> dict:
-    """This device's compute profile on the loaded model's own layers (a second or two)."""
+def profile(numpy: bool = True) -> dict:
+    """This device's compute profile on the loaded model's own layers (a second or two on numpy). Without
+    `numpy`, only what Python does whatever the engine (`frame_s`, the camera device's per-frame work): a device
+    with a faster engine (onnxruntime-web) measures that engine instead and never computes on numpy."""
     from .profile import measure_profile
 
     s = session()
     if s.runtime is None:
         raise RuntimeError("model not loaded: call tilemesh.runtime.session.load first")
-    prof = measure_profile(s.runtime.graph)
+    prof = measure_profile(s.runtime.graph) if numpy else {}
     prof["frame_s"] = measure_frame_seconds(s.runtime.classifier)
     return prof
 

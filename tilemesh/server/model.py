@@ -6,6 +6,10 @@ At startup the ONNX file and its model card (`tilemesh.models.card`) become a bu
 them under fixed names at `/model/<file>`, so no page or script names a model; the planner, the edge peer and
 the pages all read the same bundle. A second start with the same files converts nothing.
 
+`whole.onnx` is the whole graph as one ONNX model whose weights are external data in `graph.bin`
+(`tilemesh.runtime.task_model.graph_model`, a few tens of KB): a browser makes its onnxruntime-web session from it
+while Pyodide is still booting, instead of waiting for Python to write the same bytes.
+
 Each of the card's variants (the same weights at another input size, e.g. the demo's "Heavy (448 px)") adds
 `variant-<key>.json`: the graph's topology and shapes at that size, whose weight table is the model's own
 blob (`graph.compact_variant`), so a device holds the weights once for every variant.
@@ -162,6 +166,7 @@ def prepare(model: Path, static_dir: Path) -> ModelBundle:
         shutil.copyfile(model, out / "model.onnx")
         log.info("model %s converted into %s", model, out)
     summary = {**summary, "variants": write_variants(model, out, card)}
+    write_whole(out)
     card_doc = {**card.to_dict(), "summary": summary}
     _write_if_changed(out / "labels.json", json.dumps(list(card.labels), ensure_ascii=False) + "\n")
     _write_if_changed(out / "card.json", json.dumps(card_doc, ensure_ascii=False) + "\n")
@@ -169,6 +174,24 @@ def prepare(model: Path, static_dir: Path) -> ModelBundle:
         stamp.write_text(json.dumps({"version": BUNDLE_VERSION, "sha256": sha, "source": str(model.resolve()),
                                      "summary": summary}) + "\n")
     return ModelBundle(out, card, summary)
+
+
+WHOLE_FILE = "whole.onnx"
+
+
+def write_whole(out: Path) -> bytes:
+    """`whole.onnx` in the bundle `out`: the bytes the browser's runtime would build for its whole-model session
+    (`engine_bridge.whole_model`), written when missing or different (a newer lowering); returns them."""
+    from tilemesh.runtime.engine_bridge import BLOB_NAME  # noqa: PLC0415
+    from tilemesh.runtime.task_model import graph_model  # noqa: PLC0415
+
+    data = graph_model(load_compact(out / "graph.json"), external=BLOB_NAME).model
+    path = out / WHOLE_FILE
+    if not (path.is_file() and path.read_bytes() == data):
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return data
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -185,7 +208,7 @@ def bundle_of(app: web.Application) -> ModelBundle | None:
 async def model_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     bundle = bundle_of(request.app)
-    if bundle is None or name not in (*BUNDLE_FILES, *(variant_file(v.key) for v in bundle.card.variants)):
+    if bundle is None or name not in (*BUNDLE_FILES, WHOLE_FILE, *(variant_file(v.key) for v in bundle.card.variants)):
         raise web.HTTPNotFound(text="no such model file (is a model set up? `tilemesh setup`)")
     return web.FileResponse(bundle.dir / name)
 
@@ -204,5 +227,5 @@ def setup(app: web.Application) -> ModelBundle | None:
     return bundle
 
 
-__all__ = ["BUNDLE_FILES", "MODEL_KEY", "CardError", "ModelBundle", "ModelError", "Preprocess", "bundle_of",
-           "default_model", "graph_summary", "prepare", "setup", "variant_file"]
+__all__ = ["BUNDLE_FILES", "WHOLE_FILE", "MODEL_KEY", "CardError", "ModelBundle", "ModelError", "Preprocess", "bundle_of",
+           "default_model", "graph_summary", "prepare", "setup", "variant_file", "write_whole"]

@@ -76,8 +76,41 @@ function takePairs(list) {
   return pairs;
 }
 
+// onnxruntime-web's module with `threads` threads, the wasm handed over (no second fetch). The thread count is
+// fixed per instance when its first session is made, so a second count needs a second instance (`tag` makes the
+// module URL, hence the instance, its own).
+async function loadOrt(threads, tag, wasmBinary) {
+  const ort = await import(ORT_URL + "ort.wasm.min.mjs" + (tag ? `?instance=${tag}` : ""));
+  const env = ort.env;
+  env.wasm.wasmPaths = ORT_URL;
+  if (wasmBinary) env.wasm.wasmBinary = wasmBinary;
+  env.wasm.numThreads = threads;
+  env.wasm.proxy = false;
+  return ort;
+}
+
+// The whole-model session made before Python is up (the worker calls this while Pyodide boots): onnxruntime-web's
+// module, its wasm instance and the session from the server's `whole.onnx` (the bytes the runtime would build)
+// with the weights as external data. `threads`: pinned (?ort_threads), else the count this device chose on an
+// earlier visit (`cachedThreads`), else the default.
+export async function preloadOrt({ threads, cachedThreads, wasmBinary, model, blob }) {
+  const n = self.crossOriginIsolated ? (threads || cachedThreads || defaultThreads()) : 1;
+  const ort = await loadOrt(n, "", wasmBinary);
+  const t0 = performance.now();
+  const session = await ort.InferenceSession.create(model, {
+    executionProviders: ["wasm"], graphOptimizationLevel: "all", externalData: [{ path: BLOB_NAME, data: blob }],
+  });
+  return { ort, model, whole: { session, outputs: [...session.outputNames], createMs: performance.now() - t0 } };
+}
+
+function sameBytes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
 export class OrtEngine {
-  constructor(pyodide, { threads, wasmBinary, ep } = {}) {
+  constructor(pyodide, { threads, wasmBinary, ep, preloaded, cachedThreads, cachedTrial, deferTrial } = {}) {
     this.pyodide = pyodide;
     // Execution provider: "wasm" (CPU), or "webgpu" where navigator.gpu gives an adapter and the WebGPU build
     // measured faster on the whole model; `?ort_ep=wasm|webgpu` pins it (webgpu: for correctness tests).
@@ -89,6 +122,17 @@ export class OrtEngine {
     // keeps the faster (a browser under a CPU quota, or a phone's slow cores, often runs 2 threads slower).
     this.threadsPinned = Boolean(threads);
     this.threadTrial = null;   // {threads: ms} measured when the count was chosen
+    // A room device joins on the count it chose on an earlier visit (`cachedThreads`, with the times that chose
+    // it), or on the default count, and runs the trial later, when the room has settled (`profile(.., {trial})`):
+    // the trial costs a second instance and about a second of runs, which joining should not wait for.
+    this.cachedThreads = cachedThreads || null;
+    if (cachedThreads && !threads) {
+      this.threads = cachedThreads;
+      this.threadTrial = cachedTrial || null;
+      this.trialCached = Boolean(cachedTrial);
+    }
+    this.deferTrial = Boolean(deferTrial);
+    this.preloaded = preloaded || null;  // a promise of preloadOrt's result
     this.wasmBinary = wasmBinary;  // prefetched with progress at boot (else onnxruntime-web fetches it)
     this.ort = null;
     this.active = false;
@@ -110,12 +154,15 @@ export class OrtEngine {
     }
     this.modelJson = modelJson;
     try {
-      this.ort = await this._loadOrt(self.crossOriginIsolated ? this.threads : 1, "");
-      const env = this.ort.env;
       this.blob = this._fileBytes(bridge.blob_path(modelJson));
       const whole = bridge.whole_model();
-      try { this.whole = await this._session(whole); } finally { whole.destroy(); }
-      await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
+      try {
+        if (!await this._adoptPreloaded(whole)) {
+          this.ort = await this._loadOrt(self.crossOriginIsolated ? this.threads : 1, "");
+          this.whole = await this._session(whole);
+        }
+      } finally { whole.destroy(); }
+      if (!this.deferTrial) await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
       await this._withModelInput(bridge, (x, name) => this._tryWebGpu(bridge, x, name, 0.3));
       const name = this.eps[0] === "webgpu" ? "ort-webgpu" : "ort-wasm";
       const reason = this._reason();
@@ -135,6 +182,29 @@ export class OrtEngine {
     return this.info;
   }
 
+  // The session the worker made while Python booted, if it is of the same bytes the runtime builds (a server
+  // of another version, or another model file, is not): true when adopted.
+  async _adoptPreloaded(whole) {
+    const pending = this.preloaded;
+    this.preloaded = null;
+    const pre = pending ? await pending.catch(() => null) : null;
+    if (!pre) return false;
+    const bytes = whole.get("model");
+    const buf = bytes.getBuffer("u8");
+    let same;
+    try { same = sameBytes(buf.data, pre.model); } finally { buf.release(); bytes.destroy(); }
+    if (!same) {
+      pre.whole.session.release().catch(() => {});
+      console.warn("tilemesh: the served whole.onnx differs from the runtime's model; building the session again");
+      return false;
+    }
+    this.ort = pre.ort;
+    this.whole = pre.whole;
+    this.threads = pre.ort.env.wasm.numThreads;
+    this.preloadedSession = true;
+    return true;
+  }
+
   _reason() {
     if (this.eps[0] === "webgpu") {
       const trial = this.gpuTrial ? ` (chosen by measurement: webgpu ${this.gpuTrial.webgpu.toFixed(1)} ms, wasm ` +
@@ -144,24 +214,20 @@ export class OrtEngine {
     const env = this.ort.env;
     const threads = env.wasm.numThreads;
     const trial = this.threadTrial
-      ? ` (chosen by measurement: ${Object.entries(this.threadTrial).map(([t, ms]) => `${t}: ${ms.toFixed(1)} ms`).join(", ")})`
-      : "";
+      ? ` (chosen by measurement${this.trialCached ? " on an earlier visit" : ""}: ` +
+        `${Object.entries(this.threadTrial).map(([t, ms]) => `${t}: ${Number(ms).toFixed(1)} ms`).join(", ")})`
+      : (this.threadsPinned || !self.crossOriginIsolated || threads <= 1 ? "" : " (default; measuring)");
     return `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
       (self.crossOriginIsolated ? trial : " (no cross-origin isolation: no threads)") +
       (this.gpuNote ? `; ${this.gpuNote}` : "");
   }
 
-  // One onnxruntime-web instance with `threads` threads: the thread count is fixed per instance when its first
-  // session is made, so a second count needs a second instance (`tag` makes the module URL, hence the instance,
-  // its own).
-  async _loadOrt(threads, tag) {
-    const ort = await import(ORT_URL + "ort.wasm.min.mjs" + (tag ? `?instance=${tag}` : ""));
-    const env = ort.env;
-    env.wasm.wasmPaths = ORT_URL;
-    if (this.wasmBinary) env.wasm.wasmBinary = this.wasmBinary;
-    env.wasm.numThreads = threads;
-    env.wasm.proxy = false;
-    return ort;
+  _loadOrt(threads, tag) { return loadOrt(threads, tag, this.wasmBinary); }
+
+  // Whether `_chooseThreads` would still run (the count is neither pinned, chosen, nor the only one possible).
+  _trialPending() {
+    return !this.threadsPinned && !this.threadTrial && self.crossOriginIsolated && this.eps[0] === "wasm" &&
+      this.ort.env.wasm.numThreads > 1;
   }
 
   // The whole model run back to back with this instance's threads and with one thread on a second instance,
@@ -460,14 +526,27 @@ export class OrtEngine {
     return reply;
   }
 
-  // After the numpy profile (`numpyProfile`, a PyProxy dict): time the same probes on onnxruntime-web, and let
-  // the peer use whichever engine predicts the model faster. Returns the chosen profile (what the planner uses).
-  async profile(numpyProfile, budgetS = 0.3) {
+  // After Python's part of the profile (`pyProfile`, a PyProxy dict: the camera's per-frame work `frame_s`, and
+  // numpy's own profile when this device has no faster engine, or when asked to compare): time the profile's probes
+  // and the whole model on onnxruntime-web; the peer uses whichever engine predicts the model faster. Returns the
+  // chosen profile (what the planner uses). `trial`: choose the thread count first, if it was not (a room device
+  // joins on the default or cached count and runs the trial once the room has settled).
+  async profile(pyProfile, budgetS = 0.3, { trial = false } = {}) {
+    const numpyProfile = pyProfile;
     if (!this.active && !this.whole) {
       // numpy is all this device has: the profile says why (the roster shows it).
       numpyProfile.set("engine_reason", this.info.reason);
       return numpyProfile;
     }
+    const t0 = performance.now();
+    if (trial && !this.threadTrial && this.deferTrial) {
+      const bridge = this.bridge();
+      try {
+        await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
+      } finally { bridge.destroy(); }
+      this.info = { ...this.info, reason: this._reason() };
+    }
+    const trialMs = performance.now() - t0;
     const bridge = this.bridge();
     const probes = bridge.engine_probes();
     const seconds = {};
@@ -494,6 +573,7 @@ export class OrtEngine {
       }
       // The whole model run back to back: its median sets the profile's scale (what a frame pays here, quota
       // and contention included); the probes above only give the op classes' proportions.
+      const probesMs = performance.now() - t0 - trialMs;
       const samples = await sustainedSamples(() => this._run(this.whole, [[name, x0]]), 3 * per);
       samples.sort((a, b) => a - b);
       const modelS = median(samples);
@@ -501,7 +581,13 @@ export class OrtEngine {
       // The lower quartile too: the engine is chosen against numpy's profile, whose probes keep lower quartiles.
       const extra = this.pyodide.toPy({ model_best_ms: samples[samples.length >> 2] * 1e3,
         threads: this.ort.env.wasm.numThreads,
-        ...(this.threadTrial ? { thread_trial_ms: this.threadTrial } : {}) });
+        ...(this.threadTrial ? { thread_trial_ms: this.threadTrial } : {}),
+        ...(this.threadTrial && this.trialCached ? { thread_trial_cached: true } : {}),
+        // on the default thread count, its trial still to come: the session measures again once the room settles
+        ...(this._trialPending() ? { provisional: true } : {}),
+        // where a profile's time goes (ms): the thread trial, the op-class probes, the whole model's runs
+        measure_ms: { trial: Math.round(trialMs), probes: Math.round(probesMs),
+          whole: Math.round(performance.now() - t0 - trialMs - probesMs) } });
       const chosen = bridge.engine_profile(this.info.engine === "numpy" ? "ort-wasm" : this.info.engine,
         pySeconds, this.info.reason || "", modelS * 1e3, numpyProfile, extra);
       pySeconds.destroy();

@@ -11,11 +11,32 @@
 // arrival order and the worker handles them one at a time, so chunks are never reordered here.
 import { LinkProbe } from "/web/mesh.js";
 import { GRAB_SIZE } from "/web/camera.js";
+import { pageModel } from "/web/model.js";
 
 const SESSION = "tilemesh.runtime.session";
 const TICK_MS = 500;
 // A probe whose answers stop coming (the peer vanished mid-probe) gives up, so `measure()` always resolves.
 const PROBE_TIMEOUT_MS = 20000;
+
+// onnxruntime-web's thread count, chosen by measurement, is remembered per device and model (the page's storage),
+// so the next visit joins on it without a trial.
+function threadsKey() {
+  const model = pageModel();
+  return `tilemesh.ort_threads:${navigator.hardwareConcurrency || 0}:${(model && model.sha256) || "model"}`;
+}
+
+export function rememberedThreads() {
+  try {
+    const got = JSON.parse(localStorage.getItem(threadsKey()) || "null");
+    return got && Number.isInteger(got.threads) && got.threads > 0 ? got : null;
+  } catch { return null; }
+}
+
+function rememberThreads(compute) {
+  try {
+    localStorage.setItem(threadsKey(), JSON.stringify({ threads: compute.threads, trial: compute.thread_trial_ms }));
+  } catch { /* storage off: the next visit measures again */ }
+}
 
 export class RoomEngine extends EventTarget {
   constructor({ runtime, signaling, mesh }) {
@@ -39,6 +60,13 @@ export class RoomEngine extends EventTarget {
     this.probing = new Map();  // peer -> the probe running on its link
     mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
     signaling.on("plan", (msg) => this._fire({ on: "plan", msg, me: signaling.peerId }));
+    // How many other devices are still booting: measurements taken meanwhile are provisional (the session's rule).
+    this.booting = null;
+    this.refining = [];     // what the session will measure again once the room has settled
+    signaling.on("roster", ({ peers }) => {
+      const n = peers.filter((p) => p.id !== signaling.peerId && p.state === "booting").length;
+      if (n !== this.booting) { this.booting = n; this._fire({ on: "room", booting: n }); }
+    });
     signaling.on("peer_left", ({ id }) => this._fire({ on: "peer_left", peer: id }));
     // Who is ready with a profile (the session asks for a new plan when a device arrives mid-stream); only
     // changes of that set reach the worker, not every profile update.
@@ -152,7 +180,10 @@ export class RoomEngine extends EventTarget {
         this.probing.set(e.peer, entry);
         break;
       }
-      case "profile": this._profile().catch((err) => this._error(`profile: ${err.message}`)); break;
+      case "profile":
+        // Once the room has settled the engine also chooses its thread count (deferred while joining).
+        this._profile({ trial: e.reason === "settled" }).catch((err) => this._error(`profile: ${err.message}`));
+        break;
       case "notice": this._notice(e.what, e.detail); break;
       default: this._error(`unknown effect ${e.do}`);
     }
@@ -171,6 +202,11 @@ export class RoomEngine extends EventTarget {
       this._emit("replan", detail);
     } else if (what === "tasks_run") {
       this.tasksRun[detail.plan_id] = detail.tasks_run;
+    } else if (what === "refining") {
+      this.refining = detail.pending || [];
+      const last = this.signaling.lastState || {};
+      if (last.state === "ready") this.signaling.setState("ready", { detail: this.refining.length ? "refining" : "" });
+      this._emit("refining", detail);
     } else if (what === "report") {
       this._emit("report", { ...detail, from: this.signaling.peerId });
     } else if (what === "error") {
@@ -194,9 +230,12 @@ export class RoomEngine extends EventTarget {
     console.warn("tilemesh:", text);
   }
 
-  // Resolves once the session has reported the new profile.
-  async _profile() {
-    await this._fire({ on: "profiled", compute: await this.runtime.call(SESSION, "profile", []) });
+  // Resolves once the session has reported the new profile. `opts.trial`: the engine chooses its thread count
+  // first (if it has not yet).
+  async _profile(opts = {}) {
+    const compute = await this.runtime.call(SESSION, "profile", [opts]);
+    if (compute && compute.thread_trial_ms && !compute.thread_trial_cached) rememberThreads(compute);
+    await this._fire({ on: "profiled", compute });
   }
 
   async _probe({ peer, rtt_size: rttSize, rtt_count: rttCount, message, total }) {

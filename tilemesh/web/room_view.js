@@ -3,9 +3,9 @@
 // report progress, leave on pagehide. Tests reach everything through `window.tilemesh`. Ready devices show
 // their measured speed (effective GFLOP/s on the demo model) and the links they measured to the others.
 import { SignalingClient } from "/web/signaling.js";
-import { PeerRuntime, bindProgress, MODEL_FILES } from "/web/runtime.js";
+import { PeerRuntime, bindProgress, MODEL_FILES, engineOptionsFromUrl } from "/web/runtime.js";
 import { Mesh } from "/web/mesh.js";
-import { RoomEngine } from "/web/room_engine.js";
+import { RoomEngine, rememberedThreads } from "/web/room_engine.js";
 import { effectiveGflops, modelSeconds, fmtMs } from "/web/host_view.js";
 import { pageModel } from "/web/model.js";
 
@@ -147,7 +147,10 @@ export class RoomView {
     row.name.textContent = peer.name + (isSelf ? " (this device)" : "");
     row.kind.textContent = KIND_LABEL[peer.kind] || peer.kind;
     row.state.textContent = peer.connected === false ? "reconnecting…" : peer.state;
-    row.detail.textContent = peer.state === "booting" ? peer.detail || "" : "";
+    // A ready device may still be refining what it measured while the room was booting (its speed, links).
+    row.detail.textContent = peer.state === "booting" ? peer.detail || ""
+      : peer.detail === "refining" ? "refining its measurements…" : "";
+    row.li.dataset.refining = String(peer.state !== "booting" && peer.detail === "refining");
     row.bar.hidden = peer.state !== "booting";
     row.bar.value = peer.progress || 0;
     this._colour(row, peer.id);
@@ -274,12 +277,17 @@ export async function enterRoom({ room, name, kind, rosterEl, bootEl, statusEl }
   // Joining and booting run side by side: the roster shows this device while its runtime downloads.
   app.joined = signaling.connect().catch((err) => { showStatus(err.message, "fatal"); return null; });
   try {
-    const info = await runtime.boot({ files: MODEL_FILES });
+    // A room device joins on onnxruntime-web's remembered thread count, or on the default one and chooses it by
+    // measurement once the room has settled (RoomEngine's refinement), not while it joins.
+    const remembered = rememberedThreads();
+    const ort = { ...engineOptionsFromUrl(), deferTrial: true,
+      ...(remembered ? { cachedThreads: remembered.threads, cachedTrial: remembered.trial } : {}) };
+    const info = await runtime.boot({ files: MODEL_FILES, ort });
     app.bootInfo = info;
     signaling.setState("booting", { progress: 1, detail: "measuring speed", profile: deviceProfile(info) });
     await app.joined;
     await app.engine.measure();
-    signaling.setState("ready", { progress: 1, detail: "" });
+    signaling.setState("ready", { progress: 1, detail: app.engine.refining.length ? "refining" : "" });
   } catch (err) {
     if (bootEl) bootEl.dataset.stage = "error";
     signaling.setState("booting", { detail: `runtime failed: ${err.message}` });

@@ -15,6 +15,8 @@ export const MODEL_FILES = [
   { url: "/model/graph.bin", path: "/model/graph.bin" },
   { url: "/model/labels.json", path: "/model/labels.json" },
   { url: "/model/card.json", path: "/model/card.json" },
+  // the whole graph as ONNX over graph.bin's weights: onnxruntime-web's session is made from it while Python boots
+  { url: "/model/whole.onnx", path: "/model/whole.onnx" },
   ...Object.values(pageModel()?.variants ?? {}).map(({ file }) => ({ url: `/model/${file}`, path: `/model/${file}` })),
 ];
 

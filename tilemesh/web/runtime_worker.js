@@ -2,38 +2,71 @@
 // Compute lives here so the camera and UI on the main thread stay smooth; the main thread owns the
 // RTCPeerConnections (they do not exist in Workers) and hands buffers over as transferables.
 import { loadPyodide } from "/static/vendor/pyodide/pyodide.mjs";
-import { OrtEngine } from "/web/ort_engine.js";
+import { OrtEngine, preloadOrt } from "/web/ort_engine.js";
 
 let pyodide = null;
 let booting = null;
 let engineOptions = {};   // boot option `ort`: {threads, disabled}
 let engine = null;        // OrtEngine once the model is loaded (numpy when it is not active)
 const SESSION = "tilemesh.runtime.session";
+// The model files the early onnxruntime-web session needs (runtime.js MODEL_FILES).
+const WHOLE_PATH = "/model/whole.onnx";
+const BLOB_PATH = "/model/graph.bin";
 
 function progress(stage, fraction, detail = "") {
   postMessage({ type: "progress", stage, fraction, detail });
 }
 
-// Download a file with byte progress so the first visit shows real numbers; later fetches of the same URL
-// (Pyodide's own) come from the HTTP cache.
-async function fetchWithProgress(url, stage, from, to) {
-  const resp = await fetch(url);
-  if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
-  const total = Number(resp.headers.get("Content-Length")) || 0;
-  const reader = resp.body.getReader();
-  const chunks = [];
-  let got = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    chunks.push(value);
-    got += value.length;
-    if (total) progress(stage, from + ((to - from) * got) / total, `${(got / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`);
+// Downloads with byte progress, all at once, as one truthful bar: the bytes received over the bytes announced so
+// far (a file whose size is not known yet adds nothing to either). The bar moves with the bytes until Python
+// starts booting (`stop()`); downloads still running after that keep their bytes in the step's text ("starting
+// Python · 21.3 / 38.6 MB"), so the bar never goes back. Later fetches of the same URLs (Pyodide's own fetch of
+// its wasm) come from the HTTP cache.
+class Downloads {
+  constructor(from, to) {
+    Object.assign(this, { from, to, got: 0, total: 0, step: null });
   }
-  const out = new Uint8Array(got);
-  let off = 0;
-  for (const c of chunks) { out.set(c, off); off += c.length; }
-  return out;
+
+  bytes() { return `${(this.got / 1e6).toFixed(1)} / ${(this.total / 1e6).toFixed(1)} MB`; }
+
+  // From now on the bar belongs to `stage` at `fraction`; bytes still coming show in its text.
+  stop(stage, fraction, detail) {
+    this.step = { stage, fraction, detail };
+    this._report();
+  }
+
+  _report() {
+    if (this.step) {
+      const { stage, fraction, detail } = this.step;
+      const pending = this.got < this.total;
+      progress(stage, fraction, pending ? `${detail} · ${this.bytes()}` : detail);
+    } else if (this.total) {
+      progress("download", this.from + ((this.to - this.from) * this.got) / this.total, this.bytes());
+    }
+  }
+
+  async fetch(url) {
+    const resp = await fetch(url);
+    if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
+    const size = Number(resp.headers.get("Content-Length")) || 0;
+    this.total += size;
+    const reader = resp.body.getReader();
+    const chunks = [];
+    let got = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      chunks.push(value);
+      got += value.length;
+      this.got += value.length;
+      if (!size) this.total += value.length;  // no Content-Length: counted as it comes
+      this._report();
+    }
+    const out = new Uint8Array(got);
+    let off = 0;
+    for (const c of chunks) { out.set(c, off); off += c.length; }
+    return out;
+  }
 }
 
 // Versioned URLs (?v=<sha256 prefix> from the setup manifest) let the browser cache assets forever yet never run
@@ -57,38 +90,60 @@ function versioned(url, versions) {
   return v ? `${url}?v=${v}` : url;
 }
 
-// `files`: [{url, path}] fetched into Pyodide's file system after boot (the model, labels), with byte progress.
+const marks = {};  // ms since the worker started, per boot step (join_ready prints them)
+const mark = (name) => { marks[name] = Math.round(performance.now()); };
+
+// `files`: [{url, path}] fetched into Pyodide's file system after boot (the model, labels). Everything downloads
+// at once with one progress bar. onnxruntime-web starts as soon as its wasm and the model's whole-graph ONNX and
+// weights are here (`preloadOrt`: module, wasm instance, the whole-model session), while Pyodide boots; the engine
+// adopts that session when Python loads the model.
 async function boot({ packages = ["numpy"], runtimeUrl = "/static/wheels/tilemesh_runtime.zip", files = [],
   ort = {} } = {}) {
   const t0 = performance.now();
   engineOptions = ort;
   const versions = await assetVersions();
   const indexURL = "/static/vendor/pyodide/";
-  await fetchWithProgress(indexURL + "pyodide.asm.wasm", "download", 0, 0.3);
-  // onnxruntime-web's wasm (14 MB) with the same byte progress, handed to it at load (no second fetch).
-  if (!ort.disabled) {
-    const wasm = "/static/vendor/ort/ort-wasm-simd-threaded.wasm";
-    engineOptions = { ...ort, wasmBinary: await fetchWithProgress(versioned(wasm, versions), "download", 0.3, 0.38) };
+  const dl = new Downloads(0, 0.4);
+  const pyWasm = dl.fetch(indexURL + "pyodide.asm.wasm");
+  const ortWasm = ort.disabled ? null : dl.fetch(versioned("/static/vendor/ort/ort-wasm-simd-threaded.wasm", versions));
+  const fileData = files.map(({ url }) => dl.fetch(versioned(url, versions)));
+  const byPath = Object.fromEntries(files.map(({ path }, i) => [path, fileData[i]]));
+  if (ortWasm && byPath[WHOLE_PATH] && byPath[BLOB_PATH]) {
+    engineOptions = { ...ort, preloaded: (async () => {
+      const [wasmBinary, model, blob] = await Promise.all([ortWasm, byPath[WHOLE_PATH], byPath[BLOB_PATH]]);
+      mark("downloads_for_ort");
+      const pre = await preloadOrt({ ...ort, wasmBinary, model, blob });
+      mark("ort_session");
+      return pre;
+    })() };
+    engineOptions.preloaded.catch((err) => console.warn("tilemesh: onnxruntime-web preload failed", err));
   }
-  progress("boot", 0.4, "starting Python");
+  await pyWasm;
+  mark("pyodide_wasm");
+  dl.stop("boot", 0.45, "starting Python");
   pyodide = await loadPyodide({ indexURL, fullStdLib: false });
-  progress("packages", 0.5, packages.join(", "));
+  mark("python");
+  dl.stop("packages", 0.6, packages.join(", "));
   await pyodide.loadPackage(packages, { messageCallback: () => {}, errorCallback: (m) => console.warn(m) });
-  progress("runtime", 0.6, "tilemesh.runtime");
-  const zip = await fetchWithProgress(versioned(runtimeUrl, versions), "runtime", 0.6, 0.62);
+  mark("packages");
+  dl.stop("runtime", 0.75, "tilemesh.runtime");
+  const zip = await dl.fetch(versioned(runtimeUrl, versions));
   pyodide.unpackArchive(zip, "zip", { extractDir: "/home/pyodide/lib" });
   pyodide.runPython("import sys; sys.path.insert(0, '/home/pyodide/lib')");
-  for (const [i, { url, path }] of files.entries()) {
-    const from = 0.62 + (0.36 * i) / files.length;
-    const data = await fetchWithProgress(versioned(url, versions), "model", from, from + 0.36 / files.length);
+  dl.stop("model", 0.85, "the model's files");
+  for (const [i, { path }] of files.entries()) {
+    const data = await fileData[i];
     pyodide.FS.mkdirTree(path.slice(0, path.lastIndexOf("/")) || "/");
     pyodide.FS.writeFile(path, data);
   }
+  mark("files");
+  if (ortWasm) engineOptions.wasmBinary = await ortWasm;  // the engine's fallback path loads it again
   const info = pyodide.runPython(
     "import tilemesh.runtime, numpy, sys, json; json.dumps({'runtime': tilemesh.runtime.__version__, " +
     "'numpy': numpy.__version__, 'python': sys.version.split()[0]})");
   progress("ready", 1, "");
-  return { ...JSON.parse(info), pyodide: pyodide.version, bootMs: performance.now() - t0 };
+  mark("booted");
+  return { ...JSON.parse(info), pyodide: pyodide.version, bootMs: performance.now() - t0, marks: { ...marks } };
 }
 
 // Arguments cross into Python with toPy (TypedArrays become memoryviews, objects dicts); results come back as
@@ -128,6 +183,7 @@ async function call({ module, fn, args = [] }) {
       }
       // Session events go through the engine: its compute requests run here before the effects leave.
       if (module === SESSION && fn === "handle" && engine) return toJs(await engine.handle(pyArgs));
+      if (module === SESSION && fn === "profile") return toJs(await profile(mod, args[0] || {}));
       let result = mod[fn](...pyArgs);
       if (result && typeof result.then === "function") result = await result;
       if (module === SESSION) result = await afterSessionCall(fn, args, result);
@@ -152,7 +208,25 @@ async function afterSessionCall(fn, args, result) {
     result.set("engine", pyodide.toPy(info));
     return result;
   }
-  if (engine && fn === "profile") return engine.profile(result);
+  return result;
+}
+
+// The device's profile (`opts` from the page: {trial}: choose onnxruntime-web's thread count first, if not yet).
+// Python measures what only it does (the camera's per-frame work) and numpy's profile only when this device has
+// no faster engine (or onnxruntime-web failing), or when `numpy` asks for it; the engine measures itself.
+async function profile(mod, { trial = false, numpy = false } = {}) {
+  const withEngine = engine && engine.whole && !engineOptions.disabled;
+  let result = mod.profile(!withEngine || numpy);
+  if (!withEngine) {
+    if (engine) result.set("engine_reason", engine.info.reason);  // why numpy (the roster says it)
+    return result;
+  }
+  result = await engine.profile(result, 0.3, { trial });
+  if (!result.has("sec_per_mac")) {  // the engine failed while profiling: numpy's profile after all
+    result.destroy();
+    result = mod.profile(true);
+    result.set("engine_reason", engine.info.reason);
+  }
   return result;
 }
 

@@ -75,3 +75,45 @@ def test_shortlist_keeps_each_strategys_best():
     cands += [{"strategy": "single", "label": "s", "predicted_s": 0.9}]
     short = inference.shortlist(cands, top=3)
     assert [c["label"] for c in short] == ["0", "1", "2", "s"]
+
+
+def test_frame_reports_teach_the_server_and_a_changed_picture_replans_once(graph, base_profile, tmp_path):
+    """Three equal phones, b profiled 3x too slow (it profiled while the others booted): the plan leaves b a
+    small share or none. Frame reports of an equal split say b is as fast as the others; once a window of them
+    has come the server wants the source's request planned again, and the new plan is made with b corrected.
+    Bad reports are ignored; a report of another plan, or more of the same, asks for nothing more."""
+    inf = inference.Inference(tmp_path)
+    inf._graphs[None] = graph
+    fast = scaled_profile(base_profile, 0.1)
+    links = {q: {"rtt_ms": 3, "mbps": 200} for q in ("paaaa", "pbbbb", "pcccc")}
+    room = rooms.Room(id="r", created_at=0, peers=(
+        peer("paaaa", profile={"compute": fast, "links": links}),
+        peer("pbbbb", profile={"compute": scaled_profile(fast, 1 / 3), "links": links}),
+        peer("pcccc", profile={"compute": fast, "links": links}),
+    ))
+    request = protocol.PlanRequest(strategy="equal_split")
+    msg = inf.choose(room, PeerId("paaaa"), request)
+    pid = msg["plan_id"]
+    predicted = {d: v["compute_s"] for d, v in msg["timeline"]["devices"].items()}
+    assert predicted["pbbbb"] == pytest.approx(3 * predicted["pcccc"], rel=0.15)  # equal rows, a 3x slower b
+    for bad in ({"plan_id": "x"}, {"plan_id": pid, "report": "no"}, {"plan_id": 999, "report": {"compute_ms": 5}}):
+        assert inf.observe(room, PeerId("pbbbb"), bad, 0.0) is None
+    due = []
+    for i in range(12):
+        for d in ("paaaa", "pbbbb", "pcccc"):  # b truly computes its rows 3x faster than predicted
+            truth = 1 / 3 if d == "pbbbb" else 1.0
+            report = {"compute_ms": predicted[d] * truth * 1e3, **({"links": {}} if d == "pbbbb" else {})}
+            got = inf.observe(room, PeerId(d), {"kind": "frame_report", "plan_id": pid, "report": report}, float(i))
+            if got is not None:
+                due.append((i, got))
+    assert len(due) == 1 and due[0][1] == ("paaaa", request), due
+    again = inf.choose(room, PeerId("paaaa"), request, only_if_new=True)  # equal split: the same plan's shape
+    assert again is None
+    fixed = inf.choose(room, PeerId("paaaa"), protocol.PlanRequest())
+    devices = fixed["timeline"]["devices"]
+    # corrected, b's predicted time for its share is like the others' (it was 3x theirs)
+    assert inf.pictures["r"].compute["pbbbb"].value == pytest.approx(1 / 3, rel=0.01)
+    if devices.get("pbbbb", {}).get("compute_s") and devices.get("pcccc", {}).get("compute_s"):
+        assert devices["pbbbb"]["macs"] == pytest.approx(devices["pcccc"]["macs"], rel=0.25)
+    inf.forget("r")
+    assert "r" not in inf.pictures and not inf.requests

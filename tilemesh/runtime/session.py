@@ -31,7 +31,10 @@ The rules, each in one place:
   left out of the next plan (with hysteresis); spot checks compare pieces with the source's own copy and a device
   whose copy disagrees is excluded and named (`wrong_result` broadcast); a source whose plan is replaced with
   frames in flight finishes them alone;
-- reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast);
+- reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast), with what this
+  device measured of its incoming links since its last report (`links`: bytes and seconds of every multi-chunk
+  message from a peer, first chunk to last, on the executor's clock); the server learns from them
+  (`tilemesh.planning.refine`);
 - drift: a device whose measured compute stays `DRIFT_FACTOR` off the planner's prediction for `DRIFT_FRAMES`
   frames profiles itself again (at most once per `DRIFT_COOLDOWN_S`) and tells the room (`profile_changed`);
   a source hearing that from a device of its plan asks for a new plan and keeps running the old one meanwhile.
@@ -46,7 +49,7 @@ import random
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from . import recovery
+from . import recovery, wire
 from .classify import LocalClassifier, top_entries
 from .peer import PlanRuntime
 from .runner import ComputeRequest
@@ -417,6 +420,8 @@ class DeviceSession:
         self.drift = Drift()
         self.pending_drift: float | None = None  # a re-profile asked for by drift, until `Profiled`
         self.tasks_run: dict[int, int] = {}  # plan id -> tasks this device computed under it
+        self.rx_open: dict[str, list] = {}  # peer -> [first chunk's time, bytes after it] of a message arriving
+        self.rx: dict[str, list] = {}  # peer -> [bytes, seconds] measured since the last report
         self.errors: list[str] = []
         if classifier is not None:
             self._load(classifier)
@@ -537,6 +542,8 @@ class DeviceSession:
         self.max_message.pop(ev.peer, None)
         self.probing.pop(ev.peer, None)
         self.provisional.discard(ev.peer)
+        self.rx_open.pop(ev.peer, None)
+        self.rx.pop(ev.peer, None)
         if self.runtime is not None:
             self.runtime.forget_peer(ev.peer)
         if self.links.pop(ev.peer, None) is not None:
@@ -974,9 +981,31 @@ class DeviceSession:
             rescue_ms = min(rescue_ms, engine_ms)  # one reference run on the engine serves every piece
         return recovery.up_front_pays(rescue_ms, (self.plan or {}).get("predicted_ms"), alone_ms)
 
+    def _rx(self, peer: str, chunk, now: float) -> None:
+        """Link accounting: a message of several chunks from `peer` times the link from its first chunk to its last
+        (the bytes after the first over that time; one-chunk messages say nothing of throughput)."""
+        pos = wire.peek_chunking(chunk)
+        if pos is None or pos[1] < 2:
+            return
+        index, count = pos
+        if index == 0:
+            self.rx_open[peer] = [now, 0]
+            return
+        acc = self.rx_open.get(peer)
+        if acc is None:
+            return
+        acc[1] += len(chunk)
+        if index == count - 1:
+            del self.rx_open[peer]
+            if now > acc[0]:
+                total = self.rx.setdefault(peer, [0, 0.0])
+                total[0] += acc[1]
+                total[1] += now - acc[0]
+
     def _on_chunk(self, ev: ChunkIn, now: float) -> list[Effect]:
         if self.runtime is None:
             return self._error(f"chunk from {ev.peer} before the model was loaded")
+        self._rx(ev.peer, ev.data, now)
         try:
             res = self.runtime.on_chunk(ev.peer, ev.data)
         except ValueError as exc:  # a bad chunk costs that chunk, never the session
@@ -1044,6 +1073,9 @@ class DeviceSession:
     def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:
         out: list[Effect] = [Notice("timings", {"plan_id": plan_id, "report": report})]  # every frame, locally
         if should_report(int(report["frame"])):
+            if self.rx:
+                report = {**report, "links": {p: {"bytes": b, "seconds": round(t, 6)} for p, (b, t) in self.rx.items()}}
+                self.rx = {}
             out.append(Signal("broadcast", {"data": {"kind": "frame_report", "plan_id": plan_id, "report": report}}))
             out.append(Notice("report", {"plan_id": plan_id, "report": report}))
         plan = self.last_plan

@@ -193,6 +193,16 @@ def peek_plan_id(chunk) -> int | None:
     return _HEAD.unpack_from(mv)[7]
 
 
+def peek_chunking(chunk) -> tuple[int, int] | None:
+    """(index, count) of a chunk within its message without validating it (None if it is not a chunk): the
+    receiver's link accounting times a message from its first chunk to its last."""
+    mv = memoryview(chunk).cast("B")
+    if len(mv) < HEADER_SIZE or bytes(mv[:4]) != MAGIC:
+        return None
+    head = _HEAD.unpack_from(mv)
+    return head[17], head[18]
+
+
 def decode(chunks) -> Received:
     """Reassemble one complete message from its chunks (any order); the one-shot form of `Reassembler`."""
     r = Reassembler(window=1)

@@ -5,6 +5,11 @@ Each peer reports, in its `state.profile`, `{"compute": <tilemesh.runtime.profil
 data channels. A `plan_request` from the device with the camera makes the planner (a pure function, run in a
 thread so the event loop keeps relaying signals) choose a plan over the ready peers; the answer is a small
 spec that every device expands locally (`tilemesh.runtime.peer.plan_from_spec`).
+
+Learned allocation: the `frame_report`s devices broadcast pass through the server, which learns from them
+(`tilemesh.planning.refine`: each device's measured compute against its plan's prediction, each link's measured
+throughput) and plans with the corrected picture; when the picture moves beyond its margins, the server plans
+the source's last request again and sends the new plan, if it differs from the running one.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 
 from aiohttp import web
 
-from tilemesh.planning import planner, variants
+from tilemesh.planning import planner, refine, variants
 from tilemesh.runtime.graph import Graph
+from tilemesh.runtime.profile import predict_graph_seconds, validate_profile
 from tilemesh.server.context import MODEL_KEY
 from tilemesh.server.signaling import protocol, rooms
 from tilemesh.server.signaling.ids import PeerId
@@ -62,6 +69,17 @@ def _valid_link(link) -> bool:
         return False
 
 
+def model_seconds(profiles: dict[str, dict], graph) -> dict[str, float]:
+    """Each usable profile's whole-model prediction (what carries a learned correction over a new profile)."""
+    out = {}
+    for d, prof in profiles.items():
+        try:
+            out[d] = predict_graph_seconds(validate_profile(prof), graph)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 def shortlist(candidates: list[dict], top: int = MAX_CANDIDATES) -> list[dict]:
     """The best few candidates plus the best of every other strategy (best first), so the host page can show
     what the chosen plan beat: single device, offloading, the baselines, not only variants of the winner."""
@@ -80,6 +98,12 @@ class Inference:
         self.bundle = bundle  # tilemesh.server.model.ModelBundle, or None when no model is set up
         self._graphs: dict[str | None, Graph] = {}
         self._ids = itertools.count(1)
+        # What frames taught the server (tilemesh.planning.refine), per room; the last request and plan of each
+        # source (a replan the picture asks for repeats that request). Planning runs in threads: one lock.
+        self._lock = threading.Lock()
+        self.pictures: dict = {}
+        self.requests: dict = {}
+        self.running: dict = {}
 
     @property
     def graph(self) -> Graph:
@@ -96,13 +120,37 @@ class Inference:
             self._graphs[variant] = self.bundle.graph(variant)
         return self._graphs[variant]
 
-    def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
+    def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest,
+               only_if_new: bool = False, based_on: int | None = None) -> dict | None:
+        """The plan for `requester`'s request, made with the room's learned picture (`refine.corrected`).
+        `only_if_new` (a replan the picture asked for, while plan `based_on` ran): None when it would be the plan
+        already running, or when another plan has replaced `based_on` meanwhile."""
         profiles, links, edge = planner_inputs(room, requester, request.devices, request.exclude)
+        key = (room.id, requester)
+        with self._lock:
+            picture = self.pictures.get(room.id, refine.Picture())
+        model_s = model_seconds(profiles, self.variant_graph(request.variant))
+        fixed_profiles, fixed_links = refine.corrected(profiles, links, picture, model_s)
         if request.target is not None:
-            return self._choose_scaled(profiles, links, edge, requester, request)
-        graph = self.variant_graph(request.variant)
-        choice = planner.make_plan(request.strategy, graph, profiles, links, requester, edge=edge)
-        return self._message(choice, requester, request.strategy, request.variant)
+            msg = self._choose_scaled(fixed_profiles, fixed_links, edge, requester, request)
+        else:
+            graph = self.variant_graph(request.variant)
+            choice = planner.make_plan(request.strategy, graph, fixed_profiles, fixed_links, requester, edge=edge)
+            msg = self._message(choice, requester, request.strategy, request.variant)
+        shape = (msg["spec"]["cuts"], msg["spec"]["splits"], msg["devices"], msg.get("variant"))
+        running = self.running.get(key, (None, None))
+        if only_if_new and (running[1] == shape or (based_on is not None and running[0] != based_on)):
+            return None
+        predicted = {d: v["compute_s"] for d, v in msg["timeline"]["devices"].items() if v.get("compute_s")}
+        with self._lock:
+            if only_if_new and based_on is not None and self.running.get(key, (None, None))[0] != based_on:
+                return None  # the source asked for a plan of its own meanwhile
+            picture = self.pictures.get(room.id, refine.Picture())
+            self.pictures[room.id] = refine.planned(picture, msg["plan_id"], requester, profiles, fixed_links,
+                                                    predicted, model_s=model_s)
+            self.requests[key] = request
+            self.running[key] = (msg["plan_id"], shape)
+        return msg
 
     def _choose_scaled(self, profiles, links, edge, requester: PeerId, request: protocol.PlanRequest) -> dict:
         """Context-aware scaling: the most accurate variant (the model as served, or a card variant with a
@@ -151,8 +199,51 @@ class Inference:
             **extra,
         }
 
-    async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(None, self.choose, room, requester, request)
+    async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest,
+                       only_if_new: bool = False, based_on: int | None = None) -> dict | None:
+        return await asyncio.get_running_loop().run_in_executor(None, self.choose, room, requester, request,
+                                                                 only_if_new, based_on)
+
+    def observe(self, room: rooms.Room, sender: PeerId, data: dict, now: float):
+        """A `frame_report` broadcast on its way through the server: learn from it (`refine.observe`, the sender
+        as the socket says, its profile as the roster has it). Returns (source, request) when the running plan of
+        that report's source should be made again with what was learned, else None."""
+        try:
+            plan_id = int(data["plan_id"])
+            report = data["report"]
+            compute_s = float(report.get("compute_ms") or 0.0) / 1e3
+            links = report.get("links") if isinstance(report.get("links"), dict) else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        member = room.peer(sender)
+        prof = member.profile.get("compute") if member is not None and isinstance(member.profile, dict) else None
+        profiles = {p.id: p.profile.get("compute") for p in room.peers
+                    if isinstance(p.profile, dict) and isinstance(p.profile.get("compute"), dict)}
+        model_s = model_seconds(profiles, self.graph)
+        with self._lock:
+            picture = self.pictures.get(room.id)
+            if picture is None or plan_id not in picture.plans:
+                return None
+            picture = refine.observe(picture, plan_id, sender, compute_s, prof, links, model_s.get(sender, 0.0))
+            source = picture.plans[plan_id].source
+            key = (room.id, source)
+            running = self.running.get(key)
+            why = None
+            if running is not None and running[0] == plan_id and key in self.requests:
+                picture, why = refine.replan_due(picture, plan_id, profiles, now, model_s)
+            self.pictures[room.id] = picture
+            if why is None:
+                return None
+            log.info("room %s…: replanning for %s: %s", room.id[:6], source, why)
+            return source, self.requests[key], plan_id
+
+    def forget(self, room_id) -> None:
+        """A closed room's learned picture goes with it."""
+        with self._lock:
+            self.pictures.pop(room_id, None)
+            for key in [k for k in self.requests if k[0] == room_id]:
+                self.requests.pop(key, None)
+                self.running.pop(key, None)
 
 
 INFERENCE_KEY = web.AppKey("inference", Inference)
@@ -164,4 +255,6 @@ def setup(app: web.Application) -> Inference:
     inference = Inference(app[MODEL_KEY])
     app[INFERENCE_KEY] = inference
     app[signaling.HUB_KEY].planner = inference
+    app[signaling.HUB_KEY].observer = inference.observe
+    app[signaling.HUB_KEY].room_closed = inference.forget
     return inference

@@ -227,5 +227,5 @@ def setup(app: web.Application) -> ModelBundle | None:
     return bundle
 
 
-__all__ = ["BUNDLE_FILES", "WHOLE_FILE", "MODEL_KEY", "CardError", "ModelBundle", "ModelError", "Preprocess", "bundle_of",
-           "default_model", "graph_summary", "prepare", "setup", "variant_file", "write_whole"]
+__all__ = ["BUNDLE_FILES", "MODEL_KEY", "WHOLE_FILE", "CardError", "ModelBundle", "ModelError", "Preprocess",
+           "bundle_of", "default_model", "graph_summary", "prepare", "setup", "variant_file", "write_whole"]

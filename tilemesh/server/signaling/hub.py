@@ -243,6 +243,10 @@ class Hub:
         # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
         self._plans: dict[PeerId, asyncio.Task] = {}
+        # Sees every `frame_report` broadcast: (room, sender, data, now) -> (source, PlanRequest) when the
+        # source's plan should be made again (learned allocation), else None. None: nobody watches.
+        self.observer: Callable[[rooms.Room, PeerId, dict, float], tuple | None] | None = None
+        self.room_closed: Callable[[RoomId], None] | None = None  # told when a room closes (its picture goes)
         # Given to this process's own edge peer (and nobody else): joining with it makes a relay member.
         # TILEMESH_RELAY_KEY sets it instead, for an edge in another process of the same host (benchmarks).
         self.relay_key = os.environ.get("TILEMESH_RELAY_KEY") or secrets.token_urlsafe(24)
@@ -412,6 +416,8 @@ class Hub:
                 for peer in self.state.room(conn.room).peers:
                     if peer.id != conn.peer:
                         self._deliver(peer.id, text)
+                if self.observer is not None and isinstance(data, dict) and data.get("kind") == "frame_report":
+                    self._observe(conn.room, conn.peer, data)
             case protocol.PlanRequest():
                 if self.planner is None:
                     raise protocol.ProtocolError(protocol.PLAN_FAILED, "this server has no planner")
@@ -428,6 +434,20 @@ class Hub:
                 room, peer = conn.room, conn.peer
                 self._remove(room, peer, "leave")
                 conn.close(CLOSE_LEFT, "left", self.clock())
+
+    def _observe(self, room_id: RoomId, sender: PeerId, data: dict) -> None:
+        """A frame report for the observer; a replan it asks for runs like a plan request of the source's,
+        and its plan goes out only if it differs from the running one."""
+        due = self.observer(self.state.room(room_id), sender, data, self.clock())
+        if due is None or self.planner is None:
+            return
+        source, request = due
+        if source in self._plans or len(self._plans) >= self.config.max_plans or self.state.room(room_id).peer(
+                source) is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._plan(room_id, source, request, only_if_new=True))
+        self._plans[source] = task
+        task.add_done_callback(lambda _: self._plans.pop(source, None))
 
     def _on_join(self, conn: Connection, join: protocol.Join) -> None:
         if conn.peer is not None:
@@ -459,9 +479,15 @@ class Hub:
         log.info("peer %s %s room %s… (%d peers)", peer_id, "resumed" if resumed else "joined", join.room[:6],
                  len(room.peers))
 
-    async def _plan(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest) -> None:
+    async def _plan(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest,
+                    only_if_new: bool = False) -> None:
         try:
-            fields = await self.planner(self.state.room(room_id), requester, request)
+            if only_if_new:
+                fields = await self.planner(self.state.room(room_id), requester, request, only_if_new=True)
+                if fields is None:
+                    return
+            else:
+                fields = await self.planner(self.state.room(room_id), requester, request)
         except (rooms.RoomError, protocol.ProtocolError, ValueError) as exc:
             self._deliver(requester, protocol.encode(protocol.error(protocol.PLAN_FAILED, str(exc), "plan_request")))
             return
@@ -554,6 +580,8 @@ class Hub:
         self.state, closed = rooms.close_idle_rooms(self.state, now, self.config.room_ttl)
         for room_id in closed:
             log.info("room %s… closed after %g s empty", room_id[:6], self.config.room_ttl)
+            if self.room_closed is not None:
+                self.room_closed(room_id)
         self._forget_room_buckets(now)
 
     async def _run_janitor(self) -> None:

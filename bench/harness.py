@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 PORT = 8443
 EDGE_STRATEGIES = ("offload", "partition_offload")
 READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state === 'ready'"
+# Ready, and done refining what it measured while others booted (profile, thread count, links taken again).
+SETTLED = "() => window.tilemesh.signaling.lastState?.state === 'ready' && !window.tilemesh.signaling.lastState.detail"
 
 # Installed on the source page once the AR loop runs: records every frame the loop classifies and lets the
 # harness pause the loop between frames (the gate sits before the room engine is called).
@@ -398,6 +400,10 @@ class Run:
                     self.ids[name] = pg.evaluate("window.tilemesh.peerId")
                     self.names[self.ids[name]] = name
                 log(f"browsers ready after {time.monotonic() - t0:.0f} s")
+                for pg in self.pages.values():
+                    with contextlib.suppress(Exception):  # a device still refining plans on its first figures
+                        pg.wait_for_function(SETTLED, timeout=120_000)
+                log(f"browsers settled after {time.monotonic() - t0:.0f} s")
                 nb = len(self.pages)
                 for pg in self.pages.values():
                     with contextlib.suppress(Exception):  # planner falls back to its default link if one is missing

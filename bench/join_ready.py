@@ -40,9 +40,26 @@ WATCH = """(() => { window.__steps = []; let last = ''; const t = setInterval(()
   const s = window.tilemesh && window.tilemesh.signaling && window.tilemesh.signaling.lastState;
   const step = s ? `${s.state}: ${s.detail || ''}` : '';
   if (step && step !== last) { last = step; window.__steps.push([Math.round(performance.now()), step]); }
-  if (s && s.state === 'ready' && window.__readyAt === undefined) window.__readyAt = performance.now();
+  if (s && s.state === 'ready' && window.__readyAt === undefined) {
+    window.__readyAt = performance.now();
+    window.__firstMeasure = ((s.profile || {}).compute || {}).measure_ms || null;  // where the first profile went
+  }
   if (s && s.state === 'ready' && !s.detail) { window.__settledAt = performance.now(); clearInterval(t); } }, 25);
 })();"""
+
+
+# Runs `tilemesh.cli` from the current directory's package even where this checkout is installed in editable mode
+# (setuptools' editable finder sits on sys.meta_path, ahead of sys.path).
+OLD_LAUNCHER = [sys.executable, "-c", "import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if "
+                "'__editable__' not in getattr(f, '__module__', '')]; sys.path.insert(0, '.'); "
+                "sys.argv[0] = 'tilemesh'; runpy.run_module('tilemesh.cli', run_name='__main__')"]
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def old_checkout(ref: str, tmp: Path) -> Path:
@@ -52,11 +69,12 @@ def old_checkout(ref: str, tmp: Path) -> Path:
     subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
     static = tmp / "static"
     static.mkdir()
-    for name in ("vendor", "model"):
-        (static / name).symlink_to(REPO / "static" / name)
+    for name in ("vendor", "model"):  # hard links where they can be (aiohttp serves no symlinks), else copies
+        shutil.copytree(REPO / "static" / name, static / name, copy_function=_link_or_copy)
     shutil.copyfile(REPO / "static" / "manifest.json", static / "manifest.json")
-    subprocess.run([sys.executable, "-m", "tilemesh.server.assets", "--steps", "runtime", "--static-dir", str(static)],
-                   cwd=tmp, check=True, capture_output=True)
+    pack = OLD_LAUNCHER[-1].replace("tilemesh.cli", "tilemesh.server.assets")
+    subprocess.run([*OLD_LAUNCHER[:-1], pack, "--steps", "runtime", "--static-dir", str(static)], cwd=tmp, check=True,
+                   capture_output=True)
     return static
 
 
@@ -92,12 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             static = old_checkout(args.compare, Path(old))
             servers[args.compare] = ServerProcess(
-                ns.inner, 8444, prefix=ns.wrap([]), cwd=Path(old),
+                ns.inner, 8444, prefix=ns.wrap([]), cwd=Path(old), launcher=OLD_LAUNCHER,
                 extra=["--https", "--state-dir", state, "--static-dir", str(static)])
             urls[args.compare] = f"https://{ns.inner}:8444"
         try:
             for url in urls.values():
                 wait_http(url + "/healthz", timeout=120, context=insecure)
+            if args.compare:  # the other server really serves REF's code
+                want = subprocess.run(["git", "show", f"{args.compare}:tilemesh/web/runtime_worker.js"], cwd=REPO,
+                                      check=True, capture_output=True).stdout
+                with urllib.request.urlopen(urls[args.compare] + "/web/runtime_worker.js", timeout=30,  # noqa: S310
+                                            context=insecure) as resp:
+                    if resp.read() != want:
+                        raise SystemExit(f"bench.join_ready: the server for {args.compare} does not serve its code")
             for r in range(args.rounds):
                 mode = modes[r % 2]
                 url = urls[mode]
@@ -130,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                for pg in pages]
                     steps = [pg.evaluate("window.__steps") for pg in pages]
                     marks = [pg.evaluate("() => (window.tilemesh.bootInfo || {}).marks || null") for pg in pages]
+                    first = [pg.evaluate("() => window.__firstMeasure || null") for pg in pages]
                     speeds = [pg.evaluate("() => (window.tilemesh.engine.compute || {}).model_ms || null")
                               for pg in pages]
                 finally:
@@ -144,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 worst = max(range(len(ready)), key=ready.__getitem__)
                 print("[join_ready]   slowest page's steps (ms: state: detail): "
                       + "; ".join(f"{ms}: {step}" for ms, step in steps[worst]), file=sys.stderr, flush=True)
+                if first[worst]:
+                    print(f"[join_ready]   its first profile took (ms): {first[worst]}", file=sys.stderr, flush=True)
                 if marks[worst]:
                     print("[join_ready]   its worker's marks (ms since the worker started): "
                           + ", ".join(f"{k} {v}" for k, v in marks[worst].items()), file=sys.stderr, flush=True)

@@ -47,12 +47,12 @@ def wait_http(url: str, timeout: float = 20.0, context=None) -> None:
 
 class ServerProcess:
     def __init__(self, host: str, port: int, extra: list[str] | None = None, prefix: list[str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, launcher: list[str] | None = None):
         self.host, self.port = host, port
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tilemesh-server-{port}.log", "w+")  # noqa: SIM115
-        cmd = [*(prefix or []), sys.executable, "-m", "tilemesh.cli", "serve", "--host", host, "--port", str(port),
-               *(extra or [])]
-        # `cwd`: another checkout's code (its `tilemesh` package comes first on the path), for benchmarks
+        cmd = [*(prefix or []), *(launcher or [sys.executable, "-m", "tilemesh.cli"]), "serve", "--host", host,
+               "--port", str(port), *(extra or [])]
+        # `cwd`, `launcher`: another checkout's code and how to run it (benchmarks comparing two versions)
         self.proc = subprocess.Popen(cmd, cwd=cwd or REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://{host}:{port}"
 

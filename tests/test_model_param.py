@@ -62,7 +62,8 @@ def tiny(tmp_path):
 def test_bundle_of_a_second_model_classifies_like_onnxruntime(tiny, tmp_path):
     static = tmp_path / "static"
     bundle = model_mod.prepare(tiny, static)
-    assert sorted(p.name for p in bundle.dir.iterdir()) == sorted([*model_mod.BUNDLE_FILES, model_mod.STAMP])
+    assert sorted(p.name for p in bundle.dir.iterdir()) == sorted([*model_mod.BUNDLE_FILES, model_mod.STAMP,
+                                                                   model_mod.WHOLE_FILE])
     assert bundle.card.name == "Tiny test CNN" and bundle.card.labels == tuple(LABELS)
     assert bundle.summary["nodes"] == len(onnx.load(tiny).graph.node) and bundle.summary["classes"] == CLASSES
     assert bundle.summary["input"] == [1, 3, SIZE, SIZE]
@@ -80,6 +81,18 @@ def test_bundle_of_a_second_model_classifies_like_onnxruntime(tiny, tmp_path):
 
     np.testing.assert_allclose(run_graph(classifier.graph, x), want, atol=1e-4, rtol=1e-4)
     assert classifier.labels == LABELS
+    # whole.onnx (the browser's first onnxruntime-web session, made while Python boots) holds exactly the bytes
+    # the runtime builds for it, and run over graph.bin's weights it computes what onnxruntime computes.
+    from tilemesh.runtime.task_model import graph_model
+
+    whole = (bundle.dir / model_mod.WHOLE_FILE).read_bytes()
+    assert whole == graph_model(classifier.graph, external="model.bin").model
+    runs = tmp_path / "whole"
+    runs.mkdir()
+    (runs / "whole.onnx").write_bytes(whole)
+    (runs / "model.bin").write_bytes((bundle.dir / "graph.bin").read_bytes())
+    got = ort.InferenceSession(str(runs / "whole.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
     # A second start converts nothing: same directory, files untouched.
     mtimes = {p.name: p.stat().st_mtime_ns for p in bundle.dir.iterdir()}
     again = model_mod.prepare(tiny, static)

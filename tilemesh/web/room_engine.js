@@ -17,6 +17,9 @@ const SESSION = "tilemesh.runtime.session";
 const TICK_MS = 500;
 // A probe whose answers stop coming (the peer vanished mid-probe) gives up, so `measure()` always resolves.
 const PROBE_TIMEOUT_MS = 20000;
+// Once the room settles, each device re-measures in its turn, this long apart (a profile with the thread trial
+// takes about a second on a phone).
+const SETTLE_TURN_MS = 1500;
 
 // onnxruntime-web's thread count, chosen by measurement, is remembered per device and model (the page's storage),
 // so the next visit joins on it without a trial.
@@ -180,10 +183,16 @@ export class RoomEngine extends EventTarget {
         this.probing.set(e.peer, entry);
         break;
       }
-      case "profile":
-        // Once the room has settled the engine also chooses its thread count (deferred while joining).
-        this._profile({ trial: e.reason === "settled" }).catch((err) => this._error(`profile: ${err.message}`));
+      case "profile": {
+        // Once the room has settled the engine also chooses its thread count (deferred while joining), and the
+        // devices take turns (`SETTLE_TURN_MS` each, in peer id order): measurements that overlap share what
+        // they measure (the air between phones; on an emulated room, the machine's cores too).
+        const settled = e.reason === "settled";
+        const turn = settled ? this._turn() * SETTLE_TURN_MS : 0;
+        setTimeout(() => this._profile({ trial: settled }).catch((err) => this._error(`profile: ${err.message}`)),
+          turn);
         break;
+      }
       case "notice": this._notice(e.what, e.detail); break;
       default: this._error(`unknown effect ${e.do}`);
     }
@@ -228,6 +237,12 @@ export class RoomEngine extends EventTarget {
   _error(text) {
     this.errors.push(text);
     console.warn("tilemesh:", text);
+  }
+
+  // This device's place among the room's devices (peer id order; the server's own edge measures apart).
+  _turn() {
+    const ids = this.signaling.peers.filter((p) => p.kind !== "edge").map((p) => p.id).sort();
+    return Math.max(0, ids.indexOf(this.signaling.peerId));
   }
 
   // Resolves once the session has reported the new profile. `opts.trial`: the engine chooses its thread count

@@ -17,14 +17,14 @@ function progress(stage, fraction, detail = "") {
   postMessage({ type: "progress", stage, fraction, detail });
 }
 
-// Downloads with byte progress, all at once, as one truthful bar: the bytes received over the bytes announced so
-// far (a file whose size is not known yet adds nothing to either). The bar moves with the bytes until Python
+// Downloads with byte progress, all at once, as one truthful bar: the bytes received over the bytes announced
+// (shown once every download started has announced its size). The bar moves with the bytes until Python
 // starts booting (`stop()`); downloads still running after that keep their bytes in the step's text ("starting
 // Python · 21.3 / 38.6 MB"), so the bar never goes back. Later fetches of the same URLs (Pyodide's own fetch of
 // its wasm) come from the HTTP cache.
 class Downloads {
   constructor(from, to) {
-    Object.assign(this, { from, to, got: 0, total: 0, step: null });
+    Object.assign(this, { from, to, got: 0, total: 0, step: null, asking: 0 });
   }
 
   bytes() { return `${(this.got / 1e6).toFixed(1)} / ${(this.total / 1e6).toFixed(1)} MB`; }
@@ -40,13 +40,15 @@ class Downloads {
       const { stage, fraction, detail } = this.step;
       const pending = this.got < this.total;
       progress(stage, fraction, pending ? `${detail} · ${this.bytes()}` : detail);
-    } else if (this.total) {
+    } else if (this.total && !this.asking) {  // every size is known: the bar never goes back
       progress("download", this.from + ((this.to - this.from) * this.got) / this.total, this.bytes());
     }
   }
 
   async fetch(url) {
-    const resp = await fetch(url);
+    this.asking++;
+    let resp;
+    try { resp = await fetch(url); } finally { this.asking--; }
     if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
     const size = Number(resp.headers.get("Content-Length")) || 0;
     this.total += size;

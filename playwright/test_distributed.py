@@ -32,6 +32,7 @@ from tilemesh.runtime.preprocess import preprocess, top_k
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
 READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state === 'ready'"
+SETTLED = "() => window.tilemesh.signaling.lastState?.state === 'ready' && !window.tilemesh.signaling.lastState.detail"
 
 
 def centre_square(img: np.ndarray) -> np.ndarray:
@@ -99,6 +100,11 @@ def test_room_classifies_camera_frames_together(tmp_path: Path, pw):
             pages = [host, phone, laptop]
             for pg in pages:
                 pg.wait_for_function(READY, timeout=180_000)
+            # Ready devices then refine what they measured while the others booted (thread count, profile, links):
+            # this test's plans and counts are about a settled room (the edge on this same machine would otherwise
+            # compute while the browsers measure, drift, and replan mid-check).
+            for pg in pages:
+                pg.wait_for_function(SETTLED, timeout=180_000)
             ids = [pg.evaluate("window.tilemesh.peerId") for pg in pages]
             room = host.url.rsplit("/", 1)[-1]
             edge = get_json(srv, f"/diag/mesh/edge/{room}")

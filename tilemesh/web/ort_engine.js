@@ -60,6 +60,9 @@ export function median(xs) {
   return n % 2 ? s[n >> 1] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
 }
 
+// Thrown inside a background measurement's runs when frames are waiting for the worker.
+export const PREEMPTED = new Error("measurement preempted: frames are waiting");
+
 function toJsObject(proxy) {
   try { return proxy.toJs({ dict_converter: Object.fromEntries }); } finally { proxy.destroy(); }
 }
@@ -139,6 +142,8 @@ export class OrtEngine {
     this.whole = null;       // {session, outputs} of the whole graph (single-device classifier, profile)
     this.plan = null;        // {planId, tasks: [{session, outputs}]}
     this.info = { engine: "numpy", reason: "onnxruntime-web not loaded" };
+    this.shouldYield = () => false;  // the worker says when other messages wait (background measurements stop)
+    this.trialOne = null;    // [instance, session] of one thread while a trial is under way
   }
 
   bridge() { return this.pyodide.pyimport(BRIDGE); }
@@ -233,24 +238,29 @@ export class OrtEngine {
   // The whole model run back to back with this instance's threads and with one thread on a second instance,
   // in alternating blocks (load from elsewhere hits both alike); the faster one stays. Once per page, when the
   // model is loaded, so the lone-device /ar page runs on the faster count too.
-  async _chooseThreads(x, name, budgetS) {
+  // `go` wraps each run (a background measurement gives way to frames: it throws PREEMPTED); the one-thread
+  // instance and its session are kept for the next try.
+  async _chooseThreads(x, name, budgetS, go = (fn) => fn) {
     if (this.threadsPinned || this.threadTrial || !self.crossOriginIsolated || this.ort.env.wasm.numThreads <= 1) {
       return;
     }
     const many = this.ort.env.wasm.numThreads;
-    const alt = await this._loadOrt(1, "t1");
-    const bridge = this.bridge();
-    const whole = bridge.whole_model();
-    let one;
-    try { one = await this._session(whole, alt); } finally { whole.destroy(); bridge.destroy(); }
+    if (!this.trialOne) {
+      const alt = await this._loadOrt(1, "t1");
+      const bridge = this.bridge();
+      const whole = bridge.whole_model();
+      try { this.trialOne = [alt, await this._session(whole, alt)]; } finally { whole.destroy(); bridge.destroy(); }
+    }
+    const [alt, one] = this.trialOne;
     const runs = { [many]: [], 1: [] };
     const engines = { [many]: [this.ort, this.whole], 1: [alt, one] };
     for (let block = 0; block < 3; block++) {
       for (const t of [many, 1]) {
         const [ort, entry] = engines[t];
-        runs[t].push(...await sustainedSamples(() => this._run(entry, [[name, x]], ort), budgetS / 6, 2, 20));
+        runs[t].push(...await sustainedSamples(go(() => this._run(entry, [[name, x]], ort)), budgetS / 6, 2, 20));
       }
     }
+    this.trialOne = null;
     this.threadTrial = { [many]: median(runs[many]) * 1e3, 1: median(runs[1]) * 1e3 };
     if (this.threadTrial[1] < this.threadTrial[many]) {
       this.whole.session.release().catch(() => {});
@@ -531,18 +541,27 @@ export class OrtEngine {
   // and the whole model on onnxruntime-web; the peer uses whichever engine predicts the model faster. Returns the
   // chosen profile (what the planner uses). `trial`: choose the thread count first, if it was not (a room device
   // joins on the default or cached count and runs the trial once the room has settled).
-  async profile(pyProfile, budgetS = 0.3, { trial = false } = {}) {
+  // `background`: a refinement that gives way to frames: as soon as another message waits for the worker
+  // (`shouldYield`), it stops and returns null (the page tries again when the device is idle).
+  async profile(pyProfile, budgetS = 0.3, { trial = false, background = false } = {}) {
     const numpyProfile = pyProfile;
     if (!this.active && !this.whole) {
       // numpy is all this device has: the profile says why (the roster shows it).
       numpyProfile.set("engine_reason", this.info.reason);
       return numpyProfile;
     }
+    const go = (fn) => (background ? () => {
+      if (this.shouldYield()) throw PREEMPTED;
+      return fn();
+    } : fn);
     const t0 = performance.now();
     if (trial && !this.threadTrial && this.deferTrial) {
       const bridge = this.bridge();
       try {
-        await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15));
+        await this._withModelInput(bridge, (x, name) => this._chooseThreads(x, name, 0.15, go));
+      } catch (err) {
+        if (err === PREEMPTED) return null;
+        throw err;
       } finally { bridge.destroy(); }
       this.info = { ...this.info, reason: this._reason() };
     }
@@ -564,7 +583,7 @@ export class OrtEngine {
         const pairs = takePairs(p.get("inputs"));
         try {
           const key = p.get("key");
-          seconds[key] = await timeCall(() => this._run(entry, pairs), key === "chain" ? 2 * per : per);
+          seconds[key] = await timeCall(go(() => this._run(entry, pairs)), key === "chain" ? 2 * per : per);
         } finally {
           for (const [, a] of pairs) a.destroy();
           entry.session.release().catch(() => {});
@@ -574,7 +593,7 @@ export class OrtEngine {
       // The whole model run back to back: its median sets the profile's scale (what a frame pays here, quota
       // and contention included); the probes above only give the op classes' proportions.
       const probesMs = performance.now() - t0 - trialMs;
-      const samples = await sustainedSamples(() => this._run(this.whole, [[name, x0]]), 3 * per);
+      const samples = await sustainedSamples(go(() => this._run(this.whole, [[name, x0]])), 3 * per);
       samples.sort((a, b) => a - b);
       const modelS = median(samples);
       const pySeconds = this.pyodide.toPy(seconds);
@@ -597,6 +616,7 @@ export class OrtEngine {
       this.info = { ...this.info, engine: backend, reason: chosen.get("engine_reason") };
       return chosen;
     } catch (err) {
+      if (err === PREEMPTED) return null;
       this._fallBack(bridge, `onnxruntime-web profile failed: ${err.message || err}`);
       return numpyProfile;
     } finally {

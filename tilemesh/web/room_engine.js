@@ -20,6 +20,8 @@ const PROBE_TIMEOUT_MS = 20000;
 // Once the room settles, each device re-measures in its turn, this long apart (a profile with the thread trial
 // takes about a second on a phone).
 const SETTLE_TURN_MS = 1500;
+const IDLE_MS = 2000;  // and waits for this long without frames or chunks (a device computing is not measured)
+const BUSY_EVENTS = new Set(["frame", "chunk", "plan"]);
 
 // onnxruntime-web's thread count, chosen by measurement, is remembered per device and model (the page's storage),
 // so the next visit joins on it without a trial.
@@ -61,6 +63,8 @@ export class RoomEngine extends EventTarget {
     this.tasksRun = {};     // plan id -> tasks this device has computed under it
     this.ticker = null;
     this.probing = new Map();  // peer -> the probe running on its link
+    this.lastBusy = -Infinity;  // when a frame, chunk or plan last came (refinement waits for quiet)
+    this.refineTimer = null;
     mesh.onMessage = (from, bytes) => this._onMessage(from, bytes);
     signaling.on("plan", (msg) => this._fire({ on: "plan", msg, me: signaling.peerId }));
     // How many other devices are still booting: measurements taken meanwhile are provisional (the session's rule).
@@ -151,6 +155,7 @@ export class RoomEngine extends EventTarget {
 
   // One event to the session; its effects are carried out in order. Events queue in the worker in call order.
   async _fire(event, transfer = []) {
+    if (BUSY_EVENTS.has(event.on)) this.lastBusy = performance.now();
     let effects;
     try {
       await this.load();
@@ -183,16 +188,10 @@ export class RoomEngine extends EventTarget {
         this.probing.set(e.peer, entry);
         break;
       }
-      case "profile": {
-        // Once the room has settled the engine also chooses its thread count (deferred while joining), and the
-        // devices take turns (`SETTLE_TURN_MS` each, in peer id order): measurements that overlap share what
-        // they measure (the air between phones; on an emulated room, the machine's cores too).
-        const settled = e.reason === "settled";
-        const turn = settled ? this._turn() * SETTLE_TURN_MS : 0;
-        setTimeout(() => this._profile({ trial: settled }).catch((err) => this._error(`profile: ${err.message}`)),
-          turn);
+      case "profile":
+        if (e.reason === "settled") this._refine();
+        else this._profile().catch((err) => this._error(`profile: ${err.message}`));
         break;
-      }
       case "notice": this._notice(e.what, e.detail); break;
       default: this._error(`unknown effect ${e.do}`);
     }
@@ -239,6 +238,22 @@ export class RoomEngine extends EventTarget {
     console.warn("tilemesh:", text);
   }
 
+  // Once the room has settled: the profile again, the engine choosing its thread count first (deferred while
+  // joining). Devices take turns (`SETTLE_TURN_MS` each, in peer id order): measurements that overlap share what
+  // they measure (the air between phones; on an emulated room, the machine's cores too). It waits until this
+  // device has had no frame or chunk for `IDLE_MS`, and gives way to frames (the worker stops it when a message
+  // waits): a device in a running plan never stalls its frames for it; it tries again when idle.
+  _refine(delay = this._turn() * SETTLE_TURN_MS) {
+    clearTimeout(this.refineTimer);
+    this.refineTimer = setTimeout(async () => {
+      const idle = performance.now() - this.lastBusy;
+      if (idle < IDLE_MS) { this._refine(IDLE_MS - idle); return; }
+      try {
+        if (!await this._profile({ trial: true, background: true })) this._refine(IDLE_MS);
+      } catch (err) { this._error(`profile: ${err.message}`); }
+    }, delay);
+  }
+
   // This device's place among the room's devices (peer id order; the server's own edge measures apart).
   _turn() {
     const ids = this.signaling.peers.filter((p) => p.kind !== "edge").map((p) => p.id).sort();
@@ -249,8 +264,10 @@ export class RoomEngine extends EventTarget {
   // first (if it has not yet).
   async _profile(opts = {}) {
     const compute = await this.runtime.call(SESSION, "profile", [opts]);
-    if (compute && compute.thread_trial_ms && !compute.thread_trial_cached) rememberThreads(compute);
+    if (!compute) return false;  // a background measurement that gave way to frames
+    if (compute.thread_trial_ms && !compute.thread_trial_cached) rememberThreads(compute);
     await this._fire({ on: "profiled", compute });
+    return true;
   }
 
   async _probe({ peer, rtt_size: rttSize, rtt_count: rttCount, message, total }) {

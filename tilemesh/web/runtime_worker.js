@@ -203,7 +203,10 @@ async function call({ module, fn, args = [] }) {
 async function afterSessionCall(fn, args, result) {
   if (fn === "load") {
     // A second load (the /ar overlay inside a room) makes a fresh Python peer: rebind it to the same engine.
-    if (!engine || engine.modelJson !== args[0]) engine = new OrtEngine(pyodide, engineOptions);
+    if (!engine || engine.modelJson !== args[0]) {
+      engine = new OrtEngine(pyodide, engineOptions);
+      engine.shouldYield = () => waiting > 0;
+    }
     const info = engineOptions.disabled
       ? (engine.info = { engine: "numpy", reason: "onnxruntime-web turned off for this page (?ort=off)" })
       : await engine.init(args[0]);
@@ -216,14 +219,17 @@ async function afterSessionCall(fn, args, result) {
 // The device's profile (`opts` from the page: {trial}: choose onnxruntime-web's thread count first, if not yet).
 // Python measures what only it does (the camera's per-frame work) and numpy's profile only when this device has
 // no faster engine (or onnxruntime-web failing), or when `numpy` asks for it; the engine measures itself.
-async function profile(mod, { trial = false, numpy = false } = {}) {
+// `background`: a refinement that stops (null) as soon as another message waits for this worker.
+async function profile(mod, { trial = false, numpy = false, background = false } = {}) {
   const withEngine = engine && engine.whole && !engineOptions.disabled;
   let result = mod.profile(!withEngine || numpy);
   if (!withEngine) {
     if (engine) result.set("engine_reason", engine.info.reason);  // why numpy (the roster says it)
     return result;
   }
-  result = await engine.profile(result, 0.3, { trial });
+  const pyResult = result;
+  result = await engine.profile(result, 0.3, { trial, background });
+  if (result === null) { pyResult.destroy(); return null; }
   if (!result.has("sec_per_mac")) {  // the engine failed while profiling: numpy's profile after all
     result.destroy();
     result = mod.profile(true);
@@ -235,7 +241,11 @@ async function profile(mod, { trial = false, numpy = false } = {}) {
 // One message at a time, in arrival order: a call that awaits the engine must not interleave with the next one
 // (Python state, and the heap views handed to onnxruntime-web, stay still while a task runs).
 let queue = Promise.resolve();
-onmessage = (event) => { queue = queue.then(() => handle(event)); };
+let waiting = 0;  // messages queued behind the one being handled (background measurements give way to them)
+onmessage = (event) => {
+  waiting++;
+  queue = queue.then(() => { waiting--; return handle(event); });
+};
 
 async function handle(event) {
   const { id, cmd } = event.data;

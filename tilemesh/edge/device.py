@@ -121,6 +121,7 @@ class ComputeDevice:
         self._waiting: dict[int, asyncio.Future] = {}
         self._frame = 0
         self._probes: dict[str, asyncio.Task] = {}
+        self._booting: int | None = None  # other devices still booting, as last told to the session
 
     @property
     def peer_id(self) -> str | None:
@@ -199,7 +200,14 @@ class ComputeDevice:
 
     def _on_server(self, msg: dict) -> None:
         t = msg.get("type")
-        if t == "plan":
+        if t == "roster":  # links measured while browsers boot are measured again once none does (session rule)
+            peers = msg.get("peers") if isinstance(msg.get("peers"), list) else []
+            n = sum(1 for p in peers if isinstance(p, dict) and p.get("id") != self.peer_id
+                    and p.get("state") == "booting")
+            if n != self._booting:
+                self._booting = n
+                self._fire(S.RoomChanged(n))
+        elif t == "plan":
             self._fire(S.PlanIn(msg, self.peer_id or ""))
         elif t == "broadcast" and isinstance(msg.get("data"), dict):
             self._fire(S.BroadcastIn(str(msg.get("from")), msg["data"]))

@@ -223,6 +223,8 @@ class EdgePeer:
         elif t == "roster":
             self.roster = msg.get("peers", [])
             self._relay_links()
+            if self.on_server is not None:
+                self.on_server(msg)  # the owner's session counts who still boots
         elif t == "signal" and isinstance(self.links.get(msg.get("from")), RelayLink):
             return  # a relay pair has no WebRTC connection
         elif t == "signal":

@@ -17,6 +17,10 @@ pytestmark = pytest.mark.browser
 PHONE_UA = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
             "Chrome/126.0.0.0 Mobile Safari/537.36")
 BOOT_TIMEOUT_MS = 90_000
+READY = "() => window.tilemesh?.signaling?.lastState?.state === 'ready'"
+# Ready, and done refining what it measured while others booted (its detail says "refining" until then).
+SETTLED = ("() => window.tilemesh?.signaling?.lastState?.state === 'ready'"
+           " && !window.tilemesh.signaling.lastState.detail")
 
 
 def decode_qr(png: bytes) -> str:
@@ -75,6 +79,25 @@ def test_phone_joins_by_qr_and_leaves(page, phone, server):
     assert roster_row(phone, "laptop").count() == 1
     profile = page.evaluate("id => window.tilemesh.signaling.peer(id).profile", phone_id)
     assert profile["runtime"]["numpy"] == "2.0.2" and "Android" in profile["user_agent"]
+
+    # Ready first, refined after: once no device boots, the phone chooses onnxruntime-web's thread count by
+    # measurement (deferred while joining), profiles again, and remembers the count for its next visit, which
+    # then joins on it without a trial.
+    phone.wait_for_function(SETTLED, timeout=BOOT_TIMEOUT_MS)
+    compute = phone.evaluate("window.tilemesh.signaling.lastState.profile.compute")
+    assert set(compute["thread_trial_ms"]) == {"1", "2"} and not compute.get("provisional"), compute
+    assert "chosen by measurement" in compute["engine_reason"] and compute["threads"] in (1, 2)
+    assert compute["measure_ms"]["trial"] > 0
+    phone.reload()
+    phone.wait_for_function(READY, timeout=BOOT_TIMEOUT_MS)
+    again = phone.evaluate("window.tilemesh.signaling.lastState.profile.compute")
+    assert again["thread_trial_cached"] is True and again["threads"] == compute["threads"], again
+    assert "on an earlier visit" in again["engine_reason"] and not again.get("provisional")
+    assert again["measure_ms"]["trial"] == 0
+    phone_id = phone.evaluate("window.tilemesh.peerId")
+    page.wait_for_function(
+        "id => document.querySelector(`#roster li[data-peer-id='${id}']`)?.dataset.state === 'ready'",
+        arg=phone_id, timeout=BOOT_TIMEOUT_MS)
 
     # Closing the tab sends leave on pagehide. The row then shows "gone" for 1.5 s; without the leave it would
     # wait out the 3 s resume grace first, so 3.5 s tells the two paths apart.

@@ -142,3 +142,20 @@ def test_a_new_profile_restarts_the_correction_and_bad_reports_are_ignored(g):
     for _ in range(10):
         wild = R.observe(wild, pid, "b", 1e6, reported["b"])
     assert R.factor(wild, "b", R.fingerprint(reported["b"])) == pytest.approx(R.BOUND[1])
+
+
+def test_a_device_measuring_itself_again_keeps_what_frames_taught(g):
+    """The edge profiled alone reads 5 ms; under frames it takes 12 (it shares the machine). It re-profiles (drift)
+    and reads 4 ms again: the learned truth carries over, rescaled to the new profile, instead of starting again
+    (and, with no whole-model figures to rescale by, it starts again)."""
+    old = room(e=1.0)["e"]
+    new = scaled_profile(old, 1.25)  # its second profile reads 1.25x faster
+    t_old, t_new = predict_graph_seconds(old, g), predict_graph_seconds(new, g)
+    pic = R.planned(R.Picture(), 1, "a", {"e": old}, {}, {"e": 0.005}, model_s={"e": t_old})
+    for _ in range(R.MIN_SAMPLES):
+        pic = R.observe(pic, 1, "e", 0.012, old, model_s=t_old)
+    assert R.factor(pic, "e", R.fingerprint(old), t_old) == pytest.approx(2.4)
+    assert R.factor(pic, "e", R.fingerprint(new), t_new) == pytest.approx(2.4 * 1.25)
+    assert R.factor(pic, "e", R.fingerprint(new)) == 1.0
+    prof, _ = R.corrected({"e": new}, {}, pic, {"e": t_new})
+    assert predict_graph_seconds(prof["e"], g) == pytest.approx(2.4 * t_old)  # the same true speed

@@ -734,3 +734,41 @@ async def test_relay_to_a_receiver_that_never_reads_is_dropped_with_an_error(mak
     assert (err["code"], err["ref"]) == (protocol.PEER_UNAVAILABLE, "relay")
     assert max(c.queued_bytes for c in srv.hub.connections) <= 1 << 20
     stuck.writer.close()
+
+
+async def test_frame_reports_reach_the_observer_and_a_due_replan_sends_only_a_new_plan(server):
+    """Learned allocation's wiring: every `frame_report` broadcast is relayed as before and shown to the observer
+    (the sender as the socket says); when it says a replan is due, the source's request is planned again with
+    `only_if_new`, and a plan goes out only when the planner has a different one."""
+    seen, asked = [], []
+    answers = [None, {"plan_id": 7}]
+
+    def observer(room, sender, data, now):
+        seen.append((sender, data["plan_id"]))
+        return (p.id, protocol.PlanRequest(strategy="equal_split")) if data["plan_id"] >= 2 else None
+
+    async def planner(room, requester, request, only_if_new=False):
+        asked.append((requester, request.strategy, only_if_new))
+        out = answers.pop(0)
+        return None if out is None else {**out, "source": requester}
+
+    server.hub.planner, server.hub.observer = planner, observer
+    room = await server.new_room()
+    p, q = await server.connect(), await server.connect()
+    await p.join(room)
+    await q.join(room)
+    await q.send("broadcast", data={"kind": "frame_report", "plan_id": 1, "report": {"compute_ms": 5}})
+    assert (await p.expect("broadcast"))["data"]["plan_id"] == 1
+    await q.send("broadcast", data={"kind": "note", "plan_id": 9})  # not a report: not shown
+    await p.expect("broadcast")
+    await q.send("broadcast", data={"kind": "frame_report", "plan_id": 2, "report": {}})
+    await p.expect("broadcast")
+    for _ in range(100):
+        if asked and not server.hub._plans:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [(q.id, 1), (q.id, 2)] and asked == [(p.id, "equal_split", True)]
+    await q.send("broadcast", data={"kind": "frame_report", "plan_id": 3, "report": {}})
+    await p.expect("broadcast")
+    plan = await p.expect("plan")  # the second replan differs: it goes out to the room
+    assert plan["plan_id"] == 7 and plan["source"] == p.id

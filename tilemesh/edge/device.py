@@ -165,15 +165,17 @@ class ComputeDevice:
 
     # --- events in ---------------------------------------------------------------------------------------
 
-    def _fire(self, event: S.Event) -> None:
-        """Hand `event` to the session on the compute thread after everything queued before it."""
+    def _fire(self, event: S.Event, at: float | None = None) -> None:
+        """Hand `event` to the session on the compute thread after everything queued before it; `at`: when it
+        happened, if that matters more than when the session gets it (a chunk's arrival times its link)."""
         if self.edge.closed.is_set():
             return
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._handle, event)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._handle, event, at)
         self._pipeline.put_nowait((event, fut))
 
-    def _handle(self, event: S.Event) -> list[S.Effect]:
-        return self.session.handle(event, time.monotonic())
+    def _handle(self, event: S.Event, at: float | None = None) -> list[S.Effect]:
+        now = time.monotonic() if at is None else at
+        return self.session.handle(event, now)
 
     async def _ticks(self) -> None:
         while True:
@@ -221,7 +223,7 @@ class ComputeDevice:
             self._diag_tensor(remote, data)
         else:
             self.chunks_in += 1
-            self._fire(S.ChunkIn(remote, data))
+            self._fire(S.ChunkIn(remote, data), at=time.monotonic())
 
     @staticmethod
     def _is_chunk(data: bytes) -> bool:

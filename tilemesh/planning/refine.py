@@ -8,7 +8,9 @@ the bytes that crossed each link in how long. Every `REPORT_EVERY`-th frame each
 * compute: a per-device correction `factor`, a robust running ratio measured / profile-predicted compute (the
   median of the last `WINDOW` ratios, each bounded to `BOUND`). A sample is the plan's own ratio times the
   factor the plan was made with (plans are made with corrected profiles). A new profile from the device (it
-  re-measured itself: drift, the room settling) restarts its correction;
+  re-measured itself: drift, the room settling) keeps what was learned of its true speed: the factors are
+  rescaled by the two profiles' whole-model predictions (a profile measured alone on a shared machine reads fast
+  again and again; frames know better);
 * links: per directed link, the median of the last `WINDOW` throughputs the receiver measured on multi-chunk
   messages (the time from a message's first chunk to its last), which replaces the probe's figure once
   `MIN_SAMPLES` have come.
@@ -52,6 +54,7 @@ class Estimate:
     recent: tuple = ()
     n: int = 0
     base: str = ""
+    model_s: float = 0.0  # the whole model's time its base profile predicts (0: not known)
 
     @property
     def log(self) -> float:
@@ -85,13 +88,28 @@ class Picture:
     replanned_at: float | None = None
 
 
-def _add(est: Estimate, sample: float, base: str, bound: tuple[float, float] | None = None) -> Estimate:
-    x = math.log(max(sample, 1e-12))
-    if bound is not None:
-        x = min(max(x, math.log(bound[0])), math.log(bound[1]))
-    if est.base != base:
-        est = Estimate(base=base)
-    return Estimate((*est.recent, x)[-WINDOW:], est.n + 1, base)
+def _bounded(x: float, bound: tuple[float, float] | None) -> float:
+    return x if bound is None else min(max(x, math.log(bound[0])), math.log(bound[1]))
+
+
+def rebased(est: Estimate, base: str, model_s: float = 0.0, bound: tuple[float, float] | None = BOUND) -> Estimate:
+    """`est` carried over to a new profile of the same device (it measured itself again): what was learned is
+    the device's true speed, so the factors are rescaled by the two profiles' whole-model predictions; without
+    them the estimate starts again."""
+    if est.base == base:
+        return est
+    if est.model_s > 0 and model_s > 0 and est.recent:
+        shift = math.log(est.model_s / model_s)
+        return Estimate(tuple(_bounded(x + shift, bound) for x in est.recent), est.n, base, model_s)
+    return Estimate(base=base, model_s=model_s)
+
+
+def _add(est: Estimate, sample: float, base: str, bound: tuple[float, float] | None = None,
+         model_s: float = 0.0) -> Estimate:
+    x = _bounded(math.log(max(sample, 1e-12)), bound)
+    est = rebased(est, base, model_s, bound) if bound is not None else (
+        est if est.base == base else Estimate(base=base))
+    return Estimate((*est.recent, x)[-WINDOW:], est.n + 1, base, model_s or est.model_s)
 
 
 def fingerprint(profile: dict | None) -> str:
@@ -104,12 +122,14 @@ def fingerprint(profile: dict | None) -> str:
                  tuple(profile.get(k) for k in keys)))
 
 
-def factor(picture: Picture, device: str, base: str) -> float:
-    """The correction the planner applies to `device`'s profile `base` (1 until `MIN_SAMPLES` samples)."""
+def factor(picture: Picture, device: str, base: str, model_s: float = 0.0) -> float:
+    """The correction the planner applies to `device`'s profile `base` (whose whole-model prediction is `model_s`),
+    1 until `MIN_SAMPLES` samples; learned on an older profile of the device, it is rescaled (`rebased`)."""
     est = picture.compute.get(device)
-    if est is None or est.base != base or est.n < MIN_SAMPLES:
+    if est is None or est.n < MIN_SAMPLES:
         return 1.0
-    return est.value
+    est = rebased(est, base, model_s)
+    return est.value if est.recent else 1.0
 
 
 def link_mbps(picture: Picture, src: str, dst: str) -> float | None:
@@ -117,12 +137,14 @@ def link_mbps(picture: Picture, src: str, dst: str) -> float | None:
     return est.value if est is not None and est.n >= MIN_SAMPLES else None
 
 
-def corrected(profiles: dict[str, dict], links: dict, picture: Picture) -> tuple[dict[str, dict], dict]:
+def corrected(profiles: dict[str, dict], links: dict, picture: Picture,
+              model_s: dict[str, float] | None = None) -> tuple[dict[str, dict], dict]:
     """The planner's inputs with the learned corrections: each profile slowed or sped up by its factor, each
-    link's throughput replaced by the measured one (its probe's round trip stays)."""
+    link's throughput replaced by the measured one (its probe's round trip stays). `model_s`: each profile's
+    whole-model prediction (carries corrections over a device's new profile)."""
     out_p = {}
     for d, prof in profiles.items():
-        f = factor(picture, d, fingerprint(prof))
+        f = factor(picture, d, fingerprint(prof), (model_s or {}).get(d, 0.0))
         out_p[d] = prof if f == 1.0 else {**scaled_profile(prof, 1.0 / f), "samples": prof.get("samples", []),
                                            "learned_factor": round(f, 4)}
     out_l = dict(links)
@@ -134,11 +156,11 @@ def corrected(profiles: dict[str, dict], links: dict, picture: Picture) -> tuple
 
 
 def planned(picture: Picture, plan_id: int, source: str, profiles: dict[str, dict], links: dict,
-            predicted_s: dict, keep: int = 8) -> Picture:
+            predicted_s: dict, keep: int = 8, model_s: dict[str, float] | None = None) -> Picture:
     """Record what plan `plan_id` was made with: the devices' profiles (`profiles`, as reported) and factors then,
     the links as corrected then, and its per-device compute predictions."""
     bases = {d: fingerprint(p) for d, p in profiles.items()}
-    factors = {d: factor(picture, d, bases[d]) for d in profiles}
+    factors = {d: factor(picture, d, bases[d], (model_s or {}).get(d, 0.0)) for d in profiles}
     mbps = {k: float(v["mbps"]) for k, v in links.items()}
     seen = {**{d: picture.compute[d].n for d in profiles if d in picture.compute},
             **{k: picture.links[k].n for k in links if k in picture.links}}
@@ -149,7 +171,7 @@ def planned(picture: Picture, plan_id: int, source: str, profiles: dict[str, dic
 
 
 def observe(picture: Picture, plan_id: int, device: str, compute_s: float, profile: dict | None,
-            links: dict | None = None) -> Picture:
+            links: dict | None = None, model_s: float = 0.0) -> Picture:
     """One frame report: `device` computed for `compute_s` seconds under plan `plan_id`, and received
     `links` = {src: {"bytes", "seconds"}} (multi-chunk messages, first chunk to last)."""
     plan = picture.plans.get(plan_id)
@@ -159,7 +181,7 @@ def observe(picture: Picture, plan_id: int, device: str, compute_s: float, profi
     if (plan is not None and compute_s > 0 and plan.predicted_s.get(device, 0) > 0
             and plan.bases.get(device) == base):
         sample = plan.factors.get(device, 1.0) * compute_s / plan.predicted_s[device]
-        compute[device] = _add(compute.get(device, Estimate()), sample, base, BOUND)
+        compute[device] = _add(compute.get(device, Estimate()), sample, base, BOUND, model_s)
     out_links = dict(picture.links)
     for src, m in (links or {}).items():
         try:
@@ -196,7 +218,8 @@ def threshold(est: Estimate, margin: float) -> float:
     return max(math.log1p(margin), NOISE_SIGMAS * math.sqrt(2.0) * se)
 
 
-def replan_due(picture: Picture, plan_id: int, profiles: dict[str, dict], now: float) -> tuple[Picture, str | None]:
+def replan_due(picture: Picture, plan_id: int, profiles: dict[str, dict], now: float,
+               model_s: dict[str, float] | None = None) -> tuple[Picture, str | None]:
     """Whether the running plan `plan_id` was made with a picture that has since moved beyond the margins (the
     reason), or None; a replan due is recorded (`replanned_at`), so the cooldown holds off the next."""
     plan = picture.plans.get(plan_id)
@@ -208,9 +231,10 @@ def replan_due(picture: Picture, plan_id: int, profiles: dict[str, dict], now: f
 
     for d, was in sorted(plan.factors.items()):
         est = picture.compute.get(d)
-        if d not in profiles or not fresh(d, est):
+        # a device that measured itself again since the plan tells the source so itself (`profile_changed`)
+        if d not in profiles or not fresh(d, est) or fingerprint(profiles[d]) != plan.bases.get(d):
             continue
-        now_f = factor(picture, d, fingerprint(profiles[d]))
+        now_f = factor(picture, d, fingerprint(profiles[d]), (model_s or {}).get(d, 0.0))
         if was > 0 and moved(est, was, MARGIN, est.n - plan.seen.get(d, 0)):
             reason = f"{d} computes at {now_f:.2f}x its profile (plan made with {was:.2f}x)"
             break

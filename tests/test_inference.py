@@ -106,7 +106,8 @@ def test_frame_reports_teach_the_server_and_a_changed_picture_replans_once(graph
             got = inf.observe(room, PeerId(d), {"kind": "frame_report", "plan_id": pid, "report": report}, float(i))
             if got is not None:
                 due.append((i, got))
-    assert len(due) == 1 and due[0][1] == ("paaaa", request), due
+    assert len(due) == 1 and due[0][1] == ("paaaa", request, pid), due
+    assert inf.choose(room, PeerId("paaaa"), request, only_if_new=True, based_on=pid - 1) is None  # superseded
     again = inf.choose(room, PeerId("paaaa"), request, only_if_new=True)  # equal split: the same plan's shape
     assert again is None
     fixed = inf.choose(room, PeerId("paaaa"), protocol.PlanRequest())

@@ -745,10 +745,10 @@ async def test_frame_reports_reach_the_observer_and_a_due_replan_sends_only_a_ne
 
     def observer(room, sender, data, now):
         seen.append((sender, data["plan_id"]))
-        return (p.id, protocol.PlanRequest(strategy="equal_split")) if data["plan_id"] >= 2 else None
+        return (p.id, protocol.PlanRequest(strategy="equal_split"), 1) if data["plan_id"] >= 2 else None
 
-    async def planner(room, requester, request, only_if_new=False):
-        asked.append((requester, request.strategy, only_if_new))
+    async def planner(room, requester, request, only_if_new=False, based_on=None):
+        asked.append((requester, request.strategy, only_if_new, based_on))
         out = answers.pop(0)
         return None if out is None else {**out, "source": requester}
 
@@ -764,10 +764,10 @@ async def test_frame_reports_reach_the_observer_and_a_due_replan_sends_only_a_ne
     await q.send("broadcast", data={"kind": "frame_report", "plan_id": 2, "report": {}})
     await p.expect("broadcast")
     for _ in range(100):
-        if asked and not server.hub._plans:
+        if asked and not server.hub._replans:
             break
         await asyncio.sleep(0.01)
-    assert seen == [(q.id, 1), (q.id, 2)] and asked == [(p.id, "equal_split", True)]
+    assert seen == [(q.id, 1), (q.id, 2)] and asked == [(p.id, "equal_split", True, 1)]
     await q.send("broadcast", data={"kind": "frame_report", "plan_id": 3, "report": {}})
     await p.expect("broadcast")
     plan = await p.expect("plan")  # the second replan differs: it goes out to the room

@@ -243,9 +243,10 @@ class Hub:
         # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
         self._plans: dict[PeerId, asyncio.Task] = {}
-        # Sees every `frame_report` broadcast: (room, sender, data, now) -> (source, PlanRequest) when the
-        # source's plan should be made again (learned allocation), else None. None: nobody watches.
+        # Sees every `frame_report` broadcast: (room, sender, data, now) -> (source, PlanRequest, running plan id)
+        # when the source's plan should be made again (learned allocation), else None. None: nobody watches.
         self.observer: Callable[[rooms.Room, PeerId, dict, float], tuple | None] | None = None
+        self._replans: dict[PeerId, asyncio.Task] = {}  # replans the observer asked for, one per source
         self.room_closed: Callable[[RoomId], None] | None = None  # told when a room closes (its picture goes)
         # Given to this process's own edge peer (and nobody else): joining with it makes a relay member.
         # TILEMESH_RELAY_KEY sets it instead, for an edge in another process of the same host (benchmarks).
@@ -423,6 +424,9 @@ class Hub:
                     raise protocol.ProtocolError(protocol.PLAN_FAILED, "this server has no planner")
                 if conn.peer in self._plans:
                     raise protocol.ProtocolError(protocol.PLAN_FAILED, "your previous plan_request is still running")
+                stale = self._replans.pop(conn.peer, None)
+                if stale is not None:  # the source's own request supersedes a replan the server started for it
+                    stale.cancel()
                 if len(self._plans) >= self.config.max_plans:
                     raise protocol.ProtocolError(protocol.PLAN_FAILED, "the planner is busy; try again in a moment")
                 # Planning takes up to a second of CPU: it runs beside the loop, never inside a message handler.
@@ -441,13 +445,15 @@ class Hub:
         due = self.observer(self.state.room(room_id), sender, data, self.clock())
         if due is None or self.planner is None:
             return
-        source, request = due
-        if source in self._plans or len(self._plans) >= self.config.max_plans or self.state.room(room_id).peer(
-                source) is None:
+        source, request, based_on = due
+        busy = len(self._plans) + len(self._replans)
+        if (source in self._plans or source in self._replans or busy >= self.config.max_plans
+                or self.state.room(room_id).peer(source) is None):
             return
-        task = asyncio.get_running_loop().create_task(self._plan(room_id, source, request, only_if_new=True))
-        self._plans[source] = task
-        task.add_done_callback(lambda _: self._plans.pop(source, None))
+        task = asyncio.get_running_loop().create_task(
+            self._plan(room_id, source, request, only_if_new=True, based_on=based_on))
+        self._replans[source] = task
+        task.add_done_callback(lambda t: self._replans.pop(source, None) if self._replans.get(source) is t else None)
 
     def _on_join(self, conn: Connection, join: protocol.Join) -> None:
         if conn.peer is not None:
@@ -480,10 +486,11 @@ class Hub:
                  len(room.peers))
 
     async def _plan(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest,
-                    only_if_new: bool = False) -> None:
+                    only_if_new: bool = False, based_on: int | None = None) -> None:
         try:
             if only_if_new:
-                fields = await self.planner(self.state.room(room_id), requester, request, only_if_new=True)
+                fields = await self.planner(self.state.room(room_id), requester, request, only_if_new=True,
+                                            based_on=based_on)
                 if fields is None:
                     return
             else:

@@ -70,7 +70,8 @@ def test_card_variants_are_checked():
 def test_bundle_holds_the_variant_sharing_the_weights_and_it_matches_onnxruntime(tiny_v, tmp_path):
     bundle = model_mod.prepare(tiny_v, tmp_path / "static")
     files = sorted(p.name for p in bundle.dir.iterdir())
-    assert files == sorted([*model_mod.BUNDLE_FILES, model_mod.STAMP, "variant-big.json"])  # no second blob
+    # no second blob
+    assert files == sorted([*model_mod.BUNDLE_FILES, model_mod.STAMP, model_mod.WHOLE_FILE, "variant-big.json"])
     base, big = bundle.graph(), bundle.graph("big")
     assert big.shapes[big.input] == (1, 3, BIG, BIG) and base.shapes[base.input] == (1, 3, SIZE, SIZE)
     assert big.shapes[big.output] == base.shapes[base.output]

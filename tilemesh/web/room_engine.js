@@ -21,7 +21,8 @@ const PROBE_TIMEOUT_MS = 20000;
 // takes about a second on a phone).
 const SETTLE_TURN_MS = 1500;
 const IDLE_MS = 2000;  // and waits for this long without frames or chunks (a device computing is not measured)
-const BUSY_EVENTS = new Set(["frame", "chunk", "plan"]);
+const BUSY_EVENTS = new Set(["frame", "chunk", "plan", "tick"]);
+const RETRY_MAX_MS = 30000;  // a refinement that gave way to frames tries again later, backing off to this
 
 // onnxruntime-web's thread count, chosen by measurement, is remembered per device and model (the page's storage),
 // so the next visit joins on it without a trial.
@@ -243,13 +244,15 @@ export class RoomEngine extends EventTarget {
   // they measure (the air between phones; on an emulated room, the machine's cores too). It waits until this
   // device has had no frame or chunk for `IDLE_MS`, and gives way to frames (the worker stops it when a message
   // waits): a device in a running plan never stalls its frames for it; it tries again when idle.
-  _refine(delay = this._turn() * SETTLE_TURN_MS) {
+  _refine(delay = this._turn() * SETTLE_TURN_MS, retry = IDLE_MS) {
     clearTimeout(this.refineTimer);
     this.refineTimer = setTimeout(async () => {
       const idle = performance.now() - this.lastBusy;
-      if (idle < IDLE_MS) { this._refine(IDLE_MS - idle); return; }
+      if (idle < IDLE_MS) { this._refine(IDLE_MS - idle, retry); return; }
       try {
-        if (!await this._profile({ trial: true, background: true })) this._refine(IDLE_MS);
+        if (!await this._profile({ trial: true, background: true })) {
+          this._refine(retry, Math.min(RETRY_MAX_MS, 2 * retry));
+        }
       } catch (err) { this._error(`profile: ${err.message}`); }
     }, delay);
   }

@@ -221,6 +221,7 @@ async function afterSessionCall(fn, args, result) {
 // no faster engine (or onnxruntime-web failing), or when `numpy` asks for it; the engine measures itself.
 // `background`: a refinement that stops (null) as soon as another message waits for this worker.
 async function profile(mod, { trial = false, numpy = false, background = false } = {}) {
+  if (background && waiting > 0) return null;  // frames are waiting: not even Python's part now
   const withEngine = engine && engine.whole && !engineOptions.disabled;
   let result = mod.profile(!withEngine || numpy);
   if (!withEngine) {

@@ -24,3 +24,16 @@ def demo_graph(demo_model_dir):
     from tilemesh.runtime.graph import load_onnx
 
     return load_onnx(demo_model_dir / "mobilenet_v2.onnx")
+
+
+@pytest.fixture(scope="module")
+def classifier(demo_model_dir):
+    """The demo model as a `LocalClassifier` (the single-device reference), once per test module."""
+    import json
+
+    from tilemesh.runtime.classify import LocalClassifier
+    from tilemesh.runtime.graph import load_onnx
+
+    graph = load_onnx(demo_model_dir / "mobilenet_v2.onnx")
+    labels = json.loads((demo_model_dir / "labels.json").read_text())
+    return LocalClassifier(graph, labels)

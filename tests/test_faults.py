@@ -11,23 +11,14 @@ import numpy as np
 import pytest
 
 from bench.fakenet import FakeRoom
-from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime import recovery as R
 from tilemesh.runtime import session as S
-from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
 from tilemesh.runtime.executor import run_nodes
 from tilemesh.runtime.peer import plan_from_spec
 from tilemesh.runtime.regions import Region
 
 DEVICES = ("phone", "laptop", "tablet")
-
-
-@pytest.fixture(scope="module")
-def classifier(demo_model_dir):
-    graph = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
-    labels = json.loads((demo_model_dir / "labels.json").read_text())
-    return LocalClassifier(graph, labels)
 
 
 def plan3(graph, plan_id=3, predicted_ms=None):

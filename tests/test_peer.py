@@ -8,18 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime import wire
-from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
 from tilemesh.runtime.peer import PlanRuntime, parts_of, plan_from_spec
-
-
-@pytest.fixture(scope="module")
-def classifier(demo_model_dir):
-    graph = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
-    labels = json.loads((demo_model_dir / "labels.json").read_text())
-    return LocalClassifier(graph, labels)
 
 
 def spec_for(graph, plan_id=3):

@@ -12,18 +12,9 @@ import numpy as np
 import pytest
 
 from bench.fakenet import FakeLink, FakeRoom
-from tilemesh.runtime import graph as graph_mod
 from tilemesh.runtime import recovery, wire
 from tilemesh.runtime import session as S
-from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
-
-
-@pytest.fixture(scope="module")
-def classifier(demo_model_dir):
-    graph = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
-    labels = json.loads((demo_model_dir / "labels.json").read_text())
-    return LocalClassifier(graph, labels)
 
 
 def plan_msg(graph, plan_id=3, compute_s=None):

@@ -11,6 +11,7 @@ bound, heartbeat), with the slack one page tick needs, never tuned to a run.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_a_device_joining_mid_stream_is_used_from_a_later_plan_without_a_pause(t
     cam, expected = photo_camera(tmp_path)
     # The newcomer is another device: its boot (Pyodide, onnxruntime-web, the profile) must not take the phone's
     # CPU. On this shared machine its Chromium gets a quota of half a core, as test_distributed's slow device.
-    group = CpuGroup(f"tm-join-{tmp_path.name[-12:]}", 0.5).create()
+    group = CpuGroup(f"tm-join-{os.getpid()}-{tmp_path.name[-12:]}", 0.5).create()
     with netns_server() as srv:
         in_ns = srv.ns.chromium_wrapper(CHROMIUM)
         browser = pw.chromium.launch(executable_path=in_ns, args=[*ARGS, f"--use-file-for-fake-video-capture={cam}"])
@@ -276,7 +277,7 @@ def test_a_device_throttled_mid_stream_is_treated_as_a_straggler(tmp_path, pw):
     if emulation_unavailable():
         pytest.skip(emulation_unavailable())
     cam, expected = photo_camera(tmp_path)
-    group = CpuGroup(f"tm-throttle-{tmp_path.name[-12:]}", None).create()
+    group = CpuGroup(f"tm-throttle-{os.getpid()}-{tmp_path.name[-12:]}", None).create()
     try:
         with netns_server() as srv:
             in_ns = srv.ns.chromium_wrapper(CHROMIUM)

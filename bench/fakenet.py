@@ -5,7 +5,9 @@ room_engine.js and the edge's device do over real data channels and signaling: i
 `FakeLink`s (each chunk delayed by the link's latency plus its bandwidth time plus a seeded jitter, so chunks
 overtake each other unless the link is `ordered`; `lose(src, dst, chunk, n)` drops the n-th chunk of that
 pair), delivers broadcasts, answers `Probe` with what the scripted link would measure, `Profile` with a given
-profile, and `Compute` by running the task with the runtime's own kernels. Everything happens on `now`, a fake
+profile, and `Compute` by running the task with the runtime's own kernels (answered at once, or, for a device
+given a speed in `sec_per_gmac`, when that device would have finished it: one task at a time, in arrival order,
+whichever plan it belongs to). Everything happens on `now`, a fake
 clock advanced from one delivery to the next, and a `Tick` reaches every session every `tick` seconds, so
 timeouts fire deterministically and a test of a lossy link takes milliseconds of real time per event.
 
@@ -48,6 +50,7 @@ class FakeRoom:
     lose: Callable[[str, str, bytes, int], bool] = lambda src, dst, chunk, n: False
     links: dict[tuple[str, str], FakeLink] = field(default_factory=dict)
     profiles: dict[str, dict] = field(default_factory=dict)  # what `Profile` answers, per device
+    sec_per_gmac: dict[str, float] = field(default_factory=dict)  # compute time of deferred tasks, per device
     now: float = 0.0
     done: dict[str, dict[int, dict]] = field(default_factory=dict)
     failed: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -69,6 +72,7 @@ class FakeRoom:
         self.seq = itertools.count()
         self.sent_counts: dict[tuple[str, str], int] = {}
         self.next_tick = self.tick
+        self.busy_until: dict[str, float] = {}  # per device: when its compute queue is empty
         for a in self.sessions:
             for b in self.sessions:
                 if a != b:
@@ -173,18 +177,25 @@ class FakeRoom:
             self.at(0.5, device, S.Profiled(self.profiles.get(device, {"sec_per_mac": {}})))
         elif isinstance(e, S.Compute) and e.request.task < 0:  # a reference run (tilemesh.runtime.recovery)
             runtime = self.sessions[device].runtime
-            outputs = runtime.reference_numpy(e.request)
-            delay = self.compute_delay.get(device, 0.0) + runtime.model_macs() * self.sec_per_mac.get(device, 0.0)
+            outputs = runtime.reference_numpy(e.plan_id, e.request)
+            delay = self.compute_delay.get(device, 0.0) + \
+                runtime.model_macs(e.plan_id) * self.sec_per_mac.get(device, 0.0)
             self.reference_runs[device] = self.reference_runs.get(device, 0) + 1
             self.at(delay, device, S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
         elif isinstance(e, S.Compute):
             runtime = self.sessions[device].runtime
-            task = runtime.runner.dplan.tasks[e.request.task]
-            outputs = run_steps(runtime.plan_graph, task.deps, e.request.inputs, keep=e.request.keep)
+            runner = runtime.runners.get(e.plan_id)
+            if runner is None:
+                return  # the plan was retired meanwhile: its frames are given up
+            task = runner.dplan.tasks[e.request.task]
+            outputs = run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep)
             if device in self.tamper:
                 outputs = self.tamper[device](outputs)
+            # A device with a speed computes one task at a time, in arrival order, whichever plan it belongs to.
+            start = max(self.now, self.busy_until.get(device, 0.0))
+            self.busy_until[device] = start + self.sec_per_gmac.get(device, 0.0) * task.macs / 1e9
             delay = self.compute_delay.get(device, 0.0) + task.macs * self.sec_per_mac.get(device, 0.0)
-            self.at(delay, device,
+            self.at(self.busy_until[device] - self.now + delay, device,
                     S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, src: str, e: S.Send) -> None:

@@ -69,6 +69,8 @@ INSTRUMENT = """() => {
     const t0 = performance.now();
     let r;
     try { r = await classify(...args); } finally { b.inflight -= 1; if (b.paused && b.inflight === 0) b.idle = true; }
+    // A stream's camera frame no lane could take yet (tilemesh.runtime.stream pacing): not a frame, not counted.
+    if (r && r.skipped) { b.budget += 1; return r; }
     const t1 = performance.now();
     b.frames.push({ t0, t1, strategy: r.plan ? r.plan.strategy : null, plan_id: r.plan ? r.plan.plan_id : null,
       top1: r.top && r.top[0] ? r.top[0].label : null, report: r.report || null });
@@ -597,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     refresh_runtime()
     results = Path(args.results)
     out_dir = results / f"{time.strftime('%Y%m%d-%H%M%S')}-{sc.name}"
+    if sc.streams is not None:  # live camera streams: frames per second and latency per room size
+        from bench import streams  # noqa: PLC0415
+
+        return streams.run(sc, out_dir, log)
     run = Run(sc, out_dir, edge_transport=args.edge_transport)
     result = run.run()
     result["ids"] = run.ids

@@ -20,6 +20,16 @@
     mbps = 50                 # the device's link rate, each direction
     delay_ms = 10             # one-way delay of the device's link, each direction
 
+A stream scenario (`bench/streams.py`) adds a `[streams]` table instead of strategies: the cameras streaming
+at once, the room sizes to measure (the first k browsers of `devices`, each size a fresh room) and how long:
+
+    [streams]
+    cameras = ["phone1"]      # devices whose cameras stream (default: the source)
+    sizes = [1, 2, 3, 4]      # rooms of the first k browsers (default: all of them)
+    window_s = 20             # measured seconds per room, after warmup_s seconds of streaming
+    warmup_s = 15
+    latency_factor = 2.0      # optional: the throughput objective's latency bound (default the product's, 1.2)
+
 A link between two devices crosses both devices' links (see bench/env.py), so a 10 ms and a 5 ms
 device see a 30 ms round trip between them. Everything here is pure; `load_scenario` raises `ScenarioError`
 naming the file and the offending field.
@@ -40,7 +50,8 @@ MODELS = ("mobilenet_v2",)
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 DEVICE_KEYS = {"name", "kind", "cores", "mbps", "delay_ms"}
 TOP_KEYS = {"name", "description", "source", "model", "frames", "repeats", "warmup", "strategies", "devices",
-            "variant", "device_counts", "depth", "ort_threads"}
+            "variant", "device_counts", "depth", "ort_threads", "streams"}
+STREAM_KEYS = {"cameras", "sizes", "window_s", "warmup_s", "latency_factor"}
 
 
 class ScenarioError(ValueError):
@@ -61,6 +72,15 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Streams:
+    cameras: tuple[str, ...]
+    sizes: tuple[int, ...]
+    window_s: float = 20.0
+    warmup_s: float = 15.0
+    latency_factor: float | None = None
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     source: str
@@ -76,6 +96,7 @@ class Scenario:
     depth: int = 0
     ort_threads: int = 0
     path: str = field(default="", compare=False)
+    streams: Streams | None = None
 
     @property
     def edge(self) -> Device | None:
@@ -104,13 +125,19 @@ class Scenario:
         return out
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "source": self.source, "model": self.model,
-                "frames": self.frames, "repeats": self.repeats, "warmup": self.warmup,
-                "strategies": list(self.strategies), "devices": [d.__dict__ for d in self.devices],
-                **({"variant": self.variant} if self.variant else {}),
-                **({"device_counts": list(self.device_counts)} if self.device_counts else {}),
-                **({"depth": self.depth} if self.depth else {}),
-                **({"ort_threads": self.ort_threads} if self.ort_threads else {})}
+        d = {"name": self.name, "description": self.description, "source": self.source, "model": self.model,
+             "frames": self.frames, "repeats": self.repeats, "warmup": self.warmup,
+             "strategies": list(self.strategies), "devices": [d.__dict__ for d in self.devices],
+             **({"variant": self.variant} if self.variant else {}),
+             **({"device_counts": list(self.device_counts)} if self.device_counts else {}),
+             **({"depth": self.depth} if self.depth else {}),
+             **({"ort_threads": self.ort_threads} if self.ort_threads else {})}
+        if self.streams is not None:
+            d["streams"] = {"cameras": list(self.streams.cameras), "sizes": list(self.streams.sizes),
+                            "window_s": self.streams.window_s, "warmup_s": self.streams.warmup_s}
+            if self.streams.latency_factor is not None:
+                d["streams"]["latency_factor"] = self.streams.latency_factor
+        return d
 
     def with_overrides(self, frames: int | None = None, repeats: int | None = None,
                        strategies: list[str] | None = None) -> Scenario:
@@ -209,11 +236,37 @@ def parse_scenario(raw, path: str = "<scenario>") -> Scenario:
         name=name, source=source, devices=devices, model=model, variant=variant, device_counts=tuple(counts),
         depth=_integer(path, "depth", raw.get("depth", 0), 0),
         ort_threads=_integer(path, "ort_threads", raw.get("ort_threads", 0), 0),
+        streams=_streams(path, raw.get("streams"), devices, source),
         frames=_integer(path, "frames", raw.get("frames", 8), 1),
         repeats=_integer(path, "repeats", raw.get("repeats", 2), 1),
         warmup=_integer(path, "warmup", raw.get("warmup", 2), 0),
         strategies=tuple(strategies), description=description, path=path,
     )
+
+
+def _streams(path: str, raw, devices: tuple[Device, ...], source: str) -> Streams | None:
+    if raw is None:
+        return None
+    where = f"{path}: streams"
+    if not isinstance(raw, dict) or set(raw) - STREAM_KEYS:
+        raise ScenarioError(f"{where} must be a table with keys among {sorted(STREAM_KEYS)}")
+    browsers = [d.name for d in devices if d.is_browser]
+    cameras = raw.get("cameras", [source])
+    if not isinstance(cameras, list) or not cameras or any(c not in browsers for c in cameras) \
+            or len(set(cameras)) != len(cameras):
+        raise ScenarioError(f"{where}: cameras must be distinct browsers of the scenario, got {cameras!r}")
+    sizes = raw.get("sizes", [len(browsers)])
+    if not isinstance(sizes, list) or not sizes:
+        raise ScenarioError(f"{where}: sizes must be a non-empty list of room sizes")
+    sizes = [_integer(where, "sizes", k, 1) for k in sizes]
+    need = max(browsers.index(c) for c in cameras) + 1
+    if any(k > len(browsers) or k < need for k in sizes):
+        raise ScenarioError(f"{where}: each size must be between {need} (every camera in) and {len(browsers)}")
+    factor = raw.get("latency_factor")
+    if factor is not None:
+        factor = _number(where, "latency_factor", factor, minimum=1.0, strict=False)
+    return Streams(tuple(cameras), tuple(sizes), _number(where, "window_s", raw.get("window_s", 20.0), minimum=0),
+                   _number(where, "warmup_s", raw.get("warmup_s", 15.0), minimum=0, strict=False), factor)
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:

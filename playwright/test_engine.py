@@ -15,10 +15,12 @@ READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state ===
 DRIFT = """
 from tilemesh.runtime import session as S
 s = S.session()
-s.last_plan = {"plan_id": 9, "timeline": {"devices": {"me": {"compute_s": 0.01}}}}
+lane = {"plan_id": 9, "timeline": {"devices": {"me": {"compute_s": 0.01}}}}
+s.slots[9] = S.PlanSlot(9, "cam", frozenset({"me"}), lane, "worker")  # a plan this device runs (its lane)
 effects = []
 for f in range(S.DRIFT_FRAMES):
     effects += s._on_report(9, {"frame": 4 * f + 2, "device": "me", "compute_ms": 100.0}, 1e9)
+del s.slots[9]
 import json
 json.dumps([S.effect_to_dict(e) for e in effects])
 """

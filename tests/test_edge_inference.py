@@ -138,7 +138,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                     figures["offload_ms"] = (time.perf_counter() - t0) * 1e3
                 figures["loop_lag_ms"] = lag.worst * 1e3
                 assert_same_as_single_device(model, FRAMES["chelsea"], result,
-                                             phone.runtime.runner.result(result["frame"]))
+                                             phone.runtime.result(result["plan_id"], result["seq"]))
                 described = manager.describe(room)["compute"]
                 assert described["role"] == "worker" and described["chunks_in"] > 0 and described["errors"] == 0
                 assert described["chunks_out"] > 0
@@ -152,7 +152,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                 assert len(errors) >= 2 and "refused" in errors[0].getMessage()
                 result = await phone.classify(FRAMES["coffee"], SIZE, SIZE)
                 assert_same_as_single_device(model, FRAMES["coffee"], result,
-                                             phone.runtime.runner.result(result["frame"]))
+                                             phone.runtime.result(result["plan_id"], result["seq"]))
                 assert edge_id in phone.edge.open_peers()
 
                 # The planner's own choice: whatever it splits or offloads must give the same answer.
@@ -164,7 +164,7 @@ def test_phone_and_edge_classify_like_one_device(model, caplog):
                     result = await phone.classify(FRAMES[name], SIZE, SIZE)
                     figures[f"tilemesh_ms_{name}"] = round((time.perf_counter() - t0) * 1e3, 1)
                     assert_same_as_single_device(model, FRAMES[name], result,
-                                                 phone.runtime.runner.result(result["frame"]))
+                                                 phone.runtime.result(result["plan_id"], result["seq"]))
                 assert phone.error_count == 0
             finally:
                 await phone.close()
@@ -209,12 +209,13 @@ async def test_chunks_that_outrun_their_plan_are_held_until_it_arrives(model):
         assert not pending.done()
         edge._on_server(plan_message(["edge"], "phone", 7))
         result = await asyncio.wait_for(pending, 30)
-        assert_same_as_single_device(model, FRAMES["chelsea"], result, phone.runtime.runner.result(result["frame"]))
+        assert_same_as_single_device(model, FRAMES["chelsea"], result,
+                                     phone.runtime.result(result["plan_id"], result["seq"]))
         assert edge.error_count == 0 and not edge.runtime.held and edge.chunks_in > 0
 
         # Another camera's plan without the edge leaves its runner alone; chunks of an older plan are dropped
         # (counted, not fed to the runner), and the current plan still runs.
-        edge._on_server(plan_message(["phone"], "phone", 8))
+        edge._on_server(plan_message(["other"], "other", 8))
         assert edge.plan_id == 7
         pixels = np.zeros(model.classifier.graph.shapes[model.classifier.graph.input], np.uint8)
         stale = wire.encode(pixels, frame=5, tensor=0, plan_id=6, region=[0, 224, 0, 224], max_message=16384)
@@ -223,7 +224,8 @@ async def test_chunks_that_outrun_their_plan_are_held_until_it_arrives(model):
         await until(lambda: edge.runtime.dropped_chunks >= len(stale), timeout=10, what="stale chunks dropped")
         assert edge.error_count == 0
         result = await asyncio.wait_for(phone.classify(FRAMES["coffee"], SIZE, SIZE), 30)
-        assert_same_as_single_device(model, FRAMES["coffee"], result, phone.runtime.runner.result(result["frame"]))
+        assert_same_as_single_device(model, FRAMES["coffee"], result,
+                                     phone.runtime.result(result["plan_id"], result["seq"]))
     finally:
         for task in drains:
             task.cancel()

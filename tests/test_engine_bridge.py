@@ -76,7 +76,7 @@ def test_session_on_onnxruntime_equals_numpy(files):
     spec = {"plan_id": 4, "source": "me", "cuts": [cuts[3], cuts[8]], "splits": [whole] * 3}
     msg = {"type": "plan", "plan_id": 4, "source": "me", "devices": ["me"], "spec": spec}
     reply = bridge.handle({"on": "plan", "msg": msg, "me": "me"}, 0.0)
-    assert reply["adopted"] == 4 and not reply["compute"]
+    assert reply["adopted"] == [4] and not reply["compute"]
     engine.adopt()
     assert len(engine.sessions) == 3
     frame = np.random.default_rng(9).integers(0, 256, (256, 256, 4), dtype=np.uint8)

@@ -118,3 +118,98 @@ def test_frame_reports_teach_the_server_and_a_changed_picture_replans_once(graph
         assert devices["pbbbb"]["macs"] == pytest.approx(devices["pcccc"]["macs"], rel=0.25)
     inf.forget("r")
     assert "r" not in inf.pictures and not inf.requests
+
+
+def test_streams_divide_the_room_and_re_divide_when_a_camera_starts_and_stops(graph, base_profile, tmp_path):
+    """A camera asking for a stream gets lanes over the room; a second camera makes the room re-divide (both
+    streams' plans go out, on disjoint devices); stopping or leaving gives the devices back. Private streams
+    keep the camera's pixels at home."""
+    from tilemesh.runtime.lanes import lanes_of
+    from tilemesh.runtime.peer import plan_from_spec
+
+    inf = inference.Inference(tmp_path)
+    inf._graphs[None] = graph
+    phone = {"compute": scaled_profile(base_profile, 0.5)}
+    members = [peer(p, profile=phone) for p in ("paaaa", "pbbbb", "pcccc", "pdddd")]
+    room = rooms.Room(id="r", created_at=0, peers=tuple(members))
+    a, b = PeerId("paaaa"), PeerId("pbbbb")
+    (one,) = inf.choose(room, a, protocol.PlanRequest(objective="throughput"))
+    assert one["source"] == a and one["stream"]["objective"] == "throughput" and one["strategy"] == "tilemesh"
+    everyone = {"paaaa", "pbbbb", "pcccc", "pdddd"}
+    assert len(one["devices"]) >= 3 and set(one["devices"]) <= everyone  # the planner may leave one out
+    assert one["stream"]["predicted_fps"] > 0 and one["stream"]["latency_s"] <= one["stream"]["bound_s"] * 1.001
+    for lane in lanes_of(one):
+        assert plan_from_spec(graph, lane["spec"]).devices  # every device can expand it
+    two = inf.choose(room, b, protocol.PlanRequest(objective="latency", private=True))
+    assert [m["source"] for m in two] == [a, b]
+    (da, db) = ({d for ln in lanes_of(m) for d in ln["devices"]} | {m["source"]} for m in two)
+    assert not da & db and da | db <= everyone and a in da and b in db
+    assert min(lane["plan_id"] for m in two for lane in m["lanes"]) > max(ln["plan_id"] for ln in one["lanes"])
+    assert two[1]["stream"]["objective"] == "latency" and two[1]["stream"]["private"] is True
+    for lane in lanes_of(two[1]):
+        assert all(tr.dst == b for tr in plan_from_spec(graph, lane["spec"]).input_send)  # pixels stay on b
+    (back,) = inf.choose(room, b, protocol.PlanRequest(objective="stop"))
+    assert back["source"] == a and back["devices"] == one["devices"]
+    # b streams again, then leaves the room: a's next request prunes it.
+    inf.choose(room, b, protocol.PlanRequest(objective="throughput"))
+    gone = rooms.Room(id="r", created_at=0, peers=tuple(m for m in members if m.id != b))
+    (alone,) = inf.choose(gone, a, protocol.PlanRequest(objective="throughput"))
+    assert set(alone["devices"]) == {"paaaa", "pcccc", "pdddd"} and list(inf.streams["r"]) == [a]
+    assert inf.choose(gone, a, protocol.PlanRequest(objective="stop")) == [] and "r" not in inf.streams
+
+
+
+def test_streams_leave_out_excluded_devices_and_keep_to_named_ones(graph, base_profile, tmp_path):
+    """A camera that caught a device lying (its request's `exclude`) gets no lane on it, nor does any other
+    stream of the room; a camera naming `devices` (benchmarks: 1..N phones in one run) gets lanes on those only."""
+    from tilemesh.runtime.lanes import lanes_of
+
+    inf = inference.Inference(tmp_path)
+    inf._graphs[None] = graph
+    phone = {"compute": scaled_profile(base_profile, 0.5)}
+    room = rooms.Room(id="r", created_at=0, peers=tuple(peer(p, profile=phone)
+                                                        for p in ("paaaa", "pbbbb", "pcccc", "pdddd")))
+    a, b, liar = PeerId("paaaa"), PeerId("pbbbb"), PeerId("pcccc")
+
+    def used(msg):
+        return {d for ln in lanes_of(msg) for d in ln["devices"]}
+
+    (first,) = inf.choose(room, a, protocol.PlanRequest(objective="throughput", latency_factor=3.0))
+    assert liar in used(first)  # equal phones at a loose bound: the room is used
+    (alone,) = inf.choose(room, a, protocol.PlanRequest(objective="throughput", latency_factor=3.0,
+                                                        exclude=(liar,)))
+    assert liar not in used(alone) and alone["devices"]
+    both = inf.choose(room, b, protocol.PlanRequest(objective="throughput", latency_factor=3.0))
+    assert all(liar not in used(m) for m in both)
+    inf.choose(room, a, protocol.PlanRequest(objective="stop"))  # a's exclusion ends with its stream
+    (two,) = inf.choose(room, b, protocol.PlanRequest(objective="throughput", latency_factor=3.0,
+                                                      devices=(PeerId("pdddd"),)))
+    assert used(two) | {b} <= {b, PeerId("pdddd")}
+
+
+def test_plan_request_objectives_are_checked():
+    assert protocol.parse(json.dumps({"v": 1, "type": "plan_request", "objective": "latency", "private": True})) == \
+        protocol.PlanRequest(objective="latency", private=True)
+    assert protocol.parse(json.dumps({"v": 1, "type": "plan_request", "objective": "throughput",
+                                      "latency_factor": 2})).latency_factor == 2.0
+    for bad in ({"objective": "fastest"}, {"objective": "latency", "private": "yes"},
+                {"objective": "throughput", "latency_factor": 0.5}, {"latency_factor": True}):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse(json.dumps({"v": 1, "type": "plan_request", **bad}))
+
+
+def test_learned_replans_leave_a_streaming_camera_alone(graph, base_profile, tmp_path):
+    """A camera that turned its single plan into a stream: a learned replan of the old plan (reports of frames
+    still in flight) answers nothing, and the stream's lanes are not learned from."""
+    inf = inference.Inference(tmp_path)
+    inf._graphs[None] = graph
+    phone = {"compute": scaled_profile(base_profile, 0.5)}
+    room = rooms.Room(id="r", created_at=0, peers=tuple(peer(p, profile=phone) for p in ("paaaa", "pbbbb")))
+    a = PeerId("paaaa")
+    single = inf.choose(room, a, protocol.PlanRequest(strategy="equal_split"))
+    (stream,) = inf.choose(room, a, protocol.PlanRequest(objective="throughput", latency_factor=3.0))
+    assert (room.id, a) not in inf.running and (room.id, a) not in inf.requests
+    assert inf.choose(room, a, protocol.PlanRequest(strategy="equal_split"), only_if_new=True,
+                      based_on=single["plan_id"]) is None
+    report = {"kind": "frame_report", "plan_id": stream["plan_id"], "report": {"compute_ms": 1.0}}
+    assert inf.observe(room, PeerId("pbbbb"), report, 0.0) is None

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench.fakenet import FakeLink, FakeRoom
+from tilemesh.runtime import lanes as L
 from tilemesh.runtime import recovery, wire
 from tilemesh.runtime import session as S
 from tilemesh.runtime.deps import cut_candidates
@@ -98,7 +99,7 @@ def test_events_from_the_worker_boundary_are_checked():
         S.event_from_dict({"on": "launch"})
     with pytest.raises(ValueError, match="unknown fields"):
         S.event_from_dict({"on": "peer_left", "peer": "b", "colour": 1})
-    assert S.effect_to_dict(S.FrameFailed(3, "x")) == {"do": "frame_failed", "frame": 3, "reason": "x"}
+    assert S.effect_to_dict(S.FrameFailed(3, "x")) == {"do": "frame_failed", "frame": 3, "reason": "x", "retry_s": 0.0}
     with pytest.raises(TypeError, match="not a session event"):
         S.DeviceSession().handle(S.Event(), 0.0)
 
@@ -233,6 +234,37 @@ def test_plan_replaced_mid_frame_finishes_the_frame_alone_and_the_new_plan_runs(
     r.run()  # plan 5's late chunks arrive too: dropped as stale, never mixed in
     assert list(r.done["phone"]) == [1, 2] and top5(r.done["phone"][2]) == local_top5(classifier, data)
     assert r.sessions["laptop"].runtime.dropped_chunks > 0
+    assert not [n for _, n in r.notices if n.what == "error"]
+
+
+def test_plan_replaced_mid_frame_finishes_the_frame_on_the_old_plan_and_the_new_plan_runs(classifier):
+    """A source's newer stream plan retires the old one: its frame in flight still finishes there (no frame lost
+    to a re-division), new frames go to the new plan, and the retired plan is dropped once its frames are done
+    (on the source) or after `lanes.RETIRE_AFTER_S` (on workers, which cannot know); its late chunks are
+    dropped as stale, never mixed in."""
+    r = room(classifier)
+    r.open_links()
+    adopt(r, {**plan_msg(classifier.graph, plan_id=5), "stream": {"objective": "throughput"}})
+    first = frame(2)
+    r.fire("phone", S.FrameIn(1, first, 256, 256))
+    r.run(until=r.now + 0.001)  # some chunks are in flight, the frame has not finished
+    assert 1 not in r.done.get("phone", {})
+    adopt(r, {**plan_msg(classifier.graph, plan_id=6), "stream": {"objective": "throughput"}})
+    assert set(r.sessions["laptop"].runtime.runners) == {5, 6}
+    data = frame(3)
+    r.fire("phone", S.FrameIn(2, data, 256, 256))
+    r.run(until=r.now + 1.0)
+    assert sorted(r.done["phone"]) == [1, 2] and not r.failed.get("phone")
+    assert top5(r.done["phone"][1]) == local_top5(classifier, first) and r.done["phone"][1]["plan_id"] == 5
+    assert top5(r.done["phone"][2]) == local_top5(classifier, data) and r.done["phone"][2]["plan_id"] == 6
+    assert set(r.sessions["phone"].runtime.runners) == {6}  # the source's retired plan had nothing left in flight
+    r.run(until=r.now + L.RETIRE_AFTER_S)
+    assert set(r.sessions["laptop"].runtime.runners) == {6}
+    # A late chunk of plan 5 now reaches no runner: dropped and counted.
+    stale = wire.encode(np.zeros((1, 3, 4, 4), np.float32), frame=1, tensor=0, plan_id=5, region=[0, 4, 0, 4])
+    before = r.sessions["laptop"].runtime.dropped_chunks
+    r.fire("laptop", S.ChunkIn("phone", stale[0]))
+    assert r.sessions["laptop"].runtime.dropped_chunks == before + 1
     assert not [n for _, n in r.notices if n.what == "error"]
 
 
@@ -434,3 +466,24 @@ def test_a_finished_frame_names_its_plan_without_its_timeline(classifier):
     summary = S.plan_summary(msg)
     assert summary["plan_id"] == 7 and summary["devices"] == msg["devices"] and summary["strategy"] == "tilemesh"
     assert "timeline" not in summary and "candidates" not in summary and S.plan_summary(None) is None
+
+
+def test_a_single_plan_replacing_the_cameras_plan_finishes_its_frames_alone_on_every_device(classifier):
+    """A benchmark baseline's plan (no stream) replaces the camera's plan at once on every device, as before
+    streams: the camera finishes its frame in flight alone (never lost), the workers drop the old plan (its
+    late chunks are stale), and the new plan runs."""
+    r = room(classifier)
+    r.open_links()
+    adopt(r, plan_msg(classifier.graph, plan_id=5))
+    first = frame(2)
+    r.fire("phone", S.FrameIn(1, first, 256, 256))
+    r.run(until=r.now + 0.001)
+    adopt(r, plan_msg(classifier.graph, plan_id=6))
+    assert r.done["phone"][1]["recovered"].startswith("plan replaced by plan 6")
+    assert top5(r.done["phone"][1]) == local_top5(classifier, first)
+    assert all(set(s.runtime.runners) <= {6} for s in r.sessions.values())
+    data = frame(3)
+    r.fire("phone", S.FrameIn(2, data, 256, 256))
+    r.run()
+    assert list(r.done["phone"]) == [1, 2] and top5(r.done["phone"][2]) == local_top5(classifier, data)
+    assert not r.failed.get("phone")

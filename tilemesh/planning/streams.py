@@ -26,6 +26,7 @@ first, to the stream predicted slowest so far, so no stream starves; each stream
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tilemesh.runtime.tiling import Split
@@ -35,6 +36,7 @@ from .planner import PlanChoice, Spec, _choice, make_plan, plan_frame, spec_devi
 OBJECTIVES = ("throughput", "latency")
 LATENCY_FACTOR = 1.2
 DEPTH = 2
+DEPTH_SLACK = 0.1  # a lane whose latency is within 10% of its bottleneck keeps one frame in flight
 MAX_FPS = 30.0
 
 
@@ -80,25 +82,34 @@ class StreamPlan:
 
 
 def lane_of(choice: PlanChoice, depth: int = DEPTH) -> Lane:
-    """A plan as a lane: its latency, its bottleneck per frame, and what it costs the camera phone."""
+    """A plan as a lane: its latency, its bottleneck per frame, and what it costs the camera phone. `depth` is
+    the most frames it may hold in flight; it holds only as many as raise its predicted rate (a frame whole on
+    one device gains nothing from a second in flight, which would only wait there and double the latency)."""
     pred = choice.prediction
     sends = {dev: pred.time_in(dev, "send") for dev in pred.timeline}
     devices = frozenset(spec_devices(Spec(choice.strategy, choice.label, tuple(choice.cuts), tuple(choice.splits))))
     busy = max([*pred.compute_s.values(), *sends.values(), 1e-9])
-    return Lane(choice, devices, pred.total_s, busy, depth, sends.get(pred.source, 0.0),
+    useful = max(1, math.ceil(pred.total_s / busy - DEPTH_SLACK))
+    return Lane(choice, devices, pred.total_s, busy, min(depth, useful), sends.get(pred.source, 0.0),
                 pred.compute_s.get(pred.source, 0.0))
 
 
 def combine(source: str, objective: str, lanes: list[Lane], bound_s: float, single_s: float,
             max_fps: float = MAX_FPS, private: bool = False) -> StreamPlan:
-    """Lanes run side by side: rates add, then the camera phone's uplink and compute and the camera cap them."""
+    """Lanes run side by side: rates add, then the camera phone's uplink and compute and the camera cap them.
+
+    The camera phone runs one thing at a time (its worker): while it computes a frame of one lane, the frames of
+    the others wait to be sent or finished there, so each lane's latency grows by the longest compute the camera
+    does for another lane (measured in browsers: a phone computing its own lane beside an offload lane took the
+    offloaded frames from ~250 to ~500 ms)."""
     raw = sum(lane.fps for lane in lanes)
     send = sum(lane.fps * lane.source_send_s for lane in lanes)
     comp = sum(lane.fps * lane.source_compute_s for lane in lanes)
     scale = min(1.0, *(1.0 / x for x in (send, comp) if x > 1.0), max_fps / raw)
     weights = tuple(lane.fps / raw for lane in lanes)
-    return StreamPlan(source, objective, tuple(lanes), weights, raw * scale,
-                      max(lane.latency_s for lane in lanes), bound_s, single_s, private)
+    latency = max(lane.latency_s + max((o.source_compute_s for o in lanes if o is not lane), default=0.0)
+                  for lane in lanes)
+    return StreamPlan(source, objective, tuple(lanes), weights, raw * scale, latency, bound_s, single_s, private)
 
 
 def single_lanes(graph, profiles, links, source: str, options: dict | None = None) -> dict[str, Lane]:
@@ -141,6 +152,10 @@ def plan_stream(graph, profiles: dict[str, dict], links, source: str, objective:
     ok = sorted((lane for lane in singles.values() if lane.latency_s <= bound), key=lambda lane: lane.latency_s)
     if ok:
         candidates.append(combine(source, objective, ok, bound, single_s, max_fps))
+        # The camera only dispatches: every other device fast enough takes whole frames.
+        others = [lane for lane in ok if lane.source_compute_s == 0.0]
+        if others and len(others) < len(ok):
+            candidates.append(combine(source, objective, others, bound, single_s, max_fps))
     # Mixed: devices too slow alone join forces on one split lane beside the single lanes.
     slow = [d for d, lane in singles.items() if lane.latency_s > bound]
     if slow and ok:
@@ -189,23 +204,26 @@ def _keeps_pixels(choice: PlanChoice, source: str) -> bool:
 
 
 def divide_devices(graph, profiles: dict[str, dict], links, sources: list[str],
-                   options: dict | None = None) -> dict[str, list[str]]:
+                   options: dict | None = None, graphs: dict | None = None) -> dict[str, list[str]]:
     """Split the room's devices among camera streams: each keeps its camera; the rest go one by one (fastest
-    first) to the stream whose predicted rate is lowest so far. Deterministic."""
+    first) to the stream whose predicted rate is lowest so far. `graphs`: a camera's own graph (a model variant,
+    e.g. heavy mode) where it is not `graph`; rates are frames of each stream's own graph. Deterministic."""
     if not sources:
         return {}
     if len(set(sources)) != len(sources) or any(s not in profiles for s in sources):
         raise ValueError(f"streams {sources} must be distinct devices of the room")
     from .planner import _Costs  # noqa: PLC0415
 
-    costs = _Costs(graph, profiles)
-    speed = {d: 1.0 / costs.whole(d) for d in profiles}
+    graphs = {s: (graphs or {}).get(s, graph) for s in sources}
+    costs = {id(g): _Costs(g, profiles) for g in graphs.values()}
+    fps = {s: {d: 1.0 / costs[id(graphs[s])].whole(d) for d in profiles} for s in sources}  # frames/s per device
     share = {s: [s] for s in sources}
-    rate = {s: speed[s] for s in sources}
+    rate = {s: fps[s][s] for s in sources}
+    speed = fps[sources[0]]  # the order in which devices are handed out: fastest first (on any one graph)
     for d in sorted((d for d in profiles if d not in share), key=lambda d: (-speed[d], d)):
         s = min(sources, key=lambda s: (rate[s], sources.index(s)))
         share[s].append(d)
-        rate[s] += speed[d]
+        rate[s] += fps[s][d]
     return share
 
 

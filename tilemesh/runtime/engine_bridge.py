@@ -46,10 +46,7 @@ def use_engine(name: str, on: bool, reason: str = "") -> dict:
     """Compute this peer's tasks with engine `name` outside Python (`on`), or with numpy; returns the choice."""
     s = session_mod.session()
     s.deferred = bool(on)
-    p = _rt()
-    p.deferred = bool(on)
-    if p.runner is not None:
-        p.runner.deferred = bool(on)
+    _rt().set_deferred(bool(on))
     _engine.update(name=name if on else "numpy", reason=reason)
     return dict(_engine)
 
@@ -69,27 +66,30 @@ def whole_model() -> dict:
     return graph_model(_rt().graph, external=BLOB_NAME).to_dict()
 
 
-def plan_models() -> dict | None:
-    """The current plan's task models, in task order (None when this device has no task in it)."""
+def plan_models(plan_id: int | None = None) -> dict | None:
+    """Plan `plan_id`'s task models (default: the newest plan's), in task order (None when this device does not
+    run it)."""
     p = _rt()
-    if p.runner is None:
+    runner = p.runner if plan_id is None else p.runners.get(int(plan_id))
+    if runner is None:
         return None
     t0 = time.perf_counter()
     models = [m.to_dict() if m is not None else None
-              for m in plan_task_models(p.plan_graph, p.runner.dplan, external=BLOB_NAME)]
-    return {"plan_id": p.runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3,
-            "source": p.runner.device == p.runner.source}
+              for m in plan_task_models(runner.graph, runner.dplan, external=BLOB_NAME)]
+    return {"plan_id": runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3,
+            "source": runner.device == runner.source}
 
 
-def reference_model() -> dict:
-    """The reference run's model for the current plan's graph (the model's, or its variant's): the whole graph
-    on the whole frame, keeping every block boundary's tensor and the logits (`recovery.reference_tensors`).
-    `key` names the graph, so the worker makes its session once per graph."""
+def reference_model(plan_id: int | None = None) -> dict:
+    """The reference run's model for plan `plan_id`'s graph (default: the newest plan's; the model's, or its
+    variant's): the whole graph on the whole frame, keeping every block boundary's tensor and the logits
+    (`recovery.reference_tensors`). `key` names the graph, so the worker makes its session once per graph."""
     p = _rt()
-    g = p.model.graph
-    keep = p.reference_keep()
+    pid = int(plan_id) if plan_id is not None else max(p.runners, default=None)
+    g = p.models.get(pid, p.classifier).graph
+    keep = p.reference_keep(pid)
     model = task_model(g, whole_deps(g, outputs=keep), keep, external=BLOB_NAME, whole_inputs=True)
-    return {"key": (p.spec or {}).get("variant") or "", **model.to_dict()}
+    return {"key": (p.specs.get(pid) or {}).get("variant") or "", **model.to_dict()}
 
 
 def reference_off(reason: str) -> None:
@@ -112,14 +112,16 @@ def _split(effects, reply: dict) -> dict:
 
 
 def handle(event: dict, now: float) -> dict:
-    """`session.handle` for a worker with an engine: `{effects, compute, adopted}`; `adopted` is the plan id when
-    this event made the device adopt a plan (the worker makes its sessions before running anything)."""
+    """`session.handle` for a worker with an engine: `{effects, compute, adopted, live}`; `adopted` lists the plan
+    ids this event made the device adopt (the worker makes their sessions before running anything), `live` the
+    plans it still runs (the worker releases the sessions of the others)."""
     s = session_mod.session()
-    before = s.runtime.plan_id if s.runtime is not None else 0
+    before = set(s.runtime.runners) if s.runtime is not None else set()
     effects = s.handle(session_mod.event_from_dict(event), float(now))
-    after = s.runtime.plan_id if s.runtime is not None else 0
+    after = set(s.runtime.runners) if s.runtime is not None else set()
     reply = _split(effects, {"effects": [], "compute": []})
-    reply["adopted"] = after if after != before else None
+    reply["adopted"] = sorted(after - before)
+    reply["live"] = sorted(after)
     return reply
 
 
@@ -136,15 +138,16 @@ def computed_numpy(reply: dict, plan_id: int, req: dict, now: float = 0.0) -> di
 
     p = _rt()
     if int(req["task"]) < 0:  # a reference run (rescues, a frame alone): the whole model on numpy
-        vals = p.reference_numpy(req["request"])
+        vals = p.reference_numpy(int(plan_id), req["request"])
         names = list(vals)
         return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],
                         [vals[n].shape for n in names], now)
-    if p.runner is None or int(plan_id) != p.runner.plan_id:
+    runner = p.runners.get(int(plan_id))
+    if runner is None:
         return reply
-    task = p.runner.dplan.tasks[int(req["task"])]
-    vals = run_steps(p.plan_graph, task.deps, dict(req["inputs"]), keep=task.owned,
-                     backend=NumpyBackend(p.plan_graph))
+    task = runner.dplan.tasks[int(req["task"])]
+    vals = run_steps(runner.graph, task.deps, dict(req["inputs"]), keep=task.owned,
+                     backend=NumpyBackend(runner.graph))
     names = list(vals)
     return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],
                     [vals[n].shape for n in names], now)

@@ -1,4 +1,4 @@
-"""A device's plan runtime, under its session (`session.DeviceSession`): the model, the current plan, the runner.
+"""A device's plan runtime, under its session (`session.DeviceSession`): the model and a runner per plan it runs.
 
 Everything here takes and returns plain values (str, int, bytes-like, dicts and lists of them), so the browser
 worker can call it through Pyodide without this package importing anything of the browser's.
@@ -39,8 +39,11 @@ MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
 class PlanRuntime:
-    """One device's runtime. Chunks may outrun the `plan` message they belong to (the data channel is faster
-    than the signaling path through the server), so chunks of a newer plan are held and replayed on adoption."""
+    """One device's runtime: the model and a runner per plan it takes part in, several at once (lanes of a stream,
+    streams of several cameras). Plans are keyed by plan id, as chunks are on the wire. Chunks may outrun the
+    `plan` message they belong to (the data channel is faster than the signaling path through the server), so
+    chunks of a plan newer than any seen are held and replayed on adoption; chunks of a plan this device does
+    not run (retired, or never its) are dropped and counted."""
 
     def __init__(self, classifier: LocalClassifier, device: str = "local", backend=None, deferred: bool = False):
         """`backend` computes tasks in Python; `deferred` hands them out instead (`compute` in every reply, answered
@@ -52,30 +55,42 @@ class PlanRuntime:
         self.model = classifier  # the current plan's model: `classifier` or one of its variants
         self._backends: dict[str, object] = {}  # variant -> `backend` on that variant's graph
         self.device = device
-        self.runner: DeviceRunner | None = None
-        self.spec: dict | None = None
-        self.plan_id = 0  # the newest plan adopted (or declined): chunks of older plans are stale
-        self.started: dict[int, float] = {}
+        self.runners: dict[int, DeviceRunner] = {}  # plan id -> this device's runner in it
+        self.models: dict[int, object] = {}  # plan id -> the model or variant it runs
+        self.specs: dict[int, dict] = {}
+        self.plan_id = 0  # the newest plan adopted: chunks of newer ones are held, of unknown older ones dropped
+        self.started: dict[int, dict[int, float]] = {}  # plan id -> frames started here -> perf_counter
         self.held: list[tuple[int, str, bytes]] = []
         self.held_bytes = 0
         self.dropped_chunks = 0
-        self.plan = None  # the whole plan (tiling.Plan) this device runs a part of: who owes whom what
-        self.levels: dict[str, int] = {}
+        self.plans: dict[int, object] = {}  # plan id -> the whole plan (tiling.Plan): who owes whom what
+        self.levels: dict[int, dict[str, int]] = {}  # plan id -> tensor -> its depth (see `set_plan`)
         self.rescue_macs: dict[tuple, int] = {}  # (plan id, piece) -> MACs to compute it from the frame
-        self.whole_macs: int | None = None
-        self.pixels: dict[int, object] = {}  # frames started here -> the uint8 crop (rescues compute from it)
+        self.whole_macs: dict[str | None, int] = {}  # variant -> MACs of one whole-model inference
+        self.pixels: dict[int, dict[int, object]] = {}  # plan id -> frames started here -> the uint8 crop
         # Reference runs (tilemesh.runtime.recovery): on a deferred device, rescues and frames finished alone run
-        # the whole model once per frame on the engine, keeping every block boundary's tensor.
+        # the whole model once per frame on the engine, keeping every block boundary's tensor. Frames are keyed
+        # (plan id, the plan's frame id).
         self.reference_ok = True  # the engine can run it (engine_bridge turns this off when it cannot)
         self.engines: dict | None = None  # the profile's predicted whole-model ms per engine
-        self.references: dict[int, dict] = {}  # frame -> {tensor: whole array} of its reference run
-        self.ref_asked: set[int] = set()  # frames whose reference run was asked for
-        self.ref_pending: dict[int, list] = {}  # frame -> (plan id, transfers) waiting for its reference run
-        self.alone: set[int] = set()  # frames to finish from their reference run's logits
-        self._ref_keep: tuple[object, list[str]] | None = None  # (graph, reference_tensors(graph))
+        self.references: dict[tuple[int, int], dict] = {}  # frame -> {tensor: whole array} of its reference run
+        self.ref_asked: set[tuple[int, int]] = set()  # frames whose reference run was asked for
+        self.ref_pending: dict[tuple[int, int], list] = {}  # frame -> transfers waiting for its reference run
+        self.alone: dict[tuple[int, int], str] = {}  # frames to finish from their reference run's logits -> the
+        # graph's output (kept when their plan is retired: a frame finished alone outlives its plan)
+        self._ref_keep: dict[int, list[str]] = {}  # id(graph) -> reference_tensors(graph)
+
+    @property
+    def runner(self) -> DeviceRunner | None:
+        """The newest plan's runner (what a device running one plan at a time has)."""
+        return self.runners[max(self.runners)] if self.runners else None
+
+    @property
+    def spec(self) -> dict | None:
+        return self.specs[max(self.specs)] if self.specs else None
 
     def set_plan(self, spec: dict, device: str, max_message: dict | None = None) -> dict:
-        """Adopt a plan; returns what this device will do in it (for the UI and for logs)."""
+        """Adopt a plan beside the ones already running; returns what this device will do in it (UI, logs)."""
         t0 = time.perf_counter()
         model = self.classifier.variant(spec.get("variant"))
         plan = plan_from_spec(model.graph, spec)
@@ -85,35 +100,31 @@ class PlanRuntime:
         self.plan_id = plan_id
         replay = self._take_held(plan_id)
         if device not in plan.devices and device != spec["source"]:
-            self.runner = None
-            self.plan = None
-            self.spec = spec
             return {"plan_id": plan_id, "role": "idle", "build_ms": (time.perf_counter() - t0) * 1e3}
         self.device = device
         self.model = model
         backend = self._backend_for(spec.get("variant"), model.graph)
-        self.plan = plan
-        self.whole_macs = None  # the plan's model may be another variant
         # How deep each tensor is made: 0 for the frame, k for segment k-1's outputs (rescue waits grow with it).
-        self.levels = {t: s.index + 1 for s in plan.segments for t in s.outputs}
+        self.levels[plan_id] = {t: s.index + 1 for s in plan.segments for t in s.outputs}
         out_owners = plan.owners.get(plan.output_tensor, {})
-        self.runner = DeviceRunner(model.graph, plan.device_plan(device), int(spec["plan_id"]), spec["source"],
-                                   max_message={k: int(v) for k, v in (max_message or {}).items()},
-                                   backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8,
-                                   members=plan.devices,
-                                   output_from=next(iter(out_owners)) if len(out_owners) == 1 else None)
-        self.spec = spec
-        dplan = self.runner.dplan
+        runner = DeviceRunner(model.graph, plan.device_plan(device), plan_id, spec["source"],
+                              max_message={k: int(v) for k, v in (max_message or {}).items()},
+                              backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8,
+                              members=plan.devices,
+                              output_from=next(iter(out_owners)) if len(out_owners) == 1 else None)
+        self.runners[plan_id], self.specs[plan_id], self.started[plan_id] = runner, spec, {}
+        self.models[plan_id], self.plans[plan_id], self.pixels[plan_id] = model, plan, {}
+        dplan = runner.dplan
         # An engine with sessions per task (onnxruntime) makes them now, never per frame.
         sessions_ms = backend.prepare(dplan) if hasattr(backend, "prepare") else None
         out, errors = [], []
         for peer, chunk in replay:
             try:
-                out += self.runner.on_chunk(peer, chunk)
+                out += runner.on_chunk(peer, chunk)
             except ValueError as exc:  # one bad held chunk must not lose the others
                 errors.append(f"held chunk from {peer}: {exc}")
         return {
-            **self._reply(out),
+            **self._reply(runner, out),
             "errors": errors,
             "plan_id": plan_id,
             "role": "source" if device == spec["source"] else "worker",
@@ -127,7 +138,7 @@ class PlanRuntime:
 
     @property
     def plan_graph(self):
-        """The graph the current plan runs on (the model's, or its variant's)."""
+        """The graph the newest plan runs on (the model's, or its variant's)."""
         return self.runner.graph if self.runner is not None else self.graph
 
     def _backend_for(self, variant: str | None, graph):
@@ -138,79 +149,103 @@ class PlanRuntime:
             self._backends[variant] = self.backend.for_graph(graph)
         return self._backends[variant]
 
-    def set_max_message(self, peer: str, size: int) -> None:
-        if self.runner is not None:
-            self.runner.max_message[peer] = int(size)
+    def retire(self, plan_id: int) -> None:
+        """Stop running `plan_id` here: its frames in flight are given up, its late chunks dropped."""
+        for held in (self.runners, self.specs, self.started, self.models, self.plans, self.levels, self.pixels):
+            held.pop(int(plan_id), None)
+        for key in [k for k in self.rescue_macs if k[0] == int(plan_id)]:
+            del self.rescue_macs[key]
+        for held in (self.references, self.ref_pending):
+            for key in [k for k in held if k[0] == int(plan_id)]:
+                del held[key]
+        self.ref_asked = {k for k in self.ref_asked if k[0] != int(plan_id) or k in self.alone}
 
-    def start_frame(self, frame: int, data, height: int, width: int) -> dict:
-        if self.runner is None:
+    def set_deferred(self, on: bool) -> None:
+        self.deferred = bool(on)
+        for runner in self.runners.values():
+            runner.deferred = bool(on)
+
+    def set_max_message(self, peer: str, size: int) -> None:
+        for runner in self.runners.values():
+            runner.max_message[peer] = int(size)
+
+    def start_frame(self, frame: int, data, height: int, width: int, plan_id: int | None = None) -> dict:
+        """Start `frame` on `plan_id` (default: the newest plan)."""
+        runner = self.runner if plan_id is None else self.runners.get(int(plan_id))
+        if runner is None:
             raise RuntimeError("no plan: the room has not planned this device in")
-        pixels = self.model.pre.centre_crop_u8(frame_from_bytes(data, height, width))
-        self.started[frame] = time.perf_counter()
-        out = self.runner.start_frame(int(frame), pixels)
-        self.pixels[int(frame)] = pixels
-        for old in [f for f in self.pixels if f <= int(frame) - self.runner.window]:
-            del self.pixels[old]
-        return self._reply(out)
+        model = self.models.get(runner.plan_id, self.classifier)  # the plan's model or variant
+        pixels = model.pre.centre_crop_u8(frame_from_bytes(data, height, width))
+        self.started[runner.plan_id][frame] = time.perf_counter()
+        out = runner.start_frame(int(frame), pixels)
+        held = self.pixels.setdefault(runner.plan_id, {})
+        held[int(frame)] = pixels
+        for old in [f for f in held if f <= int(frame) - runner.window]:
+            del held[old]
+        return self._reply(runner, out)
 
     # --- rescues: pieces computed from the frame on another device's behalf (tilemesh.runtime.recovery) --------
 
-    def owed(self, src: str, dst: str | None = None) -> list:
-        """The transfers `src` owes in the current plan (to `dst` only, if given): what a rescue recomputes."""
-        if self.plan is None:
+    def owed(self, plan_id: int, src: str, dst: str | None = None) -> list:
+        """The transfers `src` owes in plan `plan_id` (to `dst` only, if given): what a rescue recomputes."""
+        plan, runner = self.plans.get(int(plan_id)), self.runners.get(int(plan_id))
+        if plan is None or runner is None:
             return []
-        out = [t for t in self.plan.transfers if t.src == src and (dst is None or t.dst == dst)]
-        piece = self.runner.output_piece if self.runner is not None else None
+        out = [t for t in plan.transfers if t.src == src and (dst is None or t.dst == dst)]
+        piece = runner.output_piece
         if piece is not None and piece.src == src and dst in (None, piece.dst):
             out.append(piece)
         return out
 
-    def rescue(self, frame: int, transfers) -> dict:
-        """On the source: compute `transfers` of `frame` from the frame; send them to their receivers (as their
-        planned sender would) and take the ones for this device. A piece the engine's reference run gives faster
-        (`recovery.use_reference`) waits for that run (asked for once per frame: a compute request in the reply);
-        the others are computed here on the numpy kernels. Returns the reply, pieces and numpy MACs spent."""
+    def rescue(self, plan_id: int, frame: int, transfers) -> dict:
+        """On the source: compute `transfers` of `frame` (plan `plan_id`'s frame id) from the frame; send them to
+        their receivers (as their planned sender would) and take the ones for this device. A piece the engine's
+        reference run gives faster (`recovery.use_reference`) waits for that run (asked for once per frame: a
+        compute request in the reply); the others are computed here on the numpy kernels. Returns the reply,
+        pieces and numpy MACs spent."""
         from .recovery import rescue_macs, rescue_piece
 
-        frame = int(frame)
-        pixels = self.pixels.get(frame)
-        if self.runner is None or pixels is None:
-            return {**self._reply([]), "rescued": 0, "macs": 0, "reference": 0}
+        plan_id, frame = int(plan_id), int(frame)
+        runner = self.runners.get(plan_id)
+        pixels = self.pixels.get(plan_id, {}).get(frame)
+        if runner is None or pixels is None:
+            return {"out": [], "results": [], "reports": [], "rescued": 0, "macs": 0, "reference": 0}
+        model = self.models[plan_id]
         out, macs, ref = [], 0, []
         # Once this frame has a reference run (asked for, or chosen for one piece), it serves every piece it can.
-        by_ref = frame in self.ref_asked or any(self._via_reference(tr) for tr in transfers)
+        by_ref = (plan_id, frame) in self.ref_asked or any(self._via_reference(plan_id, tr) for tr in transfers)
         for tr in transfers:
-            if by_ref and self._via_reference(tr, force=True):
+            if by_ref and self._via_reference(plan_id, tr, force=True):
                 ref.append(tr)
                 continue
-            arr = rescue_piece(self.model.graph, pixels, self.model.pre.normalize_u8, tr)
-            macs += rescue_macs(self.model.graph, tr)
-            out += self._take_piece(frame, tr, arr)
+            arr = rescue_piece(model.graph, pixels, model.pre.normalize_u8, tr)
+            macs += rescue_macs(model.graph, tr)
+            out += self._take_piece(runner, frame, tr, arr)
         if ref:
-            if frame in self.references:
-                out += self._serve(frame, ref, self.references[frame])
+            if (plan_id, frame) in self.references:
+                out += self._serve(runner, frame, ref, self.references[(plan_id, frame)])
             else:
-                self.ref_pending.setdefault(frame, []).append((self.runner.plan_id, ref))
-                out += self._ask_reference(frame)
-        return {**self._reply(out), "rescued": len(transfers), "macs": macs, "reference": len(ref)}
+                self.ref_pending.setdefault((plan_id, frame), []).extend(ref)
+                out += self._ask_reference(plan_id, frame)
+        return {**self._reply(runner, out), "rescued": len(transfers), "macs": macs, "reference": len(ref)}
 
-    def _take_piece(self, frame: int, tr, arr) -> list:
+    def _take_piece(self, runner: DeviceRunner, frame: int, tr, arr) -> list:
         if tr.dst == self.device:
-            return self.runner.deliver(frame, tr, self.device, arr)
-        return [self.runner.encode_piece(frame, tr.dst, tr.tensor, tr.region, arr)]
+            return runner.deliver(frame, tr, self.device, arr)
+        return [runner.encode_piece(frame, tr.dst, tr.tensor, tr.region, arr)]
 
     # --- reference runs: the whole model once per frame on the engine (tilemesh.runtime.recovery) -------------
 
-    def reference_keep(self) -> list[str]:
-        """The tensors the current model's reference run keeps."""
+    def reference_keep(self, plan_id: int | None = None) -> list[str]:
+        """The tensors the reference run of plan `plan_id`'s model keeps."""
         from .recovery import reference_tensors
 
-        g = self.model.graph
-        if self._ref_keep is None or self._ref_keep[0] is not g:
-            self._ref_keep = (g, reference_tensors(g))
-        return self._ref_keep[1]
+        g = self.models.get(plan_id, self.classifier).graph
+        if id(g) not in self._ref_keep:
+            self._ref_keep[id(g)] = reference_tensors(g)
+        return self._ref_keep[id(g)]
 
-    def _via_reference(self, tr, force: bool = False) -> bool:
+    def _via_reference(self, plan_id: int, tr, force: bool = False) -> bool:
         """Whether piece `tr` is best taken from a reference run (`force`: whenever it can be, the run being paid
         for anyway)."""
         from .recovery import use_reference
@@ -218,141 +253,152 @@ class PlanRuntime:
         if not (self.deferred and self.reference_ok):
             return False
         target = tr.of if tr.reduce else tr.tensor
-        if target == self.model.graph.input or target not in self.reference_keep():
+        if target == self.models[plan_id].graph.input or target not in self.reference_keep(plan_id):
             return False
-        return force or use_reference(self.rescue_cost([tr]), self.model_macs(), self.engines)
+        return force or use_reference(self.rescue_cost(plan_id, [tr]), self.model_macs(plan_id), self.engines)
 
-    def _ask_reference(self, frame: int) -> list:
+    def _ask_reference(self, plan_id: int, frame: int) -> list:
         """The reference run of `frame` as a compute request for the engine (once per frame)."""
         from .recovery import REFERENCE_TASK
 
-        if frame in self.ref_asked or frame not in self.pixels:
+        pixels = self.pixels.get(plan_id, {}).get(frame)
+        if (plan_id, frame) in self.ref_asked or pixels is None:
             return []
-        self.ref_asked.add(frame)
-        x = self.model.pre.normalize_u8(self.pixels[frame])
-        return [ComputeRequest(frame, REFERENCE_TASK, -1, {self.model.graph.input: x}, tuple(self.reference_keep()))]
+        self.ref_asked.add((plan_id, frame))
+        model = self.models[plan_id]
+        x = model.pre.normalize_u8(pixels)
+        return [ComputeRequest(frame, REFERENCE_TASK, -1, {model.graph.input: x},
+                               tuple(self.reference_keep(plan_id)))]
 
-    def reference_numpy(self, request: ComputeRequest) -> dict:
+    def reference_numpy(self, plan_id: int, request: ComputeRequest) -> dict:
         """A reference run on the numpy kernels (the engine could not run it; fake rooms)."""
         from .task_model import whole_deps
         from .tiling import run_steps
 
-        g = self.model.graph
+        g = self.models.get(int(plan_id), self.classifier).graph
         keep = list(request.keep)
         return run_steps(g, whole_deps(g, outputs=keep), dict(request.inputs), keep=keep)
 
-    def alone_request(self, frame: int) -> list | None:
+    def alone_request(self, plan_id: int, frame: int) -> list | None:
         """Finish `frame` alone on the engine: its reference run's logits are the answer (`computed` returns them
         under "alone"). None when this device cannot (no engine, or the frame's pixels are gone)."""
-        frame = int(frame)
-        if not (self.deferred and self.reference_ok) or frame not in self.pixels:
+        plan_id, frame = int(plan_id), int(frame)
+        if not (self.deferred and self.reference_ok) or frame not in self.pixels.get(plan_id, {}):
             return None
-        self.alone.add(frame)
-        return self._ask_reference(frame)
+        self.alone[(plan_id, frame)] = self.models[plan_id].graph.output
+        return self._ask_reference(plan_id, frame)
 
-    def alone_from_reference(self, frame: int):
+    def alone_from_reference(self, plan_id: int, frame: int):
         """The logits of `frame` if its reference run already came (a frame finished alone right away)."""
-        ref = self.references.get(int(frame))
-        return None if ref is None else ref.get(self.model.graph.output)
+        ref = self.references.get((int(plan_id), int(frame)))
+        model = self.models.get(int(plan_id))
+        return None if ref is None or model is None else ref.get(model.graph.output)
 
-    def _serve(self, frame: int, transfers, ref: dict) -> list:
+    def _serve(self, runner: DeviceRunner, frame: int, transfers, ref: dict) -> list:
         from .recovery import piece_from_reference
 
         out = []
         for tr in transfers:
-            arr = piece_from_reference(self.model.graph, ref, tr)
+            arr = piece_from_reference(runner.graph, ref, tr)
             if arr is not None:
-                out += self._take_piece(frame, tr, arr)
+                out += self._take_piece(runner, frame, tr, arr)
         return out
 
-    def reference_done(self, frame: int, outputs: dict) -> dict:
+    def reference_done(self, plan_id: int, frame: int, outputs: dict) -> dict:
         """The engine's reference run of `frame`: serve the pieces waiting for it, and its logits if the frame
         finishes alone."""
-        frame = int(frame)
-        self.references[frame] = outputs
-        for old in [f for f in self.references if f <= frame - 2 * (self.runner.window if self.runner else 4)]:
+        plan_id, frame = int(plan_id), int(frame)
+        runner = self.runners.get(plan_id)
+        if runner is None:  # the plan was retired meanwhile: only a frame finishing alone still wants it
+            output = self.alone.pop((plan_id, frame), None)
+            if output is None:
+                return {"out": [], "results": [], "ignored": True}
+            return {"out": [], "results": [], "plan_id": plan_id, "alone": [(frame, outputs[output])]}
+        self.references[(plan_id, frame)] = outputs
+        for old in [k for k in self.references if k[0] == plan_id and k[1] <= frame - 2 * runner.window]:
             del self.references[old]
             self.ref_asked.discard(old)
-        out = []
-        for plan_id, transfers in self.ref_pending.pop(frame, []):
-            if self.runner is not None and plan_id == self.runner.plan_id:  # else: that plan's frames went alone
-                out += self._serve(frame, transfers, outputs)
-        reply = self._reply(out)
-        if frame in self.alone:
-            self.alone.discard(frame)
-            reply["alone"] = [(frame, outputs[self.model.graph.output])]
+        out = self._serve(runner, frame, self.ref_pending.pop((plan_id, frame), []), outputs)
+        reply = self._reply(runner, out)
+        if (plan_id, frame) in self.alone:
+            reply["alone"] = [(frame, outputs[self.alone.pop((plan_id, frame))])]
         return reply
 
-    def rescue_cost(self, transfers) -> int:
-        """MACs `rescue` spends on `transfers` (cached per piece for the plan)."""
+    def rescue_cost(self, plan_id: int, transfers) -> int:
+        """MACs `rescue` spends on `transfers` of plan `plan_id` (cached per piece for the plan)."""
         from .recovery import rescue_macs
 
+        model = self.models.get(int(plan_id), self.classifier)
         total = 0
         for t in transfers:
-            key = (self.plan_id, t.src, t.dst, t.tensor, t.region)
+            key = (int(plan_id), t.src, t.dst, t.tensor, t.region)
             if key not in self.rescue_macs:
-                self.rescue_macs[key] = rescue_macs(self.model.graph, t)
+                self.rescue_macs[key] = rescue_macs(model.graph, t)
             total += self.rescue_macs[key]
         return total
 
-    def model_macs(self) -> int:
-        """MACs of one whole-model inference."""
+    def model_macs(self, plan_id: int) -> int:
+        """MACs of one whole-model inference of the model (or variant) plan `plan_id` runs."""
         from .recovery import rescue_macs
         from .regions import Region, plane
         from .tiling import Transfer
 
-        if self.whole_macs is None:
-            g = self.model.graph
+        variant = (self.specs.get(int(plan_id)) or {}).get("variant")
+        if variant not in self.whole_macs:
+            g = self.models.get(int(plan_id), self.classifier).graph
             full = Region.full(*plane(g.shapes[g.output]))
-            self.whole_macs = rescue_macs(g, Transfer("", "", g.output, full))
-        return self.whole_macs
+            self.whole_macs[variant] = rescue_macs(g, Transfer("", "", g.output, full))
+        return self.whole_macs[variant]
 
-    def finish_alone(self, frame: int):
-        """The logits of a frame started here, computed whole on this device (its plan was replaced)."""
+    def finish_alone(self, plan_id: int, frame: int):
+        """The logits of a frame started here under plan `plan_id`, computed whole on this device (its plan was
+        replaced, or a device of it lied); None when its pixels are gone."""
         from .executor import run_graph
 
-        pixels = self.pixels.get(int(frame))
-        if pixels is None:
+        pixels = self.pixels.get(int(plan_id), {}).get(int(frame))
+        model = self.models.get(int(plan_id))
+        if pixels is None or model is None:
             return None
-        return run_graph(self.model.graph, self.model.pre.normalize_u8(pixels))
+        return run_graph(model.graph, model.pre.normalize_u8(pixels))
 
-    def _reply(self, out) -> dict:
+    def _reply(self, runner: DeviceRunner, out) -> dict:
         """What the browser's main thread needs after each event: chunks to send, finished frames, reports."""
-        if self.runner is None:
-            return {"out": [], "results": [], "reports": []}
-        finished = self.runner.take_finished()
-        results = [self._result(f) for f in finished if f in self.started]
+        started = self.started.setdefault(runner.plan_id, {})
+        finished = runner.take_finished()
+        results = [self._result(runner, f) for f in finished if f in started]
         # Frames started here that can no longer finish (dropped by the runner's window) are forgotten.
-        for frame in [f for f in self.started if f < max(self.started, default=0) - self.runner.window]:
-            del self.started[frame]
-        reports = [self.runner.report(f) for f in finished]
+        for frame in [f for f in started if f < max(started, default=0) - runner.window]:
+            del started[frame]
+        reports = [runner.report(f) for f in finished]
         compute = [o for o in out if isinstance(o, ComputeRequest)]
         return {"out": _outgoing([o for o in out if not isinstance(o, ComputeRequest)]), "compute": compute,
                 "results": results, "reports": [r for r in reports if r],
-                "tasks_run": self.runner.tasks_run, "plan_id": self.runner.plan_id}
+                "tasks_run": runner.tasks_run, "plan_id": runner.plan_id}
 
     def computed(self, plan_id: int, frame: int, task: int, outputs: dict) -> dict:
         """The engine's answer to a `ComputeRequest` of the reply's `compute` list (deferred mode)."""
         if int(task) < 0:
-            return self.reference_done(frame, outputs)
-        if self.runner is None or int(plan_id) != self.runner.plan_id:
+            return self.reference_done(plan_id, frame, outputs)
+        runner = self.runners.get(int(plan_id))
+        if runner is None:
             return {"out": [], "results": [], "ignored": True}
-        return self._reply(self.runner.on_computed(int(frame), int(task), outputs))
+        return self._reply(runner, runner.on_computed(int(frame), int(task), outputs))
 
     def on_chunk(self, peer: str, chunk) -> dict:
         chunk = bytes(chunk)
         plan_id = wire.peek_plan_id(chunk)
-        if plan_id is not None and (self.runner is None or plan_id != self.runner.plan_id):
+        runner = self.runners.get(plan_id) if plan_id is not None else self.runner
+        if runner is None and plan_id is not None:
             # Held or dropped without reaching a runner: check it here, so a corrupt chunk is a clear error
             # now rather than a silent drop (or a failed replay later).
             wire.parse_chunk(chunk)
         if plan_id is not None and plan_id > self.plan_id:
             self._hold(plan_id, peer, chunk)
             return {"out": [], "results": [], "held": True}
-        if self.runner is None or (plan_id is not None and plan_id < self.runner.plan_id):
+        if runner is None:
             self.dropped_chunks += 1
             return {"out": [], "results": [], "ignored": True}
-        return self._reply(self.runner.on_chunk(peer, chunk))
+        return self._reply(runner, runner.on_chunk(peer, chunk))
 
     def _hold(self, plan_id: int, peer: str, chunk: bytes) -> None:
         self.held.append((plan_id, peer, chunk))
@@ -374,20 +420,25 @@ class PlanRuntime:
                 self.dropped_chunks += 1
         return out
 
-    def _result(self, frame: int) -> dict:
+    def result(self, plan_id: int, frame: int):
+        """The logits of a frame this device finished under `plan_id` (None when unknown or gone)."""
+        runner = self.runners.get(int(plan_id))
+        return None if runner is None else runner.result(int(frame))
+
+    def _result(self, runner: DeviceRunner, frame: int) -> dict:
         """A frame this device (the source) started and got the logits of: top-5 and timings."""
-        t0 = self.started.pop(frame)
+        t0 = self.started[runner.plan_id].pop(frame)
         return {
             "frame": frame,
-            "top": top_entries(self.runner.result(frame), self.classifier.labels, 5),
+            "top": top_entries(runner.result(frame), self.classifier.labels, 5),
             "ms": (time.perf_counter() - t0) * 1e3,
-            "report": self.runner.report(frame),
+            "report": runner.report(frame),
         }
 
     def forget_peer(self, peer: str) -> None:
         """A device left: drop its half-received messages."""
-        if self.runner is not None:
-            self.runner.forget_peer(peer)
+        for runner in self.runners.values():
+            runner.forget_peer(peer)
 
 
 def parts_of(plan) -> list[dict]:

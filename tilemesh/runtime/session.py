@@ -12,8 +12,13 @@ any monotonic clock), and imports nothing of the browser or the server, so every
 the same rules hold on every device.
 
 The rules, each in one place:
-- plan adoption (`PlanIn`): chunks that outrun their plan are held and replayed (`peer.PlanRuntime`); a device
-  not in a plan ignores it and keeps running its own; a source whose plan is replaced fails its frames at once;
+- plan adoption (`PlanIn`): a device runs several plans at once, keyed by plan id (a camera's lanes, other
+  cameras' streams; `lanes.PlanSlot` per plan): chunks that outrun their plan are held and replayed
+  (`peer.PlanRuntime`); a device not in a plan ignores it and keeps running its own; a source's newer plan
+  message retires its older plans, which still finish the frames they have in flight (`lanes.expired`);
+- streams (`FrameIn` without a lane): the camera's scheduler (`stream`) hands each frame to a lane with a free
+  slot, or fails it at once as "busy" when every lane is full; results older than one already shown come back
+  with `shown` false (dropped and counted), so the label never jumps back in time;
 - per-link max message size (`LinkOpened`, `LinkUpdated`): recorded whenever it is known or changes, applied to
   the running plan, and `UNKNOWN_MAX_MESSAGE` (what every browser accepts) for a plan device with no open link;
 - link probes (`Probe` effect, `LinkMeasured` event): one set of parameters, and one unit: megabits per second;
@@ -25,12 +30,14 @@ The rules, each in one place:
   new figures replace the old (a `refining` notice says what is pending);
 - frames (`FrameIn`, `Tick`): a frame without a plan fails at once, one that takes longer than `FRAME_TIMEOUT_S`
   fails at the next tick;
-- faults within a frame (`tilemesh.runtime.recovery`): a device of the plan that leaves, or a frame with no
-  result within `recovery.stall_bound`, has its missing pieces recomputed from the frame by the source (asked
-  with a `rescue` broadcast) while the room replans in the background; a device that stalls again and again is
-  left out of the next plan (with hysteresis); spot checks compare pieces with the source's own copy and a device
-  whose copy disagrees is excluded and named (`wrong_result` broadcast); a source whose plan is replaced with
-  frames in flight finishes them alone;
+- faults within a frame (`tilemesh.runtime.recovery`), per plan: a device of a plan that leaves, or a frame with
+  no result within `recovery.stall_bound`, has its missing pieces recomputed from the frame by the plan's source
+  (asked with a `rescue` broadcast naming the plan) while the room replans in the background; a lane that lost a
+  device takes no new frames when the stream has other lanes; a device that stalls again and again is left out
+  of the next plan (with hysteresis); spot checks compare pieces with the source's own copy and a device whose
+  copy disagrees is excluded and named (`wrong_result` broadcast); a source whose single plan is replaced with
+  frames in flight finishes them alone (a stream's retired lanes finish theirs where they are); a camera
+  hearing another stream's camera leave asks the room again (its devices are free);
 - reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast), with what this
   device measured of its incoming links since its last report (`links`: bytes and seconds of every multi-chunk
   message from a peer, first chunk to last, on the executor's clock); the server learns from them
@@ -46,11 +53,14 @@ browser's worker boundary (`handle` at the bottom of this module is the worker's
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from . import lanes as lanes_mod
 from . import recovery, wire
+from . import stream as stream_mod
 from .classify import LocalClassifier, top_entries
+from .lanes import PlanSlot
 from .peer import PlanRuntime
 from .runner import ComputeRequest
 
@@ -223,13 +233,15 @@ class RoomChanged(Event):
 
 @dataclass(frozen=True)
 class FrameIn(Event):
-    """A camera frame (RGBA or RGB bytes, `height` x `width`) to classify with the room's plan as frame `frame`."""
+    """A camera frame (RGBA or RGB bytes, `height` x `width`) to classify with the room's plan as frame `frame`;
+    on lane `plan_id`, or (None) on the one the stream's scheduler picks."""
 
     kind: ClassVar[str] = "frame"
     frame: int
     data: Any
     height: int
     width: int
+    plan_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +272,9 @@ class BroadcastIn(Event):
 
 @dataclass(frozen=True)
 class RequestPlan(Event):
+    """Ask the server's planner for a plan: a benchmark `strategy`, or a stream for `objective` ("throughput",
+    "latency"; "stop" ends this camera's stream so the room re-divides), `private` keeping pixels here."""
+
     kind: ClassVar[str] = "request_plan"
     strategy: str | None = None
     variant: str | None = None  # one of the model card's variants (e.g. "heavy"); None: the model as served
@@ -267,6 +282,9 @@ class RequestPlan(Event):
     # {"kind": "fps" | "latency", "value": x}: the planner picks the variant that meets it (context-aware
     # scaling); `variant` is then the one in use, and background replans (a device left, drift) ask again
     target: dict | None = None
+    objective: str | None = None
+    private: bool = False
+    latency_factor: float | None = None  # the throughput objective's bound (default the planner's, 1.2)
 
 
 @dataclass(frozen=True)
@@ -320,9 +338,13 @@ class FrameDone(Effect):
 
 @dataclass(frozen=True)
 class FrameFailed(Effect):
+    """`frame` was not classified by the room; a "busy" one was not started (every lane full, or the lanes free
+    now would finish it before the frames in flight): the camera may try again after `retry_s`."""
+
     kind: ClassVar[str] = "frame_failed"
     frame: int
     reason: str
+    retry_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -357,11 +379,12 @@ class Compute(Effect):
 @dataclass(frozen=True)
 class Notice(Effect):
     """For the UI and logs: `plan` (adopted: plan message and role), `replanning` (the plan runs on while a new
-    one is asked for), `recovering` (a device of the plan is gone: its pieces are rescued), `stalled` (the
+    one is asked for), `recovering` (a device of a plan is gone: its pieces are rescued), `stalled` (the
     source rescued a device's pieces of a frame that made no progress within the stall bound), `straggler` (devices
     left out of the next plan for stalling), `mismatch` (a checked piece disagreed; the source judges),
-    `wrong_result` (a device convicted of wrong results), `drift`, `report` (timings shared with the room),
-    `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so far), `error`."""
+    `audit`, `wrong_result` (a device convicted of wrong results), `drift`, `report` (timings shared with the
+    room), `timings` (every frame's, kept on this device), `tasks_run` (tasks computed under a plan so far),
+    `stream_stats` (the camera's stream, measured, about once a second), `error`."""
 
     kind: ClassVar[str] = "notice"
     what: str
@@ -382,26 +405,14 @@ class DeviceSession:
         # piece from another device checked before use), which catches a device wrong from the start at once.
         self.audit_first = bool(audit_first)
         self.first_audited: set[int] = set()  # plan ids whose first frame here was audited
-        self.strategy: str | None = None  # the strategy this device last asked the planner for
-        self.variant: str | None = None  # and the model variant
-        self.target: dict | None = None  # and the frame-rate or latency target (the planner picks the variant)
-        self.corrupt = 0.0  # tests only: added to every computed tile (a device that returns wrong results)
-        self.rng = random.Random(seed)
-        self.gone: set[str] = set()  # devices of the current plan that left or were excluded: rescued up front
-        self.seen: dict[int, float] = {}  # frames in flight here -> when this device first saw them
-        self.asked: dict[tuple[int, str], float] = {}  # (frame, device) -> when its missing pieces were asked for
-        self.rescued: set[tuple] = set()  # source: (frame, piece key) computed here already
-        self.blocked: dict[int, set[str]] = {}  # source: frame -> devices that asked for rescues (they wait too)
-        self.stalled: dict[int, set[str]] = {}  # source: frame -> devices whose pieces were rescued for stalling
-        self.straggle = recovery.Straggle()
-        self.judging: dict[int, float] = {}  # source: frames finished -> when (their stalls are judged later)
-        self.alone_reason: dict[int, str] = {}  # source: frames finishing alone on the engine -> why
-        self.tainted: set[int] = set()  # source: frames in flight when a device was caught lying
-        self.audit: tuple[int, int, int] | None = None  # (plan id, first, last frame): every piece is checked
-        self.audited: set[int] = set()  # frames whose every piece from another device was held for a check
-        self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
         self.ready: set[str] = set()  # peers the roster shows ready with a profile
         self.known: set[str] = set()  # ready peers as of this source's last plan request (newcomers: the others)
+        self.alone_reason: dict[tuple[int, int], tuple[int, str]] = {}  # (plan, its frame) finishing alone on the
+        # engine -> (stream frame, why)
+        self.corrupt = 0.0  # tests only: added to every computed tile (a device that returns wrong results)
+        self.rng = random.Random(seed)
+        self.straggle = recovery.Straggle()
+        self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
         # rescue_macs: spent on the numpy kernels; reference_pieces: served by a reference run on the engine
         self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "reference_pieces": 0,
                        "checks": 0, "compared": 0, "caught": 0, "finished_alone": 0}
@@ -412,10 +423,17 @@ class DeviceSession:
         self.room_booting = 0  # other devices of the room still booting (`RoomChanged`)
         self.provisional: set[str] = set()  # "compute" and links measured while the room was not settled
         self.compute: dict | None = None
-        self.plan: dict | None = None  # the plan this device is the source of, while it is usable
+        self.plan: dict | None = None  # the plan (stream) message this device is the source of, while usable
         self.last_plan: dict | None = None  # the last plan message adopted (any role)
         self.parts: list[dict] = []
+        self.slots: dict[int, PlanSlot] = {}  # plan id -> this device's part in it (live or retired)
+        self.stream: stream_mod.StreamState | None = None  # the camera's scheduler over its live lanes
+        self.request: dict = {}  # the last plan_request's fields (asked again to replan or re-divide the room)
+        self.cameras: set[str] = set()  # other devices streaming in this room (their plan messages seen)
         self.waiting: dict[int, float] = {}  # frames started here -> when
+        self.frame_plan: dict[int, tuple[int, int]] = {}  # frames started here -> (plan id, wire frame id)
+        self.shown: list[tuple[float, float]] = []  # the stream's results shown: (when, latency ms)
+        self.stats_at: float | None = None  # when the stream's figures were last shared
         self.last_frame = 0
         self.drift = Drift()
         self.pending_drift: float | None = None  # a re-profile asked for by drift, until `Profiled`
@@ -548,90 +566,197 @@ class DeviceSession:
             self.runtime.forget_peer(ev.peer)
         if self.links.pop(ev.peer, None) is not None:
             out.append(self._report())
+        # A plan whose source left cannot finish its frames anywhere: it stops here.
+        for pid in [p for p, slot in self.slots.items() if slot.source == ev.peer]:
+            out += self._drop_slot(pid, f"device {ev.peer} left")
         self.ready.discard(ev.peer)
         self.known.discard(ev.peer)  # if it comes back, it is a newcomer again
-        return out + self._lost(ev.peer, "left", now)
+        lost = self._lost_everywhere(ev.peer, "left", now)
+        out += lost
+        if ev.peer in self.cameras:
+            self.cameras.discard(ev.peer)
+            if self.plan is not None and self.request.get("objective") and not lost:
+                out.append(self._plan_request(now))  # its devices are free: re-divide the room
+        return out
 
     def _on_roster(self, ev: Roster, now: float) -> list[Effect]:
-        """On a source with a running plan: a device that became ready since the last plan request is used from
-        the next plan, asked for now in the background (the running plan keeps taking frames meanwhile)."""
+        """On a camera with a running stream: a device that became ready since the last plan request is used
+        from the next plan, asked for now in the background (the running plans keep taking frames meanwhile)."""
         self.ready = {str(p) for p in ev.ready}
-        if self.plan is None or not self._is_source():
+        mine = [s for s in self.slots.values() if s.role == "source" and s.live]
+        if self.plan is None or not mine:
             return []
         excluded = [d for d, (_, until) in self.excluded.items() if until is None or now < until]
-        new = recovery.newcomers(self.known | {*self.plan["devices"]}, self.ready - {self._runner().device},
-                                 excluded)
+        me = self._runner(mine[0].plan_id).device
+        new = recovery.newcomers(self.known | {d for s in mine for d in s.devices}, self.ready - {me}, excluded)
         if not new:
             return []
         return [Notice("replanning", {"reason": f"{', '.join(new)} joined", "devices": new}),
                 self._plan_request(now)]
 
-    # --- faults within a frame (tilemesh.runtime.recovery) --------------------------------------------------
+    @property
+    def variant(self) -> str | None:
+        """The model variant of this camera's last request (with a target: the one the planner chose)."""
+        return self.request.get("variant")
 
-    def _runner(self):
-        return self.runtime.runner if self.runtime is not None else None
+    @property
+    def target(self) -> dict | None:
+        """The frame-rate or latency target of this camera's last request (background replans carry it)."""
+        return self.request.get("target")
 
-    def _is_source(self) -> bool:
-        r = self._runner()
-        return r is not None and r.device == r.source
+    # --- plans held at once ---------------------------------------------------------------------------------
 
-    def _lost(self, device: str, why: str, now: float) -> list[Effect]:
-        """`device` of the running plan is gone (or convicted): rescue what it still owes, replan in background."""
-        r = self._runner()
-        if r is None or device not in r.members or device in (r.device, r.source):
-            return []
+    def _runner(self, plan_id: int):
+        return self.runtime.runners.get(plan_id) if self.runtime is not None else None
+
+    def _is_source(self, plan_id: int) -> bool:
+        slot = self.slots.get(plan_id)
+        return slot is not None and slot.role == "source"
+
+    def _drop_slot(self, plan_id: int, reason: str) -> list[Effect]:
+        """Stop running `plan_id` now; its frames started here fail."""
+        slot = self.slots.pop(plan_id)
+        if self.runtime is not None:
+            self.runtime.retire(plan_id)
+        if self.stream is not None:
+            self._unschedule(plan_id)
+        return [self._fail(f, f"{reason} during frame {f}") for f in sorted(slot.frames.values())]
+
+    def _unschedule(self, plan_id: int) -> None:
+        """The camera's scheduler gives `plan_id` no more frames (its frames in flight still finish or fail)."""
+        keep = [(ln.lane, ln.weight, ln.depth, ln.latency) for ln in self.stream.lanes if ln.lane != plan_id]
+        self.stream = stream_mod.replan(self.stream, keep)
+
+    def _fail(self, frame: int, reason: str) -> FrameFailed:
+        self.waiting.pop(frame, None)
+        plan_id, seq = self.frame_plan.pop(frame, (None, None))
+        slot = self.slots.get(plan_id)
+        if slot is not None:
+            slot.frames.pop(seq, None)
+        if self.stream is not None:
+            self.stream, _ = stream_mod.finished(self.stream, frame, ok=False)
+        return FrameFailed(frame, reason)
+
+    def _finish_alone(self, reason: str, now: float, frames=None) -> list[Effect]:
+        """Frames started here (stream frame ids; default all in flight) computed whole here from the frame,
+        never lost: their plan was replaced, or a device of it returned wrong results."""
         out: list[Effect] = []
-        self.gone.add(device)
-        if self._is_source():
-            for f in list(r.frames):
-                out += self._rescue_here(f, [t for t in r.outstanding(f) if t.src == device], now)
-            out.append(Notice("recovering", {"device": device, "why": why, "frames": sorted(r.frames)}))
-            out.append(self._plan_request())
-        else:
-            for f in list(r.frames):
-                out += self._ask(f, device, why, now)
+        for f in sorted(self.waiting if frames is None else frames):
+            if f not in self.waiting:
+                continue
+            plan_id, seq = self.frame_plan.get(f, (None, None))
+            logits = self.runtime.alone_from_reference(plan_id, seq) if plan_id is not None else None
+            if logits is None and plan_id is not None:
+                asked = self.runtime.alone_request(plan_id, seq)  # on the engine: the answer comes with its run
+                if asked is not None:
+                    self.alone_reason[(plan_id, seq)] = (f, reason)
+                    slot = self.slots.get(plan_id)
+                    if slot is not None:
+                        slot.frames.pop(seq, None)  # its plan's answer no longer counts; the frame outlives it
+                    out += [Compute(plan_id, c) for c in asked]
+                    continue
+                logits = self.runtime.finish_alone(plan_id, seq)
+            if logits is None:
+                out.append(self._fail(f, f"{reason} during frame {f}"))
+                continue
+            out += self._alone_done(f, logits, reason, now)
         return out
 
+    def _alone_done(self, f: int, logits, reason: str, now: float) -> list[Effect]:
+        """Frame `f` (a stream frame id) finished alone here with `logits`."""
+        t0 = self.waiting.pop(f)
+        plan_id, seq = self.frame_plan.pop(f, (None, None))
+        slot = self.slots.get(plan_id)
+        if slot is not None:
+            slot.frames.pop(seq, None)
+        shown = True
+        if self.stream is not None:
+            self.stream, shown = stream_mod.finished(self.stream, f)
+        self.faults["finished_alone"] += 1
+        top = top_entries(logits, self.runtime.classifier.labels, 5)
+        return [FrameDone(f, {"frame": f, "top": top, "ms": (now - t0) * 1e3, "report": None,
+                              "parts": [], "plan": plan_summary(self.plan), "recovered": reason,
+                              "plan_id": plan_id, "seq": seq, "shown": shown, "stream": self.stream_counts()})]
+
+    # --- faults within a frame (tilemesh.runtime.recovery), per plan ----------------------------------------
+
+    def _lost_everywhere(self, device: str, why: str, now: float) -> list[Effect]:
+        """`device` is gone (left, or convicted) from every plan this device runs with it: each plan rescues
+        what it still owes; the camera asks the room for new plans once."""
+        out: list[Effect] = []
+        replan = False
+        for pid in sorted(self.slots):
+            effects, ask = self._lost(pid, device, why, now)
+            out += effects
+            replan = replan or ask
+        if replan:
+            out.append(self._plan_request(now))
+        return out
+
+    def _lost(self, plan_id: int, device: str, why: str, now: float) -> tuple[list[Effect], bool]:
+        """`device` of plan `plan_id` is gone: rescue what it still owes; returns (effects, whether the source
+        should ask for a new plan). A stream's lane that lost a device takes no new frames when the stream has
+        other lanes (its frames in flight are rescued)."""
+        slot, r = self.slots.get(plan_id), self._runner(plan_id)
+        if slot is None or r is None or device not in r.members or device in (r.device, r.source) \
+                or device in slot.gone:
+            return [], False
+        out: list[Effect] = []
+        slot.gone.add(device)
+        was_live = slot.live
+        if not self._is_source(plan_id):
+            for f in list(r.frames):
+                out += self._ask(plan_id, f, device, why, now)
+            return out, False
+        for f in list(r.frames):
+            out += self._rescue_here(plan_id, f, [t for t in r.outstanding(f) if t.src == device], now)
+        out.append(Notice("recovering", {"device": device, "why": why, "plan_id": plan_id,
+                                         "frames": sorted(slot.frames.values())}))
+        if self.stream is not None and was_live and any(ln.lane != plan_id for ln in self.stream.lanes):
+            slot.retired_at = now
+            self._unschedule(plan_id)
+        return out, was_live
+
     def _plan_request(self, now: float | None = None) -> Signal:
+        """The camera's last request asked again (a background replan), leaving out excluded devices."""
         self.known |= self.ready
         exclude = sorted(d for d, (_, until) in self.excluded.items() if until is None or now is None or now < until)
-        fields = {"exclude": exclude} if exclude else {}
-        if self.strategy not in (None, "tilemesh"):
-            fields["strategy"] = self.strategy
-        if self.variant is not None:
-            fields["variant"] = self.variant
-        if self.target is not None:
-            fields["target"] = dict(self.target)
+        fields = {k: v for k, v in self.request.items()
+                  if k not in ("exclude", "devices") and not (k == "strategy" and v == "tilemesh")}
+        if self.request.get("devices") is not None:
+            fields["devices"] = [d for d in self.request["devices"] if d not in exclude]
+        if exclude:
+            fields["exclude"] = exclude
         return Signal("plan_request", fields)
 
-    def _ask(self, frame: int, device: str, why: str, now: float, pieces=None) -> list[Effect]:
+    def _ask(self, plan_id: int, frame: int, device: str, why: str, now: float, pieces=None) -> list[Effect]:
         """Ask the source for `device`'s missing pieces of `frame` (or `pieces`); watch them for a late copy."""
-        r = self._runner()
+        slot, r = self.slots[plan_id], self._runner(plan_id)
         if pieces is None:
             pieces = [t for t in r.outstanding(frame) if t.src == device]
         if not pieces:
             return []
-        self.asked[(frame, device)] = now
+        slot.asked[(frame, device)] = now
         self.faults["rescue_requests"] += 1
         for t in pieces:
             r.watch(frame, t, hold=why == "check")
-        data = {"kind": "rescue", "plan_id": r.plan_id, "frame": frame, "why": why,
+        data = {"kind": "rescue", "plan_id": plan_id, "frame": frame, "why": why,
                 "pieces": [[t.src, t.tensor, *t.region.to_list()] for t in pieces]}
         return [Signal("broadcast", {"data": data})]
 
-    def _rescue_here(self, frame: int, pieces, now: float, again: bool = False) -> list[Effect]:
+    def _rescue_here(self, plan_id: int, frame: int, pieces, now: float, again: bool = False) -> list[Effect]:
         """On the source: compute `pieces` of `frame` from the frame and send or take them (each once, unless
         `again`: a spot check, or a piece asked for again after its copy was lost)."""
-        r = self._runner()
+        slot, r = self.slots[plan_id], self._runner(plan_id)
         if not again:
-            pieces = [t for t in pieces if (frame, r.key(t), t.dst) not in self.rescued]
+            pieces = [t for t in pieces if (frame, r.key(t), t.dst) not in slot.rescued]
         if not pieces:
             return []
-        self.rescued |= {(frame, r.key(t), t.dst) for t in pieces}
+        slot.rescued |= {(frame, r.key(t), t.dst) for t in pieces}
         # Kept after the frame finished here: a device still waiting for it may ask again.
-        for key in [k for k in self.rescued if k[0] < self.last_frame - 2 * r.window]:
-            self.rescued.discard(key)
-        res = self.runtime.rescue(frame, pieces)
+        for key in [k for k in slot.rescued if k[0] < slot.seq - 2 * r.window]:
+            slot.rescued.discard(key)
+        res = self.runtime.rescue(plan_id, frame, pieces)
         self.faults["rescued_pieces"] += res["rescued"]
         self.faults["rescue_macs"] += res["macs"]
         self.faults["reference_pieces"] += res.get("reference", 0)
@@ -639,9 +764,10 @@ class DeviceSession:
 
     def _on_rescue(self, sender: str, data: dict, now: float) -> list[Effect]:
         """On the source: a device asks for pieces another device owes it (gone, stalled, or a spot check)."""
-        r = self._runner()
-        if not self._is_source() or data.get("plan_id") != r.plan_id:
+        plan_id = data.get("plan_id")
+        if not isinstance(plan_id, int) or not self._is_source(plan_id) or self._runner(plan_id) is None:
             return []
+        slot = self.slots[plan_id]
         try:
             frame, why = int(data["frame"]), str(data.get("why", ""))
             pieces = list(data["pieces"])
@@ -650,37 +776,38 @@ class DeviceSession:
             wanted = {(str(p[0]), str(p[1]), tuple(int(v) for v in p[2:6])) for p in pieces}
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             return self._error(f"unusable rescue request from {sender}: {exc!r}")
-        owed = [t for t in self.runtime.plan.transfers
+        owed = [t for t in self.runtime.plans[plan_id].transfers
                 if t.dst == sender and (t.src, t.tensor, tuple(t.region.to_list())) in wanted]
         if why == "stall":
-            blocked = self.blocked.setdefault(frame, set())
+            blocked = slot.blocked.setdefault(frame, set())
             blocked.add(sender)
             # A device that itself waits for a rescue will send its pieces once it has it.
-            owed = [t for t in owed if t.src not in blocked or t.src in self.gone]
-            self.stalled.setdefault(frame, set()).update(t.src for t in owed)
+            owed = [t for t in owed if t.src not in blocked or t.src in slot.gone]
+            slot.stalled.setdefault(frame, set()).update(t.src for t in owed)
         if why == "check":
             self.faults["checks"] += 1
         # A piece is rescued once per frame and receiver: a device asking again (its copy is slow to come, the
         # source busy) would get a duplicate message. Only a spot check asks for the source's own copy again.
-        return self._rescue_here(frame, owed, now, again=why == "check")
+        return self._rescue_here(plan_id, frame, owed, now, again=why == "check")
 
-    def _mismatch(self, frame: int, device: str, tensor: str, err: float, audited: bool,
+    def _mismatch(self, plan_id: int, frame: int, device: str, tensor: str, err: float, audited: bool,
                   now: float) -> list[Effect]:
         """On the source: `device`'s piece of `tensor` disagreed with the source's own copy. That convicts
         `device` when its inputs were surely right: they all come from the source, or the frame was audited
         (the receiver held every piece until the source's copy came). Otherwise a liar upstream may have fed it
-        wrong inputs: the next `recovery.AUDIT_FRAMES` frames are audited to find who. The frame finishes alone."""
-        if frame in self.waiting:
-            self.tainted.add(frame)
-        r = self._runner()
-        plan = self.runtime.plan
+        wrong inputs: the next `recovery.AUDIT_FRAMES` frames of the plan are audited to find who. The frame
+        finishes alone."""
+        slot, r = self.slots[plan_id], self._runner(plan_id)
+        if frame in slot.frames:
+            slot.tainted.add(frame)
+        plan = self.runtime.plans[plan_id]
         if audited or all(t.src == r.source for t in plan.transfers if t.dst == device):
             return self._convict(device, frame, tensor, err, now)
-        if self.audit is not None and self.audit[0] == r.plan_id and self.audit[2] > self.last_frame:
+        if slot.audit is not None and slot.audit[1] > slot.seq:
             return []  # an audit is under way
-        first = self.last_frame + 1
-        self.audit = (r.plan_id, first, first + recovery.AUDIT_FRAMES - 1)
-        detail = {"kind": "audit", "plan_id": r.plan_id, "first": first, "last": self.audit[2], "suspect": device}
+        first = slot.seq + 1
+        slot.audit = (first, first + recovery.AUDIT_FRAMES - 1)
+        detail = {"kind": "audit", "plan_id": plan_id, "first": first, "last": slot.audit[1], "suspect": device}
         return [Notice("audit", detail), Signal("broadcast", {"data": detail})]
 
     def _convict(self, device: str, frame: int, tensor: str, err: float, now: float) -> list[Effect]:
@@ -689,90 +816,94 @@ class DeviceSession:
             return []
         self.faults["caught"] += 1
         self.excluded[device] = ("wrong results", None)
-        if self._is_source():  # its other pieces of these frames may be wrong too: they finish alone
-            self.tainted |= set(self.waiting)
+        # Its other pieces of frames in flight may be wrong too: those frames finish alone.
+        for slot in self.slots.values():
+            if slot.role == "source" and device in slot.devices:
+                slot.tainted |= set(slot.frames)
         detail = {"kind": "wrong_result", "device": device, "frame": frame, "tensor": tensor,
                   "max_err": err if err != float("inf") else -1.0}
         out: list[Effect] = [Notice("wrong_result", detail), Signal("broadcast", {"data": detail})]
-        return out + self._lost(device, "wrong results", now)
+        return out + self._lost_everywhere(device, "wrong results", now)
 
-    def _after(self, now: float) -> list[Effect]:
-        """After the runtime moved: note frames first seen (and pick spot checks), judge copies compared."""
-        r = self._runner()
-        if r is None:
+    def _after(self, plan_id: int, now: float) -> list[Effect]:
+        """After plan `plan_id`'s runner moved: note frames first seen (and pick spot checks), judge copies."""
+        slot, r = self.slots.get(plan_id), self._runner(plan_id)
+        if slot is None or r is None:
             return []
         out: list[Effect] = []
-        for f in [f for f in self.seen if f not in r.frames]:
-            del self.seen[f]
+        for f in [f for f in slot.seen if f not in r.frames]:
+            del slot.seen[f]
         for f in r.frames:
-            if f in self.seen:
+            if f in slot.seen:
                 continue
-            self.seen[f] = now
-            if not self._is_source():  # a frame first seen after a device of the plan left: ask at once
-                for d in sorted(self.gone):
-                    out += self._ask(f, d, "left", now)
-            if self.audit is not None and self.audit[0] == r.plan_id and self.audit[1] <= f <= self.audit[2]:
-                out += self._check_all(f, now)
-            elif self.audit_first and r.plan_id not in self.first_audited:
-                self.first_audited.add(r.plan_id)
-                out += self._check_all(f, now)
+            slot.seen[f] = now
+            if not self._is_source(plan_id):  # a frame first seen after a device of the plan left: ask at once
+                for d in sorted(slot.gone):
+                    out += self._ask(plan_id, f, d, "left", now)
+            if slot.audit is not None and slot.audit[0] <= f <= slot.audit[1]:
+                out += self._check_all(plan_id, f, now)
+            elif self.audit_first and plan_id not in self.first_audited:
+                self.first_audited.add(plan_id)
+                out += self._check_all(plan_id, f, now)
             elif self.check_rate > 0 and self.rng.random() < self.check_rate:
-                out += self._spot_check(f, now)
+                out += self._spot_check(plan_id, f, now)
         for frame, tr, (p1, a1), (p2, a2) in r.take_comparisons():
             self.faults["compared"] += 1
             ok, err = recovery.agree(a1, a2)
             if ok:
                 continue
             culprit = p2 if p1 == r.source else p1
-            if self._is_source():
-                out += self._mismatch(frame, culprit, tr.tensor, err, frame in self.audited, now)
+            if self._is_source(plan_id):
+                out += self._mismatch(plan_id, frame, culprit, tr.tensor, err, frame in slot.audited, now)
             else:  # told to the source, which judges
-                detail = {"kind": "mismatch", "plan_id": r.plan_id, "device": culprit, "frame": frame,
+                detail = {"kind": "mismatch", "plan_id": plan_id, "device": culprit, "frame": frame,
                           "tensor": tr.tensor, "max_err": err if err != float("inf") else -1.0,
-                          "audited": frame in self.audited}
+                          "audited": frame in slot.audited}
                 out += [Notice("mismatch", detail), Signal("broadcast", {"data": detail})]
         return out
 
-    def _check_all(self, frame: int, now: float) -> list[Effect]:
+    def _check_all(self, plan_id: int, frame: int, now: float) -> list[Effect]:
         """An audited frame: every piece from another device (not the source) is held for the source's copy."""
-        r = self._runner()
+        slot, r = self.slots[plan_id], self._runner(plan_id)
         pieces = [t for t in r.outstanding(frame) if t.src not in (r.source, r.device)]
-        self.audited.add(frame)
-        for old in [f for f in self.audited if f < frame - 4 * r.window]:
-            self.audited.discard(old)
-        if not self._is_source():
+        slot.audited.add(frame)
+        for old in [f for f in slot.audited if f < frame - 4 * r.window]:
+            slot.audited.discard(old)
+        if not self._is_source(plan_id):
             out: list[Effect] = []
             for src in sorted({t.src for t in pieces}):
-                out += self._ask(frame, src, "check", now, [t for t in pieces if t.src == src])
+                out += self._ask(plan_id, frame, src, "check", now, [t for t in pieces if t.src == src])
             return out
         for t in pieces:
             r.watch(frame, t, hold=True)
         self.faults["checks"] += len(pieces)
-        return self._rescue_here(frame, pieces, now, again=True)
+        return self._rescue_here(plan_id, frame, pieces, now, again=True)
 
-    def _spot_check(self, frame: int, now: float) -> list[Effect]:
-        r = self._runner()
+    def _spot_check(self, plan_id: int, frame: int, now: float) -> list[Effect]:
+        r = self._runner(plan_id)
         pieces = [t for t in r.outstanding(frame) if t.src not in (r.source, r.device)]
         if not pieces:
             return []
         tr = pieces[self.rng.randrange(len(pieces))]
-        if not self._is_source():
-            return self._ask(frame, tr.src, "check", now, [tr])
+        if not self._is_source(plan_id):
+            return self._ask(plan_id, frame, tr.src, "check", now, [tr])
         r.watch(frame, tr, hold=True)
         self.faults["checks"] += 1
-        return self._rescue_here(frame, [tr], now, again=True)
+        return self._rescue_here(plan_id, frame, [tr], now, again=True)
 
-    def _stalls(self, now: float) -> list[Effect]:
-        """Frames here without a result within the stall bound: ask (or, on the source, compute) the missing."""
-        r = self._runner()
-        if r is None:
+    def _stalls(self, plan_id: int, now: float) -> list[Effect]:
+        """Frames of plan `plan_id` here without a result within the stall bound: ask (or, on the source,
+        compute) the missing pieces."""
+        slot, r = self.slots.get(plan_id), self._runner(plan_id)
+        if slot is None or r is None:
             return []
-        bound = recovery.stall_bound(self.last_plan)
-        level = self.runtime.levels
+        bound = recovery.stall_bound(slot.lane)
+        level = self.runtime.levels.get(plan_id, {})
         depth = max(level.values(), default=0)
+        source = self._is_source(plan_id)
         out: list[Effect] = []
         for f in list(r.frames):
-            waited = now - self.seen.get(f, now)
+            waited = now - slot.seen.get(f, now)
             if waited < bound:
                 continue
             by_src: dict[str, list] = {}
@@ -784,157 +915,205 @@ class DeviceSession:
                         due.add(t.src)
             for src in sorted(due):
                 pieces = by_src[src]
-                if now - self.asked.get((f, src), -1e9) < bound:
+                if now - slot.asked.get((f, src), -1e9) < bound:
                     continue
-                if self._is_source():
-                    blocked = self.blocked.get(f, set())
-                    if src in blocked and src not in self.gone:
+                if source:
+                    if src in slot.blocked.get(f, set()) and src not in slot.gone:
                         continue
-                    self.asked[(f, src)] = now
-                    self.stalled.setdefault(f, set()).add(src)
+                    slot.asked[(f, src)] = now
+                    slot.stalled.setdefault(f, set()).add(src)
                     for t in pieces:
                         r.watch(f, t)
-                    out.append(Notice("stalled", {"frame": f, "device": src, "waited_ms": round(waited * 1e3, 1)}))
-                    out += self._rescue_here(f, pieces, now)
+                    out.append(Notice("stalled", {"plan_id": plan_id, "frame": f, "device": src,
+                                                  "waited_ms": round(waited * 1e3, 1)}))
+                    out += self._rescue_here(plan_id, f, pieces, now)
                 else:
-                    out += self._ask(f, src, "stall", now, pieces)
-        for key in [k for k in self.asked if k[0] not in r.frames]:
-            del self.asked[key]
+                    out += self._ask(plan_id, f, src, "stall", now, pieces)
+        for key in [k for k in slot.asked if k[0] not in r.frames]:
+            del slot.asked[key]
         return out
 
-    def _finished(self, frame: int, now: float) -> list[Effect]:
-        """On the source, a frame done: its stalls are judged `recovery.judge_after` later (`_judge`)."""
-        self.judging[frame] = now
-        return self._judge(now)
-
-    def _judge(self, now: float) -> list[Effect]:
-        """Straggler bookkeeping (replan without a device that keeps stalling) of the frames finished at least
-        `recovery.judge_after` ago. A device that asked for rescues in a frame was itself blocked upstream (its
-        pieces were late because another device's were): it is not blamed for that frame. Judging later lets
-        its request arrive first: a blocked device asks on its own tick, after the source may have finished."""
-        r = self._runner()
-        if r is None or self.plan is None or not self.judging:
+    def _finished(self, plan_id: int, seq: int, now: float) -> list[Effect]:
+        """On the source, a frame of plan `plan_id` done: its stalls are judged `recovery.judge_after` later."""
+        slot = self.slots.get(plan_id)
+        if slot is None:
             return []
-        grace = recovery.judge_after(recovery.stall_bound(self.last_plan), max(self.runtime.levels.values(),
-                                                                                default=0))
+        slot.judging[seq] = now
+        return self._judge(plan_id, now)
+
+    def _judge(self, plan_id: int, now: float) -> list[Effect]:
+        """Straggler bookkeeping of plan `plan_id` (replan without a device that keeps stalling), for its frames
+        finished at least `recovery.judge_after` ago. A device that asked for rescues in a frame was itself
+        blocked upstream: it is not blamed for that frame. Judging later lets its request arrive first."""
+        slot, r = self.slots.get(plan_id), self._runner(plan_id)
+        if slot is None or r is None or slot.role != "source" or not slot.judging:
+            return []
+        levels = max(self.runtime.levels.get(plan_id, {}).values(), default=0)
+        grace = recovery.judge_after(recovery.stall_bound(slot.lane), levels)
         out: list[Effect] = []
-        for f in sorted(f for f, t in self.judging.items() if now - t >= grace):
-            del self.judging[f]
-            stalled = self.stalled.pop(f, set()) - self.blocked.pop(f, set()) - self.gone
-            devices = [d for d in self.plan["devices"] if d != r.device and d not in self.gone]
+        for f in sorted(f for f, t in slot.judging.items() if now - t >= grace):
+            del slot.judging[f]
+            stalled = slot.stalled.pop(f, set()) - slot.blocked.pop(f, set()) - slot.gone
+            devices = [d for d in slot.devices if d != r.device and d not in slot.gone]
             self.straggle, slow = recovery.straggle_step(self.straggle, devices, stalled, now)
             if not slow:
                 continue
+            out.append(Notice("straggler", {"devices": slow, "exclude_s": recovery.EXCLUDE_S}))
             for d in slow:
                 self.excluded[d] = ("stalls", now + recovery.EXCLUDE_S)
-                self.gone.add(d)
-            out += [Notice("straggler", {"devices": slow, "exclude_s": recovery.EXCLUDE_S}),
-                    self._plan_request(now)]
-        for f in [f for f in (*self.stalled, *self.blocked) if f < self.last_frame - 8 * r.window]:
-            self.stalled.pop(f, None)  # frames that never finished here (failed, replaced)
-            self.blocked.pop(f, None)
+                for pid in sorted(self.slots):
+                    out += self._lost(pid, d, "stalls", now)[0]
+            out.append(self._plan_request(now))
+        for f in [f for f in (*slot.stalled, *slot.blocked) if f < slot.seq - 8 * r.window]:
+            slot.stalled.pop(f, None)  # frames that never finished here (failed, replaced)
+            slot.blocked.pop(f, None)
         return out
 
     # --- plans ----------------------------------------------------------------------------------------------
 
     def _on_request_plan(self, ev: RequestPlan, now: float) -> list[Effect]:
         self.known |= self.ready
-        # background replans (faults, drift, newcomers) ask the same
-        self.strategy, self.variant, self.target = ev.strategy, ev.variant, ev.target
-        fields = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
-                                    ("devices", list(ev.devices) if ev.devices is not None else None),
-                                    ("target", dict(ev.target) if ev.target is not None else None))
-                  if v is not None}
-        return [Signal("plan_request", fields)]
+        fields: dict = {k: v for k, v in (("strategy", ev.strategy), ("variant", ev.variant),
+                                          ("devices", list(ev.devices) if ev.devices is not None else None),
+                                          ("target", dict(ev.target) if ev.target is not None else None))
+                        if v is not None}
+        if ev.objective is not None:
+            fields |= {"objective": ev.objective, "private": bool(ev.private)}
+            if ev.latency_factor is not None:
+                fields["latency_factor"] = float(ev.latency_factor)
+        if ev.objective != "stop":
+            # background replans (faults, drift, newcomers, re-divisions) ask the same, target included (the
+            # default strategy left implicit)
+            self.request = fields
+            sig = self._plan_request(now)
+            return [Signal("plan_request", {**({"strategy": ev.strategy} if ev.strategy else {}), **sig.fields})]
+        # The stream ends: its frames in flight still finish on the retired lanes; the devices hear it (they
+        # retire its plans too) and the server re-divides the room among the other cameras.
+        self.request = {}
+        for slot in self.slots.values():
+            if slot.role == "source" and slot.live:
+                slot.retired_at = now
+        self.plan, self.stream = None, None
+        return [Signal("plan_request", fields), Signal("broadcast", {"data": {"kind": "stream_stopped"}})]
 
     def _on_plan(self, ev: PlanIn, now: float) -> list[Effect]:
         msg, me = ev.msg, ev.me
         try:
-            devices, source, spec = list(msg["devices"]), msg["source"], msg["spec"]
-        except (KeyError, TypeError) as exc:
-            return self._error(f"unusable plan message: {exc!r}")
-        if me not in devices and source != me:
-            # Another camera's plan without us: keep running ours.
-            return [Notice("plan", {"plan": msg, "role": {"role": "idle", "plan_id": msg.get("plan_id")}})]
-        if self.runtime is None:
-            return self._error(f"plan {msg.get('plan_id')} includes this device, but it has no model")
-        try:
-            role = self.runtime.set_plan(spec, me, plan_max_messages({*devices, source}, me, self.max_message))
+            source = msg["source"]
+            lanes = lanes_mod.lanes_of(msg)
         except (KeyError, TypeError, ValueError) as exc:
-            return self._error(f"adopting plan {msg.get('plan_id')} failed: {exc}")
+            return self._error(f"unusable plan message: {exc!r}")
+        if source != me and msg.get("stream") is not None:
+            self.cameras.add(source)
+        keep = {lane["plan_id"] for lane in lanes}
+        out: list[Effect] = []
+        if msg.get("stream") is None:
+            # One plan (a benchmark baseline): it replaces the camera's plans at once, as before streams, on
+            # every device (their late chunks are dropped as stale); the camera finishes the frames they had in
+            # flight alone, from the frame (never lost).
+            old = [p for p, slot in self.slots.items() if slot.source == source and p not in keep]
+            if old and source == me:
+                frames = [f for f, (pid, _) in self.frame_plan.items() if pid in old]
+                out += self._finish_alone(f"plan replaced by plan {msg.get('plan_id')}", now, frames=frames)
+            for pid in old:
+                out += self._drop_slot(pid, f"plan replaced by plan {msg.get('plan_id')}")
+        out += self._retire(source, keep, now)
+        mine = [lane for lane in lanes if me in lane["devices"] or source == me]
+        if not mine:
+            # Another camera's plan without us: keep running ours.
+            return [*out, Notice("plan", {"plan": msg, "role": {"role": "idle", "plan_id": msg.get("plan_id")}})]
+        if self.runtime is None:
+            return [*out, *self._error(f"plan {msg.get('plan_id')} includes this device, but it has no model")]
+        roles = []
+        for lane in mine:
+            devices = {*lane["devices"], source}
+            try:
+                role = self.runtime.set_plan(lane["spec"], me, plan_max_messages(devices, me, self.max_message))
+            except (KeyError, TypeError, ValueError) as exc:
+                out += self._error(f"adopting plan {lane['plan_id']} failed: {exc}")
+                continue
+            self.slots[lane["plan_id"]] = PlanSlot(lane["plan_id"], source, frozenset(lane["devices"]), lane,
+                                                   role["role"], role.get("parts", []))
+            out += [self._error_notice(e) for e in role.pop("errors", [])]
+            out += self._reply(role, now)  # chunks that outran this plan message, replayed now
+            roles.append({k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")})
+        if not roles:
+            return out
         self.last_plan = msg
-        out: list[Effect] = [self._error_notice(e) for e in role.pop("errors", [])]
-        out += self._reply(role)  # chunks that outran this plan message, replayed now
         if source == me:
-            out += self._finish_alone(f"plan replaced by plan {msg.get('plan_id')}", now)
+            live = [(lane["plan_id"], lane["weight"], lane["depth"], float(lane.get("predicted_ms") or 0) / 1e3)
+                    for lane in mine if lane["plan_id"] in self.slots]
+            self.stream = stream_mod.replan(self.stream or stream_mod.StreamState(), live)
             self.plan = msg
-            if self.target is not None:  # scaling: the planner chose this variant; replans start from it
-                self.variant = spec.get("variant")
-            self.parts = role.get("parts", [])
-        self.gone = set()
-        summary = {k: v for k, v in role.items() if k not in ("out", "compute", "results", "reports")}
+            if self.request.get("target") is not None:  # scaling: the planner chose this variant; replans start from it
+                chosen = mine[0]["spec"].get("variant")
+                self.request = {k: v for k, v in self.request.items() if k != "variant"}
+                if chosen:
+                    self.request["variant"] = chosen
+            self.parts = roles[0].get("parts", [])
+        summary = {**roles[0], "lanes": roles, "capacity": sum(lane["depth"] for lane in mine)}
         out.append(Notice("plan", {"plan": msg, "role": summary}))
         # A plan asked for before a device was excluded (two background replans at once: the server runs one per
-        # peer and refuses the other) may still hold it: every device of it adopts it, so the source does too,
-        # rescues the excluded device's share up front, and asks again.
+        # peer and refuses the other) may still hold it: the camera adopts it, rescues the excluded device's
+        # share up front, and asks again.
         excluded = {d for d, (_, until) in self.excluded.items() if until is None or now < until}
-        stale = sorted(excluded & set(devices)) if source == me else []
+        stale = sorted(excluded & {d for lane in mine for d in lane["devices"]}) if source == me else []
         if stale:
-            self.gone = set(stale)
+            for lane in mine:
+                if lane["plan_id"] in self.slots:
+                    self.slots[lane["plan_id"]].gone |= set(stale) & set(lane["devices"])
             out += [Notice("replanning", {"reason": f"plan {msg.get('plan_id')} holds excluded {', '.join(stale)}",
                                           "devices": stale}), self._plan_request(now)]
         return out
 
-    def _finish_alone(self, reason: str, now: float, frames=None) -> list[Effect]:
-        """The source's frames in flight when its plan goes: computed whole here from the frame, never lost."""
+    def _retire(self, source: str, keep: set[int], now: float) -> list[Effect]:
+        """A newer plan message of `source`: its plans not in `keep` stop taking frames; they finish the ones they
+        have (`lanes.expired` drops them later)."""
+        for pid, slot in self.slots.items():
+            if slot.source == source and slot.live and pid not in keep:
+                slot.retired_at = now
+        return self._expire(now)
+
+    def _expire(self, now: float) -> list[Effect]:
         out: list[Effect] = []
-        for f in sorted(self.waiting if frames is None else frames):
-            logits = self.runtime.alone_from_reference(f)
-            if logits is None:
-                asked = self.runtime.alone_request(f)  # on the engine: the answer comes with its reference run
-                if asked is not None:
-                    self.alone_reason[f] = reason
-                    out += [Compute(self.runtime.plan_id, c) for c in asked]
-                    continue
-                logits = self.runtime.finish_alone(f)
-            t0 = self.waiting.pop(f)
-            if logits is None:
-                out.append(FrameFailed(f, f"{reason} during frame {f}"))
-                continue
-            self.faults["finished_alone"] += 1
-            top = top_entries(logits, self.runtime.classifier.labels, 5)
-            out.append(FrameDone(f, {"frame": f, "top": top, "ms": (now - t0) * 1e3, "report": None,
-                                     "parts": [], "plan": self.plan, "recovered": reason}))
+        for pid in lanes_mod.expired(self.slots, now):
+            out += self._drop_slot(pid, f"plan {pid} retired")
         return out
 
     def _on_broadcast(self, ev: BroadcastIn, now: float) -> list[Effect]:
         data = ev.data if isinstance(ev.data, dict) else {}
-        if data.get("kind") == "rescue":
+        kind = data.get("kind")
+        if kind == "rescue":
             return self._on_rescue(ev.sender, data, now)
-        if data.get("kind") == "mismatch" and self._is_source() and isinstance(data.get("device"), str):
-            r = self._runner()
-            if ev.sender in r.members and data["device"] in r.members and data.get("plan_id") == r.plan_id:
+        if kind == "stream_stopped":
+            self.cameras.discard(ev.sender)
+            return self._retire(ev.sender, set(), now)
+        if kind in ("mismatch", "audit"):
+            plan_id = data.get("plan_id")
+            r = self._runner(plan_id) if isinstance(plan_id, int) else None
+            if r is None:
+                return []  # not a plan this device runs
+            device = data.get("device")
+            if kind == "mismatch" and self._is_source(plan_id) and ev.sender in r.members and device in r.members:
                 try:
                     frame, err = int(data.get("frame")), float(data.get("max_err"))
                 except (TypeError, ValueError):
                     return self._error(f"unusable mismatch report from {ev.sender}")
-                return self._mismatch(frame, data["device"], str(data.get("tensor")), err,
+                return self._mismatch(plan_id, frame, device, str(data.get("tensor")), err,
                                       data.get("audited") is True, now)
-            return []
-        if data.get("kind") == "audit" and not self._is_source():
-            r = self._runner()
-            if r is not None and ev.sender == r.source and data.get("plan_id") == r.plan_id:
+            if kind == "audit" and not self._is_source(plan_id) and ev.sender == r.source:
                 try:
-                    self.audit = (r.plan_id, int(data["first"]), int(data["last"]))
+                    self.slots[plan_id].audit = (int(data["first"]), int(data["last"]))
                 except (KeyError, TypeError, ValueError):
                     return self._error(f"unusable audit from {ev.sender}")
             return []
-        if data.get("kind") == "profile_changed" and self.plan is not None and ev.sender in self.plan["devices"]:
+        mine = {d for slot in self.slots.values() if slot.role == "source" and slot.live for d in slot.devices}
+        if kind == "profile_changed" and self.plan is not None and ev.sender in mine:
             try:
                 ratio = float(data.get("ratio"))
             except (TypeError, ValueError):
                 ratio = 0.0
-            # The plan keeps running while the room replans in the background: no frame is dropped.
+            # The plans keep running while the room replans in the background: no frame is dropped.
             return [Notice("replanning", {"reason": f"device {ev.sender} changed speed (x{ratio:.1f})"}),
                     self._plan_request(now)]
         return []
@@ -943,43 +1122,59 @@ class DeviceSession:
 
     def _on_frame(self, ev: FrameIn, now: float) -> list[Effect]:
         frame = int(ev.frame)
-        if self.plan is None or self.runtime is None:
+        if self.plan is None or self.runtime is None or self.stream is None or not self.stream.lanes:
             return [FrameFailed(frame, "no plan yet")]
         if frame <= self.last_frame:
             return [FrameFailed(frame, f"frame {frame} is not newer than frame {self.last_frame}")]
+        if ev.plan_id is None:
+            self.stream, picked = stream_mod.next_frame(replace(self.stream, next_id=frame), now)
+            if picked is None:
+                wait = self.stream.wait_s
+                why = f"the free lanes would finish before the frames in flight ({wait * 1e3:.0f} ms)" if wait \
+                    else "every lane has its frames in flight"
+                return [FrameFailed(frame, f"busy: {why}", retry_s=wait)]
+            plan_id = picked[1]
+        else:
+            plan_id = int(ev.plan_id)
+            if plan_id not in {ln.lane for ln in self.stream.lanes}:
+                return [FrameFailed(frame, f"plan {plan_id} is not a lane of this camera's stream")]
+            self.stream = stream_mod.assign(self.stream, frame, plan_id)
         self.last_frame = frame
+        slot = self.slots[plan_id]
+        seq = slot.start(frame)
         self.waiting[frame] = now
+        self.frame_plan[frame] = (plan_id, seq)
         try:
-            res = self.runtime.start_frame(frame, ev.data, int(ev.height), int(ev.width))
+            res = self.runtime.start_frame(seq, ev.data, int(ev.height), int(ev.width), plan_id=plan_id)
         except (RuntimeError, ValueError) as exc:
-            del self.waiting[frame]
-            return [FrameFailed(frame, str(exc))]
+            return [self._fail(frame, str(exc))]
         out = self._reply(res, now)
-        if self.gone:  # until the new plan comes: what gone devices would have sent, computed here up front,
-            # when that and the plan's remaining work are predicted faster than the frame alone; else alone.
-            owed = [t for d in sorted(self.gone) for t in self.runtime.owed(d) if t.dst not in self.gone]
-            if self._up_front_pays(owed):
-                out += self._rescue_here(frame, owed, now)
+        if slot.gone and frame in self.waiting:
+            # Until the new plan comes: what gone devices would have sent, computed here up front, unless that
+            # costs more than the whole frame (a gone device held a late segment): then alone.
+            owed = [t for d in sorted(slot.gone) for t in self.runtime.owed(plan_id, d) if t.dst not in slot.gone]
+            if self._up_front_pays(plan_id, owed):
+                out += self._rescue_here(plan_id, seq, owed, now)
             else:
                 out += self._finish_alone("a device of the plan is gone", now, frames=[frame])
         return out
 
-    def _up_front_pays(self, owed) -> bool:
+    def _up_front_pays(self, plan_id: int, owed) -> bool:
         """`recovery.up_front_pays` with this device's predicted whole-model times per engine (its profile);
         without them, by MAC count (the rescue and this device's own tasks against one whole model)."""
-        model = self.runtime.model_macs()
-        cost = self.runtime.rescue_cost(owed)
+        model = self.runtime.model_macs(plan_id)
+        cost = self.runtime.rescue_cost(plan_id, owed)
         engines = (self.compute or {}).get("engines") if isinstance(self.compute, dict) else None
         numpy_ms = float((engines or {}).get("numpy") or 0)
         engine_ms = min((float(v) for k, v in (engines or {}).items() if k != "numpy" and v), default=0.0)
         if not numpy_ms and not engine_ms:
-            own = sum(t.macs for t in self._runner().dplan.tasks)
+            own = sum(t.macs for t in self._runner(plan_id).dplan.tasks)
             return cost + own < model
         alone_ms = engine_ms or numpy_ms
         rescue_ms = numpy_ms * cost / model if numpy_ms else engine_ms
         if engine_ms and self.runtime.deferred and self.runtime.reference_ok:
             rescue_ms = min(rescue_ms, engine_ms)  # one reference run on the engine serves every piece
-        return recovery.up_front_pays(rescue_ms, (self.plan or {}).get("predicted_ms"), alone_ms)
+        return recovery.up_front_pays(rescue_ms, self.slots[plan_id].lane.get("predicted_ms"), alone_ms)
 
     def _rx(self, peer: str, chunk, now: float) -> None:
         """Link accounting: a message of several chunks from `peer` times the link from its first chunk to its last
@@ -1027,47 +1222,52 @@ class DeviceSession:
 
     def _on_tick(self, ev: Tick, now: float) -> list[Effect]:
         late = [f for f, t0 in self.waiting.items() if now - t0 > FRAME_TIMEOUT_S]
-        for f in late:
-            del self.waiting[f]
-        out: list[Effect] = [FrameFailed(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
-        return out + self._stalls(now) + self._judge(now)
+        out: list[Effect] = [self._fail(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
+        for pid in sorted(self.slots):
+            out += self._stalls(pid, now) + self._judge(pid, now)
+        return out + self._expire(now)
 
     def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
-        """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift."""
+        """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift,
+        and the plan's fault bookkeeping."""
         out: list[Effect] = [Send(o["dst"], o["chunks"], o["tensor"], o["nbytes"]) for o in res.get("out", [])]
         plan_id = res.get("plan_id")
         if plan_id is not None and "tasks_run" in res and self.tasks_run.get(int(plan_id)) != int(res["tasks_run"]):
             self.tasks_run[int(plan_id)] = int(res["tasks_run"])
             out.append(Notice("tasks_run", {"plan_id": int(plan_id), "tasks_run": int(res["tasks_run"])}))
         out += [Compute(int(plan_id), c) for c in res.get("compute", [])]
+        slot = self.slots.get(int(plan_id)) if plan_id is not None else None
         for r in res.get("results", []):
-            t0 = self.waiting.pop(r["frame"], None)
-            self.alone_reason.pop(r["frame"], None)  # the plan's answer came before the reference run's
-            if t0 is None:
-                continue  # failed meanwhile (timeout, replaced plan): its caller was told already
+            seq = r["frame"]
+            frame = slot.frames.get(seq) if slot is not None else None
+            if frame is None or frame not in self.waiting:
+                continue  # failed or finished meanwhile (timeout, a device left): its caller was told already
+            if seq in slot.tainted:  # a device of its plan lied meanwhile: the frame is computed again, alone
+                slot.tainted.discard(seq)
+                out += self._finish_alone("a device of its plan returned wrong results", now or 0.0, frames=[frame])
+                continue
+            slot.frames.pop(seq, None)
+            t0 = self.waiting.pop(frame)
+            self.frame_plan.pop(frame, None)
+            shown = True
+            if self.stream is not None:
+                self.stream, shown = stream_mod.finished(self.stream, frame, now=now)
             ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
-            if r["frame"] in self.tainted:
-                self.tainted.discard(r["frame"])
-                self.waiting[r["frame"]] = t0
-                out += self._finish_alone("a device of its plan returned wrong results", now or 0.0,
-                                          frames=[r["frame"]])
-                continue
-            out.append(FrameDone(r["frame"], {**r, "ms": ms, "parts": self.parts, "plan": plan_summary(self.plan)}))
+            out.append(FrameDone(frame, {**r, "frame": frame, "seq": seq, "plan_id": int(plan_id),
+                                         "ms": ms, "shown": shown, "parts": slot.parts,
+                                         "plan": plan_summary(self.plan), "stream": self.stream_counts()}))
             if now is not None:
-                out += self._finished(r["frame"], now)
-        for f, logits in res.get("alone", []):  # frames finished alone on the engine (a reference run)
-            t0 = self.waiting.pop(f, None)
-            reason = self.alone_reason.pop(f, "finished alone")
-            if t0 is None:
-                continue
-            self.faults["finished_alone"] += 1
-            top = top_entries(logits, self.runtime.classifier.labels, 5)
-            out.append(FrameDone(f, {"frame": f, "top": top, "ms": ((now or t0) - t0) * 1e3, "report": None,
-                                     "parts": [], "plan": plan_summary(self.plan), "recovered": reason}))
+                out += self._finished(int(plan_id), seq, now)
+                if shown:
+                    out += self._stats(now, ms)
+        for seq, logits in res.get("alone", []):  # frames finished alone on the engine (a reference run)
+            frame, reason = self.alone_reason.pop((int(plan_id), seq), (None, "finished alone"))
+            if frame is not None and frame in self.waiting:
+                out += self._alone_done(frame, logits, reason, now or self.waiting[frame])
         for report in res.get("reports", []):
             out += self._on_report(int(plan_id), report, now)
-        if now is not None:
-            out += self._after(now)
+        if now is not None and plan_id is not None:
+            out += self._after(int(plan_id), now)
         return out
 
     def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:
@@ -1078,8 +1278,9 @@ class DeviceSession:
                 self.rx = {}
             out.append(Signal("broadcast", {"data": {"kind": "frame_report", "plan_id": plan_id, "report": report}}))
             out.append(Notice("report", {"plan_id": plan_id, "report": report}))
-        plan = self.last_plan
-        if plan is None or plan.get("plan_id") != plan_id or now is None:
+        slot = self.slots.get(plan_id)
+        plan = slot.lane if slot is not None else None
+        if plan is None or now is None:
             return out
         predicted = (((plan.get("timeline") or {}).get("devices") or {}).get(report.get("device")) or {})
         self.drift, ratio = drift_step(self.drift, float(report.get("compute_ms") or 0),
@@ -1088,6 +1289,30 @@ class DeviceSession:
             self.pending_drift = ratio
             out += [Notice("drift", {"ratio": ratio}), Profile("drift")]
         return out
+
+    def _stats(self, now: float, ms: float) -> list[Effect]:
+        """Measured figures of this camera's stream, beside the planner's, about once a second: for this page
+        (`stream_stats` notice) and the room's host page (a `stream_stats` broadcast)."""
+        self.shown = [(t, v) for t, v in self.shown if now - t <= stream_mod.STATS_WINDOW_S] + [(now, ms)]
+        if self.plan is None or (self.stats_at is not None and now - self.stats_at < stream_mod.STATS_EVERY_S):
+            return []
+        self.stats_at = now
+        planned = self.plan.get("stream") or {}
+        figures = {**stream_mod.measured(self.shown, now), **self.stream_counts(),
+                   "plan_id": self.plan.get("plan_id"), "objective": planned.get("objective"),
+                   "private": bool(planned.get("private")), "predicted_fps": planned.get("predicted_fps"),
+                   "predicted_ms": self.plan.get("predicted_ms"),
+                   "devices": sorted({d for s in self.slots.values() if s.role == "source" and s.live
+                                      for d in s.devices})}
+        return [Notice("stream_stats", figures), Signal("broadcast", {"data": {"kind": "stream_stats", **figures}})]
+
+    def stream_counts(self) -> dict:
+        """The camera's stream so far: frames dropped late, skipped (every lane busy), failed; lanes and depth."""
+        st = self.stream
+        if st is None:
+            return {}
+        return {"dropped_late": st.dropped_late, "skipped": st.skipped, "failed": st.failed, "lanes": len(st.lanes),
+                "capacity": sum(ln.depth for ln in st.lanes), "in_flight": len(st.frame_lane)}
 
     # --- errors ---------------------------------------------------------------------------------------------
 
@@ -1107,13 +1332,17 @@ EVENTS = {cls.kind: cls for cls in (ModelLoaded, PlanIn, ChunkIn, LinkOpened, Li
                                      BroadcastIn, RequestPlan, Tick)}
 
 
-PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant", "scaling")
+PLAN_SUMMARY_KEYS = ("plan_id", "source", "strategy", "label", "devices", "predicted_ms", "variant", "scaling",
+                     "stream")
 
 
 def plan_summary(plan: dict | None) -> dict | None:
     """What a finished frame says of its plan. Not the whole plan message: its timeline and candidates (the host
     page has them from the plan notice) cost the worker milliseconds per frame to hand over on a slow phone."""
-    return None if plan is None else {k: plan[k] for k in PLAN_SUMMARY_KEYS if k in plan}
+    if plan is None:
+        return None
+    return {**{k: plan[k] for k in PLAN_SUMMARY_KEYS if k in plan},
+            **({"lanes": len(plan["lanes"])} if isinstance(plan.get("lanes"), list) else {})}
 
 
 def event_from_dict(d: dict) -> Event:
@@ -1195,7 +1424,9 @@ def state() -> dict:
     s = session()
     return {"plan": s.plan, "last_plan": s.last_plan, "tasks_run": s.tasks_run, "errors": list(s.errors),
             "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting), "faults": s.faults,
-            "excluded": {d: why for d, (why, _) in s.excluded.items()}}
+            "excluded": {d: why for d, (why, _) in s.excluded.items()},
+            "plans": {pid: {"role": sl.role, "live": sl.live, "source": sl.source} for pid, sl in s.slots.items()},
+            "stream": s.stream_counts()}
 
 
 def set_check_rate(rate: float) -> float:

@@ -10,6 +10,11 @@ Learned allocation: the `frame_report`s devices broadcast pass through the serve
 (`tilemesh.planning.refine`: each device's measured compute against its plan's prediction, each link's measured
 throughput) and plans with the corrected picture; when the picture moves beyond its margins, the server plans
 the source's last request again and sends the new plan, if it differs from the running one.
+Streams: a `plan_request` with an `objective` makes the requester's camera one of the room's streams (kept
+here, per room, until it stops or leaves). The room's devices are then divided among its streams
+(`streams.divide_devices`) and each stream is planned on its share (`streams.plan_stream`, with its own
+objective and privacy), so one request answers with every stream's new plan: a second camera starting or
+stopping re-divides the room, and the cameras' sessions finish their frames in flight on the old lanes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import threading
 from aiohttp import web
 
 from tilemesh.planning import planner, refine, variants
+from tilemesh.planning import streams as streams_mod
 from tilemesh.runtime.graph import Graph
 from tilemesh.runtime.profile import predict_graph_seconds, validate_profile
 from tilemesh.server.context import MODEL_KEY
@@ -104,6 +110,7 @@ class Inference:
         self.pictures: dict = {}
         self.requests: dict = {}
         self.running: dict = {}
+        self.streams: dict[str, dict[str, dict]] = {}  # room id -> camera -> {"objective", "private", ...}
 
     @property
     def graph(self) -> Graph:
@@ -121,12 +128,24 @@ class Inference:
         return self._graphs[variant]
 
     def choose(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest,
-               only_if_new: bool = False, based_on: int | None = None) -> dict | None:
+               only_if_new: bool = False, based_on: int | None = None) -> dict | list[dict] | None:
         """The plan for `requester`'s request, made with the room's learned picture (`refine.corrected`).
         `only_if_new` (a replan the picture asked for, while plan `based_on` ran): None when it would be the plan
-        already running, or when another plan has replaced `based_on` meanwhile."""
-        profiles, links, edge = planner_inputs(room, requester, request.devices, request.exclude)
+        already running, or when another plan has replaced `based_on` meanwhile.
+        A request with an `objective` is a stream (`choose_streams`, every stream's plan); learned allocation
+        leaves streams alone: their lanes are not registered with the picture, and a stream request forgets
+        the source's single plan, so no learned replan can answer a streaming camera with a single plan."""
         key = (room.id, requester)
+        if request.objective is not None:
+            if only_if_new:
+                return None
+            with self._lock:
+                self.requests.pop(key, None)
+                self.running.pop(key, None)
+            return self.choose_streams(room, requester, request)
+        if not only_if_new:
+            self.streams.get(room.id, {}).pop(requester, None)  # a benchmark baseline: this camera streams no more
+        profiles, links, edge = planner_inputs(room, requester, request.devices, request.exclude)
         with self._lock:
             picture = self.pictures.get(room.id, refine.Picture())
         model_s = model_seconds(profiles, self.variant_graph(request.variant))
@@ -199,8 +218,76 @@ class Inference:
             **extra,
         }
 
+    def choose_streams(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest) -> list[dict]:
+        """Every stream of the room planned again (see the module doc); the requester's joins or leaves first."""
+        streams = self.streams.setdefault(room.id, {})
+        if request.objective == "stop":
+            streams.pop(requester, None)
+        else:
+            self.variant_graph(request.variant)  # an unknown variant is refused before the room changes
+            streams[requester] = {"objective": request.objective, "private": bool(request.private),
+                                  "variant": request.variant, "exclude": set(request.exclude),
+                                  "devices": None if request.devices is None else {*request.devices, requester},
+                                  **({"latency_factor": request.latency_factor} if request.latency_factor else {})}
+        if not streams:
+            self.streams.pop(room.id, None)
+            return []
+        # A device a camera caught returning wrong results (or stalling) computes for no stream of the room.
+        exclude = set().union(*(st["exclude"] for st in streams.values())) - set(streams)
+        try:
+            profiles, links, _ = planner_inputs(room, next(iter(streams)), exclude=exclude)
+        except ValueError:
+            profiles, links = {}, {}
+        if request.objective != "stop" and requester not in profiles:
+            raise ValueError("this device has not finished measuring its speed yet; try again in a moment")
+        for camera in [c for c in streams if c not in profiles]:  # left, or not ready any more
+            del streams[camera]
+        if not streams:
+            return []
+        cameras = list(streams)
+        graphs = {c: self.variant_graph(streams[c]["variant"]) for c in cameras}
+        shares = streams_mod.divide_devices(self.graph, profiles, links, cameras, graphs=graphs)
+        out = []
+        for camera in cameras:
+            settings = streams[camera]
+            # A camera that named devices (benchmarks: rooms of 1..N phones in one run) uses those of its share.
+            share = {d: profiles[d] for d in shares[camera]
+                     if settings["devices"] is None or d in settings["devices"]}
+            options = {"private": settings["private"]}
+            if settings.get("latency_factor"):
+                options["latency_factor"] = settings["latency_factor"]
+            sp = streams_mod.plan_stream(graphs[camera], share, links, camera, settings["objective"],
+                                         options=options)
+            out.append(self._stream_message(camera, sp, settings["variant"]))
+            log.info("stream of %s (%s%s): %d lane(s) on %s, predicted %.1f fps, %.0f ms", camera,
+                     settings["objective"], ", private" if settings["private"] else "", len(sp.lanes),
+                     sorted(sp.devices), sp.fps, sp.latency_s * 1e3)
+        return out
+
+    def _stream_message(self, camera: str, sp: streams_mod.StreamPlan, variant: str | None = None) -> dict:
+        lanes = []
+        for lane, weight in zip(sp.lanes, sp.weights, strict=True):
+            choice, plan_id = lane.choice, next(self._ids)
+            spec = {"plan_id": plan_id, "source": camera, "cuts": list(choice.cuts),
+                    "splits": [s.to_dict() for s in choice.splits], **({"variant": variant} if variant else {})}
+            lanes.append({"plan_id": plan_id, "spec": spec, "devices": list(choice.plan.devices),
+                          "label": choice.label, "strategy": choice.strategy, "weight": weight, "depth": lane.depth,
+                          "predicted_ms": lane.latency_s * 1e3, "fps": lane.fps,
+                          "timeline": choice.prediction.to_dict()})
+        summary = {k: v for k, v in sp.to_dict().items() if k != "lanes"}
+        first = lanes[0]
+        label = " + ".join(lane["label"] for lane in lanes)
+        return {
+            "plan_id": first["plan_id"], "source": camera, "strategy": "tilemesh", "label": label,
+            "spec": first["spec"], "devices": sorted({d for lane in lanes for d in lane["devices"]} | {camera}),
+            "predicted_ms": sp.latency_s * 1e3, "timeline": first["timeline"], "candidates": [],
+            "lanes": lanes, **({"variant": variant} if variant else {}),
+            "stream": {**summary, "predicted_fps": sp.fps, "predicted_ms": sp.latency_s * 1e3,
+                       "bound_ms": sp.bound_s * 1e3, "single_ms": sp.single_s * 1e3},
+        }
+
     async def __call__(self, room: rooms.Room, requester: PeerId, request: protocol.PlanRequest,
-                       only_if_new: bool = False, based_on: int | None = None) -> dict | None:
+                       only_if_new: bool = False, based_on: int | None = None) -> dict | list[dict] | None:
         return await asyncio.get_running_loop().run_in_executor(None, self.choose, room, requester, request,
                                                                  only_if_new, based_on)
 
@@ -244,6 +331,7 @@ class Inference:
             for key in [k for k in self.requests if k[0] == room_id]:
                 self.requests.pop(key, None)
                 self.running.pop(key, None)
+            self.streams.pop(room_id, None)
 
 
 INFERENCE_KEY = web.AppKey("inference", Inference)

@@ -60,6 +60,8 @@ function drawMap(canvas, video, parts, legend, nameOf = (d) => d) {
 
 // Classifies with the room's plan; asks the planner when there is none, and falls back to this device alone for
 // a frame when the room cannot answer (no plan yet, a device left mid-frame), so the labels never freeze.
+// By default the camera is a stream (the room schedules its frames over lanes, several in flight) for the
+// objective the user picks; a benchmark baseline (?strategy=...) plans single frames as before.
 export class RoomArEngine {
   constructor(room, local, exit = null) {
     this.room = room;
@@ -76,6 +78,10 @@ export class RoomArEngine {
     this.variant = null;
     this.setVariant(q.get("variant"));
     this.devices = null;  // plan over these peers only (set by benchmarks); null: every ready device
+    // ?objective=latency|throughput and ?private=1 preset the stream's choices (the overlay's controls change them).
+    this.stream = { objective: q.get("objective") === "latency" ? "latency" : "throughput", private: q.get("private") === "1" };
+    // ?bound=2: the throughput objective's latency bound, x the fastest single device (default 1.2; benchmarks).
+    if (Number(q.get("bound")) >= 1) this.stream.latencyFactor = Number(q.get("bound"));
     room.addEventListener("replan", () => { this.planning = null; });
   }
 
@@ -106,6 +112,27 @@ export class RoomArEngine {
     ask.finally(() => setTimeout(() => { if (this.planning === ask) this.planning = null; }, 1000));
   }
 
+  // A stream by default; a target asks for one scaled plan instead (the planner picks the variant for it, and the
+  // server's scaling plans single frames), and removing the target brings the stream back.
+  streaming() { return this.strategy === "tilemesh" && !this.target; }
+
+  // What the stream asks the room for: the user's objective and privacy, on the model size picked.
+  streamRequest() { return { ...this.stream, variant: this.variant, devices: this.devices }; }
+
+  // The user changed the objective or privacy: the room plans the stream again; frames keep coming meanwhile.
+  setStream(choice) {
+    this.stream = { ...this.stream, ...choice };
+    if (!this.streaming()) return Promise.resolve(null);
+    this.planning = this.room.requestStream(this.streamRequest()).catch((err) => { this.lastError = err.message; })
+      .finally(() => setTimeout(() => { this.planning = null; }, 1000));
+    return this.planning;
+  }
+
+  // Frames the stream's lanes hold in flight at once (null: not a stream, the depth tuner decides).
+  capacity() { return this.streaming() && this.room.plan && this.room.capacity ? this.room.capacity : null; }
+
+  stop() { if (this.streaming() && this.room.plan) this.room.stopStream(); }
+
   async load() { await this.room.load(); }
 
   // The current plan's id when other devices share its work (a second frame in flight may then pay off).
@@ -126,7 +153,10 @@ export class RoomArEngine {
     if (this.target && this.room.plan) this.variant = this.room.plan.variant ?? null;  // the planner's choice
     if (this.room.plan && (this.room.plan.variant ?? null) !== this.variant) this.room.plan = null;
     if (this.room.plan) return true;
-    this.planning ??= this.room.requestPlan(this.strategy, this.variant, this.devices, this.target)
+    // One request at a time (frames in flight all land here while there is no plan; the server refuses a
+    // second plan_request while one runs, and every extra plan would replace the one before).
+    this.planning ??= (this.streaming() ? this.room.requestStream(this.streamRequest())
+      : this.room.requestPlan(this.strategy, this.variant, this.devices, this.target))
       .catch((err) => { this.lastError = err.message; })
       .finally(() => setTimeout(() => { this.planning = null; }, 1000));
     await this.planning;
@@ -164,9 +194,12 @@ export class RoomArEngine {
         const p = r.plan;
         const mode = p.variant || this.target ? ` · ${variantName(p.variant)}` : "";
         const target = this.target ? ` (target ${this.target.value} ${this.target.kind === "fps" ? "fps" : "s"})` : "";
-        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""} · plan ${p.plan_id}${mode}${target}`;
+        const lanes = p.lanes ? ` · ${p.lanes} lane${p.lanes > 1 ? "s" : ""}` : "";  // plan_summary: a count
+        this.name = `${p.devices.length} device${p.devices.length > 1 ? "s" : ""}${lanes} · plan ${p.plan_id}${mode}${target}`;
         return r;
       } catch (err) {
+        // Every lane full (the plan just shrank): this frame is skipped, not classified alone.
+        if (String(err.message).startsWith("busy")) return { skipped: true, retryMs: err.retryMs || 0 };
         this.lastError = err.message;
         this.room.plan = null;
       }
@@ -174,6 +207,18 @@ export class RoomArEngine {
     this.name = `this device alone${this.lastError ? " (" + this.lastError + ")" : ""}`;
     return this.local.classify(rescaleFrame(frame, size, GRAB_SIZE), GRAB_SIZE);
   }
+}
+
+// The overlay's stream controls: "most frames/s" or "fastest answer", and "pixels stay on this phone".
+function bindStreamControls(engine) {
+  const objective = document.getElementById("ar-objective");
+  const priv = document.getElementById("ar-private");
+  if (!objective || !priv) return;
+  objective.value = engine.stream.objective;
+  priv.checked = engine.stream.private;
+  const apply = () => engine.setStream({ objective: objective.value, private: priv.checked });
+  objective.onchange = apply;
+  priv.onchange = apply;
 }
 
 export function arElements() {
@@ -215,6 +260,8 @@ export class DepthTuner {
 
   depth() {
     if (this.forced >= 1 && this.forced <= 4) return this.forced;
+    const lanes = this.engine.capacity ? this.engine.capacity() : null;  // a stream: its lanes' slots
+    if (lanes) return lanes;
     const key = this.engine.pipelineKey ? this.engine.pipelineKey() : null;
     if (key !== this.key) this.reset(key);
     return { one: 1, two: 2, done: this.chosen }[this.phase];
@@ -237,29 +284,48 @@ export class DepthTuner {
   }
 }
 
+// The stream's figures under the labels: measured (frames shown per second, latency) and, for a room's stream,
+// what the planner predicted; "private" when the camera's pixels stay on this phone.
+function statsText(fps, latency, result, name) {
+  const planned = result.plan && result.plan.stream;
+  const pred = planned ? ` (planned ${Number(planned.predicted_fps).toFixed(1)} fps · ${Number(planned.predicted_ms).toFixed(0)} ms)` : "";
+  const priv = planned && planned.private ? " · private" : "";
+  return `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms${pred}${priv} · ${name}`;
+}
+
 export async function runLoop({ engine, els, shouldRun = () => true }) {
   const { video } = els;
   const grab = document.createElement("canvas");
-  const inflight = [];
+  const inflight = new Map();  // loop frame number -> its promise
   const tuner = new DepthTuner(engine);
+  let started = 0;
   let frames = 0;
   let since = performance.now();
   let fps = 0;
+  let late = 0;
   const start = () => {
+    const id = ++started;
     const t0 = performance.now();
     // Each frame's result, or its error: one failed frame must not stop the frames queued behind it.
     const sizes = sizesOf(engine.variant ?? null);
     const cheap = engine.exit ? engine.exit.grab(video) : null;  // early exit's cheap-pass frame, when on
-    return engine.classify(grabFrame(video, grab, sizes), sizes.grab, cheap).then((result) => ({ result, t0, t1: performance.now() }),
-      (error) => ({ error }));
+    inflight.set(id, engine.classify(grabFrame(video, grab, sizes), sizes.grab, cheap)
+      .then((result) => ({ id, result, t0, t1: performance.now() }), (error) => ({ id, error })));
   };
-  while (shouldRun() || inflight.length) {
-    while (shouldRun() && inflight.length < tuner.depth()) inflight.push(start());
-    const done = await inflight.shift();  // results are shown in frame order
+  while (shouldRun() || inflight.size) {
+    while (shouldRun() && inflight.size < tuner.depth()) start();
+    // Whichever frame finishes first; the session says whether it may be shown (never older than one shown).
+    const done = await Promise.race(inflight.values());
+    inflight.delete(done.id);
     if (done.error) throw done.error;
+    const { result } = done;
+    if (result.skipped) {  // no lane could take it in order yet: try again when one can (at the next paint at least)
+      await new Promise((resolve) => setTimeout(() => requestAnimationFrame(resolve), result.retryMs || 0));
+      continue;
+    }
     tuner.done(done.t1);
     els.stats.dataset.depth = String(tuner.depth());
-    const { result } = done;
+    if (result.shown === false) { late += 1; els.stats.dataset.droppedLate = String(late); continue; }
     const latency = done.t1 - done.t0;
     frames += 1;
     if (performance.now() - since > 1000) {
@@ -270,10 +336,16 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
     drawLabels(els.labels, result.top);
     els.labels.dataset.source = result.exit ? "exit" : "room";  // an early exit's answer is marked as such
     drawMap(els.map, video, result.parts, els.legend, engine.nameOf ? (d) => engine.nameOf(d) : undefined);
-    els.stats.textContent = `${fps ? fps.toFixed(1) : "…"} fps · ${latency.toFixed(0)} ms · ${engine.name}` +
-      (engine.exit ? engine.exit.text() : "");
+    els.stats.textContent = statsText(fps, latency, result, engine.name) + (engine.exit ? engine.exit.text() : "");
     els.stats.dataset.variant = result.exit ? "" : result.plan?.variant ?? "";
     els.stats.dataset.latencyMs = latency.toFixed(1);
+    els.stats.dataset.fps = fps.toFixed(2);
+    const planned = result.plan && result.plan.stream;
+    if (planned) {
+      els.stats.dataset.predictedFps = Number(planned.predicted_fps).toFixed(2);
+      els.stats.dataset.predictedMs = Number(planned.predicted_ms).toFixed(1);
+      els.stats.dataset.private = String(Boolean(planned.private));
+    }
     els.stats.dataset.devices = String(new Set(result.parts.map((p) => p.device)).size);
     els.labels.dataset.frames = String(Number(els.labels.dataset.frames || 0) + 1);
     // Every shown frame as an event (tests and benchmarks read which path answered it, and with what).
@@ -333,7 +405,9 @@ export async function startRoomAr(app) {
     bindTarget(document.getElementById("ar-target"), engine);
     await engine.load();
     app.ar = { engine, stream };
+    bindStreamControls(engine);
     await runLoop({ engine, els, shouldRun: () => running });
+    engine.stop();
   } catch (err) {
     showError(els, err);
     return;

@@ -140,7 +140,7 @@ export class OrtEngine {
     this.ort = null;
     this.active = false;
     this.whole = null;       // {session, outputs} of the whole graph (single-device classifier, profile)
-    this.plan = null;        // {planId, tasks: [{session, outputs}]}
+    this.plans = new Map();  // plan id -> {planId, tasks: [{session, outputs}]}: every plan this device runs
     this.info = { engine: "numpy", reason: "onnxruntime-web not loaded" };
     this.shouldYield = () => false;  // the worker says when other messages wait (background measurements stop)
     this.trialOne = null;    // [instance, session] of one thread while a trial is under way
@@ -359,13 +359,24 @@ export class OrtEngine {
     }
   }
 
-  // After `set_plan`: one session per task of this device's plan, made now and never per frame. Adds the
-  // creation time to the reply (`sessions_ms`).
-  async adopt(reply) {
+  // Sessions of plans the device no longer runs (retired lanes, another camera's stream that ended) go.
+  release(live) {
+    for (const [id, plan] of this.plans) {
+      if (live.includes(id)) continue;
+      this.plans.delete(id);
+      for (const t of plan.tasks) if (t) t.session.release().catch(() => {});
+    }
+  }
+
+  // After `set_plan`: one session per task of each plan just adopted, made now and never per frame. Adds the
+  // creation time to the reply (an `engine` notice per plan).
+  async adopt(reply, planIds) {
+    for (const id of planIds) await this.adoptOne(reply, id);
+    return reply;
+  }
+
+  async adoptOne(reply, planId) {
     if (!this.active) return reply;
-    const old = this.plan;
-    this.plan = null;
-    if (old) for (const t of old.tasks) t.session.release().catch(() => {});
     const bridge = this.bridge();
     // The peer's own choice is the truth: a device that profiled numpy faster makes no sessions.
     const chosen = bridge.engine();
@@ -373,7 +384,7 @@ export class OrtEngine {
     chosen.destroy();
     if (onNumpy) { bridge.destroy(); return reply; }
     const t0 = performance.now();
-    const models = bridge.plan_models();
+    const models = bridge.plan_models(planId);
     try {
       if (!models) return reply;
       const tasks = [];
@@ -398,12 +409,12 @@ export class OrtEngine {
           } finally { m.destroy(); }
         }
       } finally { list.destroy(); }
-      this.plan = { planId: models.get("plan_id"), tasks };
+      this.plans.set(planId, { planId, tasks });
       // The camera device rescues pieces and finishes frames alone on a reference run: its session is made now
       // (once per graph), not when a device has just vanished.
-      if (models.get("source")) await this._reference(bridge);
+      if (models.get("source")) await this._reference(bridge, planId);
       // creation and warm-up, at adoption: a notice for the page and the tests
-      this.lastAdoption = { plan_id: this.plan.planId, sessions_ms: performance.now() - t0, warmup_ms: warmMs,
+      this.lastAdoption = { plan_id: planId, sessions_ms: performance.now() - t0, warmup_ms: warmMs,
         engine: this.info.engine, tasks: tasks.length, on_numpy: tasks.filter((t) => t === null).length };
       const effects = reply.get("effects");
       effects.append(this.pyodide.toPy({ do: "notice", what: "engine", detail: this.lastAdoption }));
@@ -421,8 +432,8 @@ export class OrtEngine {
   // The reference run's session (tilemesh.runtime.recovery): the whole model keeping every block boundary's
   // tensor, made the first time a rescue needs it and kept per graph (the model, or a variant). If it cannot be
   // made, rescues stay on numpy and the session is told why.
-  async _reference(bridge) {
-    const model = bridge.reference_model();
+  async _reference(bridge, planId) {
+    const model = bridge.reference_model(planId);
     try {
       const key = model.get("key");
       if (this.reference && this.reference.key === key) return this.reference.entry;
@@ -469,7 +480,14 @@ export class OrtEngine {
     const reply = bridge.handle(event, now);
     try {
       const adopted = reply.get("adopted");
-      if (adopted !== undefined && adopted !== null) await this.adopt(reply);
+      const live = reply.get("live");
+      try {
+        if (live) this.release(live.toJs());
+        if (adopted && adopted.length) await this.adopt(reply, adopted.toJs());
+      } finally {
+        if (adopted) adopted.destroy();
+        if (live) live.destroy();
+      }
       await this.drain(reply);
       return reply.get("effects");
     } finally {
@@ -497,8 +515,9 @@ export class OrtEngine {
               const planId = req.get("plan_id");
               const task = req.get("task");
               // task -1: a reference run (rescues, a frame finished alone), in its own session made once per graph
-              const entry = task < 0 ? (this.active ? await this._reference(bridge) : null)
-                : this.active && this.plan && this.plan.planId === planId ? this.plan.tasks[task] : null;
+              const plan = this.active ? this.plans.get(planId) : null;
+              const entry = task < 0 ? (this.active ? await this._reference(bridge, planId) : null)
+                : plan ? plan.tasks[task] : null;
               if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy(); continue; }
               const pairs = takePairs(req.get("inputs"));
               const t0 = performance.now();

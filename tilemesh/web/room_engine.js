@@ -5,7 +5,8 @@
 //   const engine = new RoomEngine({ runtime, signaling, mesh });
 //   await engine.measure();                    // compute profile + links, reported in state.profile
 //   engine.requestPlan();                      // the device with the camera asks the server's planner
-//   const result = await engine.classify(rgbaFrame);   // {top, parts, ms, report, plan}
+//   engine.requestStream({ objective: "throughput", private: false });  // ...or plans its camera as a stream
+//   const result = await engine.classify(rgbaFrame);   // {top, parts, ms, report, plan, shown, stream}
 //
 // Every device runs one: devices without a camera just answer chunks as they come. Events are posted in
 // arrival order and the worker handles them one at a time, so chunks are never reordered here.
@@ -52,6 +53,8 @@ export class RoomEngine extends EventTarget {
     this.mesh = mesh;
     this.probe = new LinkProbe(mesh);
     this.plan = null;       // the plan this device is the source of (set from the session's notices)
+    this.capacity = 0;      // frames its lanes hold in flight at once (a stream's plan; 0: up to the caller)
+    this.streamStats = null;  // the session's latest measured figures of this camera's stream
     this.lastPlan = null;   // the last plan message the room made
     this.parts = [];
     this.frameId = 0;
@@ -125,9 +128,47 @@ export class RoomEngine extends EventTarget {
   // `target` ({kind: "fps"|"latency", value}): the planner picks the variant that meets it (`variant` is then
   // the one in use); the session asks again with it when the room changes (a device leaves, drift).
   requestPlan(strategy = "tilemesh", variant = null, devices = null, target = null) {
+    const adopted = this._adopted(() => true);
     this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}), ...(devices ? { devices } : {}),
       ...(target ? { target } : {}) });
-    return this.signaling.waitFor("plan", (p) => p.source === this.signaling.peerId, 15000);
+    return adopted;
+  }
+
+  // Resolves with this camera's next plan once the session has adopted it (not when the server's message
+  // arrives: frames started before adoption would still go to the old plan, or find none).
+  _adopted(match, timeoutMs = 15000) {
+    return new Promise((resolve, reject) => {
+      const on = (e) => {
+        if (e.detail.role.role !== "source" || !match(e.detail.plan)) return;
+        clearTimeout(timer);
+        this.removeEventListener("plan", on);
+        resolve(e.detail.plan);
+      };
+      const timer = setTimeout(() => {
+        this.removeEventListener("plan", on);
+        reject(new Error(`no plan within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.addEventListener("plan", on);
+    });
+  }
+
+  // This camera as a stream: the room divides its devices among the cameras streaming and plans each as lanes.
+  // objective: "throughput" (most frames/s within 1.2x the fastest single-device latency) or "latency".
+  // `variant` and `devices` as for requestPlan.
+  requestStream({ objective = "throughput", private: priv = false, latencyFactor = null, variant = null,
+    devices = null } = {}) {
+    const adopted = this._adopted((p) => Boolean(p.stream) && (p.variant ?? null) === variant);
+    this._fire({ on: "request_plan", strategy: "tilemesh", objective, private: Boolean(priv),
+      ...(latencyFactor ? { latency_factor: latencyFactor } : {}), ...(variant ? { variant } : {}),
+      ...(devices ? { devices } : {}) });
+    return adopted;
+  }
+
+  // The stream ends (the camera closed): frames in flight finish; the room re-divides among the other cameras.
+  stopStream() {
+    this.plan = null;
+    this.capacity = 0;
+    return this._fire({ on: "request_plan", objective: "stop" });
   }
 
   // Classify one camera frame (`size` square RGBA, camera.js grabFrame: GRAB_SIZE, or a model variant's size)
@@ -179,7 +220,7 @@ export class RoomEngine extends EventTarget {
       case "signal": this.signaling.send(e.type, e.fields); break;
       case "report_profile": this._report(e.compute, e.links); break;
       case "frame_done": this._settle(e.frame, e.result, null); break;
-      case "frame_failed": this._settle(e.frame, null, new Error(e.reason)); break;
+      case "frame_failed": this._settle(e.frame, null, Object.assign(new Error(e.reason), { retryMs: e.retry_s * 1e3 })); break;
       case "probe": {
         // The session asks for a link's second measurement (after this device's first profile) while the first
         // one is still settling: it runs after it, never alongside.
@@ -202,13 +243,21 @@ export class RoomEngine extends EventTarget {
     if (what === "plan") {
       const { plan, role } = detail;
       this.lastPlan = plan;  // the room's latest plan, whether or not this device is in it (the host page)
-      if (role.role === "source") { this.plan = plan; this.parts = role.parts || []; }
+      if (role.role === "source") {
+        this.plan = plan;
+        this.parts = role.parts || [];
+        this.capacity = plan.stream ? role.capacity || 1 : 0;
+      }
       this.inPlan = role.role === "source" || role.role === "worker" || (this.inPlan && role.role === "idle");
       if (this.inPlan) this._startTicker();
       this._emit("plan", { plan, role });
     } else if (what === "replan") {
       this.plan = null;
+      this.capacity = 0;
       this._emit("replan", detail);
+    } else if (what === "stream_stats") {
+      this.streamStats = detail;
+      this._emit("stream_stats", detail);
     } else if (what === "tasks_run") {
       this.tasksRun[detail.plan_id] = detail.tasks_run;
     } else if (what === "refining") {

@@ -239,7 +239,8 @@ class Hub:
         self.per_client: Counter[str] = Counter()
         self.room_buckets: dict[str, TokenBucket] = {}
         self._janitor: asyncio.Task | None = None
-        # Answers `plan_request`: async (room, requester, request) -> plan fields (tilemesh.server.inference sets it).
+        # Answers `plan_request`: async (room, requester, request) -> plan fields, or a list of them (one per
+        # stream of a re-divided room); tilemesh.server.inference sets it.
         # Kept as a hook so signaling knows nothing of models; None means planning is off on this server.
         self.planner: Callable[[rooms.Room, PeerId, protocol.PlanRequest], Awaitable[dict]] | None = None
         self._plans: dict[PeerId, asyncio.Task] = {}
@@ -505,9 +506,10 @@ class Hub:
             return
         if not self.room_exists(room_id):
             return
-        text = protocol.encode(protocol.plan(fields))
-        for peer in self.state.room(room_id).peers:
-            self._deliver(peer.id, text)
+        for one in fields if isinstance(fields, list) else [fields]:  # a re-division answers several streams
+            text = protocol.encode(protocol.plan(one))
+            for peer in self.state.room(room_id).peers:
+                self._deliver(peer.id, text)
 
     def _relay(self, conn: Connection, to: PeerId, message: dict) -> None:
         room = self.state.room(conn.room)

@@ -26,7 +26,8 @@ Client -> server
     ping       {}               Answered with `pong`. Doubles as the app-level heartbeat (see below).
     leave      {}               Leave the room now; the server closes the socket.
     plan_request {strategy?: str, devices?: [peer_id], variant?: str, exclude?: [peer_id],
-                  target?: {kind: "fps"|"latency", value: number}}
+                  target?: {kind: "fps"|"latency", value: number}, objective?: str, private?: bool,
+                  latency_factor?: number}
                The sender (the device with the camera) asks the server's planner for a plan over the room's
                ready peers with profiles (or the listed subset), leaving out `exclude` (devices it caught
                returning wrong results, or stalling). `strategy` picks a benchmark baseline
@@ -37,6 +38,13 @@ Client -> server
                accurate of the model as served and its variants with a measured `agreement` whose predicted
                figures in this room meet the target (`planning.variants`); `variant` then names the one in use,
                which a more accurate one must beat with headroom. The plan's `scaling` says what was predicted.
+               With `objective` ("throughput": the most frames/s within 1.2x the fastest single-device
+               latency; "latency": the fastest answer) the sender's camera becomes a stream: the room's
+               devices are divided among the room's streams and each is planned as lanes
+               (tilemesh.planning.streams); every stream's new `plan` goes out. `private`: camera pixels stay
+               on the sender. "stop" ends the sender's stream and re-divides the room among the others.
+               `latency_factor` (1 to 10, default 1.2): the throughput objective's latency bound, relative to
+               the fastest single device.
 
 Relay (binary frames): the server's own edge peer (`tilemesh serve --edge`) joins with the hub's per-process
 `relay_key` and is marked `relay: true` in the roster. Browsers and that edge then carry their mesh messages
@@ -65,9 +73,12 @@ Server -> client
     broadcast  {from: peer_id, data: object}
     peer_left  {id, reason: "leave"|"disconnected"|"timeout"|"replaced"|"too_slow"}
     plan       {plan_id, source, strategy, label, spec: {plan_id, source, cuts, splits, variant?}, devices,
-                predicted_ms, timeline, candidates, variant?}
+                predicted_ms, timeline, candidates, variant?, lanes?, stream?}
                The planner's answer to a `plan_request`, sent to every peer of the room: devices in `devices`
                expand `spec` with tilemesh.runtime.peer and run their part; the others (the host page) show it.
+               A stream's plan adds `lanes` ([{plan_id, spec, devices, weight, depth, predicted_ms, fps,
+               timeline, ...}], its first lane repeated at the top level) and `stream` (objective, private,
+               predicted fps and latency; see tilemesh.runtime.lanes).
     error      {code, message, ref?: the offending message's type}
     pong       {}
 
@@ -152,6 +163,7 @@ BAD_STATE = "bad_state"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 MAX_PLAN_DEVICES = 32
 STRATEGY_NAMES = ("tilemesh", "single", "offload", "partition_offload", "equal_split", "fixed_grid")
+OBJECTIVES = ("throughput", "latency", "stop")
 
 
 class ProtocolError(Exception):
@@ -213,6 +225,9 @@ class PlanRequest:
     variant: str | None = None
     exclude: tuple[PeerId, ...] = ()
     target: tuple[str, float] | None = None  # ("fps" | "latency", value): the planner picks the variant
+    objective: str | None = None  # a stream: one of OBJECTIVES
+    private: bool = False
+    latency_factor: float | None = None
 
 
 ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
@@ -408,8 +423,19 @@ def _parse_plan_request(obj: dict) -> PlanRequest:
         if not ok or isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e4:
             raise ValueError("'target' must be {kind: 'fps' | 'latency', value: a positive number}")
         target = (target["kind"], float(value))
+    objective = obj.get("objective")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ValueError(f"'objective' must be one of {', '.join(OBJECTIVES)}")
+    private = obj.get("private", False)
+    if not isinstance(private, bool):
+        raise ValueError("'private' must be true or false")
+    factor = obj.get("latency_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
+                               or not 1.0 <= factor <= 10.0):
+        raise ValueError("'latency_factor' must be a number from 1 to 10")
     return PlanRequest(strategy=strategy, devices=lists["devices"], variant=variant, exclude=lists["exclude"] or (),
-                       target=target)
+                       target=target, objective=objective, private=private,
+                       latency_factor=None if factor is None else float(factor))
 
 
 _PARSERS = {

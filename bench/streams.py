@@ -213,37 +213,71 @@ def run(sc: Scenario, out_dir: Path, log) -> int:
     print("\n".join(lines))
     print()
     print(table)
+    with contextlib.suppress(Exception):  # the planner's view needs the served model's graph
+        from tilemesh.planning import planner as planner_mod  # noqa: PLC0415
+
+        graph = planner_mod.cli_graph(None)
+        print("\nWhat the planner saw (profiles reported at join; lanes planned from them):")
+        for room in measured:
+            print("\n".join(planner_view(graph, room)))
     print(f"\nwrote streams.json, streams.md to {out_dir}")
     return 0 if measured else 1
 
 
-def explain(path: Path, factors=(1.2, 1.5)) -> None:
-    """What the stream planner predicts for each measured room from the profiles and links its devices
-    reported (streams.json's rosters), under latency bounds `factors`: which lanes the bound lets in."""
+def planner_view(graph, room: dict, factors=(1.2, 1.5, 2.0)) -> list[str]:
+    """What the stream planner saw in one measured room (pure: tested): each device's profiled time for one
+    frame whole (and relative to the camera phone's: equal phones should read about 1.0x), its link from the
+    camera, the lanes it planned, and what it would plan under other latency bounds."""
     from tilemesh.planning import planner as planner_mod  # noqa: PLC0415
     from tilemesh.planning import streams as streams_mod  # noqa: PLC0415
 
-    graph = planner_mod.cli_graph(None)
-    data = json.loads(Path(path).read_text())
-    for room in data["rooms"]:
-        roster = [p for p in room.get("roster", []) if isinstance((p.get("profile") or {}).get("compute"), dict)]
-        if not roster:
+    roster = [p for p in room.get("roster", []) if isinstance((p.get("profile") or {}).get("compute"), dict)]
+    if not roster:
+        return []
+    profiles = {p["id"]: p["profile"]["compute"] for p in roster}
+    names = {p["id"]: p["name"] for p in roster}
+    links = {(p["id"], o): {"rtt_ms": float(v["rtt_ms"]), "mbps": float(v["mbps"])}
+             for p in roster for o, v in (p["profile"].get("links") or {}).items() if o in profiles}
+
+    def named(text: str) -> str:
+        for pid, name in names.items():
+            text = text.replace(pid, name)
+        return text
+
+    costs = planner_mod._Costs(graph, profiles)
+    out = []
+    for camera, plan in (room.get("plans") or {}).items():
+        src = plan.get("source")
+        if src not in profiles:
             continue
-        profiles = {p["id"]: p["profile"]["compute"] for p in roster}
-        names = {p["id"]: p["name"] for p in roster}
-        links = {(p["id"], o): {"rtt_ms": float(v["rtt_ms"]), "mbps": float(v["mbps"])}
-                 for p in roster for o, v in (p["profile"].get("links") or {}).items() if o in profiles}
-        for camera, plan in (room.get("plans") or {}).items():
-            src = plan.get("source")
-            singles = streams_mod.single_lanes(graph, profiles, links, src)
-            alone = ", ".join(f"{names.get(d, d)} {lane.latency_s * 1e3:.0f} ms" for d, lane in singles.items())
-            print(f"{room['size']} phone(s), camera {camera}: one frame whole on each device: {alone}")
-            for f in factors:
-                sp = streams_mod.plan_stream(graph, profiles, links, src, options={"latency_factor": f})
-                lanes = "; ".join(lane.choice.label for lane in sp.lanes)
-                for pid, name in names.items():
-                    lanes = lanes.replace(pid, name)
-                print(f"  bound {f}x: {sp.fps:.1f} fps, {sp.latency_s * 1e3:.0f} ms: {lanes}")
+        own = costs.whole(src)
+        devs = []
+        for d in profiles:
+            link = links.get((src, d))
+            via = f", link {link['mbps']:.0f} Mbit/s" if link else ""
+            devs.append(f"{names[d]} {costs.whole(d) * 1e3:.0f} ms ({costs.whole(d) / own:.2f}x{via})")
+        out.append(f"{room['size']} phone(s), camera {camera}: profiled frame alone: {'; '.join(devs)}")
+        lanes = [f"{named(ln.get('label', '?'))} ({ln.get('predicted_ms') or 0:.0f} ms, depth {ln.get('depth')},"
+                 f" weight {ln.get('weight', 0):.2f})" for ln in plan.get("lanes", [])]
+        stream = plan.get("stream") or {}
+        out.append(f"  planned: {'; '.join(lanes) or '?'} -> {stream.get('predicted_fps') or 0:.1f} fps, "
+                   f"{stream.get('predicted_ms') or 0:.0f} ms (bound {stream.get('bound_ms') or 0:.0f} ms = "
+                   f"{(stream.get('bound_ms') or 0) / max(stream.get('single_ms') or 1, 1e-9):.1f}x the fastest "
+                   f"single device, {stream.get('single_ms') or 0:.0f} ms)")
+        for f in factors:
+            sp = streams_mod.plan_stream(graph, profiles, links, src, options={"latency_factor": f})
+            out.append(f"  with bound {f}x: {sp.fps:.1f} fps, {sp.latency_s * 1e3:.0f} ms: "
+                       f"{named('; '.join(lane.choice.label for lane in sp.lanes))}")
+    return out
+
+
+def explain(path: Path, factors=(1.2, 1.5, 2.0)) -> None:
+    """`planner_view` of every room of a streams.json."""
+    from tilemesh.planning import planner as planner_mod  # noqa: PLC0415
+
+    graph = planner_mod.cli_graph(None)
+    for room in json.loads(Path(path).read_text())["rooms"]:
+        print("\n".join(planner_view(graph, room, factors)))
 
 
 if __name__ == "__main__":

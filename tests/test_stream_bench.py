@@ -57,3 +57,25 @@ def test_measured_figures_of_a_stream():
     assert fig["frames"] == 31 and fig["fps"] == pytest.approx(10.0)  # the last 3 s only
     assert fig["p50_ms"] == 74.0 and fig["p90_ms"] == 86.0
     assert measured([], 1.0) == {"fps": 0.0, "p50_ms": 0.0, "p90_ms": 0.0, "frames": 0}
+
+
+def test_the_bench_prints_what_the_planner_saw(demo_model_dir):
+    """Profiles as the devices reported them, relative to the camera's (equal phones read 1.00x; one profiled
+    3x slower reads 3.00x), and the lanes the planner made from them."""
+    from bench.streams import planner_view
+    from tilemesh.planning.planner import browser_profile
+    from tilemesh.runtime import graph as graph_mod
+
+    graph = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
+    link = {"rtt_ms": 20.0, "mbps": 50.0}
+    speeds = {"pa": 0.4, "pb": 0.4, "pc": 0.4 / 3}
+    roster = [{"id": d, "name": f"phone{i + 1}", "profile": {"compute": browser_profile(v),
+                                                             "links": {o: link for o in speeds if o != d}}}
+              for i, (d, v) in enumerate(speeds.items())]
+    plan = {"source": "pa", "lanes": [{"label": "pa runs all", "predicted_ms": 300.0, "depth": 1, "weight": 1.0}],
+            "stream": {"predicted_fps": 3.3, "predicted_ms": 300.0, "bound_ms": 360.0, "single_ms": 300.0}}
+    lines = planner_view(graph, {"size": 3, "roster": roster, "plans": {"phone1": plan}})
+    assert "phone2" in lines[0] and "(1.00x, link 50 Mbit/s)" in lines[0] and "(3.00x, link 50 Mbit/s)" in lines[0]
+    assert lines[1].startswith("  planned: phone1 runs all (300 ms, depth 1, weight 1.00)")
+    assert "bound 360 ms = 1.2x" in lines[1]
+    assert len(lines) == 2 + 3 and all("fps" in line for line in lines[2:])

@@ -6,9 +6,10 @@ room_engine.js and the edge's device do over real data channels and signaling: i
 overtake each other unless the link is `ordered`; `lose(src, dst, chunk, n)` drops the n-th chunk of that
 pair), delivers broadcasts, answers `Probe` with what the scripted link would measure, `Profile` with a given
 profile, and `Compute` by running the task with the runtime's own kernels (answered at once, or, for a device
-given a speed in `sec_per_gmac`, when that device would have finished it: one task at a time, in arrival order,
-whichever plan it belongs to). Everything happens on `now`, a fake
-clock advanced from one delivery to the next, and a `Tick` reaches every session every `tick` seconds, so
+given a speed in `sec_per_gmac` or times by `task_time`, when that device would have finished it: one task at a
+time, in arrival order, whichever plan it belongs to; devices mapped to one `cpu` share it). Everything happens
+on `now`, a fake clock advanced from one delivery to the next, and a `Tick` reaches every session every `tick`
+seconds, so
 timeouts fire deterministically and a test of a lossy link takes milliseconds of real time per event.
 
 Faults: `leave(d)` (the server says d left), `cut(d)` (d's network goes silent: nothing to or from it, nobody is
@@ -25,6 +26,8 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tilemesh.runtime import session as S
 from tilemesh.runtime.tiling import run_steps
@@ -65,6 +68,9 @@ class FakeRoom:
     silent: set = field(default_factory=set)  # devices cut off the network (see `cut`)
     signal_delay: dict[str, float] = field(default_factory=dict)  # a device's broadcasts take this long (slow path)
     reference_runs: dict[str, int] = field(default_factory=dict)  # whole-model reference runs per device
+    cpu: dict[str, str] = field(default_factory=dict)  # devices sharing one CPU (e.g. a server's edge peers)
+    task_time: Callable | None = None  # (device, runner, task) -> seconds, instead of `sec_per_gmac`
+    zeros: bool = False  # answer `Compute` with zeros of the right shapes (timing studies: no kernels run)
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -72,7 +78,8 @@ class FakeRoom:
         self.seq = itertools.count()
         self.sent_counts: dict[tuple[str, str], int] = {}
         self.next_tick = self.tick
-        self.busy_until: dict[str, float] = {}  # per device: when its compute queue is empty
+        self.busy_until: dict[str, float] = {}  # per CPU (a device's own, or `cpu`): when its queue is empty
+        self.cpu_seconds: dict[str, float] = {}  # per device: compute time of its deferred tasks so far
         for a in self.sessions:
             for b in self.sessions:
                 if a != b:
@@ -188,14 +195,23 @@ class FakeRoom:
             if runner is None:
                 return  # the plan was retired meanwhile: its frames are given up
             task = runner.dplan.tasks[e.request.task]
-            outputs = run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep)
+            if self.zeros:
+                outputs = {k: np.zeros(_shape(runner.graph, k, task.deps.regions.get(k)), np.float32)
+                           for k in task.owned}
+            else:
+                outputs = run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep)
             if device in self.tamper:
                 outputs = self.tamper[device](outputs)
             # A device with a speed computes one task at a time, in arrival order, whichever plan it belongs to.
-            start = max(self.now, self.busy_until.get(device, 0.0))
-            self.busy_until[device] = start + self.sec_per_gmac.get(device, 0.0) * task.macs / 1e9
+            cpu = self.cpu.get(device, device)
+            start = max(self.now, self.busy_until.get(cpu, 0.0))
+            took = self.task_time(device, runner, task) if self.task_time is not None else \
+                self.sec_per_gmac.get(device, 0.0) * task.macs / 1e9
+            self.busy_until[cpu] = start + took
+            self.cpu_seconds[device] = self.cpu_seconds.get(device, 0.0) + took
+            busy = self.busy_until[cpu]
             delay = self.compute_delay.get(device, 0.0) + task.macs * self.sec_per_mac.get(device, 0.0)
-            self.at(self.busy_until[device] - self.now + delay, device,
+            self.at(busy - self.now + delay, device,
                     S.Computed(e.plan_id, e.request.frame, e.request.task, outputs))
 
     def _send(self, src: str, e: S.Send) -> None:
@@ -214,3 +230,11 @@ class FakeRoom:
             if not link.ordered:
                 arrive += self.rng.uniform(0, link.jitter)
             self.at(arrive - self.now, e.dst, S.ChunkIn(src, bytes(chunk)))
+
+
+def _shape(graph, tensor: str, region) -> tuple[int, ...]:
+    """The shape a task's output `tensor` has over `region` (a 4-D map's tile, or the whole vector)."""
+    shape = tuple(graph.shapes[tensor])
+    if len(shape) == 4 and region is not None:
+        return (shape[0], shape[1], region.rows, region.cols)
+    return shape

@@ -316,3 +316,33 @@ def test_a_camera_hearing_another_stream_end_asks_to_re_divide(classifier):
     r.leave("b")
     assert [(d, s.fields) for d, s in r.signals if s.type == "plan_request"] == [
         ("a", {"objective": "latency", "private": True, "latency_factor": 2.0})]
+
+
+def test_devices_sharing_one_cpu_queue_their_tasks(classifier):
+    """The fake room's shared CPU (bench.shared_edge: the edge peers of several rooms in one server): two
+    cameras offloading whole frames to two helpers take twice as long when the helpers share one CPU, and every
+    answer is still exact; `zeros` answers tasks with zero tiles of the right shapes (timing-only runs)."""
+
+    def one_frame_each(cpu, zeros=False):
+        r = make_room(classifier, ("a", "b", "ha", "hb"), cpu=cpu, zeros=zeros,
+                      task_time=lambda d, runner, task: 0.2)
+        adopt(r, stream_msg("a", [whole(1, "a", "ha")], depth=1))
+        adopt(r, stream_msg("b", [whole(2, "b", "hb")], depth=1))
+        a, b = Camera(r, "a", first=1), Camera(r, "b", first=100)
+        a.fill(limit=1)
+        b.fill(limit=1)
+        r.run()
+        return r, a, b
+
+    r, a, b = one_frame_each({})
+    apart = sorted(res["ms"] for cam in (a, b) for res in cam.done().values())
+    assert_exact(classifier, a)
+    assert_exact(classifier, b)
+    r, a, b = one_frame_each({"ha": "server", "hb": "server"})
+    shared = sorted(res["ms"] for cam in (a, b) for res in cam.done().values())
+    assert_exact(classifier, a)
+    assert_exact(classifier, b)
+    assert shared[0] == pytest.approx(apart[0], abs=1.0) and shared[1] - apart[1] == pytest.approx(200, abs=5)
+    assert r.cpu_seconds["ha"] == pytest.approx(0.2) and r.cpu_seconds["hb"] == pytest.approx(0.2)
+    r, a, b = one_frame_each({}, zeros=True)
+    assert len(a.done()) == len(b.done()) == 1 and not r.failed.get("a")

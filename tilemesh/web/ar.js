@@ -151,7 +151,12 @@ export class RoomArEngine {
 
   async _ensurePlan() {
     if (this.target && this.room.plan) this.variant = this.room.plan.variant ?? null;  // the planner's choice
-    if (this.room.plan && (this.room.plan.variant ?? null) !== this.variant) this.room.plan = null;
+    // A plan for another variant, or of the other kind (a background replan answered with a stream while a
+    // benchmark baseline is wanted, or the reverse; a plan not chosen for the target while one is set), is not
+    // this engine's plan: ask for its own.
+    const p = this.room.plan;
+    if (p && ((p.variant ?? null) !== this.variant || Boolean(p.stream) !== this.streaming()
+              || (!p.stream && p.strategy !== this.strategy) || (this.target && !p.scaling))) this.room.plan = null;
     if (this.room.plan) return true;
     // One request at a time (frames in flight all land here while there is no plan; the server refuses a
     // second plan_request while one runs, and every extra plan would replace the one before).

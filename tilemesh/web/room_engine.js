@@ -126,29 +126,37 @@ export class RoomEngine extends EventTarget {
   // `variant`: one of the model card's variants (e.g. "heavy"); null: the model as served. `devices`: plan over
   // these peers only (benchmarks: rooms of 1..N equal phones in one run); null: every ready device.
   // `target` ({kind: "fps"|"latency", value}): the planner picks the variant that meets it (`variant` is then
-  // the one in use); the session asks again with it when the room changes (a device leaves, drift).
+  // the one in use; the plan answering it carries `scaling`); the session asks again with it when the room
+  // changes (a device leaves, drift).
   requestPlan(strategy = "tilemesh", variant = null, devices = null, target = null) {
-    const adopted = this._adopted(() => true);
+    const adopted = this._adopted((p) => !p.stream && p.strategy === strategy
+      && (target ? Boolean(p.scaling) : (p.variant ?? null) === variant));
     this._fire({ on: "request_plan", strategy, ...(variant ? { variant } : {}), ...(devices ? { devices } : {}),
       ...(target ? { target } : {}) });
     return adopted;
   }
 
-  // Resolves with this camera's next plan once the session has adopted it (not when the server's message
-  // arrives: frames started before adoption would still go to the old plan, or find none).
+  // Resolves with this camera's next plan matching the request once the session has adopted it (not when the
+  // server's message arrives: frames started before adoption would still go to the old plan, or find none);
+  // rejects when the server refuses the request (e.g. a background replan of this device is still running), so
+  // the caller asks again instead of waiting out the timeout.
   _adopted(match, timeoutMs = 15000) {
     return new Promise((resolve, reject) => {
-      const on = (e) => {
-        if (e.detail.role.role !== "source" || !match(e.detail.plan)) return;
+      const done = () => {
         clearTimeout(timer);
         this.removeEventListener("plan", on);
+        this.removeEventListener("plan_failed", failed);
+      };
+      const on = (e) => {
+        if (e.detail.role.role !== "source" || !match(e.detail.plan)) return;
+        done();
         resolve(e.detail.plan);
       };
-      const timer = setTimeout(() => {
-        this.removeEventListener("plan", on);
-        reject(new Error(`no plan within ${timeoutMs / 1000} s`));
-      }, timeoutMs);
+      const failed = (e) => { done(); reject(new Error(`plan refused: ${e.detail.message}`)); };
+      const timer = setTimeout(() => { done(); reject(new Error(`no plan within ${timeoutMs / 1000} s`)); },
+        timeoutMs);
       this.addEventListener("plan", on);
+      this.addEventListener("plan_failed", failed);
     });
   }
 

@@ -111,3 +111,21 @@ def test_paced_frames_finish_in_order_on_lanes_of_different_latency():
     s, c = next_frame(s)
     s, d = next_frame(s)
     assert c is not None and d is not None
+
+
+def test_a_result_timed_before_its_start_measures_nothing_and_replans_still_work():
+    """A clock-skewed result (timed by another clock than its start: the page's and its Worker's once disagreed by
+    the Worker's start-up delay) is not a latency: the lane keeps its figure, never negative, and replanning the
+    lanes as the session does when a plan retires (`_unschedule`: every lane with its measured latency) works."""
+    s = new_stream([(4, 1.0, 1, 0.2), (5, 1.0, 1, 0.2)])
+    s, a = next_frame(s, now=10.0)
+    s, shown = finished(s, a[0], now=9.8)  # 0.2 s "before" it started
+    assert shown
+    lane = {ln.lane: ln for ln in s.lanes}[a[1]]
+    assert lane.latency == pytest.approx(0.2)
+    s = replan(s, [(ln.lane, ln.weight, ln.depth, ln.latency) for ln in s.lanes if ln.lane != 5])
+    assert [(ln.lane, ln.latency) for ln in s.lanes] == [(4, pytest.approx(0.2))]
+    # A frame still finishes and measures its lane normally afterwards.
+    s, b = next_frame(s, now=11.0)
+    s, _ = finished(s, b[0], now=11.3)
+    assert s.lanes[0].latency == pytest.approx(0.7 * 0.2 + 0.3 * 0.3)

@@ -64,7 +64,7 @@ def replan(state: StreamState, lanes: list[tuple]) -> StreamState:
     total = sum(lane[1] for lane in lanes) or 1.0
     held = {ln.lane: ln for ln in state.lanes}
     new = tuple(LaneState(lane, w / total, depth, held[lane].in_flight if lane in held else frozenset(),
-                          latency=held[lane].latency if lane in held and held[lane].latency else latency)
+                          latency=held[lane].latency if lane in held and held[lane].latency > 0 else latency)
                 for lane, w, depth, latency in lanes)
     return replace(state, lanes=new)
 
@@ -118,6 +118,10 @@ def finished(state: StreamState, frame: int, ok: bool = True, now: float | None 
     frame_lane = {f: ln for f, ln in state.frame_lane.items() if f != frame}
     started = state.started_at.get(frame)
     took = now - started if ok and now is not None and started is not None else None
+    if took is not None and took < 0:
+        # A result timed on another clock than its start (the page's and its Worker's disagreed): not a measurement.
+        # A lane's latency stays what it was, never negative (pacing and `replan` rely on it).
+        took = None
 
     def done(ln: LaneState) -> LaneState:
         if ln.lane != lane:

@@ -11,6 +11,7 @@
 // onnxruntime-web copies into its own), and outputs are assigned straight into numpy arrays: one copy each way.
 // Any failure leaves the device on numpy (the reference), with the reason in `engine.reason`.
 import { normalizeFrame } from "/web/camera.js";
+import { sessionNow } from "/web/clock.js";
 
 const ORT_URL = "/static/vendor/ort/";
 const BRIDGE = "tilemesh.runtime.engine_bridge";
@@ -518,7 +519,7 @@ export class OrtEngine {
               const plan = this.active ? this.plans.get(planId) : null;
               const entry = task < 0 ? (this.active ? await this._reference(bridge, planId) : null)
                 : plan ? plan.tasks[task] : null;
-              if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy(); continue; }
+              if (!entry) { fallbacks++; bridge.computed_numpy(reply, planId, req, sessionNow()).destroy(); continue; }
               const pairs = takePairs(req.get("inputs"));
               const t0 = performance.now();
               let results;
@@ -527,7 +528,7 @@ export class OrtEngine {
               } catch (err) {
                 this._fallBack(bridge, `onnxruntime-web failed on a task: ${err.message || err}`);
                 fallbacks++;
-                bridge.computed_numpy(reply, planId, req, performance.now() / 1e3).destroy();
+                bridge.computed_numpy(reply, planId, req, sessionNow()).destroy();
                 continue;
               } finally {
                 for (const [, a] of pairs) a.destroy();
@@ -536,7 +537,7 @@ export class OrtEngine {
               runs++;
               const names = entry.outputs;
               bridge.computed(reply, planId, req.get("frame"), task, names, names.map((k) => results[k].data),
-                names.map((k) => results[k].dims), performance.now() / 1e3).destroy();
+                names.map((k) => results[k].dims), sessionNow()).destroy();
             } finally {
               req.destroy();
             }

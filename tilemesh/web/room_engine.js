@@ -13,6 +13,7 @@
 import { LinkProbe } from "/web/mesh.js";
 import { GRAB_SIZE } from "/web/camera.js";
 import { pageModel } from "/web/model.js";
+import { sessionNow } from "/web/clock.js";
 
 const SESSION = "tilemesh.runtime.session";
 const TICK_MS = 500;
@@ -209,7 +210,7 @@ export class RoomEngine extends EventTarget {
     let effects;
     try {
       await this.load();
-      effects = await this.runtime.call(SESSION, "handle", [event, performance.now() / 1e3], transfer);
+      effects = await this.runtime.call(SESSION, "handle", [event, sessionNow()], transfer);
     } catch (err) {
       this._error(`${event.on}: ${err.message || err}`);
       if (event.on === "frame") this._settle(event.frame, null, err);

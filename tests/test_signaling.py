@@ -772,3 +772,31 @@ async def test_frame_reports_reach_the_observer_and_a_due_replan_sends_only_a_ne
     await p.expect("broadcast")
     plan = await p.expect("plan")  # the second replan differs: it goes out to the room
     assert plan["plan_id"] == 7 and plan["source"] == p.id
+
+
+async def test_a_closing_room_frees_its_streams(make_server, demo_model_dir):
+    """A camera streamed in a room (the server's per-room stream state), then everyone left without stopping it:
+    when the empty room closes, the inference forgets the room's streams, requests and learned picture."""
+    from tilemesh.planning import planner
+    from tilemesh.runtime import graph as graph_mod
+    from tilemesh.server import inference
+
+    srv = await make_server(replace(FAST, room_ttl=0.3))
+    inf = srv.app[inference.INFERENCE_KEY]
+    inf._graphs[None] = graph_mod.load_onnx(demo_model_dir / "mobilenet_v2.onnx")
+    room = await srv.new_room()
+    p = await srv.connect()
+    await p.join(room)
+    phone = {"compute": planner.browser_profile(0.5)}
+    members = tuple(rooms.Member(id=PeerId(d), name=d, kind="phone", token=None, joined_at=0.0, state="ready",
+                                 profile=phone) for d in (p.id, "pbbbb"))
+    (msg,) = inf.choose(rooms.Room(id=RoomId(room), created_at=0, peers=members), PeerId(p.id),
+                        protocol.PlanRequest(objective="throughput"))
+    assert msg["stream"] and list(inf.streams[room]) == [p.id]
+    await p.send("leave")
+    await p.closed()
+    srv.advance(0.1)
+    assert room in inf.streams  # the room is still open (empty for less than its ttl)
+    srv.advance(0.5)
+    assert (await srv.get(f"/room/{room}")).status == 404
+    assert room not in inf.streams and room not in inf.pictures and not [k for k in inf.requests if k[0] == room]

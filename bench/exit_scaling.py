@@ -64,6 +64,7 @@ INSTRUMENT = """async () => {
     let r;
     try { r = await classify(...args); } finally { b.inflight -= 1; if (b.paused && b.inflight === 0) b.idle = true; }
     const t1 = performance.now();
+    if (r.skipped) return r;  // no lane could take it in order yet: no answer (the loop grabs another frame)
     let bin = "";
     for (let i = 0; i < ref.length; i += 0x8000) bin += String.fromCharCode(...ref.subarray(i, i + 0x8000));
     b.frames.push({ t0, t1, exit: Boolean(r.exit), index: r.top[0].index, label: r.top[0].label,

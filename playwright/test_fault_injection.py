@@ -34,6 +34,7 @@ RECORD = """() => {
   ar.classify = async (frame) => {
     const t0 = performance.now();
     const r = await classify(frame);
+    if (r.skipped) return r;  // no lane could take it in order yet: no answer (the loop grabs another frame)
     ar.recorded.push({ top1: r.top[0].label, ms: performance.now() - t0, by: ar.name });
     return r;
   };

@@ -51,9 +51,11 @@ from .regions import Region, plane
 from .tiling import Transfer, crop, partial_pool, run_steps
 
 # A piece of segment k-1's output still missing `piece_wait(bound, k, n)` = bound + k x step after a device
-# first saw its frame is rescued, where bound = STALL_FACTOR x the plan's predicted latency (at least
-# STALL_MIN_S, at most STALL_MAX_S; without a prediction STALL_MAX_S) and step = LEVEL_STEP_S, or less in a plan
-# of n segments (at most bound / n).
+# first saw its frame is rescued, where bound = STALL_FACTOR x the plan's predicted latency x this device's own
+# slowdown (its measured/predicted compute lately, when above 1: a machine under load runs every device of the
+# plan behind the prediction, and an honest device must not look stalled for it), at least STALL_MIN_S, at most
+# STALL_MAX_S (without a prediction STALL_MAX_S), and step = LEVEL_STEP_S, or less in a plan of n segments (at
+# most bound / n).
 STALL_FACTOR = 3.0
 STALL_MIN_S = 0.3
 STALL_MAX_S = 2.0
@@ -77,15 +79,18 @@ ATOL = 1e-3
 RTOL = 1e-3
 
 
-def stall_bound(plan_msg: dict | None) -> float:
-    """Seconds without progress after which a frame's missing pieces are rescued, from the plan's prediction."""
+def stall_bound(plan_msg: dict | None, slowdown: float = 1.0) -> float:
+    """Seconds without progress after which a frame's missing pieces are rescued, from the plan's prediction and
+    how far this device's own compute runs behind its prediction (`slowdown`, measured/predicted; below 1 or not
+    a number: 1)."""
     try:
         predicted = float((plan_msg or {}).get("predicted_ms")) / 1e3
     except (TypeError, ValueError):
         return STALL_MAX_S
     if not predicted > 0:
         return STALL_MAX_S
-    return min(STALL_MAX_S, max(STALL_MIN_S, STALL_FACTOR * predicted))
+    slow = slowdown if isinstance(slowdown, (int, float)) and slowdown > 1.0 else 1.0  # NaN too
+    return min(STALL_MAX_S, max(STALL_MIN_S, STALL_FACTOR * predicted * slow))
 
 
 def piece_wait(bound: float, level: int, levels: int | None = None) -> float:

@@ -436,6 +436,7 @@ class DeviceSession:
         self.stats_at: float | None = None  # when the stream's figures were last shared
         self.last_frame = 0
         self.drift = Drift()
+        self.last_slowdown = 1.0  # `slowdown()`'s last figure
         self.pending_drift: float | None = None  # a re-profile asked for by drift, until `Profiled`
         self.tasks_run: dict[int, int] = {}  # plan id -> tasks this device computed under it
         self.rx_open: dict[str, list] = {}  # peer -> [first chunk's time, bytes after it] of a message arriving
@@ -891,13 +892,21 @@ class DeviceSession:
         self.faults["checks"] += 1
         return self._rescue_here(plan_id, frame, [tr], now, again=True)
 
+    def slowdown(self) -> float:
+        """How far this device's compute runs behind its prediction lately (median measured/predicted of its recent
+        frames, `drift_step`; 1.0 before any): the stall bound grows with it."""
+        ratios = sorted(self.drift.ratios)
+        if ratios:  # a re-profile empties them: the last figure holds until the next frame measures again
+            self.last_slowdown = ratios[len(ratios) // 2]
+        return self.last_slowdown
+
     def _stalls(self, plan_id: int, now: float) -> list[Effect]:
         """Frames of plan `plan_id` here without a result within the stall bound: ask (or, on the source,
         compute) the missing pieces."""
         slot, r = self.slots.get(plan_id), self._runner(plan_id)
         if slot is None or r is None:
             return []
-        bound = recovery.stall_bound(slot.lane)
+        bound = recovery.stall_bound(slot.lane, self.slowdown())
         level = self.runtime.levels.get(plan_id, {})
         depth = max(level.values(), default=0)
         source = self._is_source(plan_id)
@@ -949,7 +958,7 @@ class DeviceSession:
         if slot is None or r is None or slot.role != "source" or not slot.judging:
             return []
         levels = max(self.runtime.levels.get(plan_id, {}).values(), default=0)
-        grace = recovery.judge_after(recovery.stall_bound(slot.lane), levels)
+        grace = recovery.judge_after(recovery.stall_bound(slot.lane, self.slowdown()), levels)
         out: list[Effect] = []
         for f in sorted(f for f, t in slot.judging.items() if now - t >= grace):
             del slot.judging[f]
@@ -1426,7 +1435,7 @@ def state() -> dict:
             "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting), "faults": s.faults,
             "excluded": {d: why for d, (why, _) in s.excluded.items()},
             "plans": {pid: {"role": sl.role, "live": sl.live, "source": sl.source} for pid, sl in s.slots.items()},
-            "stream": s.stream_counts()}
+            "stream": s.stream_counts(), "slowdown": s.slowdown()}
 
 
 def set_check_rate(rate: float) -> float:

@@ -63,7 +63,9 @@ class FirefoxDevice:
                 continue
             if predicate(self.state):
                 return self.state
-        raise AssertionError(f"Firefox: {what} not reached in {timeout:.0f} s; last state {self.state}")
+        raise AssertionError(f"Firefox: {what} not reached in {timeout:.0f} s, stuck at "
+                             f"{self.state.get('stage')!r} (boot bar {self.state.get('boot')!r}, signaling "
+                             f"{self.state.get('socket')!r}); last state {self.state}")
 
     def close(self) -> None:
         try:

@@ -44,8 +44,14 @@ while (!closing) {
   try {
     state = await page.evaluate(() => {
       const tm = window.tilemesh;
+      const last = tm?.signaling?.lastState;
       return {
-        ready: tm?.signaling?.lastState?.state === "ready",
+        ready: last?.state === "ready",
+        // Where it is: the state it reported to the room and its detail ("downloading…", "measuring speed"),
+        // the boot bar's text, and the signaling socket's status.
+        stage: last ? `${last.state}${last.detail ? ": " + last.detail : ""}` : null,
+        boot: document.querySelector("#boot .label")?.textContent ?? null,
+        socket: document.getElementById("status")?.dataset.status ?? null,
         peerId: tm?.peerId ?? null,
         tasksRun: tm?.engine?.tasksRun ?? {},
         errors: tm?.engine?.errors ?? [],

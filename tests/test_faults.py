@@ -269,6 +269,21 @@ def test_a_straggler_is_duplicated_first_copy_wins_and_the_room_replans_without_
     assert not any(n.what == "wrong_result" for _, n in r.notices)
     assert requests(r) == [("phone", {"exclude": ["laptop"]})]  # once: the hold keeps it from flapping
     assert [n.detail["devices"] for d, n in r.notices if n.what == "straggler"] == [["laptop"]]
+    # The room's answer: a plan without it. Its exclusion over, the laptop (still ready, in the roster) may come
+    # back: the camera asks for a plan with it in the background, once (before, nothing asked, and an honest
+    # device starved for a moment stayed out until some other replan).
+    cuts = cut_candidates(classifier.graph)
+    rows2 = {"devices": [["phone"], ["tablet"]], "row_shares": [1, 1], "col_shares": None}
+    spec = {"plan_id": 4, "source": "phone", "cuts": [cuts[len(cuts) // 2]],
+            "splits": [rows2, {"devices": [["tablet"]], "row_shares": None, "col_shares": None}]}
+    adopt(r, {"plan_id": 4, "source": "phone", "devices": ["phone", "tablet"], "spec": spec, "timeline": {},
+              "predicted_ms": 100})
+    r.fire("phone", S.Roster(DEVICES))
+    r.run(until=r.now + R.EXCLUDE_S - 10)
+    assert len(requests(r)) == 1  # not yet
+    r.run(until=r.now + 10)
+    assert requests(r) == [("phone", {"exclude": ["laptop"]}), ("phone", {})]
+    assert [n.detail["devices"] for d, n in r.notices if n.what == "replanning"][-1] == ["laptop"]
 
 
 # --- wrong results --------------------------------------------------------------------------------------------

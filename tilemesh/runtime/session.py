@@ -584,6 +584,11 @@ class DeviceSession:
         """On a camera with a running stream: a device that became ready since the last plan request is used
         from the next plan, asked for now in the background (the running plans keep taking frames meanwhile)."""
         self.ready = {str(p) for p in ev.ready}
+        return self._newcomers(now, "joined")
+
+    def _newcomers(self, now: float, why: str) -> list[Effect]:
+        """A background plan request when ready devices are in none of this camera's live plans and its last
+        request did not know them (`recovery.newcomers`)."""
         mine = [s for s in self.slots.values() if s.role == "source" and s.live]
         if self.plan is None or not mine:
             return []
@@ -592,8 +597,18 @@ class DeviceSession:
         new = recovery.newcomers(self.known | {d for s in mine for d in s.devices}, self.ready - {me}, excluded)
         if not new:
             return []
-        return [Notice("replanning", {"reason": f"{', '.join(new)} joined", "devices": new}),
+        return [Notice("replanning", {"reason": f"{', '.join(new)} {why}", "devices": new}),
                 self._plan_request(now)]
+
+    def _exclusions_over(self, now: float) -> list[Effect]:
+        """Devices left out for stalling whose `recovery.EXCLUDE_S` is over may come back: they count as newcomers
+        again (before, nothing asked for a plan with them, and an honest device starved for a moment stayed out
+        until some other replan)."""
+        back = sorted(d for d, (_, until) in self.excluded.items() if until is not None and now >= until)
+        for d in back:
+            del self.excluded[d]
+            self.known.discard(d)
+        return self._newcomers(now, "may come back (excluded for stalls until now)") if back else []
 
     @property
     def variant(self) -> str | None:
@@ -1234,7 +1249,7 @@ class DeviceSession:
         out: list[Effect] = [self._fail(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
         for pid in sorted(self.slots):
             out += self._stalls(pid, now) + self._judge(pid, now)
-        return out + self._expire(now)
+        return out + self._expire(now) + self._exclusions_over(now)
 
     def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
         """Effects of what the plan runtime answered: sends, compute requests, finished frames, reports, drift,

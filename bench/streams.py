@@ -28,15 +28,20 @@ READY = "() => window.tilemesh && window.tilemesh.signaling.lastState?.state ===
 RECORD = """() => {
   if (window.__streamBench) return;
   const ar = window.tilemesh.ar.engine;
-  const b = window.__streamBench = { frames: [] };
+  const b = window.__streamBench = { frames: [], compute: [] };
   const classify = ar.classify.bind(ar);
-  ar.classify = async (frame) => {
+  ar.classify = async (...args) => {
     const t0 = performance.now();
-    const r = await classify(frame);
+    const r = await classify(...args);
     b.frames.push({ t0, t1: performance.now(), shown: r.shown !== false, skipped: Boolean(r.skipped),
       room: Boolean(r.plan), plan_id: r.plan ? r.plan.plan_id : null });
     return r;
   };
+  // The camera device's own compute per frame (its engine's task runs), from the session's timings notices.
+  window.tilemesh.engine.addEventListener("timings", (e) => {
+    const rep = e.detail.report || {};
+    b.compute.push({ t: performance.now(), plan_id: e.detail.plan_id, ms: rep.compute_ms || 0 });
+  });
 }"""
 
 
@@ -54,9 +59,28 @@ def window_figures(frames: list[dict], seconds: float) -> dict:
     lat = [f["t1"] - f["t0"] for f in shown]
     return {"fps": len(shown) / seconds if seconds > 0 else 0.0, "shown": len(shown),
             "p50_ms": quantile(lat, 0.5), "p90_ms": quantile(lat, 0.9),
+            "mean_ms": sum(lat) / len(lat) if lat else None, "in_flight": in_flight(room, seconds),
             "dropped_late": sum(1 for f in room if not f["shown"]),
             "fallback": sum(1 for f in frames if not f["room"] and not f["skipped"]),
             "plans": sorted({f["plan_id"] for f in room})}
+
+
+def in_flight(frames: list[dict], seconds: float) -> float | None:
+    """Share of the window during which the camera had at least one room frame in flight (pure: tested). With
+    one frame in flight, 1 - this is the pacing gap: time between a result and the next frame's start (grab,
+    display, waits) that no plan can use."""
+    if seconds <= 0 or not frames:
+        return None
+    spans = sorted((f["t0"], f["t1"]) for f in frames)
+    lo = spans[0][0]
+    busy, start, end = 0.0, *spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start, end = busy + end - start, a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    return busy / max(seconds * 1e3, end - lo)
 
 
 def ratios(rooms: list[dict]) -> list[str]:
@@ -161,6 +185,9 @@ def measure_room(sc: Scenario, size: int, log) -> dict:
                 frames = pages[c].evaluate("(k) => window.__streamBench.frames.slice(k)", marks[c])
                 plan = pages[c].evaluate("() => window.tilemesh.engine.plan") or {}
                 fig = window_figures(frames, st.window_s)
+                compute = pages[c].evaluate("(k) => window.__streamBench.compute.filter((x) => x.t >= k)",
+                                            frames[0]["t0"] if frames else 0)
+                fig["camera_compute_ms"] = quantile([x["ms"] for x in compute], 0.5)
                 stream = plan.get("stream") or {}
                 fig.update(predicted_fps=stream.get("predicted_fps"), predicted_ms=stream.get("predicted_ms"),
                            lanes=" + ".join(lane.get("label", "?") for lane in plan.get("lanes", [])) or "?",
@@ -171,7 +198,9 @@ def measure_room(sc: Scenario, size: int, log) -> dict:
                 out["cameras"][c] = fig
                 out["plans"] = out.get("plans", {}) | {c: plan}
                 log(f"{size} phone(s), camera {c}: {fig['fps']:.2f} fps, p50 {fig['p50_ms'] or 0:.0f} ms, "
-                    f"p90 {fig['p90_ms'] or 0:.0f} ms, late {fig['dropped_late']}, fallback {fig['fallback']}; "
+                    f"p90 {fig['p90_ms'] or 0:.0f} ms, mean {fig['mean_ms'] or 0:.0f} ms, in flight "
+                    f"{fig['in_flight'] or 0:.0%} of the window, camera compute p50 {fig['camera_compute_ms'] or 0:.0f}"
+                    f" ms, late {fig['dropped_late']}, fallback {fig['fallback']}; "
                     f"planned {fig['predicted_fps'] or 0:.1f} fps {fig['predicted_ms'] or 0:.0f} ms; {fig['lanes']}")
             # What the planner saw (profiles and links), to check its predictions against these measurements.
             with contextlib.suppress(Exception):

@@ -79,3 +79,19 @@ def test_the_bench_prints_what_the_planner_saw(demo_model_dir):
     assert lines[1].startswith("  planned: phone1 runs all (300 ms, depth 1, weight 1.00)")
     assert "bound 360 ms = 1.2x" in lines[1]
     assert len(lines) == 2 + 3 and all("fps" in line for line in lines[2:])
+
+
+def test_pacing_and_the_cost_model_against_a_window():
+    """In flight: the share of the window with a frame out (overlapping frames count once; a gap between a
+    result and the next frame does not count); measured / planned rate and mean latency."""
+    from bench.streams import in_flight, vs_planned
+
+    one_at_a_time = [{"t0": 0, "t1": 80}, {"t0": 100, "t1": 180}, {"t0": 200, "t1": 280}]
+    assert in_flight(one_at_a_time, 0.3) == pytest.approx(240 / 300)
+    overlapping = [{"t0": 0, "t1": 150}, {"t0": 50, "t1": 200}, {"t0": 200, "t1": 300}]
+    assert in_flight(overlapping, 0.3) == pytest.approx(1.0)
+    assert in_flight([], 1.0) is None
+    fig = {"fps": 4.0, "mean_ms": 300.0, "predicted_fps": 5.0, "predicted_ms": 200.0}
+    assert vs_planned(fig) == {"fps_vs_planned": pytest.approx(0.8), "ms_vs_planned": pytest.approx(1.5)}
+    assert vs_planned({"fps": 4.0, "mean_ms": None, "predicted_fps": None, "predicted_ms": None}) == {
+        "fps_vs_planned": None, "ms_vs_planned": None}

@@ -205,6 +205,36 @@ def test_lanes_run_frames_in_parallel_and_results_show_in_frame_order(classifier
     assert {res["plan_id"] for res in three.done().values()} == {1, 2, 3}
 
 
+def split_away(graph, plan_id, source, a, b):
+    """A lane the camera only feeds: `a` and `b` share the first segment by rows, `b` runs the rest."""
+    cuts = cut_candidates(graph)
+    spec = {"plan_id": plan_id, "source": source, "cuts": [cuts[len(cuts) // 2]],
+            "splits": [{"devices": [[a], [b]], "row_shares": [1, 1], "col_shares": None},
+                       {"devices": [[b]], "row_shares": None, "col_shares": None}]}
+    return {"plan_id": plan_id, "devices": [a, b], "spec": spec}
+
+
+def test_split_lanes_with_and_without_the_camera_run_side_by_side_exact(classifier):
+    """The stream planner's group lanes: camera + one phone sharing frames, and two other phones sharing frames
+    the camera only sends them, two frames in flight each: every frame equals single-device inference, both
+    lanes take frames, and the room beats one device alone."""
+    alone = make_room(classifier, ("cam",))
+    adopt(alone, stream_msg("cam", [whole(1, "cam", "cam")], depth=1))
+    one = Camera(alone, "cam")
+    run_cameras(alone, [one], 3.0)
+    r = make_room(classifier, ("cam", "p1", "p2", "p3"))
+    adopt(r, stream_msg("cam", [split(classifier.graph, 1, "cam", "p1"),
+                                split_away(classifier.graph, 2, "cam", "p2", "p3")]))
+    assert set(r.sessions["p2"].runtime.runners) == {2} and set(r.sessions["cam"].runtime.runners) == {1, 2}
+    cam = Camera(r, "cam")
+    run_cameras(r, [cam], 3.0)
+    r.run()
+    assert not r.failed.get("cam") and len(cam.done()) >= 1.5 * len(one.done()), (len(cam.done()), len(one.done()))
+    assert_exact(classifier, cam)
+    assert {res["plan_id"] for res in cam.done().values()} == {1, 2}
+    assert not [n for _, n in r.notices if n.what == "error"]
+
+
 def test_a_frame_finishing_late_is_not_shown(classifier):
     """A slow lane's frame 1 finishes after a fast lane's frame 2: 2 is shown, 1 is dropped and counted."""
     r = make_room(classifier, ("cam", "slow", "fast"))

@@ -109,3 +109,48 @@ def test_two_cameras_divide_the_room_fairly(g):
 def test_unknown_objective_is_refused(g):
     with pytest.raises(ValueError):
         S.plan_stream(g, room(p0=1.0), WIFI, "p0", objective="fps")
+
+
+LINK50 = {"*": {"rtt_ms": 2.0, "mbps": 50.0}}
+GIGABIT = {"*": {"rtt_ms": 2.0, "mbps": 1000.0}}
+PHONE = 1.42  # about 90 ms for the demo model alone, as the bench's 0.4-core phones on onnxruntime-web
+
+
+def test_a_split_lane_pipelines_where_the_fastest_answer_keeps_the_frame_home(g):
+    """Two equal phones on 50 Mbit/s: the fastest answer for one frame is the phone alone (a split is not faster
+    by the planner's margin) and a whole frame on the other phone is beyond the 1.2x bound (the crop's transfer),
+    but a lane split over both, two frames in flight, nearly doubles the rate within the bound."""
+    from tilemesh.planning.planner import plan_frame
+
+    profiles = room(p0=PHONE, p1=PHONE)
+    assert plan_frame(g, profiles, LINK50, "p0").label == "source alone"
+    alone = S.plan_stream(g, {"p0": profiles["p0"]}, LINK50, "p0")
+    assert S.single_lanes(g, profiles, LINK50, "p0")["p1"].latency_s > 1.2 * alone.latency_s
+    sp = S.plan_stream(g, profiles, LINK50, "p0")
+    (lane,) = sp.lanes
+    assert lane.devices == {"p0", "p1"} and lane.depth == 2
+    assert sp.latency_s <= sp.bound_s and sp.fps >= 1.5 * alone.fps
+
+
+def test_a_whole_frame_lane_only_when_its_transfer_fits_the_bound(g):
+    """Four equal phones: on a fast link every other phone takes whole frames; on 50 Mbit/s the crop's transfer
+    puts a whole frame elsewhere beyond the bound, so no lane is a frame whole on another phone."""
+    profiles = room(**{f"p{i}": PHONE for i in range(4)})
+    fast = S.plan_stream(g, profiles, GIGABIT, "p0")
+    assert {lane.devices for lane in fast.lanes} >= {frozenset({"p1"}), frozenset({"p2"})}
+    slow = S.plan_stream(g, profiles, LINK50, "p0")
+    assert slow.latency_s <= slow.bound_s
+    assert all(len(lane.devices) > 1 or lane.devices == {"p0"} for lane in slow.lanes)
+
+
+def test_a_group_lane_without_the_camera_only_receives_its_pixels(g):
+    """A split lane over two other phones: the camera computes nothing in it, sends each its part of the frame,
+    and the lane's prediction is the cost model's for the built plan."""
+    from tilemesh.planning.costmodel import predict_plan
+
+    profiles = room(p0=PHONE, p1=PHONE, p2=PHONE)
+    lane = S.group_lane(g, profiles, LINK50, "p0", ["p1", "p2"])
+    assert lane.devices == {"p1", "p2"} and lane.source_compute_s == 0 and lane.source_send_s > 0
+    assert {tr.dst for tr in lane.choice.plan.input_send} == {"p1", "p2"}
+    assert predict_plan(g, lane.choice.plan, profiles, LINK50, "p0").total_s == pytest.approx(lane.latency_s)
+    assert S.group_lane(g, profiles, LINK50, "p0", ["p1"]) is None

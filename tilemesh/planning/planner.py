@@ -461,9 +461,24 @@ def _gather_endings(graph, plan: Plan, n_split: int, costs: _Costs, secs, profil
     return results
 
 
+_GATHER_CACHE: dict[tuple[int, int, str], tuple] = {}  # (id(graph), start, t) -> (graph, answer): memo only
+
+
 def _gather_bytes(graph, start: int, t: str):
     """Bytes an owner of `region` of `t` sends when nodes[start:] run whole on one device: the region if
-    they read `t` spatially, plus one pooled vector per global pool of `t` (a distributed reduction)."""
+    they read `t` spatially, plus one pooled vector per global pool of `t` (a distributed reduction).
+    Memoized per graph object (the tail's dependency table is the search's most repeated work)."""
+    hit = _GATHER_CACHE.get((id(graph), start, t))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    if len(_GATHER_CACHE) > 4096:
+        _GATHER_CACHE.clear()
+    answer = _gather_bytes_of(graph, start, t)
+    _GATHER_CACHE[(id(graph), start, t)] = (graph, answer)
+    return answer
+
+
+def _gather_bytes_of(graph, start: int, t: str):
     tail = graph.nodes[start:]
     d = segment_deps(graph, tail, {graph.output: Region.full(*plane(graph.shapes[graph.output]))})
     pooled = [p for p, (x, _, _) in d.reduced.items() if x == t]

@@ -125,6 +125,75 @@ def single_lanes(graph, profiles, links, source: str, options: dict | None = Non
     return out
 
 
+def group_lane(graph, profiles, links, source: str, group, options: dict | None = None,
+               depth: int = DEPTH) -> Lane | None:
+    """A frame split across exactly the devices of `group` (two or more; the camera among them or not): the
+    planner's split-then-gather candidates over those devices (`planner._split_family`: rows or grids, each
+    fusion, shares rebalanced, the tail on one of them), the few best built and predicted with every profile
+    (the camera's per-frame work and uplink included). None when no split of the group can be built.
+
+    `plan_frame` picks the fastest answer for one frame and prefers fewer devices unless more are faster by its
+    margin, so for a stream it may keep a frame whole where a split lane, pipelined (`depth`), doubles the rate
+    within the latency bound: the stream planner therefore searches split lanes itself."""
+    from .planner import FUSIONS, _Costs, _order, _shapes, _split_family  # noqa: PLC0415
+
+    options = dict(options or {})
+    group = list(dict.fromkeys(group))
+    if len(group) < 2:
+        return None
+    sub = {d: profiles[d] for d in group}  # endings ("rest on g") only on the group's own devices
+    costs = _Costs(graph, sub)
+    devs = _order(group, source, {d: 1.0 / costs.whole(d) for d in group})
+    est = []
+    for shape in _shapes(len(devs)):
+        for fusion in options.get("fusions", FUSIONS):
+            est += _split_family(graph, costs, sub, links, source, devs, shape, fusion, options)
+    est = sorted((e for e in est if spec_devices(e.spec) == set(group)),
+                 key=lambda e: (e.predicted_s, len(e.spec.cuts), e.spec.label))
+    built = []
+    for e in est[:3]:
+        try:
+            built.append(_choice(graph, e.spec, profiles, links, source, options))
+        except ValueError:
+            continue
+    if not built:
+        return None
+    return lane_of(min(built, key=lambda c: (c.predicted_s, c.label)), depth)
+
+
+def _chunks(items: list, k: int) -> list[list]:
+    return [items[i:i + k] for i in range(0, len(items), k)]
+
+
+def split_lane_candidates(graph, profiles, links, source: str, singles: dict[str, Lane], options: dict,
+                          depth: int, max_group: int = 3) -> list[list[Lane]]:
+    """Lane sets made of groups sharing frames: the devices (camera first, then fastest first) cut into groups
+    of k = 2..`max_group`, each group one split lane (a group of one: the frame whole on it), with the camera in
+    the first group, computing alone beside the groups, or only dispatching to them."""
+    costs = {d: lane.busy_s for d, lane in singles.items()}
+    others = sorted((d for d in profiles if d != source), key=lambda d: (costs[d], d))
+    cache: dict[frozenset, Lane | None] = {}
+
+    def lane(grp: list[str]) -> Lane | None:
+        if len(grp) == 1:
+            return singles[grp[0]]
+        key = frozenset(grp)
+        if key not in cache:
+            cache[key] = group_lane(graph, profiles, links, source, grp, options, depth)
+        return cache[key]
+
+    out: list[list[Lane]] = []
+    for k in range(2, min(max_group, len(profiles)) + 1):
+        layouts = [[[source, *others[:k - 1]], *_chunks(others[k - 1:], k)],  # the camera in the first group
+                   [[source], *_chunks(others, k)],  # the camera alone beside the groups
+                   _chunks(others, k)]  # the camera only dispatches
+        for groups in layouts:
+            lanes = [lane(grp) for grp in groups if grp]
+            if lanes and all(ln is not None for ln in lanes) and any(len(grp) > 1 for grp in groups):
+                out.append(lanes)
+    return out
+
+
 def plan_stream(graph, profiles: dict[str, dict], links, source: str, objective: str = "throughput",
                 options: dict | None = None) -> StreamPlan:
     """The stream's lanes for `objective` (see the module doc). `options` as `planner.plan_frame`'s, plus
@@ -164,6 +233,12 @@ def plan_stream(graph, profiles: dict[str, dict], links, source: str, objective:
         joint = lane_of(plan_frame(graph, group, links, source, options), depth)
         if not joint.devices & {d for lane in fast for d in lane.devices}:
             candidates.append(combine(source, objective, [joint, *fast], bound, single_s, max_fps))
+    # Groups sharing frames: split lanes (pipelined) where a whole frame elsewhere costs too much latency.
+    for lanes in split_lane_candidates(graph, profiles, links, source, singles, options, depth):
+        candidates.append(combine(source, objective, lanes, bound, single_s, max_fps))
+        kept = [ln for ln in lanes if ln.latency_s <= bound]  # the same without lanes too slow for the bound
+        if kept and len(kept) < len(lanes):
+            candidates.append(combine(source, objective, kept, bound, single_s, max_fps))
     within = [c for c in candidates if c.latency_s <= bound * (1 + 1e-9)]
     pool = within or [min(candidates, key=lambda c: c.latency_s)]
     # Highest rate; on a tie (within 2%) fewer devices, then lower latency.

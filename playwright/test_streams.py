@@ -25,6 +25,22 @@ WINDOW_S = 8.0
 MIN_RESULTS = 3  # results shown per camera within the window, both streaming
 
 
+# Each room result's latency as the device session measured it (`ms`) beside the page's own (classify's call to
+# its answer).
+CLOCKS = """() => {
+  const ar = window.tilemesh.ar.engine;
+  const room = ar.room;
+  const classify = room.classify.bind(room);
+  window.__clocks = [];
+  room.classify = async (...args) => {
+    const t0 = performance.now();
+    const r = await classify(...args);
+    window.__clocks.push([r.ms, performance.now() - t0]);
+    return r;
+  };
+}"""
+
+
 def test_two_cameras_stream_at_once(tmp_path: Path, pw):
     photos = {"a": skimage.data.coffee(), "b": skimage.data.chelsea()}
     expected = {k: expected_top1(p) for k, p in photos.items()}
@@ -69,6 +85,8 @@ def test_two_cameras_stream_at_once(tmp_path: Path, pw):
                 assert p["source"] == ids[k] and p["stream"]["objective"] == "throughput"
 
             # Neither stalls: both keep showing results, each its own photo's label.
+            for pg in phones.values():
+                pg.evaluate(CLOCKS)
             start = {k: frames(pg) for k, pg in phones.items()}
             time.sleep(WINDOW_S)
             got = {k: frames(pg) - start[k] for k, pg in phones.items()}
@@ -79,6 +97,16 @@ def test_two_cameras_stream_at_once(tmp_path: Path, pw):
                 stats = pg.locator("#stats")
                 assert float(stats.get_attribute("data-predicted-fps")) > 0
                 assert pg.evaluate("window.tilemesh.engine.errors") == []
+            # The session times a frame on one clock (clock.js) even when the worker's engine finishes it: its
+            # latency is the page's (the page's also has the result's trip back), never the page's minus the
+            # worker's later clock origin (a lane's measured latency once went negative and crashed the scheduler).
+            for k, pg in phones.items():
+                pairs = pg.evaluate("window.__clocks")
+                assert len(pairs) >= 2, (k, pairs)
+                back = sorted(page_ms - session_ms for session_ms, page_ms in pairs)
+                # (the Worker's own clock starts 420-430 ms after the page's: measured before clock.js)
+                assert all(0 < session_ms <= page_ms + 1 for session_ms, page_ms in pairs), (k, pairs)
+                assert back[len(back) // 2] < 100, (k, back)  # the trip back: 2-5 ms typically
             # The host page lists both streams with their measured figures.
             host.wait_for_function("() => document.querySelectorAll('#streams tr[data-fps]').length === 2",
                                    timeout=20_000)

@@ -174,6 +174,7 @@ def measure_room(sc: Scenario, size: int, log) -> dict:
                 for attempt in range(3):
                     try:
                         bound = f"&bound={st.latency_factor:g}" if st.latency_factor else ""
+                        bound += f"&ort_threads={sc.ort_threads}" if sc.ort_threads else ""  # as bench.harness
                         pg.goto(f"{base}/join/{room}?kind={d.kind}{bound}", timeout=120_000)
                         break
                     except Exception as exc:  # noqa: BLE001 (a namespace link coming up: ERR_NETWORK_CHANGED)

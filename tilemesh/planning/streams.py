@@ -17,6 +17,11 @@ Objectives (`objective`):
 * "throughput" (default): the highest frame rate whose latency stays within `latency_factor` (default 1.2) times
   the fastest single-device latency (the frame whole on the best single device, sent there if need be);
 * "latency": the planner's fastest answer for one frame, one frame in flight ("fastest answer").
+Lanes searched for "throughput": the fastest answer's plan (`planner.plan_frame`) pipelined; every device fast
+enough alone taking whole frames (with and without the camera computing); devices too slow alone joining the camera
+on one split lane; and groups sharing frames (`split_lane_candidates`: the devices cut into groups of 2-3, each
+group one split lane, `group_lane`), since `plan_frame` keeps a frame whole unless a split answers it faster by its
+margin, while a split lane two frames deep can nearly double the rate within the bound.
 A privacy option (`private`): raw pixels never leave the camera phone. Every lane's first segment then runs there
 (partition plans that start on the source), and only features travel; `plan_stream` reports what it costs.
 

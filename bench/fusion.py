@@ -1,14 +1,15 @@
 """How much multi-view fusion helps: several phones see the same object, each from its own crop, scale, mirror,
 exposure and occlusion; is the fused label the one the model gives the clean photo more often than one view's?
 
-    .venv/bin/python -m bench.fusion [--scenes 60] [--views 3]
+    .venv/bin/python -m bench.fusion [--scenes 60] [--views 4]
 
 For each photo of an object (scikit-image's and scikit-learn's photos of things ImageNet has classes for), the
 reference label is the full model's top-1 on the clean photo. A scene is V views made by independent camera-like
 augmentations (`bench.early_exit.augment`, plus a harder occlusion); each view is classified by the served model
 (native onnxruntime: the scores equal every backend's within 1e-4), then fused by averaging or taking the maximum
-of the views' softmax vectors (`tilemesh.runtime.fusion`). Printed: how often one view, the average fusion and the
-max fusion agree with the reference, per photo and overall.
+of the views' softmax vectors (`tilemesh.runtime.fusion`, the rule the fusion room runs). Printed, for 1..V views of
+the same scenes: how often one view, the most confident view, the average fusion, the max fusion and "some view"
+(an oracle) agree with the reference, overall and per photo; and what fusing costs per frame.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def occlude(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def run(scenes: int, n_views: int, seed: int, onnx_path: Path) -> dict:
+def run(scenes: int, max_views: int, seed: int, onnx_path: Path) -> dict:
+    """Each scene draws `max_views` views once; the V-view rows (V = 1..max_views) fuse its first V views, so every
+    row is scored on the same views (paired). Columns: the first view alone, the most confident of the V views
+    alone (the obvious rule without fusion), average and max fusion, and an oracle (some view is right)."""
     rng = np.random.default_rng(seed)
     ims = {k: v for k, v in photos().items() if k in OBJECTS}
     sess = any_size_session(onnx_path)
@@ -50,38 +54,86 @@ def run(scenes: int, n_views: int, seed: int, onnx_path: Path) -> dict:
     def probs(im):
         return softmax(sess.run(None, {inp: model_input(im, CROP_SIZE)})[0][0])
 
-    per_photo = {}
+    keys = ("single", "confident", "avg", "max", "oracle")
+    counts = {v: {name: dict.fromkeys(keys, 0) for name in ims} for v in range(1, max_views + 1)}
     for name, im in sorted(ims.items()):
         ref = int(np.argmax(probs(im)))
-        single = avg = mx = 0
         for _ in range(scenes):
-            views = {}
-            for v in range(n_views):
+            views = []
+            for _v in range(max_views):
                 view = augment(im, rng)
                 if rng.random() < 0.5:
                     view = occlude(view, rng)
-                views[f"v{v}"] = probs(view)
-            single += int(np.argmax(views["v0"]) == ref)
-            avg += int(np.argmax(fuse(views, "avg")) == ref)
-            mx += int(np.argmax(fuse(views, "max")) == ref)
-        per_photo[name] = {"single": single / scenes, "avg": avg / scenes, "max": mx / scenes}
-    overall = {k: float(np.mean([p[k] for p in per_photo.values()])) for k in ("single", "avg", "max")}
-    return {"scenes": scenes, "views": n_views, "seed": seed, "per_photo": per_photo, "overall": overall}
+                views.append(probs(view))
+            for n in range(1, max_views + 1):
+                some = {f"v{i}": views[i] for i in range(n)}
+                c = counts[n][name]
+                c["single"] += int(np.argmax(views[0]) == ref)
+                c["confident"] += int(np.argmax(max(views[:n], key=lambda q: float(q.max()))) == ref)
+                c["avg"] += int(np.argmax(fuse(some, "avg")) == ref)
+                c["max"] += int(np.argmax(fuse(some, "max")) == ref)
+                c["oracle"] += int(any(int(np.argmax(q)) == ref for q in views[:n]))
+    rows = {}
+    for n, per in counts.items():
+        per_photo = {name: {k: c[k] / scenes for k in keys} for name, c in per.items()}
+        rows[n] = {"per_photo": per_photo,
+                   "overall": {k: float(np.mean([p[k] for p in per_photo.values()])) for k in keys}}
+    return {"scenes": scenes, "views": max_views, "seed": seed, "photos": sorted(ims), "rows": rows,
+            "cost": fusion_cost(len(probs(next(iter(ims.values()))).reshape(-1)), max_views)}
+
+
+def fusion_cost(classes: int, max_views: int, repeats: int = 2000) -> dict:
+    """What fusing costs per frame, as the server runs it: the bytes one view sends (its `view` message with the
+    encoded scores) and the milliseconds to decode those scores, add them to the room's window and fuse up to
+    `max_views` views (median over `repeats`)."""
+    import time  # noqa: PLC0415
+
+    from tilemesh.runtime.fusion import FusionWindow, decode_scores, encode_scores  # noqa: PLC0415
+    from tilemesh.server.signaling import protocol  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(0, 3, classes).astype(np.float32) for _ in range(max_views)]
+    message = protocol.encode({"v": protocol.VERSION, "type": "view", "scores": encode_scores(logits[0])})
+    window = FusionWindow(window_s=1.0)
+    for i in range(max_views):
+        window = window.add(f"v{i}", 0.0, logits[i])
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        z = decode_scores(encode_scores(logits[r % max_views]))
+        w = window.add(f"v{r % max_views}", 0.0, z)
+        w.result(0.0, "avg")
+        times.append(time.perf_counter() - t0)
+    return {"classes": classes, "view_message_bytes": len(message.encode()), "views": max_views,
+            "fuse_ms": float(np.median(times) * 1e3)}
 
 
 def table(result: dict) -> str:
-    lines = [f"Fusion of {result['views']} views, {result['scenes']} scenes per photo (seed {result['seed']}): "
-             "top-1 agreement with the model's answer on the clean photo", "",
-             "| photo | one view | average of softmax | max of softmax |", "|---|---|---|---|"]
-    for name, p in [*result["per_photo"].items(), ("**all photos**", result["overall"])]:
-        lines.append(f"| {name} | {p['single']:.1%} | {p['avg']:.1%} | {p['max']:.1%} |")
+    rows = result["rows"]
+    lines = [f"Fusion of 1-{result['views']} views, {result['scenes']} scenes per photo, {len(result['photos'])} "
+             f"photos (seed {result['seed']}): top-1 agreement with the model's answer on the clean photo", "",
+             "| views | one view | most confident view | average of softmax | max of softmax | some view right "
+             "(oracle) |", "|---|---|---|---|---|---|"]
+    for n, row in rows.items():
+        o = row["overall"]
+        lines.append(f"| {n} | {o['single']:.1%} | {o['confident']:.1%} | {o['avg']:.1%} | {o['max']:.1%} | "
+                     f"{o['oracle']:.1%} |")
+    n = max(rows)
+    lines += ["", f"Per photo, {n} views:", "", "| photo | one view | most confident | average | max |",
+              "|---|---|---|---|---|"]
+    for name, p in rows[n]["per_photo"].items():
+        lines.append(f"| {name} | {p['single']:.1%} | {p['confident']:.1%} | {p['avg']:.1%} | {p['max']:.1%} |")
+    c = result["cost"]
+    lines += ["", f"Cost per frame: one view's `view` message {c['view_message_bytes']} bytes ({c['classes']} "
+              f"float32 scores, base64); decoding it, updating the window and fusing {c['views']} views "
+              f"{c['fuse_ms']:.3f} ms (server, CPython, median)."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=60)
-    ap.add_argument("--views", type=int, default=3)
+    ap.add_argument("--views", type=int, default=4, help="rows for 1..this many views")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=str(REPO / "static" / "model" / "mobilenet_v2.onnx"))
     ap.add_argument("--out", default=str(REPO / "results" / "fusion"))
@@ -89,9 +141,9 @@ def main(argv=None) -> int:
     result = run(args.scenes, args.views, args.seed, Path(args.model))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fusion_{args.views}views.json").write_text(json.dumps(result, indent=1))
+    (out / "fusion.json").write_text(json.dumps(result, indent=1))
     md = table(result)
-    (out / f"fusion_{args.views}views.md").write_text(md + "\n")
+    (out / "fusion.md").write_text(md + "\n")
     print(md)
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .backend import Backend, NumpyBackend
 from .executor import run_graph
+from .fusion import encode_scores
 from .graph import Graph, compact_variant, load_compact
 from .preprocess import IMAGENET, Preprocessing, top_k
 
@@ -31,6 +32,12 @@ def frame_from_bytes(data, height: int, width: int) -> np.ndarray:
 def top_entries(logits: np.ndarray, labels: list[str], k: int = 5) -> list[dict]:
     """The k best classes as JSON-able dicts ({index, label, p}), as the pages show them."""
     return [{"index": i, "label": label, "p": p} for i, label, p in top_k(np.asarray(logits)[0], labels, k)]
+
+
+def answer(logits: np.ndarray, labels: list[str], k: int = 5) -> dict:
+    """A classified frame as pages get it: the k best classes, and every class score encoded for a fusion room
+    (`fusion.encode_scores`: the camera page forwards them as its view's `scores`)."""
+    return {"top": top_entries(logits, labels, k), "scores": encode_scores(logits)}
 
 
 class LocalClassifier:
@@ -87,7 +94,7 @@ class LocalClassifier:
         logits = run_graph(self.graph, x, self.backend)
         t2 = time.perf_counter()
         return {
-            "top": top_entries(logits, self.labels, k),
+            **answer(logits, self.labels, k),
             "preprocess_ms": (t1 - t0) * 1e3,
             "compute_ms": (t2 - t1) * 1e3,
         }

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import session as session_mod
-from .classify import frame_from_bytes, top_entries
+from .classify import answer, frame_from_bytes
 from .graph import Node
 from .profile import predict_graph_seconds, profile_from_timings, profile_probes
 from .task_model import graph_model, nodes_model, plan_task_models, task_model, whole_deps
@@ -267,5 +267,5 @@ def local_input(data, height: int, width: int) -> list:
 def local_result(logits, shape, preprocess_ms: float, compute_ms: float, k: int = 5) -> dict:
     """What `classify_local` returns, from the engine's logits."""
     labels = _rt().classifier.labels
-    return {"top": top_entries(_array(logits, shape), labels, int(k)), "preprocess_ms": float(preprocess_ms),
+    return {**answer(_array(logits, shape), labels, int(k)), "preprocess_ms": float(preprocess_ms),
             "compute_ms": float(compute_ms), "engine": _engine["name"]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from . import wire
-from .classify import LocalClassifier, frame_from_bytes, top_entries
+from .classify import LocalClassifier, answer, frame_from_bytes
 from .runner import ComputeRequest, DeviceRunner
 from .tiling import Split, build_plan
 
@@ -430,7 +430,7 @@ class PlanRuntime:
         t0 = self.started[runner.plan_id].pop(frame)
         return {
             "frame": frame,
-            "top": top_entries(runner.result(frame), self.classifier.labels, 5),
+            **answer(runner.result(frame), self.classifier.labels, 5),
             "ms": (time.perf_counter() - t0) * 1e3,
             "report": runner.report(frame),
         }

@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 from . import lanes as lanes_mod
 from . import recovery, wire
 from . import stream as stream_mod
-from .classify import LocalClassifier, top_entries
+from .classify import LocalClassifier, answer
 from .lanes import PlanSlot
 from .peer import PlanRuntime
 from .runner import ComputeRequest
@@ -689,8 +689,8 @@ class DeviceSession:
         if self.stream is not None:
             self.stream, shown = stream_mod.finished(self.stream, f)
         self.faults["finished_alone"] += 1
-        top = top_entries(logits, self.runtime.classifier.labels, 5)
-        return [FrameDone(f, {"frame": f, "top": top, "ms": (now - t0) * 1e3, "report": None,
+        return [FrameDone(f, {"frame": f, **answer(logits, self.runtime.classifier.labels, 5),
+                              "ms": (now - t0) * 1e3, "report": None,
                               "parts": [], "plan": plan_summary(self.plan), "recovered": reason,
                               "plan_id": plan_id, "seq": seq, "shown": shown, "stream": self.stream_counts()})]
 

@@ -345,4 +345,6 @@ def setup(app: web.Application) -> Inference:
     app[signaling.HUB_KEY].planner = inference
     app[signaling.HUB_KEY].observer = inference.observe
     app[signaling.HUB_KEY].room_closed = inference.forget
+    if app[MODEL_KEY] is not None:  # fusion rooms name the model's classes and check views against them
+        app[signaling.HUB_KEY].set_labels(app[MODEL_KEY].card.labels)
     return inference

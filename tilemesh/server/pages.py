@@ -67,9 +67,17 @@ async def index_page(request: web.Request) -> web.Response:
 
 
 async def new_room(request: web.Request) -> web.Response:
-    """The front page's button: make a room and go to its host page (303: the browser follows with a GET)."""
+    """The front page's button: make a room and go to its host page (303: the browser follows with a GET). The
+    form's `fusion` field ("avg" or "max"; absent or empty: off) makes it a multi-view fusion room."""
+    form = await request.post()
+    method = form.get("fusion") or None
     try:
-        room_id = request.app[HUB_KEY].create_room(request.remote or "")
+        fusion = protocol.fusion_mode({"method": method} if method else None)
+    except ValueError as exc:
+        return render(request, "error.html", status=400, title="No room made", heading="No room made",
+                      message=str(exc))
+    try:
+        room_id = request.app[HUB_KEY].create_room(request.remote or "", fusion)
     except rooms.RoomError as exc:
         status = _refusal_status(exc)
         return render(request, "error.html", status=status, title="No room available",
@@ -78,13 +86,23 @@ async def new_room(request: web.Request) -> web.Response:
 
 
 async def api_new_room(request: web.Request) -> web.Response:
-    """For scripts and tests: open a room without following a redirect."""
+    """For scripts and tests: open a room without following a redirect. An optional JSON body
+    `{"fusion": {"method"?: "avg"|"max", "window_s"?: seconds}}` makes it a multi-view fusion room."""
+    fusion = None
+    if request.can_read_body:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            fusion = protocol.fusion_mode(body.get("fusion"))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            return web.json_response({"error": protocol.INVALID_FIELD, "message": f"fusion: {exc}"}, status=400)
     try:
-        room_id = request.app[HUB_KEY].create_room(request.remote or "")
+        room_id = request.app[HUB_KEY].create_room(request.remote or "", fusion)
     except rooms.RoomError as exc:
         return web.json_response({"error": exc.code, "message": exc.message}, status=_refusal_status(exc))
-    return web.json_response({"room": room_id, "host_url": f"/room/{room_id}", "join_url": join_url(request, room_id)},
-                             status=201)
+    return web.json_response({"room": room_id, "host_url": f"/room/{room_id}", "join_url": join_url(request, room_id),
+                              "fusion": None if fusion is None else fusion.public()}, status=201)
 
 
 async def host_page(request: web.Request) -> web.Response:

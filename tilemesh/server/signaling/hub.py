@@ -253,12 +253,17 @@ class Hub:
         # TILEMESH_RELAY_KEY sets it instead, for an edge in another process of the same host (benchmarks).
         self.relay_key = os.environ.get("TILEMESH_RELAY_KEY") or secrets.token_urlsafe(24)
         self.relayed_bytes = 0
+        self._expiry: dict[RoomId, asyncio.TimerHandle] = {}  # fusion rooms: when their next view goes stale
+
+    def set_labels(self, labels) -> None:
+        """The served model's class names: fused answers name their classes, and views must hold one score each."""
+        self.state = replace(self.state, labels=None if labels is None else tuple(labels))
 
     # --- used by the HTTP pages ---------------------------------------------------------------------------
 
-    def create_room(self, client: str = "") -> RoomId:
-        """A new room for `client` (its address), within its rate limit; RoomError `rate_limited` or
-        `server_full` otherwise."""
+    def create_room(self, client: str = "", fusion: protocol.FusionMode | None = None) -> RoomId:
+        """A new room for `client` (its address), within its rate limit, in multi-view fusion mode when `fusion`
+        is given; RoomError `rate_limited` or `server_full` otherwise."""
         now = self.clock()
         bucket = self.room_buckets.get(client)
         if bucket is None:
@@ -270,8 +275,8 @@ class Hub:
         if not bucket.take(now):
             raise rooms.RoomError(protocol.RATE_LIMITED, "you opened rooms too quickly; try again in a minute")
         room_id = RoomId.new()
-        self.state = rooms.open_room(self.state, room_id, now)
-        log.info("room %s… opened", room_id[:6])
+        self.state = rooms.open_room(self.state, room_id, now, fusion)
+        log.info("room %s… opened%s", room_id[:6], " (fusion)" if fusion else "")
         return room_id
 
     def room_exists(self, room_id: RoomId) -> bool:
@@ -439,6 +444,46 @@ class Hub:
                 room, peer = conn.room, conn.peer
                 self._remove(room, peer, "leave")
                 conn.close(CLOSE_LEFT, "left", self.clock())
+            case protocol.SetFusion(mode=mode):
+                self.state, effects = rooms.set_fusion(self.state, conn.room, mode, self.clock())
+                self._apply(effects)
+            case protocol.View(stop=True):
+                self.state, effects = rooms.drop_view(self.state, conn.room, conn.peer, self.clock())
+                self._apply(effects)
+            case protocol.View(scores=scores):
+                self.state, effects = rooms.add_view(self.state, conn.room, conn.peer, scores, self.clock())
+                self._apply(effects)
+
+    def _apply(self, effects: list[rooms.ToRoom]) -> None:
+        """Carry out the room state's effects (messages to a room), then time each touched room's next view expiry
+        (a stale view leaves the fusion when its window ends, not at the next tick)."""
+        for e in effects:
+            if not self.room_exists(e.room):
+                continue
+            text = protocol.encode(e.message)
+            for peer in self.state.room(e.room).peers:
+                if peer.connected:
+                    self._deliver(peer.id, text)
+        for room_id in {e.room for e in effects}:
+            self._arm_expiry(room_id)
+
+    def _arm_expiry(self, room_id: RoomId) -> None:
+        old = self._expiry.pop(room_id, None)
+        if old is not None:
+            old.cancel()
+        room = self.state.rooms.get(room_id)
+        due = room.views.next_expiry() if room is not None else None
+        if due is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the loop (unit tests): the janitor's tick expires views instead
+            return
+        self._expiry[room_id] = loop.call_later(max(0.0, due - self.clock()) + 0.005, self._expire_views)
+
+    def _expire_views(self) -> None:
+        self.state, effects = rooms.expire_views(self.state, self.clock())
+        self._apply(effects)
 
     def _observe(self, room_id: RoomId, sender: PeerId, data: dict) -> None:
         """A frame report for the observer; a replan it asks for runs like a plan request of the source's,
@@ -480,7 +525,7 @@ class Hub:
         room = self.state.room(join.room)
         self._send_roster(join.room, exclude=peer_id)
         conn.send(protocol.welcome(peer_id, join.room, room.roster(), self.ice_servers,
-                                   room.peer(peer_id).token, resumed, self.config.heartbeat))
+                                   room.peer(peer_id).token, resumed, self.config.heartbeat, room.fusion))
         for text in self.pending.pop(peer_id, ()):
             conn.send(text)
         log.info("peer %s %s room %s… (%d peers)", peer_id, "resumed" if resumed else "joined", join.room[:6],
@@ -542,6 +587,8 @@ class Hub:
             return
         self.state = rooms.detach_peer(self.state, room_id, peer_id, self.clock())
         self._send_roster(room_id)
+        self.state, effects = rooms.drop_view(self.state, room_id, peer_id, self.clock())  # a lost view leaves now
+        self._apply(effects)
 
     def _remove(self, room_id: RoomId, peer_id: PeerId, reason: str) -> None:
         self.state = rooms.remove_peer(self.state, room_id, peer_id, self.clock())
@@ -551,6 +598,8 @@ class Hub:
         for peer in self.state.room(room_id).peers:
             self._deliver(peer.id, notice)
         self._send_roster(room_id)
+        self.state, effects = rooms.drop_view(self.state, room_id, peer_id, self.clock())
+        self._apply(effects)
         log.info("peer %s left room %s… (%s)", peer_id, room_id[:6], reason)
 
     def _send_roster(self, room_id: RoomId, exclude: PeerId | None = None) -> None:
@@ -586,8 +635,13 @@ class Hub:
             conn.close(CLOSE_TIMEOUT, "missed heartbeats", now)
         for room_id, peer_id in rooms.expired_detached(self.state, now, self.config.resume_grace):
             self._remove(room_id, peer_id, "disconnected")
+        self.state, effects = rooms.expire_views(self.state, now)
+        self._apply(effects)
         self.state, closed = rooms.close_idle_rooms(self.state, now, self.config.room_ttl)
         for room_id in closed:
+            timer = self._expiry.pop(room_id, None)
+            if timer is not None:
+                timer.cancel()
             log.info("room %s… closed after %g s empty", room_id[:6], self.config.room_ttl)
             if self.room_closed is not None:
                 self.room_closed(room_id)
@@ -611,6 +665,8 @@ class Hub:
     async def on_cleanup(self, app: web.Application) -> None:
         for task in list(self._plans.values()):
             task.cancel()
+        for timer in self._expiry.values():
+            timer.cancel()
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -45,6 +45,19 @@ Client -> server
                on the sender. "stop" ends the sender's stream and re-divides the room among the others.
                `latency_factor` (1 to 10, default 1.2): the throughput objective's latency bound, relative to
                the fastest single device.
+    fusion     {mode: {method?: "avg"|"max", window_s?: 0.1..30} | null}
+               Puts the room in multi-view fusion mode (or ends it with null): several phones look at the same
+               object, each classifies its own view as usual, and the server fuses the views' class scores
+               (tilemesh.runtime.fusion: the average, default, or the maximum of their softmax; each view's
+               newest scores no older than `window_s`, default 2 s). Any member may set it (the host page does);
+               everyone gets the new `fusion` message. A room can also be made in this mode (see pages).
+    view       {scores: str, frame?: int} | {stop: true}
+               One camera phone's view in a fusion room: its logits for the frame it just showed, as base64 of
+               C little-endian float32 (tilemesh.runtime.fusion.encode_scores; C = the model's classes, at most
+               8192), or `stop` when its camera closes (the view leaves the fusion at once). Scores that are not
+               base64, not whole float32 values, of the wrong class count or not all finite are refused with
+               `bad_scores` and change nothing (the view's previous scores stay); `view` in a room not fusing
+               gets `not_fusing`. Every accepted view makes a `fused` message to the room.
 
 Relay (binary frames): the server's own edge peer (`tilemesh serve --edge`) joins with the hub's per-process
 `relay_key` and is marked `relay: true` in the roster. Browsers and that edge then carry their mesh messages
@@ -79,6 +92,16 @@ Server -> client
                A stream's plan adds `lanes` ([{plan_id, spec, devices, weight, depth, predicted_ms, fps,
                timeline, ...}], its first lane repeated at the top level) and `stream` (objective, private,
                predicted fps and latency; see tilemesh.runtime.lanes).
+    fusion     {mode: {method, window_s} | null}
+               The room's fusion mode, to everyone, whenever it changes (also in `welcome` as `fusion`).
+    fused      {method, window_s, top: [{index, label?, p}], views: [{peer, name, index, label?, p, support,
+                weight, age_s}]}
+               The fused answer over the views inside the window, to everyone, after each accepted `view` and
+               whenever a view drops out (its phone left or disconnected, its camera stopped, or its newest
+               scores went stale beyond the window): `top` the fused top-5, `views` each view's own top-1
+               (`index`, `label`, `p`), its probability of the fused top-1 (`support`) and its `weight` in it
+               (average: its share of the views' summed support; max: 1 for the view holding the maximum).
+               Empty `top` and `views`: no view is inside the window.
     error      {code, message, ref?: the offending message's type}
     pong       {}
 
@@ -89,7 +112,8 @@ unknown_peer, room_full, server_full, bad_resume, bad_state (a `state` profile t
 peer_unavailable (the target is reconnecting and its queue is full), relay_refused (a binary frame between
 two members neither of which is the server's edge), bad_relay_key (a `join` with a wrong relay_key), plan_failed
 (no plan could be made: the
-sender has no profile yet, or the planner is not available). Every one leaves the connection usable, except
+sender has no profile yet, or the planner is not available), bad_scores (a `view` whose scores cannot be fused),
+not_fusing (a `view` in a room not in fusion mode). Every one leaves the connection usable, except
 floods of oversized or rate-limited messages, which close it (WebSocket code 1008), and a frame above the
 hard cap of 1 MiB (1009). Other close codes: 4000 the peer was resumed on
 another socket (do not reconnect), 4001 missed heartbeats, 4002 no `join` within 10 s of connecting, 1000 after
@@ -118,6 +142,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
+from tilemesh.runtime import fusion as fusion_rule
 from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
 
 VERSION = 1
@@ -159,6 +186,8 @@ PLAN_FAILED = "plan_failed"
 RELAY_REFUSED = "relay_refused"
 BAD_RELAY_KEY = "bad_relay_key"
 BAD_STATE = "bad_state"
+BAD_SCORES = "bad_scores"
+NOT_FUSING = "not_fusing"
 # Not a WebSocket message: the HTTP 503 body of an upgrade refused over the connection caps.
 TOO_MANY_CONNECTIONS = "too_many_connections"
 MAX_PLAN_DEVICES = 32
@@ -230,12 +259,36 @@ class PlanRequest:
     latency_factor: float | None = None
 
 
-ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest
+@dataclass(frozen=True)
+class FusionMode:
+    """A room's multi-view fusion: the rule and the time window (tilemesh.runtime.fusion)."""
+
+    method: str = fusion_rule.DEFAULT_METHOD
+    window_s: float = fusion_rule.DEFAULT_WINDOW_S
+
+    def public(self) -> dict:
+        return {"method": self.method, "window_s": self.window_s}
+
+
+@dataclass(frozen=True)
+class SetFusion:
+    mode: FusionMode | None
+
+
+@dataclass(frozen=True, eq=False)
+class View:
+    scores: np.ndarray | None  # (C,) float32 logits; None with `stop`
+    frame: int | None = None
+    stop: bool = False
+
+
+ClientMessage = Join | State | Signal | Broadcast | Ping | Leave | PlanRequest | SetFusion | View
 
 
 def type_of(message: ClientMessage) -> str:
     """The wire `type` of a parsed message (for `error.ref`)."""
-    return "plan_request" if isinstance(message, PlanRequest) else type(message).__name__.lower()
+    names = {PlanRequest: "plan_request", SetFusion: "fusion"}
+    return names.get(type(message), type(message).__name__.lower())
 
 
 def _reject_constant(name: str):
@@ -438,7 +491,47 @@ def _parse_plan_request(obj: dict) -> PlanRequest:
                        latency_factor=None if factor is None else float(factor))
 
 
+def fusion_mode(value) -> FusionMode | None:
+    """A fusion mode as a client writes it (`{method?, window_s?}`, or null for none); ValueError saying what is
+    wrong. Shared by the `fusion` message and room creation over HTTP."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("'mode' must be {method?: 'avg' | 'max', window_s?: seconds} or null")
+    method = value.get("method", fusion_rule.DEFAULT_METHOD)
+    if method not in fusion_rule.METHODS:
+        raise ValueError(f"'method' must be one of {', '.join(fusion_rule.METHODS)}")
+    window = value.get("window_s", fusion_rule.DEFAULT_WINDOW_S)
+    lo, hi = fusion_rule.WINDOW_RANGE_S
+    if isinstance(window, bool) or not isinstance(window, int | float) or not lo <= window <= hi:
+        raise ValueError(f"'window_s' must be a number of seconds from {lo:g} to {hi:g}")
+    return FusionMode(method=method, window_s=float(window))
+
+
+def _parse_fusion(obj: dict) -> SetFusion:
+    if "mode" not in obj:
+        raise ValueError("missing field 'mode' (an object, or null to end fusion)")
+    return SetFusion(fusion_mode(obj["mode"]))
+
+
+def _parse_view(obj: dict) -> View:
+    if obj.get("stop") is True:
+        return View(scores=None, stop=True)
+    frame = obj.get("frame")
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
+        raise ValueError("'frame' must be a non-negative integer")
+    if "scores" not in obj:
+        raise ProtocolError(BAD_SCORES, "view: missing 'scores' (or send {stop: true})", "view")
+    try:
+        scores = fusion_rule.decode_scores(obj["scores"])
+    except ValueError as exc:
+        raise ProtocolError(BAD_SCORES, f"view: {exc}", "view") from None
+    return View(scores=scores, frame=frame)
+
+
 _PARSERS = {
+    "fusion": _parse_fusion,
+    "view": _parse_view,
     "join": _parse_join,
     "state": _parse_state,
     "signal": _parse_signal,
@@ -457,9 +550,19 @@ def _msg(mtype: str, **fields: Any) -> dict:
 
 
 def welcome(peer_id: PeerId, room: RoomId, peers: list[dict], ice_servers: list[dict], resume_token: ResumeToken,
-            resumed: bool, heartbeat: float) -> dict:
+            resumed: bool, heartbeat: float, fusion: FusionMode | None = None) -> dict:
     return _msg("welcome", peer_id=peer_id, room=room, peers=peers, ice_servers=ice_servers,
-                resume_token=resume_token, resumed=resumed, heartbeat=heartbeat)
+                resume_token=resume_token, resumed=resumed, heartbeat=heartbeat,
+                fusion=None if fusion is None else fusion.public())
+
+
+def fusion(mode: FusionMode | None) -> dict:
+    return _msg("fusion", mode=None if mode is None else mode.public())
+
+
+def fused(fields: dict) -> dict:
+    """The fused answer of a fusion room (fields built by tilemesh.server.signaling.rooms.fused_fields)."""
+    return _msg("fused", **fields)
 
 
 def roster(peers: list[dict]) -> dict:

@@ -5,6 +5,11 @@ grace periods, room expiry) is a plain unit test. `tilemesh.server.signaling.hub
 functions as events arrive; it replaces its `Rooms` value with the returned one.
 
 A refused event raises `RoomError` whose `code` is the protocol's error code, so the handler can reply as is.
+
+Multi-view fusion: a room may be in fusion mode (`Room.fusion`, set at creation or by `set_fusion`); it then holds
+a window of its camera phones' newest class scores (`Room.views`, tilemesh.runtime.fusion). The fusion events
+(`set_fusion`, `add_view`, `drop_view`, `expire_views`) are (state, event) -> (state, effects): each effect is a
+message for everyone in one room (`ToRoom`), which the hub sends.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
+from tilemesh.runtime.fusion import FusionWindow
 from tilemesh.server.signaling import protocol
 from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId
 
@@ -75,6 +83,9 @@ class Room:
     peers: tuple[Member, ...] = ()
     # When the room last became (or was created) empty; None while anyone is in it.
     empty_since: float | None = None
+    # Multi-view fusion: the mode (None: off) and the views' newest scores (peer id -> (time, softmax)).
+    fusion: protocol.FusionMode | None = None
+    views: FusionWindow = field(default_factory=FusionWindow)
 
     def peer(self, peer_id: PeerId) -> Member | None:
         return next((p for p in self.peers if p.id == peer_id), None)
@@ -87,6 +98,8 @@ class Room:
 class Rooms:
     rooms: MappingProxyType[RoomId, Room] = field(default_factory=lambda: MappingProxyType({}))
     limits: Limits = Limits()
+    # The served model's class names (fused answers name their classes; views must hold this many scores).
+    labels: tuple[str, ...] | None = None
 
     def room(self, room_id: RoomId) -> Room:
         room = self.rooms.get(room_id)
@@ -105,13 +118,14 @@ def default_name(kind: str, peer_id: PeerId) -> str:
     return f"{kind.capitalize()} {peer_id[-4:]}"
 
 
-def open_room(state: Rooms, room_id: RoomId, now: float) -> Rooms:
+def open_room(state: Rooms, room_id: RoomId, now: float, fusion: protocol.FusionMode | None = None) -> Rooms:
     if room_id in state.rooms:
         raise RoomError(protocol.INVALID_FIELD, "room already exists")
     if len(state.rooms) >= state.limits.max_rooms:
         raise RoomError(protocol.SERVER_FULL, f"this server already hosts {state.limits.max_rooms} rooms; "
                         "try again when one has ended")
-    return state._with_room(Room(id=room_id, created_at=now, empty_since=now))
+    views = FusionWindow(fusion.window_s) if fusion is not None else FusionWindow()
+    return state._with_room(Room(id=room_id, created_at=now, empty_since=now, fusion=fusion, views=views))
 
 
 def add_peer(state: Rooms, room_id: RoomId, peer: Member) -> Rooms:
@@ -177,6 +191,100 @@ def close_idle_rooms(state: Rooms, now: float, ttl: float) -> tuple[Rooms, list[
     for room_id in idle:
         state = state._without_room(room_id)
     return state, idle
+
+
+# --- multi-view fusion: (state, event) -> (state, effects) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToRoom:
+    """Effect: send `message` to everyone in room `room`."""
+
+    room: RoomId
+    message: dict
+
+
+def set_fusion(state: Rooms, room_id: RoomId, mode: protocol.FusionMode | None,
+               now: float) -> tuple[Rooms, list[ToRoom]]:
+    """Turn fusion on (or change its rule or window: views held stay, judged by the new window) or off (views go).
+    Everyone hears the mode, and, while on, the fused answer under it."""
+    room = state.room(room_id)
+    views = FusionWindow(mode.window_s, room.views.views) if mode is not None else FusionWindow()
+    room = replace(room, fusion=mode, views=views)
+    effects = [ToRoom(room_id, protocol.fusion(mode))]
+    if mode is not None:
+        room, fused = _refresh(room, now, state.labels)
+        effects.append(fused)
+    return state._with_room(room), effects
+
+
+def add_view(state: Rooms, room_id: RoomId, peer_id: PeerId, scores: np.ndarray,
+             now: float) -> tuple[Rooms, list[ToRoom]]:
+    """A camera phone's logits for the frame it just showed: its view's newest scores, and a fused answer out.
+    Refused (RoomError, nothing changes) when the room is not fusing or the scores do not fit the model."""
+    room = state.room(room_id)
+    _peer(room, peer_id)
+    if room.fusion is None:
+        raise RoomError(protocol.NOT_FUSING, "this room is not in fusion mode; the host page turns it on")
+    z = np.asarray(scores).reshape(-1)
+    classes = len(state.labels) if state.labels is not None else \
+        next((p.size for v, (_, p) in room.views.views.items() if v != peer_id), None)
+    if classes is not None and z.size != classes:
+        raise RoomError(protocol.BAD_SCORES, f"view: 'scores' holds {z.size} classes; this room's model has {classes}")
+    try:
+        views = room.views.add(peer_id, now, z)
+    except ValueError as exc:
+        raise RoomError(protocol.BAD_SCORES, f"view: {exc}") from None
+    room, fused = _refresh(replace(room, views=views), now, state.labels)
+    return state._with_room(room), [fused]
+
+
+def drop_view(state: Rooms, room_id: RoomId, peer_id: PeerId, now: float) -> tuple[Rooms, list[ToRoom]]:
+    """The view stopped (its camera closed, its phone left or lost its socket): out of the fusion at once."""
+    room = state.rooms.get(room_id)
+    if room is None or peer_id not in room.views.views:
+        return state, []
+    room, fused = _refresh(replace(room, views=room.views.remove(peer_id)), now, state.labels)
+    return state._with_room(room), [fused]
+
+
+def expire_views(state: Rooms, now: float) -> tuple[Rooms, list[ToRoom]]:
+    """Views whose newest scores are older than their room's window leave it; each room that lost one hears."""
+    effects = []
+    for room in state.rooms.values():
+        if room.views.views and set(room.views.live(now)) != set(room.views.views):
+            room, fused = _refresh(room, now, state.labels)
+            state = state._with_room(room)
+            effects.append(fused)
+    return state, effects
+
+
+def fused_fields(room: Room, now: float, labels: tuple[str, ...] | None) -> dict:
+    """The `fused` message's fields: the rule, the window, the fused top-5 and each live view's contribution."""
+    mode = room.fusion or protocol.FusionMode()
+    out = {"method": mode.method, "window_s": mode.window_s, "top": [], "views": []}
+    result = room.views.result(now, mode.method, k=5)
+    if result is None:
+        return out
+
+    def name(i: int) -> dict:
+        return {"label": labels[i]} if labels is not None and 0 <= i < len(labels) else {}
+
+    times = room.views.times()
+    out["top"] = [{"index": i, **name(i), "p": p} for i, p in result.top]
+    for v in sorted(result.views, key=lambda v: (-result.weights[v], v)):
+        member = room.peer(v)
+        out["views"].append({"peer": v, "name": member.name if member is not None else v,
+                             "index": result.view_top1[v], **name(result.view_top1[v]),
+                             "p": result.view_top1_p[v], "support": result.views[v], "weight": result.weights[v],
+                             "age_s": round(max(0.0, now - times[v]), 3)})
+    return out
+
+
+def _refresh(room: Room, now: float, labels: tuple[str, ...] | None) -> tuple[Room, ToRoom]:
+    """Drop the room's stale views and say what the fusion now is."""
+    room = replace(room, views=room.views.expire(now))
+    return room, ToRoom(room.id, protocol.fused(fused_fields(room, now, labels)))
 
 
 def _peer(room: Room, peer_id: PeerId) -> Member:

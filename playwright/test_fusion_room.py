@@ -108,6 +108,8 @@ def test_three_phones_show_the_fusion_of_their_views(tmp_path: Path, pw):
             pages = [host, *phones.values()]
             for pg in pages:
                 pg.wait_for_function(READY, timeout=180_000)
+            for pg in phones.values():  # the join page says the room fuses views, before the camera opens
+                assert pg.locator("#fusion-note").is_visible()
             ids = {k: pg.evaluate("window.tilemesh.peerId") for k, pg in phones.items()}
             for pg in phones.values():  # every protocol error a phone gets (none may concern its views)
                 pg.evaluate("window.protocolErrors = []; window.tilemesh.signaling.on('error', (e) =>"

@@ -44,10 +44,12 @@ function viewLines(fused, me) {
 }
 
 export class PhoneFusion {
-  constructor({ signaling, root, el: box }) {
+  // `note`: an element on the join page saying the room fuses views (shown while it does).
+  constructor({ signaling, root, el: box, note = null }) {
     this.signaling = signaling;
     this.root = root;
     this.el = box;
+    this.note = note;
     this.mode = null;
     this.sending = false;  // this phone's view is in the fusion (it sent scores since its camera opened)
     this.sent = 0;
@@ -60,6 +62,10 @@ export class PhoneFusion {
 
   setMode(mode) {
     this.mode = mode;
+    if (this.note) {
+      this.note.hidden = !mode;
+      if (mode) this.note.textContent = `This room fuses its phones' views (${modeText(mode)}): point your camera at the same object as the others.`;
+    }
     if (!mode) { this.sending = false; this.el.hidden = true; this.el.replaceChildren(); }
   }
 
@@ -110,15 +116,20 @@ export class HostFusion {
     this.method = el("select");
     this.method.id = "fusion-method";
     this.method.append(new Option("average of softmax", "avg"), new Option("max of softmax", "max"));
+    this.window = el("select");
+    this.window.id = "fusion-window";
+    this.window.append(...[1, 2, 5, 10].map((s) => new Option(`views of the last ${s} s`, String(s))));
+    this.window.value = "2";
     const toggle = el("label");
     toggle.append(this.on, " fuse the phones' views (they all look at the same object) ");
     const controls = el("p");
-    controls.append(toggle, this.method);
+    controls.append(toggle, this.method, " ", this.window);
     this.results = el("div");
     box.replaceChildren(controls, this.results);
-    const windowS = () => (this.mode ? this.mode.window_s : 2);
-    this.on.onchange = () => this.request(this.on.checked ? { method: this.method.value, window_s: windowS() } : null);
-    this.method.onchange = () => this.request({ method: this.method.value, window_s: windowS() });
+    const mode = () => ({ method: this.method.value, window_s: Number(this.window.value) });
+    this.on.onchange = () => this.request(this.on.checked ? mode() : null);
+    this.method.onchange = () => this.request(mode());
+    this.window.onchange = () => this.request(mode());
     signaling.on("welcome", (w) => this.setMode(w.fusion ?? null));
     signaling.on("fusion", ({ mode }) => this.setMode(mode));
     signaling.on("fused", (msg) => { this.fused = msg; this.render(); });
@@ -129,8 +140,13 @@ export class HostFusion {
     this.mode = mode;
     if (!mode) this.fused = null;
     this.on.checked = Boolean(mode);
-    this.method.disabled = !mode;
-    if (mode) this.method.value = mode.method;
+    this.method.disabled = this.window.disabled = !mode;
+    if (mode) {
+      this.method.value = mode.method;
+      const w = String(mode.window_s);
+      if (![...this.window.options].some((o) => o.value === w)) this.window.append(new Option(`views of the last ${w} s`, w));
+      this.window.value = w;
+    }
     this.render();
   }
 

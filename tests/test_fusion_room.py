@@ -296,3 +296,21 @@ async def test_room_creation_refuses_a_bad_fusion_mode(make_server):  # noqa: F8
     assert server.hub.state.room(RoomId.parse(room)).fusion == protocol.FusionMode("max", 2.0)
     resp = await server.post("/", data={}, allow_redirects=False)
     assert server.hub.state.room(RoomId.parse(resp.headers["Location"].rsplit("/", 1)[1])).fusion is None
+
+
+async def test_a_stale_view_leaves_when_its_window_ends_not_at_a_janitor_tick(make_server):  # noqa: F811
+    """On the real clock, with the janitor idle (its tick is an hour here): the hub's own timer drops the view."""
+    import asyncio  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    server = await make_server()
+    server.hub.clock = time.monotonic
+    server.hub.set_labels(LABELS)
+    room = (await (await server.post("/api/rooms", json={"fusion": {"window_s": 0.3}})).json())["room"]
+    phone = await server.connect()
+    await phone.join(room, "Anna", "phone")
+    await phone.send("view", scores=encode_scores(np.array([4.0, 1, 0, 0, 0], np.float32)))
+    assert [v["name"] for v in (await phone.expect("fused"))["views"]] == ["Anna"]
+    # (wait_for: aiohttp's receive() restarts its own timeout at each of the server's heartbeat pings)
+    dropped = await asyncio.wait_for(phone.expect("fused"), 5.0)
+    assert dropped["views"] == [] and dropped["top"] == []

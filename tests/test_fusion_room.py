@@ -314,3 +314,38 @@ async def test_a_stale_view_leaves_when_its_window_ends_not_at_a_janitor_tick(ma
     # (wait_for: aiohttp's receive() restarts its own timeout at each of the server's heartbeat pings)
     dropped = await asyncio.wait_for(phone.expect("fused"), 5.0)
     assert dropped["views"] == [] and dropped["top"] == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "stop", "leave", "tick"]), st.integers(0, 2),
+                          st.floats(0.0, 0.8), st.integers(0, 4)), min_size=1, max_size=25))
+def test_random_event_sequences_fuse_exactly_the_live_views(events):
+    """Whatever happens in whatever order, the last fused answer covers exactly the views that sent scores within
+    the window and have not stopped or left since, and names the rule's top-1 over their softmax."""
+    state, peers = fusion_room(protocol.FusionMode("avg", 1.0))
+    now, last, held, fused = 0.0, {}, {}, None
+    for kind, who, dt, top in events:
+        now += dt
+        peer = peers[who]
+        if kind == "add" and state.room(ROOM).peer(peer) is not None:
+            z = np.zeros(5)
+            z[top] = 3.0
+            state, effects = rooms.add_view(state, ROOM, peer, z, now)
+            last[peer], held[peer] = now, z
+        elif kind == "stop":
+            state, effects = rooms.drop_view(state, ROOM, peer, now)
+            last.pop(peer, None)
+        elif kind == "leave" and state.room(ROOM).peer(peer) is not None:
+            state = rooms.remove_peer(state, ROOM, peer, now)
+            state, effects = rooms.drop_view(state, ROOM, peer, now)
+            last.pop(peer, None)
+        else:
+            state, effects = rooms.expire_views(state, now)
+        live = {p for p, t in last.items() if now - t <= 1.0}
+        if effects:
+            fused = effects[-1].message
+            assert {v["peer"] for v in fused["views"]} == live
+            if live:
+                want = fuse({p: softmax(held[p]) for p in live}, "avg")
+                assert fused["top"][0]["p"] == pytest.approx(want.max())
+        assert set(state.room(ROOM).views.live(now)) == live

@@ -800,3 +800,33 @@ async def test_a_closing_room_frees_its_streams(make_server, demo_model_dir):
     srv.advance(0.5)
     assert (await srv.get(f"/room/{room}")).status == 404
     assert room not in inf.streams and room not in inf.pictures and not [k for k in inf.requests if k[0] == room]
+
+
+async def test_plans_made_at_once_in_a_room_reach_it_in_the_order_of_their_ids(server):
+    # Plan ids are drawn while planning and a device refuses a plan not newer than the newest it adopted: two
+    # cameras asking at once once got plan 12 before plan 10 (the first plan took longer to make), and every
+    # device refused plan 10. The hub makes one plan at a time per room, sending each before the next starts.
+    ids = iter(range(10, 100))
+
+    async def planner(room, requester, request, only_if_new=False, based_on=None):
+        plan_id = next(ids)
+        if plan_id == 10:  # the first request's plan takes longest
+            await asyncio.sleep(0.3)
+        return {"plan_id": plan_id, "source": requester}
+
+    server.hub.planner = planner
+    room = await server.new_room()
+    a, b = await server.connect(), await server.connect()
+    await a.join(room, "A")
+    await b.join(room, "B")
+    await a.send("plan_request")
+    await asyncio.sleep(0.05)  # a's plan is being made
+    await b.send("plan_request")
+    got = [(await a.expect("plan"))["plan_id"], (await a.expect("plan"))["plan_id"]]
+    assert got == [10, 11]
+    assert [(await b.expect("plan"))["plan_id"], (await b.expect("plan"))["plan_id"]] == [10, 11]
+    for _ in range(50):
+        if not server.hub._plan_locks:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.hub._plan_locks  # nothing kept once the room's plans are made

@@ -248,6 +248,10 @@ class Hub:
         # when the source's plan should be made again (learned allocation), else None. None: nobody watches.
         self.observer: Callable[[rooms.Room, PeerId, dict, float], tuple | None] | None = None
         self._replans: dict[PeerId, asyncio.Task] = {}  # replans the observer asked for, one per source
+        # One plan made at a time per room, and sent before the next starts: plan ids are drawn while planning,
+        # and a device refuses a plan not newer than the newest it adopted, so two plans made at once (two cameras'
+        # requests, a replan beside a request) must reach the devices in the order of their ids.
+        self._plan_locks: dict[RoomId, tuple[asyncio.Lock, int]] = {}  # room -> (lock, tasks using it)
         self.room_closed: Callable[[RoomId], None] | None = None  # told when a room closes (its picture goes)
         # Given to this process's own edge peer (and nobody else): joining with it makes a relay member.
         # TILEMESH_RELAY_KEY sets it instead, for an edge in another process of the same host (benchmarks).
@@ -533,6 +537,21 @@ class Hub:
 
     async def _plan(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest,
                     only_if_new: bool = False, based_on: int | None = None) -> None:
+        lock, users = self._plan_locks.get(room_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._plan_locks[room_id] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._plan_now(room_id, requester, request, only_if_new, based_on)
+        finally:
+            lock, users = self._plan_locks[room_id]
+            if users <= 1:
+                del self._plan_locks[room_id]
+            else:
+                self._plan_locks[room_id] = (lock, users - 1)
+
+    async def _plan_now(self, room_id: RoomId, requester: PeerId, request: protocol.PlanRequest,
+                        only_if_new: bool, based_on: int | None) -> None:
         try:
             if only_if_new:
                 fields = await self.planner(self.state.room(room_id), requester, request, only_if_new=True,

@@ -71,6 +71,7 @@ class FakeRoom:
     cpu: dict[str, str] = field(default_factory=dict)  # devices sharing one CPU (e.g. a server's edge peers)
     task_time: Callable | None = None  # (device, runner, task) -> seconds, instead of `sec_per_gmac`
     zeros: bool = False  # answer `Compute` with zeros of the right shapes (timing studies: no kernels run)
+    backends: dict = field(default_factory=dict)  # a device's compute backend (e.g. onnxruntime); default numpy
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -199,7 +200,8 @@ class FakeRoom:
                 outputs = {k: np.zeros(_shape(runner.graph, k, task.deps.regions.get(k)), np.float32)
                            for k in task.owned}
             else:
-                outputs = run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep)
+                outputs = run_steps(runner.graph, task.deps, e.request.inputs, keep=e.request.keep,
+                                    backend=self.backends.get(device))
             if device in self.tamper:
                 outputs = self.tamper[device](outputs)
             # A device with a speed computes one task at a time, in arrival order, whichever plan it belongs to.

@@ -196,15 +196,15 @@ class OnnxRuntimeBackend:
                 self._sessions.popitem(last=False)
         return entry
 
-    def prepare(self, dplan) -> float:
+    def prepare(self, dplan, keeps=None) -> float:
         """Make the session of every task of a `tiling.DevicePlan` now (plan adoption), not at its first frame;
-        returns the milliseconds that took."""
+        `keeps[i]`: what task i returns (default its owned tensors). Returns the milliseconds that took."""
         from .task_model import NotLowerable
 
         before = self.session_ms
-        for task in dplan.tasks:
+        for i, task in enumerate(dplan.tasks):
             with contextlib.suppress(NotLowerable):  # that task runs on numpy (run_segment)
-                self.segment_session(task.deps, segment_keep(task.deps, task.owned))
+                self.segment_session(task.deps, segment_keep(task.deps, keeps[i] if keeps else task.owned))
         return self.session_ms - before
 
     def _numpy(self):

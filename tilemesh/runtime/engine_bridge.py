@@ -75,7 +75,8 @@ def plan_models(plan_id: int | None = None) -> dict | None:
         return None
     t0 = time.perf_counter()
     models = [m.to_dict() if m is not None else None
-              for m in plan_task_models(runner.graph, runner.dplan, external=BLOB_NAME)]
+              for m in plan_task_models(runner.graph, runner.dplan, external=BLOB_NAME,
+                                        slices=[runner.check_slices(i) for i in range(len(runner.dplan.tasks))])]
     return {"plan_id": runner.plan_id, "tasks": models, "build_ms": (time.perf_counter() - t0) * 1e3,
             "source": runner.device == runner.source}
 

@@ -75,6 +75,8 @@ class PlanSlot:
     audit: tuple[int, int] | None = None  # (first, last frame): every piece of these frames is checked
     audited: set[int] = field(default_factory=set)  # frames whose every piece from another device was held
     judging: dict[int, float] = field(default_factory=dict)  # source: frames finished -> when (stalls judged later)
+    # source: frames computed whose overlap digests are not all here yet -> (their result, since when)
+    verifying: dict[int, tuple[dict, float]] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:

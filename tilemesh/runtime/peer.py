@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from . import wire
+from . import overlap, wire
 from .classify import LocalClassifier, answer, frame_from_bytes
 from .runner import ComputeRequest, DeviceRunner
 from .tiling import Split, build_plan
@@ -79,6 +79,7 @@ class PlanRuntime:
         self.alone: dict[tuple[int, int], str] = {}  # frames to finish from their reference run's logits -> the
         # graph's output (kept when their plan is retired: a frame finished alone outlives its plan)
         self._ref_keep: dict[int, list[str]] = {}  # id(graph) -> reference_tensors(graph)
+        self.overlap_checks = True  # digests of the halo rows neighbours both compute (tilemesh.runtime.overlap)
 
     @property
     def runner(self) -> DeviceRunner | None:
@@ -111,12 +112,14 @@ class PlanRuntime:
                               max_message={k: int(v) for k, v in (max_message or {}).items()},
                               backend=backend, deferred=self.deferred, normalize=model.pre.normalize_u8,
                               members=plan.devices,
-                              output_from=next(iter(out_owners)) if len(out_owners) == 1 else None)
+                              output_from=next(iter(out_owners)) if len(out_owners) == 1 else None,
+                              checks=overlap.checks(model.graph, plan) if self.overlap_checks else ())
         self.runners[plan_id], self.specs[plan_id], self.started[plan_id] = runner, spec, {}
         self.models[plan_id], self.plans[plan_id], self.pixels[plan_id] = model, plan, {}
         dplan = runner.dplan
         # An engine with sessions per task (onnxruntime) makes them now, never per frame.
-        sessions_ms = backend.prepare(dplan) if hasattr(backend, "prepare") else None
+        sessions_ms = backend.prepare(dplan, [runner.compute_keep(i) for i in range(len(dplan.tasks))]) \
+            if hasattr(backend, "prepare") else None
         out, errors = [], []
         for peer, chunk in replay:
             try:
@@ -228,6 +231,20 @@ class PlanRuntime:
                 self.ref_pending.setdefault((plan_id, frame), []).extend(ref)
                 out += self._ask_reference(plan_id, frame)
         return {**self._reply(runner, out), "rescued": len(transfers), "macs": macs, "reference": len(ref)}
+
+    def overlap_truth(self, plan_id: int, frame: int, check) -> tuple[object, int] | None:
+        """On the source: the digest of overlap check `check` of `frame` computed here from the frame (the third
+        computation that settles a disagreeing pair), and the numpy MACs it took; None when the pixels are gone."""
+        from .recovery import rescue_macs, rescue_piece
+        from .tiling import Transfer
+
+        pixels = self.pixels.get(int(plan_id), {}).get(int(frame))
+        model = self.models.get(int(plan_id))
+        if pixels is None or model is None:
+            return None
+        tr = Transfer(check.devices[0], self.device, check.tensor, check.region)
+        arr = rescue_piece(model.graph, pixels, model.pre.normalize_u8, tr)
+        return overlap.digest(arr), rescue_macs(model.graph, tr)
 
     def _take_piece(self, runner: DeviceRunner, frame: int, tr, arr) -> list:
         if tr.dst == self.device:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
+from . import overlap, wire
 from .preprocess import normalize_u8
 from .regions import Region, plane
-from .tiling import DevicePlan, Transfer, crop, finish_task, run_task, task_inputs
+from .tiling import DevicePlan, Transfer, crop, finish_task, run_steps, task_inputs
 
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 
@@ -101,7 +101,7 @@ class DeviceRunner:
 
     def __init__(self, graph, dplan: DevicePlan, plan_id: int, source: str, backend=None, window: int = 4,
                  max_message: dict[str, int] | None = None, clock=time.perf_counter, deferred: bool = False,
-                 normalize=normalize_u8, members=(), output_from: str | None = None):
+                 normalize=normalize_u8, members=(), output_from: str | None = None, checks=()):
         self.graph = graph
         self.normalize = normalize  # uint8 camera pixels -> the model's input values (its card's mean/std)
         self.dplan = dplan
@@ -146,6 +146,19 @@ class DeviceRunner:
             self.needed_from.append(tail)
         self.needed_from.reverse()
         self.needed_from.append({self.output_tensor})
+        # Overlap cross-checks (tilemesh.runtime.overlap): every check of the plan (the source judges them all),
+        # and per task of this device the ones it reports a digest for.
+        self.checks = {c.key: c for c in checks}
+        self.task_checks = [[c for c in checks if c.segment == t.segment and self.device in c.devices]
+                            for t in dplan.tasks]
+        self.digests: OrderedDict[int, dict[tuple, dict[str, np.ndarray]]] = OrderedDict()  # source: frame ->
+        # check key -> device -> digest
+        self.digest_bad: dict[int, list[tuple]] = {}  # source: frame -> [(Check, {device: digest}, error)]
+        self.digest_news: list[tuple] = []  # source: (frame, Check, copies, error) mismatches not yet taken
+        self.digests_sent = 0  # digest messages sent (bytes on the wire: `digest_bytes`)
+        self.digest_bytes = 0
+        self.digest_pairs = 0  # source: pairs compared, and the largest relative error seen (honest engines' spread)
+        self.digest_max_err = 0.0
 
     # ------------------------------------------------------------------ frames
 
@@ -197,6 +210,8 @@ class DeviceRunner:
         h = got.header
         if h.plan_id != self.plan_id:
             raise PlanMismatch(f"chunk from {peer} for plan {h.plan_id}, running plan {self.plan_id}")
+        if h.flags & wire.FLAG_DIGEST:
+            return self._on_digest(peer, h, got.array)
         tensor = self.tensor_names.get(h.tensor)
         if tensor is None:
             raise PlanMismatch(f"unknown tensor id {h.tensor} from {peer}")
@@ -319,10 +334,16 @@ class DeviceRunner:
             if self.deferred:
                 st.computing, st.compute_ready, st.compute_start = st.next_task, ready, start
                 inputs = task_inputs(self.graph, task, st.store)
-                out.append(ComputeRequest(st.frame, st.next_task, task.segment, inputs, tuple(task.owned)))
+                out.append(ComputeRequest(st.frame, st.next_task, task.segment, inputs,
+                                          self.compute_keep(st.next_task)))
                 return out
-            owned, outgoing = run_task(self.graph, task, st.store, self.backend)
+            index = st.next_task
+            vals = run_steps(self.graph, task.deps, task_inputs(self.graph, task, st.store),
+                             keep=self.compute_keep(index), backend=self.backend)
+            digests = self._digests(index, vals)
+            owned, outgoing = finish_task(task, vals)
             out += self._complete(st, task, owned, outgoing, ready, start)
+            out += self._send_digests(st.frame, digests)
         if st.next_task == len(tasks):
             final = st.store.get(self.output_tensor)
             if self.device == self.source:
@@ -366,9 +387,103 @@ class DeviceRunner:
             if outputs[k].ndim == 4 and got != (want.rows, want.cols):
                 raise ValueError(f"computed {k} of frame {frame} has {got}, the plan computes {want}")
         st.computing = None
+        digests = self._digests(task, outputs)
         owned, outgoing = finish_task(t, outputs)
         out = self._complete(st, t, owned, outgoing, st.compute_ready, st.compute_start)
-        return out + self._advance(st)
+        return out + self._send_digests(frame, digests) + self._advance(st)
+
+    # ------------------------------------------------------------------ overlap cross-checks
+
+    def compute_keep(self, index: int) -> tuple[str, ...]:
+        """What task `index` returns: its owned tensors and the tensors of its overlap checks."""
+        task = self.dplan.tasks[index]
+        extra = [c.tensor for c in self.task_checks[index] if c.tensor not in task.owned]
+        return tuple(task.owned) + tuple(dict.fromkeys(extra))
+
+    def check_slices(self, index: int) -> list[tuple[str, Region]]:
+        """The overlap regions task `index` hands out on an engine with task models (`overlap.output_name`)."""
+        return [(c.tensor, c.region) for c in self.task_checks[index]]
+
+    def _digests(self, index: int, outputs: dict) -> list[tuple]:
+        """Task `index`'s digests of its overlap checks, from its outputs: the region itself (an engine's task
+        model outputs it as `overlap.output_name`) or the tensor's whole computed region, cropped."""
+        task = self.dplan.tasks[index]
+        out = []
+        for c in self.task_checks[index]:
+            arr = outputs.get(overlap.output_name(c.tensor, c.region))
+            if arr is None:
+                whole = outputs.get(c.tensor)
+                if whole is None:
+                    continue  # an engine that could not return it: this check is not made
+                arr = crop(whole, task.deps.regions[c.tensor], c.region)
+            if arr.ndim != 4 or arr.shape[2:] != (c.region.rows, c.region.cols):
+                raise ValueError(f"overlap {c.tensor} {c.region} has shape {arr.shape}")
+            out.append((c, overlap.digest(arr)))
+        return out
+
+    def _send_digests(self, frame: int, digests) -> list[Outgoing]:
+        """Digests go to the source (which judges them); the source's own are recorded here."""
+        out = []
+        for c, d in digests:
+            if self.device == self.source:
+                self._record_digest(frame, c, self.device, d)
+                continue
+            chunks = wire.encode(d, frame=frame, tensor=self.tensor_ids[c.tensor], plan_id=self.plan_id,
+                                 region=c.region.to_list(), flags=wire.FLAG_DIGEST,
+                                 max_message=self.max_message.get(self.source, wire.DEFAULT_MAX_MESSAGE))
+            self.digests_sent += 1
+            self.digest_bytes += sum(len(ch) for ch in chunks)
+            out.append(Outgoing(self.source, chunks, c.tensor, int(d.nbytes)))
+        return out
+
+    def _on_digest(self, peer: str, h, array) -> list:
+        if self.device != self.source:
+            raise PlanMismatch(f"a digest from {peer}: only the source {self.source} judges them")
+        tensor = self.tensor_names.get(h.tensor)
+        c = self.checks.get((tensor, Region(*h.region)))
+        if c is None or peer not in c.devices:
+            raise PlanMismatch(f"{peer} has no overlap check of {tensor} {h.region} in plan {self.plan_id}")
+        if array.shape != (2, len(overlap.groups_of(self.graph.shapes[c.tensor][1]))):
+            raise PlanMismatch(f"digest of {tensor} from {peer} has shape {array.shape}")
+        self._record_digest(h.frame, c, peer, np.array(array))
+        return []
+
+    def _record_digest(self, frame: int, c, device: str, d: np.ndarray) -> None:
+        if frame not in self.digests:
+            if self.digests and frame < min(self.digests) - 4 * self.window:
+                return  # far too late to matter
+            self.digests[frame] = {}
+            while len(self.digests) > 8 * self.window:
+                old, _ = self.digests.popitem(last=False)
+                self.digest_bad.pop(old, None)
+        copies = self.digests[frame].setdefault(c.key, {})
+        if device in copies:
+            return
+        copies[device] = d
+        if len(copies) == 2:
+            ok, err = overlap.agree_digests(*copies.values(), overlap.cells(self.graph, c))
+            self.digest_pairs += 1
+            self.digest_max_err = max(self.digest_max_err, err)
+            if not ok:
+                self.digest_bad.setdefault(frame, []).append((c, dict(copies), err))
+                self.digest_news.append((frame, c, dict(copies), err))
+
+    def take_digest_mismatches(self) -> list[tuple]:
+        out, self.digest_news = self.digest_news, []
+        return out
+
+    def verdict(self, frame: int, gone=()) -> str:
+        """On the source, a frame's overlap checks: "bad" (a pair disagreed), "pending" (a digest of a pair
+        with no device gone has not come), else "ok"."""
+        if self.digest_bad.get(frame):
+            return "bad"
+        have = self.digests.get(frame, {})
+        for key, c in self.checks.items():
+            if any(d in gone for d in c.devices):
+                continue
+            if len(have.get(key, ())) < 2:
+                return "pending"
+        return "ok"
 
     def _release(self, st: FrameState) -> None:
         """Free tensors no remaining task reads (a 112x112 map is megabytes; phones are short of memory)."""

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from . import lanes as lanes_mod
-from . import recovery, wire
+from . import overlap, recovery, wire
 from . import stream as stream_mod
 from .classify import LocalClassifier, answer
 from .lanes import PlanSlot
@@ -415,7 +415,9 @@ class DeviceSession:
         self.excluded: dict[str, tuple[str, float | None]] = {}  # device -> (why, until when or None: for good)
         # rescue_macs: spent on the numpy kernels; reference_pieces: served by a reference run on the engine
         self.faults = {"rescue_requests": 0, "rescued_pieces": 0, "rescue_macs": 0, "reference_pieces": 0,
-                       "checks": 0, "compared": 0, "caught": 0, "finished_alone": 0}
+                       "checks": 0, "compared": 0, "caught": 0, "finished_alone": 0,
+                       # overlap cross-checks (tilemesh.runtime.overlap), judged here when this is the source
+                       "overlap_mismatches": 0, "overlap_truth_macs": 0, "held_for_digests": 0, "unverified": 0}
         self.runtime: PlanRuntime | None = None
         self.max_message: dict[str, int] = {}  # peer -> chunk size, for every open link
         self.links: dict[str, dict] = {}  # peer -> {"rtt_ms", "mbps"} (megabits/s), as the planner reads them
@@ -819,6 +821,11 @@ class DeviceSession:
         plan = self.runtime.plans[plan_id]
         if audited or all(t.src == r.source for t in plan.transfers if t.dst == device):
             return self._convict(device, frame, tensor, err, now)
+        return self._start_audit(plan_id, device)
+
+    def _start_audit(self, plan_id: int, device: str) -> list[Effect]:
+        """The next `recovery.AUDIT_FRAMES` frames of plan `plan_id` are audited, to find who computes wrong."""
+        slot = self.slots[plan_id]
         if slot.audit is not None and slot.audit[1] > slot.seq:
             return []  # an audit is under way
         first = slot.seq + 1
@@ -863,6 +870,8 @@ class DeviceSession:
                 out += self._check_all(plan_id, f, now)
             elif self.check_rate > 0 and self.rng.random() < self.check_rate:
                 out += self._spot_check(plan_id, f, now)
+        if self._is_source(plan_id):
+            out += self._overlap_mismatches(plan_id, now) + self._release_verified(plan_id, now)
         for frame, tr, (p1, a1), (p2, a2) in r.take_comparisons():
             self.faults["compared"] += 1
             ok, err = recovery.agree(a1, a2)
@@ -1249,6 +1258,8 @@ class DeviceSession:
         out: list[Effect] = [self._fail(f, f"frame {f} timed out after {FRAME_TIMEOUT_S:g} s") for f in sorted(late)]
         for pid in sorted(self.slots):
             out += self._stalls(pid, now) + self._judge(pid, now)
+            if self._is_source(pid):
+                out += self._release_verified(pid, now)
         return out + self._expire(now) + self._exclusions_over(now)
 
     def _reply(self, res: dict, now: float | None = None) -> list[Effect]:
@@ -1270,20 +1281,15 @@ class DeviceSession:
                 slot.tainted.discard(seq)
                 out += self._finish_alone("a device of its plan returned wrong results", now or 0.0, frames=[frame])
                 continue
-            slot.frames.pop(seq, None)
-            t0 = self.waiting.pop(frame)
-            self.frame_plan.pop(frame, None)
-            shown = True
-            if self.stream is not None:
-                self.stream, shown = stream_mod.finished(self.stream, frame, now=now)
-            ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
-            out.append(FrameDone(frame, {**r, "frame": frame, "seq": seq, "plan_id": int(plan_id),
-                                         "ms": ms, "shown": shown, "parts": slot.parts,
-                                         "plan": plan_summary(self.plan), "stream": self.stream_counts()}))
-            if now is not None:
-                out += self._finished(int(plan_id), seq, now)
-                if shown:
-                    out += self._stats(now, ms)
+            verdict = self._verdict(int(plan_id), seq)
+            if verdict == "pending":  # shown when its overlap digests are in (`_release_verified`)
+                self.faults["held_for_digests"] += 1
+                slot.verifying[seq] = (r, now or 0.0)
+                continue
+            if verdict == "bad":
+                out += self._finish_alone("its overlap checks disagreed", now or 0.0, frames=[frame])
+                continue
+            out += self._show(int(plan_id), slot, seq, frame, r, now)
         for seq, logits in res.get("alone", []):  # frames finished alone on the engine (a reference run)
             frame, reason = self.alone_reason.pop((int(plan_id), seq), (None, "finished alone"))
             if frame is not None and frame in self.waiting:
@@ -1292,6 +1298,97 @@ class DeviceSession:
             out += self._on_report(int(plan_id), report, now)
         if now is not None and plan_id is not None:
             out += self._after(int(plan_id), now)
+        return out
+
+    def _show(self, plan_id: int, slot: PlanSlot, seq: int, frame: int, r: dict, now: float | None) -> list[Effect]:
+        """Frame `frame` (wire id `seq` of plan `plan_id`) answered by the room: hand it to the UI."""
+        slot.frames.pop(seq, None)
+        t0 = self.waiting.pop(frame)
+        self.frame_plan.pop(frame, None)
+        shown = True
+        if self.stream is not None:
+            self.stream, shown = stream_mod.finished(self.stream, frame, now=now)
+        ms = (now - t0) * 1e3 if now is not None else r.get("ms", 0.0)
+        out: list[Effect] = [FrameDone(frame, {**r, "frame": frame, "seq": seq, "plan_id": int(plan_id),
+                                               "ms": ms, "shown": shown, "parts": slot.parts,
+                                               "plan": plan_summary(self.plan), "stream": self.stream_counts()})]
+        if now is not None:
+            out += self._finished(int(plan_id), seq, now)
+            if shown:
+                out += self._stats(now, ms)
+        return out
+
+    # --- overlap cross-checks (tilemesh.runtime.overlap), on the source -----------------------------------
+
+    def _verdict(self, plan_id: int, seq: int) -> str:
+        """"ok", "pending" or "bad": the overlap checks of frame `seq` of plan `plan_id` (pairs with a device gone
+        or rescued for stalling in that frame are not waited for)."""
+        slot, r = self.slots.get(plan_id), self._runner(plan_id)
+        if slot is None or r is None or not r.checks or slot.role != "source":
+            return "ok"
+        return r.verdict(seq, slot.gone | slot.stalled.get(seq, set()))
+
+    def _release_verified(self, plan_id: int, now: float) -> list[Effect]:
+        """Frames held for their overlap digests: shown once every check agreed, finished alone when one did
+        not, shown unverified (counted) when a digest is still missing after the plan's stall bound."""
+        slot = self.slots.get(plan_id)
+        if slot is None or not slot.verifying:
+            return []
+        out: list[Effect] = []
+        grace = recovery.stall_bound(slot.lane)
+        for seq in sorted(slot.verifying):
+            r, since = slot.verifying[seq]
+            frame = slot.frames.get(seq)
+            if frame is None or frame not in self.waiting:
+                del slot.verifying[seq]
+                continue
+            verdict = "bad" if seq in slot.tainted else self._verdict(plan_id, seq)
+            if verdict == "pending" and now - since < grace:
+                continue
+            del slot.verifying[seq]
+            if verdict == "bad":
+                slot.tainted.discard(seq)
+                out += self._finish_alone("its overlap checks disagreed", now, frames=[frame])
+                continue
+            if verdict == "pending":
+                self.faults["unverified"] += 1
+            out += self._show(plan_id, slot, seq, frame, r, now)
+        return out
+
+    def _overlap_mismatches(self, plan_id: int, now: float) -> list[Effect]:
+        """Pairs of overlap digests that disagreed: the source's own copy, or a third computation here from the
+        frame, shows which device is wrong; it is then judged as a disagreeing spot check is (`_mismatch`)."""
+        slot, r = self.slots[plan_id], self._runner(plan_id)
+        out: list[Effect] = []
+        for frame, check, copies, err in r.take_digest_mismatches():
+            if slot.gone & set(check.devices):
+                continue  # a device already left out of this plan (its frames are rescued or finish alone)
+            self.faults["overlap_mismatches"] += 1
+            out.append(Notice("mismatch", {"kind": "overlap", "plan_id": plan_id, "frame": frame,
+                                           "tensor": check.tensor, "devices": list(check.devices),
+                                           "max_err": err if err != float("inf") else -1.0}))
+            if frame in slot.frames:
+                slot.tainted.add(frame)
+            truth = copies.get(r.source)
+            if truth is None:
+                got = self.runtime.overlap_truth(plan_id, frame, check)
+                if got is None:  # the frame's pixels are gone: audits of the next frames show who
+                    out += self._start_audit(plan_id, check.devices[0])
+                    continue
+                truth, macs = got
+                self.faults["overlap_truth_macs"] += macs
+            plan = self.runtime.plans[plan_id]
+            cells = overlap.cells(r.graph, check)
+            for device, d in sorted(copies.items()):
+                if device == r.source:
+                    continue
+                ok, e = overlap.agree_digests(d, truth, cells)
+                if ok:
+                    continue
+                # Its inputs to that segment all came from the source (or were checked): it computed wrong.
+                sure = all(tr.src == r.source for task in plan.tasks
+                           if task.device == device and task.segment == check.segment for tr in task.recv)
+                out += self._mismatch(plan_id, frame, device, check.tensor, e, sure or frame in slot.audited, now)
         return out
 
     def _on_report(self, plan_id: int, report: dict, now: float | None) -> list[Effect]:

@@ -260,13 +260,15 @@ class TaskModel:
 
 
 def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = None, opset: int = 17,
-               whole_inputs: bool = False) -> TaskModel:
+               whole_inputs: bool = False, slices=()) -> TaskModel:
     """The ONNX model of one tile's steps: inputs `deps.inputs`, outputs each kept tensor's `deps.regions`.
 
     external: the file name the weight blob will be known by (ONNX external data into the compact .bin);
         None inlines the weights.
     whole_inputs: take each input whole (cropped inside) even where the steps read less of it (a stride that
         never reaches the last column): for running a whole graph on a whole input.
+    slices: (tensor, region) pairs also output, each cropped to the region inside the model and named
+        `overlap.output_name(tensor, region)` (a task's overlap cross-checks: a few rows, not the whole tile).
     """
     nodes = {n.name: n for n in graph.nodes}
     check_lowerable(nodes[st.node] for st in deps.steps)
@@ -277,7 +279,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
     onodes: list[OnnxNode] = []
     consts: dict[str, np.ndarray] = {}
     used_weights: list[str] = []
-    slices: dict[tuple[str, Region], str] = {}
+    views: dict[tuple[str, Region], str] = {}
 
     def view(t: str, want: Region) -> str:
         """`t` cropped to `want` (a Slice unless it holds exactly that)."""
@@ -288,15 +290,15 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
         if not have[t].contains(want):
             raise ValueError(f"{t}: holds {have[t]}, a step reads {want}")
         key = (t, want)
-        if key not in slices:
-            name = slices[key] = f"{t}@{want.r0}_{want.r1}_{want.c0}_{want.c1}"
+        if key not in views:
+            name = views[key] = f"{t}@{want.r0}_{want.r1}_{want.c0}_{want.c1}"
             (rs, cs) = want.relative_to(have[t])
             c = {f"{name}.starts": np.asarray([rs.start, cs.start], np.int64),
                  f"{name}.ends": np.asarray([rs.stop, cs.stop], np.int64),
                  f"{name}.axes": np.asarray([2, 3], np.int64)}
             consts.update(c)
             onodes.append(OnnxNode("Slice", [t, *c], [name], name=f"slice:{name}"))
-        return slices[key]
+        return views[key]
 
     for step in deps.steps:
         node = nodes[step.node]
@@ -309,6 +311,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
     keep = [t for t in keep if t in have and t not in inputs]
     if not keep:
         raise ValueError("the task keeps nothing it computes")
+    sliced = {view(t, r): tile_shape(graph, t, r) for t, r in slices if t in have and t not in inputs}
 
     inits = [Initializer.from_array(k, v) for k, v in consts.items()]
     offsets = compact_offsets(graph)[0] if external else {}
@@ -322,7 +325,7 @@ def task_model(graph: Graph, deps: SegmentDeps, keep, *, external: str | None = 
         else:
             inits.append(Initializer.from_array(k, w))
     ins = {t: tile_shape(graph, t, r) for t, r in inputs.items()}
-    outs = {t: tile_shape(graph, t, have[t]) for t in keep}
+    outs = {t: tile_shape(graph, t, have[t]) for t in keep} | sliced
     opset = _opset([nodes[st.node] for st in deps.steps], opset)
     return TaskModel(model_bytes(onodes, ins, outs, inits, opset=opset), ins, outs)
 
@@ -369,16 +372,18 @@ def graph_model(graph: Graph, *, external: str | None = None) -> TaskModel:
     return task_model(graph, whole_deps(graph), [graph.output], external=external, whole_inputs=True)
 
 
-def plan_task_models(graph: Graph, dplan, *, external: str | None = None) -> list[TaskModel | None]:
+def plan_task_models(graph: Graph, dplan, *, external: str | None = None, slices=None) -> list[TaskModel | None]:
     """One model per task of a `tiling.DevicePlan`, in task order (built at plan adoption); None for a task with
-    an op `lower_node` does not write (that task runs on numpy)."""
+    an op `lower_node` does not write (that task runs on numpy). `slices[i]`: task i's overlap regions to output
+    too (`DeviceRunner.check_slices`)."""
     out: list[TaskModel | None] = []
-    for t in dplan.tasks:
+    for i, t in enumerate(dplan.tasks):
         if not t.deps.steps:  # nothing to compute (a distributed pool's result passes through)
             out.append(None)
             continue
         try:
-            out.append(task_model(graph, t.deps, list(t.owned), external=external))
+            out.append(task_model(graph, t.deps, list(t.owned), external=external,
+                                  slices=slices[i] if slices is not None else ()))
         except NotLowerable:
             out.append(None)
     return out

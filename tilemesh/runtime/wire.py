@@ -8,7 +8,7 @@ first and needs no per-link state beyond a `Reassembler`:
          4    1 version (1)
          5    1 dtype code (1 = float32, 2 = float16, 3 = uint8: camera pixels), payload is little-endian
          6    1 ndim (0..4)
-         7    1 flags (reserved, 0)
+         7    1 flags (0: a tensor piece; FLAG_DIGEST: an overlap digest, see tilemesh.runtime.overlap)
          8    4 frame id (u32)
         12    4 tensor id (u32)
         16    4 plan id (u32; 0 for tensors outside any plan, e.g. diagnostics)
@@ -42,6 +42,9 @@ MAX_NDIM = 4
 # advertise (16 KiB is what every browser accepts from every other). Below 1 KiB a max_message is refused.
 DEFAULT_MAX_MESSAGE = 256 * 1024
 MIN_MAX_MESSAGE = 1024
+# Flags: a digest of `region` of `tensor` (tilemesh.runtime.overlap), not the tensor's values. No other bit is set.
+FLAG_DIGEST = 1
+FLAGS = FLAG_DIGEST
 
 _HEAD = struct.Struct("<4sBBBBIII4i4IIII")
 _CRC = struct.Struct("<I")
@@ -64,10 +67,11 @@ class TensorHeader:
     region: tuple[int, int, int, int]
     dtype: np.dtype
     shape: tuple[int, ...]
+    flags: int = 0
 
     @property
     def key(self) -> tuple:
-        return (self.frame, self.tensor, self.plan_id, self.region)
+        return (self.frame, self.tensor, self.plan_id, self.region, self.flags)
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +108,7 @@ def encode(
     plan_id: int = 0,
     region=None,
     max_message: int = DEFAULT_MAX_MESSAGE,
+    flags: int = 0,
 ) -> list[bytes]:
     """Split `array` (float32, float16 or uint8, at most 4-D) into chunks of at most `max_message` bytes each.
 
@@ -118,6 +123,8 @@ def encode(
         raise WireError(f"{a.ndim}-D tensor: at most {MAX_NDIM} dimensions")
     if max_message < MIN_MAX_MESSAGE:
         raise WireError(f"max_message {max_message} below {MIN_MAX_MESSAGE}")
+    if flags & ~FLAGS or not 0 <= flags < 256:
+        raise WireError(f"unknown flags {flags}")
     # Only copies when the input is big-endian or not C-contiguous; a view keeps NaN payloads untouched.
     a = np.ascontiguousarray(a, dtype=DTYPES[code])
     payload = memoryview(a).cast("B") if a.size else memoryview(b"")
@@ -129,7 +136,7 @@ def encode(
     chunks = []
     for index in range(count):
         piece = payload[index * stride : (index + 1) * stride]
-        head = _HEAD.pack(MAGIC, VERSION, code, a.ndim, 0, frame, tensor, plan_id, *r, *shape, stride, index, count)
+        head = _HEAD.pack(MAGIC, VERSION, code, a.ndim, flags, frame, tensor, plan_id, *r, *shape, stride, index, count)
         crc = zlib.crc32(piece, zlib.crc32(head))
         chunks.append(b"".join((head, _CRC.pack(crc), piece)))
     return chunks
@@ -164,7 +171,7 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
         raise WireError(f"checksum mismatch in chunk {index} of frame {frame} tensor {tensor}")
     if code not in DTYPES:
         raise WireError(f"unknown dtype code {code}")
-    if ndim > MAX_NDIM or flags:
+    if ndim > MAX_NDIM or flags & ~FLAGS:
         raise WireError(f"bad ndim {ndim} or flags {flags}")
     dims = (s0, s1, s2, s3)
     if any(dims[ndim:]):
@@ -173,7 +180,7 @@ def parse_chunk(chunk) -> tuple[TensorHeader, int, int, int, memoryview]:
         raise WireError(f"inverted region {(r0, r1, c0, c1)}")
     if stride < 1 or count < 1 or index >= count:
         raise WireError(f"bad chunking: index {index} of {count}, stride {stride}")
-    header = TensorHeader(frame, tensor, plan_id, (r0, r1, c0, c1), DTYPES[code], tuple(dims[:ndim]))
+    header = TensorHeader(frame, tensor, plan_id, (r0, r1, c0, c1), DTYPES[code], tuple(dims[:ndim]), flags)
     total = header.nbytes
     if count != max(1, -(-total // stride)):
         raise WireError(f"{count} chunks of {stride} bytes cannot carry {total} bytes")

@@ -2,11 +2,12 @@
 
 Inside a network namespace: the server (no edge), a host page, a phone whose camera shows a real photo, and a
 tablet, all three in the plan (equal split). The tablet starts returning wrong tiles (a page-side hook into its
-worker's session, `corrupt_for_test`): the phone, checking one piece in every frame (`set_check_rate(1)`), must
-catch it and the host page must name it. Then the phone checks at the default rate again, a new plan without
-the liar comes, and the host's page closes mid-stream. Every frame from the liar's conviction on must carry
-onnxruntime's top-1 (before it, a frame whose one checked piece was not the liar's may be wrong: counted and
-printed); the latency spikes are printed against a normal frame.
+worker's session, `corrupt_for_test`: every tensor its engine returns, overlap regions included). With spot
+checks off on every device, the overlap cross-checks alone (digests of the halo rows neighbours both compute,
+sent over the data channels, tilemesh.runtime.overlap) must catch it before any wrong answer is shown, and the
+host page must name it. Then spot checks run at the default rate again, a new plan without the liar comes, and
+the host's page closes mid-stream. Every frame must carry onnxruntime's top-1; the latency spikes are printed
+against a normal frame.
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def test_a_lying_device_is_caught_and_a_vanishing_one_costs_no_frame(tmp_path, p
             assert sorted(plan["devices"]) == sorted(ids), plan
             normal = statistics.median(f["ms"] for f in recorded(phone))
 
-            # The tablet lies; the phone checks one piece in every frame.
-            phone.evaluate("(s) => window.tilemesh.runtime.call(s, 'set_check_rate', [1.0])", SESSION)
+            # The tablet lies; no device spot-checks: only the overlap cross-checks can see it.
+            for pg in pages:
+                pg.evaluate("(s) => window.tilemesh.runtime.call(s, 'set_check_rate', [0.0])", SESSION)
             tablet.evaluate("(s) => window.tilemesh.runtime.call(s, 'corrupt_for_test', [0.5])", SESSION)
             host.wait_for_selector(f".wrong-result[data-device='{ids[2]}']", timeout=60_000)
             phone.wait_for_function("(liar) => { const p = window.tilemesh.engine.plan;"
                                     " return p && !p.devices.includes(liar); }", arg=ids[2], timeout=60_000)
-            phone.evaluate("([s, r]) => window.tilemesh.runtime.call(s, 'set_check_rate', [r])",
-                           [SESSION, recovery.CHECK_RATE])
+            faults = phone.evaluate("(s) => window.tilemesh.runtime.call(s, 'state', [])", SESSION)["faults"]
+            assert faults["overlap_mismatches"] >= 1, faults
+            for pg in pages:
+                pg.evaluate("([s, r]) => window.tilemesh.runtime.call(s, 'set_check_rate', [r])",
+                            [SESSION, recovery.CHECK_RATE])
             lied = len(recorded(phone))
             wait_frames(phone, int(phone.locator("#labels").get_attribute("data-frames")) + 2)
 
@@ -95,8 +100,8 @@ def test_a_lying_device_is_caught_and_a_vanishing_one_costs_no_frame(tmp_path, p
             wait_frames(phone, int(phone.locator("#labels").get_attribute("data-frames")) + 4)
 
             frames = recorded(phone)
-            # Spot checks look at one piece per frame: a frame the liar touched before it was caught may be
-            # wrong (counted, printed); from its conviction on, none may be.
+            # The overlap checks hold each answer until its digests agree: no wrong answer before the conviction
+            # either.
             before = [f for f in frames[:lied] if f["top1"] != expected]
             wrong = [f for f in frames[lied:] if f["top1"] != expected]
             spike_lie = max((f["ms"] for f in frames[:lied + 1]), default=0.0)
@@ -105,13 +110,15 @@ def test_a_lying_device_is_caught_and_a_vanishing_one_costs_no_frame(tmp_path, p
                   f"{spike_lie:.0f} ms ({spike_lie / normal:.1f}x); after a device closed up to {spike_close:.0f} ms "
                   f"({spike_close / normal:.1f}x); wrong top-1 before the conviction: {len(before)} of {lied}; "
                   f"answered by: {sorted({f['by'] for f in frames})}")
-            assert not wrong, wrong
+            assert not before and not wrong, (before, wrong)
             errors = phone.evaluate("window.tilemesh.engine.errors")
             assert not [e for e in errors if "refused" in e], errors
         except Exception:
             for pg in pages:
                 print(pg.url, pg.evaluate("({errors: window.tilemesh?.engine?.errors, state: "
                                           "window.tilemesh?.signaling?.lastState})"))
+                st = pg.evaluate("(s) => window.tilemesh.runtime.call(s, 'state', [])", SESSION)
+                print({k: st.get(k) for k in ("faults", "excluded", "plans", "waiting", "stream", "errors")})
             raise
         finally:
             for pg in pages:

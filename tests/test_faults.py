@@ -294,8 +294,12 @@ def lie(outputs):
 
 
 def test_a_device_returning_wrong_tiles_is_caught_excluded_and_named(classifier):
+    """Spot checks and audits after a disagreement alone (no overlap cross-checks, no first-frame audit:
+    tests/test_overlap.py has them)."""
     msg = plan3(classifier.graph)
     r = room(classifier, deferred=True, check_rate=1.0, seed=5)
+    for s in r.sessions.values():
+        s.runtime.overlap_checks, s.audit_first = False, False
     r.tamper["laptop"] = lie
     adopt(r, msg)
     data = frame(60)

@@ -77,6 +77,7 @@ class PlanSlot:
     judging: dict[int, float] = field(default_factory=dict)  # source: frames finished -> when (stalls judged later)
     # source: frames computed whose overlap digests are not all here yet -> (their result, since when)
     verifying: dict[int, tuple[dict, float]] = field(default_factory=dict)
+    overlap_judged: set[int] = field(default_factory=set)  # source: frames whose overlap disagreement was settled
 
     @property
     def live(self) -> bool:

@@ -119,3 +119,10 @@ def cells(graph, check: Check) -> int:
     """Values summed per group of `check`'s digest (roughly: channels per group x the region's area)."""
     c = graph.shapes[check.tensor][1]
     return max(1, -(-c // max(1, min(GROUPS, c)))) * check.region.area
+
+
+def uncovered(devices, checks, source: str) -> list[str]:
+    """Devices of a plan (not its source) that no overlap check covers: nothing they compute is ever compared
+    unless spot-checked (a frame whole on one device, a head computed alone by a device in no split)."""
+    covered = {d for c in checks for d in c.devices}
+    return sorted(set(devices) - covered - {source})

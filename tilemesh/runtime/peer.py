@@ -232,6 +232,13 @@ class PlanRuntime:
                 out += self._ask_reference(plan_id, frame)
         return {**self._reply(runner, out), "rescued": len(transfers), "macs": macs, "reference": len(ref)}
 
+    def release_held(self, plan_id: int, device: str) -> dict:
+        """Plan `plan_id`'s pieces held for `device`'s copy are used without it (`DeviceRunner.release_held`)."""
+        runner = self.runners.get(int(plan_id))
+        if runner is None:
+            return {"out": [], "results": []}
+        return self._reply(runner, runner.release_held(device))
+
     def overlap_truth(self, plan_id: int, frame: int, check) -> tuple[object, int] | None:
         """On the source: the digest of overlap check `check` of `frame` computed here from the frame (the third
         computation that settles a disagreeing pair), and the numpy MACs it took; None when the pixels are gone."""

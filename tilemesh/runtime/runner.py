@@ -297,6 +297,20 @@ class DeviceRunner:
         key = self.key(tr)
         (st.hold if hold else st.watch).add(key)
 
+    def release_held(self, device: str) -> list:
+        """`device` is gone: pieces held for a second copy because it was to send one (an audit, a spot check)
+        wait no more; the copy here from the source is used now, or the source's when it comes."""
+        out: list = []
+        for st in list(self.frames.values()):
+            for key in [k for k in st.hold if k[0] == device]:
+                st.hold.discard(key)
+                own = next((a for p, a in st.copies.get(key, ()) if p == self.source), None)
+                tr = next((t for t in self.incoming.values() if self.key(t) == key), None)
+                if own is not None and tr is not None:
+                    st.copies.pop(key, None)
+                    out += self._piece(st, tr, self.source, own)
+        return out
+
     def take_comparisons(self) -> list[tuple]:
         out, self.comparisons = self.comparisons, []
         return out

@@ -65,13 +65,17 @@ class Bench:
             self.refs[seed] = self.c.classify(frame(seed), 256, 256)["top"]
         return self.refs[seed]
 
-    def room(self, msg, check_rate=0.0, seed=0, tick=0.02, engine=True, audit_first=False):
+    def room(self, msg, check_rate=0.0, seed=0, tick=0.02, engine=True, audit_first=False, overlap=True,
+             backends=None):
         """`engine`: the phone rescues on reference runs of its engine where they pay (else every rescue on numpy);
-        its profile says what each engine takes for the whole model."""
+        its profile says what each engine takes for the whole model. `overlap`: overlap cross-checks on;
+        `backends`: a device's compute backend (default numpy), e.g. onnxruntime for a room of mixed engines."""
         sessions = {d: S.DeviceSession(self.c, deferred=True, check_rate=check_rate, seed=seed * 10 + i,
                                        audit_first=audit_first)
                     for i, d in enumerate(DEVICES)}
-        r = FakeRoom(sessions, seed=seed, tick=tick)
+        for sess in sessions.values():
+            sess.runtime.overlap_checks = overlap
+        r = FakeRoom(sessions, seed=seed, tick=tick, backends=dict(backends or {}))
         for link in r.links.values():
             link.latency, link.bandwidth, link.jitter = 0.002, 50e6 / 8, 0.0005
         r.sec_per_mac.update(RATE)
@@ -150,6 +154,7 @@ def recovery_table(b: Bench) -> list[str]:
 
 
 def detection_table(b: Bench, trials: int, frames: int) -> list[str]:
+    """Spot checks alone (overlap cross-checks off: `bench.verify` measures them)."""
     msg = plan3(b.g, predicted_ms=100)
     # What one spot check costs the phone, on average over the pieces each device may pick (expected value).
     r = b.room(msg)
@@ -169,7 +174,7 @@ def detection_table(b: Bench, trials: int, frames: int) -> list[str]:
     base = None
     for rate in (0.0, 0.02, 0.05, 0.1, 0.25):
         # Honest room: what checks cost.
-        r = b.room(msg, check_rate=rate, seed=5)
+        r = b.room(msg, check_rate=rate, seed=5, overlap=False)
         lat, macs = [], 0
         for f in range(1, 13):
             ms, modelled, m, right, off = b.run_frame(r, f, 300 + f)
@@ -183,7 +188,7 @@ def detection_table(b: Bench, trials: int, frames: int) -> list[str]:
             continue
         caught, when, wrong, offs = 0, [], [], []
         for trial in range(trials):
-            r = b.room(msg, check_rate=rate, seed=100 + trial)
+            r = b.room(msg, check_rate=rate, seed=100 + trial, overlap=False)
             r.tamper["laptop"] = lambda out: {k: (v + np.float32(0.25)).astype(v.dtype) if v.ndim == 4 else v
                                               for k, v in out.items()}
             n_wrong = n_off = 0
@@ -211,7 +216,8 @@ def first_frame_table(b: Bench, trials: int, frames: int, rate: float = R.CHECK_
     lines = [f"first frame of each plan audited (audit_first), spot checks at {rate:.2f}:", "",
              "| liar | caught (of trials) | frames to conviction, median | wrong top-1 frames before | honest room: "
              "first frame vs normal, later frames vs no audit |", "|---|---|---|---|---|"]
-    r0, r1 = b.room(msg, check_rate=rate, seed=5), b.room(msg, check_rate=rate, seed=5, audit_first=True)
+    r0 = b.room(msg, check_rate=rate, seed=5, overlap=False)
+    r1 = b.room(msg, check_rate=rate, seed=5, audit_first=True, overlap=False)
     plain = [b.run_frame(r0, f, 300 + f)[1] for f in range(1, 13)]
     audited = [b.run_frame(r1, f, 300 + f)[1] for f in range(1, 13)]
     cost = (f"{audited[0] / statistics.median(plain):.2f}x, "
@@ -219,7 +225,7 @@ def first_frame_table(b: Bench, trials: int, frames: int, rate: float = R.CHECK_
     for start in (1, 5):
         caught, when, wrong = 0, [], []
         for trial in range(trials):
-            r = b.room(msg, check_rate=rate, seed=100 + trial, audit_first=True)
+            r = b.room(msg, check_rate=rate, seed=100 + trial, audit_first=True, overlap=False)
             n_wrong = 0
             for f in range(1, frames + 1):
                 if f == start:

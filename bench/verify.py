@@ -11,7 +11,7 @@ on every tile its engine returns (its outputs and the overlap regions it compute
 - zeros: every value 0;
 - scale 1.01 / scale 1.1: every value multiplied (a subtly wrong engine);
 - one channel: channel 0 of every tensor shifted by 1.0 (class 0's score, for logits);
-- 10% of frames: +0.25 on every value, in a random tenth of the frames;
+- 10% of frames: noise as "random", in a random tenth of the frames;
 - interior only: +0.25 on its output tiles, while the overlap regions it computes (what the checks compare) stay
   honest: an adversary that knows the check.
 
@@ -69,7 +69,7 @@ class Liar:
 
     def corrupt(self, v: np.ndarray) -> np.ndarray:
         k = self.kind
-        if k == "random":
+        if k in ("random", "10% of frames"):
             return (self.rng.standard_normal(v.shape) * float(v.std()) + float(v.mean())).astype(v.dtype)
         if k == "zeros":
             return np.zeros_like(v)

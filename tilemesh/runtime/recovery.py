@@ -37,7 +37,9 @@ and named to the room (`wrong_result` broadcast). Otherwise an honest device may
 wrong pieces, so the next AUDIT_FRAMES frames are audited (every piece from another device held until the
 source's copy arrives), which shows who computes wrong. Frames touched by a disagreement finish alone on the
 source. The source's copy is trusted: the camera phone is the user's own device, and it computed the piece
-from the frame itself.
+from the frame itself. Beside these samples, every frame's overlapping halo rows are compared for free
+(`overlap`), and the first frame of a plan holding a device no overlap covers is audited
+(`DeviceSession(audit_first=...)`).
 """
 
 from __future__ import annotations

@@ -34,9 +34,11 @@ The rules, each in one place:
   no result within `recovery.stall_bound`, has its missing pieces recomputed from the frame by the plan's source
   (asked with a `rescue` broadcast naming the plan) while the room replans in the background; a lane that lost a
   device takes no new frames when the stream has other lanes; a device that stalls again and again is left out
-  of the next plan (with hysteresis); spot checks compare pieces with the source's own copy and a device whose
-  copy disagrees is excluded and named (`wrong_result` broadcast); a source whose single plan is replaced with
-  frames in flight finishes them alone (a stream's retired lanes finish theirs where they are); a camera
+  of the next plan (with hysteresis); spot checks compare pieces with the source's own copy, and overlap
+  cross-checks (`tilemesh.runtime.overlap`) the halo rows two devices both compute (the source holds an answer
+  until its digests agree); a device whose copy disagrees is excluded and named (`wrong_result` broadcast); a
+  source whose single plan is replaced with frames in flight finishes them alone (a stream's retired lanes
+  finish theirs where they are); a camera
   hearing another stream's camera leave asks the room again (its devices are free);
 - reports: every `REPORT_EVERY`-th frame's timings go to the room (`frame_report` broadcast), with what this
   device measured of its incoming links since its last report (`links`: bytes and seconds of every multi-chunk

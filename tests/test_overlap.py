@@ -208,14 +208,14 @@ def test_the_engine_task_model_hands_out_the_overlap_region_itself(classifier):
 
 
 class Liar:
-    """Corrupts every 4-D tensor its engine returns, or (`interior`) only its output tiles: the overlap regions
-    it computes (what the checks compare) stay honest."""
+    """Corrupts every tensor its engine returns (tiles, overlap regions, logits), or with `checked` all but the
+    overlap regions it computes (what the checks compare): an adversary that knows the check."""
 
     def __init__(self, kind: str, checked=()):
         self.kind, self.checked, self.rng = kind, set(checked), np.random.default_rng(3)
 
     def __call__(self, outputs):
-        return {k: corrupt(self.kind, v, self.rng) if v.ndim == 4 and k not in self.checked else v
+        return {k: corrupt(self.kind, v, self.rng) if v.ndim in (2, 4) and k not in self.checked else v
                 for k, v in outputs.items()}
 
 
@@ -354,3 +354,43 @@ def test_overlap_checks_cost_a_few_small_messages_per_frame(classifier):
     assert sum(x.digests_sent for x in runs) == 5
     assert sum(x.digest_bytes for x in runs) == 5 * (wire.HEADER_SIZE + 64)
     json.dumps(r.sessions["phone"].faults)  # the counters stay plain numbers (the worker's state())
+
+
+def offload_msg(plan_id=3):
+    """The frame whole on the laptop: no two devices compute the same cells, so nothing to cross-check."""
+    spec = {"plan_id": plan_id, "source": "phone", "cuts": [],
+            "splits": [{"devices": [["laptop"]], "row_shares": None, "col_shares": None}]}
+    return {"plan_id": plan_id, "source": "phone", "devices": ["phone", "laptop"], "spec": spec, "timeline": {},
+            "predicted_ms": 100}
+
+
+def test_uncovered_devices_are_those_no_check_covers(classifier):
+    g = classifier.graph
+    split3 = plan_from_spec(g, plan3(g)["spec"])
+    assert overlap.uncovered(["phone", "laptop", "tablet"], overlap.checks(g, split3), "phone") == []
+    off = plan_from_spec(g, offload_msg()["spec"])
+    assert overlap.checks(g, off) == []
+    assert overlap.uncovered(["phone", "laptop"], [], "phone") == ["laptop"]
+
+
+def test_by_default_only_a_plan_with_an_uncovered_device_has_its_first_frame_audited(classifier):
+    """An offloaded frame (nothing to cross-check) whose device computes wrong: the default audits the plan's
+    first frame, so the device is convicted there and no wrong answer is shown; a split plan whose every device
+    is cross-checked pays no audit."""
+    r = room(classifier, tick=0.05)
+    r.tamper["laptop"] = Liar("random")
+    adopt(r, offload_msg())
+    for f in range(1, 3):
+        data = frame(90 + f)
+        r.fire("phone", S.FrameIn(f, data, 256, 256))
+        r.run(until=r.now + 2.0)
+        assert top5(r.done["phone"][f]) == ort_top5(classifier, data), f
+    assert [(n.detail["device"], n.detail["frame"]) for d, n in r.notices if n.what == "wrong_result"] == [
+        ("laptop", 1)]
+    r = room(classifier, tick=0.05)
+    adopt(r, plan3(classifier.graph, predicted_ms=100))
+    r.fire("phone", S.FrameIn(1, frame(95), 256, 256))
+    r.run(until=r.now + 2.0)
+    assert all(s.faults["checks"] == 0 for s in r.sessions.values()) and not r.reference_runs
+    with pytest.raises(ValueError):
+        S.DeviceSession(classifier, audit_first="sometimes")

@@ -21,7 +21,7 @@ from roomkit import decode_qr, netns_server
 from test_distributed import READY, expected_top1, wait_frames
 
 from bench.media import write_y4m
-from tilemesh.runtime import recovery
+from tilemesh.runtime import overlap, recovery
 
 pytestmark = [pytest.mark.browser, pytest.mark.netns]
 
@@ -75,6 +75,11 @@ def test_a_lying_device_is_caught_and_a_vanishing_one_costs_no_frame(tmp_path, p
             plan = phone.evaluate("window.tilemesh.engine.plan")
             assert sorted(plan["devices"]) == sorted(ids), plan
             normal = statistics.median(f["ms"] for f in recorded(phone))
+
+            # Honest so far: the digests of numpy-free engines (onnxruntime-web on every page) agree within tolerance.
+            honest = phone.evaluate("(s) => window.tilemesh.runtime.call(s, 'state', [])", SESSION)["overlap"]
+            print(f"\nhonest overlap digests (onnxruntime-web): {honest}")
+            assert honest and all(v["max_err"] <= overlap.DIGEST_RTOL for v in honest.values()), honest
 
             # The tablet lies; no device spot-checks: only the overlap cross-checks can see it.
             for pg in pages:

@@ -1577,6 +1577,9 @@ def state() -> dict:
     return {"plan": s.plan, "last_plan": s.last_plan, "tasks_run": s.tasks_run, "errors": list(s.errors),
             "links": s.links, "max_message": s.max_message, "waiting": sorted(s.waiting), "faults": s.faults,
             "excluded": {d: why for d, (why, _) in s.excluded.items()},
+            # overlap cross-checks judged here: digest pairs compared and the largest relative difference seen
+            "overlap": {pid: {"pairs": r.digest_pairs, "max_err": r.digest_max_err}
+                        for pid, r in (s.runtime.runners.items() if s.runtime is not None else ()) if r.digest_pairs},
             "plans": {pid: {"role": sl.role, "live": sl.live, "source": sl.source} for pid, sl in s.slots.items()},
             "stream": s.stream_counts(), "slowdown": s.slowdown()}
 

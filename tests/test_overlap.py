@@ -21,6 +21,7 @@ from tilemesh.runtime import overlap, wire
 from tilemesh.runtime import session as S
 from tilemesh.runtime.backend import NumpyBackend, OnnxRuntimeBackend
 from tilemesh.runtime.classify import frame_from_bytes, top_entries
+from tilemesh.runtime.deps import cut_candidates
 from tilemesh.runtime.peer import plan_from_spec
 from tilemesh.runtime.regions import Region
 from tilemesh.runtime.runner import PlanMismatch
@@ -394,3 +395,53 @@ def test_by_default_only_a_plan_with_an_uncovered_device_has_its_first_frame_aud
     assert all(s.faults["checks"] == 0 for s in r.sessions.values()) and not r.reference_runs
     with pytest.raises(ValueError):
         S.DeviceSession(classifier, audit_first="sometimes")
+
+
+GRID = ("phone", "laptop", "tablet", "tv")
+
+
+def grid_msg(graph, plan_id=7):
+    """A 2x2 grid of the four devices, then the head on the phone: where the four tiles meet, the pairs
+    (phone, tv) and (laptop, tablet) overlap in the same corner cells."""
+    cut = cut_candidates(graph)[3]
+    grid = {"devices": [["phone", "laptop"], ["tablet", "tv"]], "row_shares": [3, 2], "col_shares": [2, 3]}
+    spec = {"plan_id": plan_id, "source": "phone", "cuts": [cut],
+            "splits": [grid, {"devices": [["phone"]], "row_shares": None, "col_shares": None}]}
+    return {"plan_id": plan_id, "source": "phone", "devices": list(GRID), "spec": spec, "timeline": {},
+            "predicted_ms": 100}
+
+
+def test_a_corner_four_tiles_share_is_one_check_of_four_copies(classifier):
+    """In a 2x2 grid two neighbour pairs overlap in the same corner: digests name only a tensor and a region, so
+    the corner is one check whose every device sends its copy once. (Merged on main without this, the tv's digest
+    of the corner was refused: `PlanMismatch: tv has no overlap check`, every frame an error, in the browser's
+    room-tiles test.) Honest: every answer onnxruntime's, every copy compared, no error; the tv lying: caught."""
+    g = classifier.graph
+    msg = grid_msg(g)
+    pairs = overlap.checks(g, plan_from_spec(g, msg["spec"]))
+    checks = overlap.merged(pairs)
+    assert len(checks) < len(pairs)  # two pairs share the corner
+    corner = [c for c in checks.values() if len(c.devices) == 4]
+    assert len(corner) == 1 and corner[0].devices == tuple(sorted(GRID))
+    for liar in (None, "tv"):
+        sessions = {d: S.DeviceSession(classifier, deferred=True, check_rate=0.0, seed=i)
+                    for i, d in enumerate(GRID)}
+        r = FakeRoom(sessions, tick=0.05)
+        r.open_links()
+        if liar:
+            r.tamper[liar] = Liar("random")
+        adopt(r, msg)
+        for f in range(1, 3):
+            data = frame(80 + f)
+            r.fire("phone", S.FrameIn(f, data, 256, 256))
+            r.run(until=r.now + 2.0)
+            assert top5(r.done["phone"][f]) == ort_top5(classifier, data), (liar, f)
+        errors = [n.detail for _, n in r.notices if n.what == "error"]
+        assert not errors and not r.failed, errors
+        phone = r.sessions["phone"]
+        if liar is None:
+            # every copy after the first of each check is compared with it: (devices - 1) comparisons per check
+            assert phone.runtime.runners[7].digest_pairs == 2 * sum(len(c.devices) - 1 for c in checks.values())
+            assert phone.faults["overlap_mismatches"] == 0 and not phone.excluded
+        else:
+            assert phone.excluded.get("tv") == ("wrong results", None)

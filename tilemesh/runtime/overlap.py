@@ -24,7 +24,7 @@ output tile (the segment's last layer overlaps nothing) passes every overlap che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,12 +42,13 @@ DIGEST_ATOL = 1e-6
 
 @dataclass(frozen=True)
 class Check:
-    """Segment `segment`'s devices `devices` (a sorted pair) both compute `region` of `tensor`."""
+    """Segment `segment`'s devices `devices` (sorted: a pair, or more after `merged`) all compute `region` of
+    `tensor`."""
 
     segment: int
     tensor: str
     region: Region
-    devices: tuple[str, str]
+    devices: tuple[str, ...]
 
     @property
     def key(self) -> tuple:
@@ -72,6 +73,17 @@ def checks(graph, plan) -> list[Check]:
                     if not r.empty:
                         out.append(Check(seg.index, t, r, (a.device, b.device)))
                         break
+    return out
+
+
+def merged(checks) -> dict[tuple, Check]:
+    """One check per (tensor, region), holding every device of the pairs that share it: where four tiles of a
+    2x2 grid meet, the pairs (a, d) and (b, c) overlap in the same corner, and a digest names only the tensor
+    and region it covers, so the corner is one check of four copies (each device sends it once)."""
+    out: dict[tuple, Check] = {}
+    for c in checks:
+        m = out.get(c.key)
+        out[c.key] = c if m is None else replace(m, devices=tuple(sorted({*m.devices, *c.devices})))
     return out
 
 

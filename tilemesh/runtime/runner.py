@@ -148,8 +148,8 @@ class DeviceRunner:
         self.needed_from.append({self.output_tensor})
         # Overlap cross-checks (tilemesh.runtime.overlap): every check of the plan (the source judges them all),
         # and per task of this device the ones it reports a digest for.
-        self.checks = {c.key: c for c in checks}
-        self.task_checks = [[c for c in checks if c.segment == t.segment and self.device in c.devices]
+        self.checks = overlap.merged(checks)
+        self.task_checks = [[c for c in self.checks.values() if c.segment == t.segment and self.device in c.devices]
                             for t in dplan.tasks]
         self.digests: OrderedDict[int, dict[tuple, dict[str, np.ndarray]]] = OrderedDict()  # source: frame ->
         # check key -> device -> digest
@@ -473,9 +473,10 @@ class DeviceRunner:
         copies = self.digests[frame].setdefault(c.key, {})
         if device in copies:
             return
+        first = next(iter(copies.values()), None)
         copies[device] = d
-        if len(copies) == 2:
-            ok, err = overlap.agree_digests(*copies.values(), overlap.cells(self.graph, c))
+        if first is not None:  # each copy after the first is compared with the first (a check of 2 or more)
+            ok, err = overlap.agree_digests(first, d, overlap.cells(self.graph, c))
             self.digest_pairs += 1
             self.digest_max_err = max(self.digest_max_err, err)
             if not ok:
@@ -493,9 +494,10 @@ class DeviceRunner:
             return "bad"
         have = self.digests.get(frame, {})
         for key, c in self.checks.items():
-            if any(d in gone for d in c.devices):
+            live = [d for d in c.devices if d not in gone]
+            if len(live) < 2:
                 continue
-            if len(have.get(key, ())) < 2:
+            if any(d not in have.get(key, ()) for d in live):
                 return "pending"
         return "ok"
 

@@ -104,7 +104,8 @@ def test_firefox_joins_a_chromium_room_and_computes_its_share(tmp_path: Path, pw
                 pg.wait_for_function(READY, timeout=180_000)
             ff = firefox.wait(lambda s: s.get("ready"), 180, "ready")
             assert "Firefox" in ff["userAgent"] and ff["crossOriginIsolated"], ff
-            # Firefox computes on onnxruntime-web too (wasm SIMD + threads in its Worker), chosen by its profile.
+            # Firefox computes on onnxruntime-web too (wasm SIMD in its Worker, one thread: see ort_engine.js),
+            # chosen by its profile.
             assert ff["backend"] == "ort-wasm", ff
             ff_id = ff["peerId"]
             # Chromium sees the Firefox device in its room, measured like any other.

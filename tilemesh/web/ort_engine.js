@@ -17,9 +17,22 @@ const ORT_URL = "/static/vendor/ort/";
 const BRIDGE = "tilemesh.runtime.engine_bridge";
 const BLOB_NAME = "model.bin";
 
+// Firefox runs onnxruntime-web on one thread: in Firefox ESR a device joining with the threaded build hung in
+// 'measuring speed' in three of five full-suite runs here (its Worker never answered: every call waits behind the
+// engine's), never when its test ran alone, never in Chromium. onnxruntime-web starts its threads as workers
+// nested in ours, and upstream reports threaded sessions that never resolve (microsoft/onnxruntime#26858): until
+// that is understood, one thread (the roster says why).
+const FIREFOX = typeof navigator !== "undefined" && /Firefox\//.test(navigator.userAgent || "");
+
+// Threads need SharedArrayBuffer, i.e. a cross-origin isolated page (our COOP/COEP headers), and not Firefox.
+export function threadsAllowed() { return Boolean(self.crossOriginIsolated) && !FIREFOX; }
+
 export function defaultThreads() {
-  // Threads need SharedArrayBuffer, i.e. a cross-origin isolated page (our COOP/COEP headers).
-  return self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+  return threadsAllowed() ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+}
+
+function noThreadsWhy() {
+  return FIREFOX ? " (Firefox: one thread, threaded runs hung at join)" : " (no cross-origin isolation: no threads)";
 }
 
 // Seconds of one call of `fn` (async), as tilemesh.runtime.profile._time_call: a warm-up, repetitions adapted
@@ -98,7 +111,7 @@ async function loadOrt(threads, tag, wasmBinary) {
 // with the weights as external data. `threads`: pinned (?ort_threads), else the count this device chose on an
 // earlier visit (`cachedThreads`), else the default.
 export async function preloadOrt({ threads, cachedThreads, wasmBinary, model, blob }) {
-  const n = self.crossOriginIsolated ? (threads || cachedThreads || defaultThreads()) : 1;
+  const n = threadsAllowed() ? (threads || cachedThreads || defaultThreads()) : 1;
   const ort = await loadOrt(n, "", wasmBinary);
   const t0 = performance.now();
   const session = await ort.InferenceSession.create(model, {
@@ -164,7 +177,7 @@ export class OrtEngine {
       const whole = bridge.whole_model();
       try {
         if (!await this._adoptPreloaded(whole)) {
-          this.ort = await this._loadOrt(self.crossOriginIsolated ? this.threads : 1, "");
+          this.ort = await this._loadOrt(threadsAllowed() ? this.threads : 1, "");
           this.whole = await this._session(whole);
         }
       } finally { whole.destroy(); }
@@ -222,9 +235,9 @@ export class OrtEngine {
     const trial = this.threadTrial
       ? ` (chosen by measurement${this.trialCached ? " on an earlier visit" : ""}: ` +
         `${Object.entries(this.threadTrial).map(([t, ms]) => `${t}: ${Number(ms).toFixed(1)} ms`).join(", ")})`
-      : (this.threadsPinned || !self.crossOriginIsolated || threads <= 1 ? "" : " (default; measuring)");
+      : (this.threadsPinned || !threadsAllowed() || threads <= 1 ? "" : " (default; measuring)");
     return `onnxruntime-web ${env.versions?.web || ""} wasm SIMD, ${threads} thread${threads > 1 ? "s" : ""}` +
-      (self.crossOriginIsolated ? trial : " (no cross-origin isolation: no threads)") +
+      (threadsAllowed() ? trial : noThreadsWhy()) +
       (this.gpuNote ? `; ${this.gpuNote}` : "");
   }
 
@@ -232,7 +245,7 @@ export class OrtEngine {
 
   // Whether `_chooseThreads` would still run (the count is neither pinned, chosen, nor the only one possible).
   _trialPending() {
-    return !this.threadsPinned && !this.threadTrial && self.crossOriginIsolated && this.eps[0] === "wasm" &&
+    return !this.threadsPinned && !this.threadTrial && threadsAllowed() && this.eps[0] === "wasm" &&
       this.ort.env.wasm.numThreads > 1;
   }
 
@@ -242,7 +255,7 @@ export class OrtEngine {
   // `go` wraps each run (a background measurement gives way to frames: it throws PREEMPTED); the one-thread
   // instance and its session are kept for the next try.
   async _chooseThreads(x, name, budgetS, go = (fn) => fn) {
-    if (this.threadsPinned || this.threadTrial || !self.crossOriginIsolated || this.ort.env.wasm.numThreads <= 1) {
+    if (this.threadsPinned || this.threadTrial || !threadsAllowed() || this.ort.env.wasm.numThreads <= 1) {
       return;
     }
     const many = this.ort.env.wasm.numThreads;

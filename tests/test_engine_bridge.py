@@ -246,3 +246,33 @@ def test_a_silent_device_is_rescued_by_a_reference_run_on_the_engine(files):
     local = s.runtime.classifier.classify(frames[2].tobytes(), 256, 256)
     assert [t["index"] for t in done[0]["top"]] == [t["index"] for t in local["top"]]
     bridge.use_engine("onnxruntime", False)
+
+
+def test_a_task_falling_back_to_numpy_still_digests_its_overlap(files):
+    """A task the engine cannot run (no task model, or the requests drained after the engine failed) runs on
+    numpy through `computed_numpy`: it keeps what the request asks (the owned tensors and the overlap checks'),
+    so its digests are recorded like the engine's (they were not: the frame was then held for its digests and
+    shown unverified)."""
+    from tilemesh.runtime.deps import cut_candidates
+
+    model_json, labels_json, _ = files
+    S._session = None
+    S.load(model_json, labels_json)
+    assert bridge.use_engine("onnxruntime", True)["name"] == "onnxruntime"
+    graph = S.session().runtime.graph
+    rows = {"devices": [["me"], ["other"]], "row_shares": [1, 1], "col_shares": None}
+    whole = {"devices": [["me"]], "row_shares": None, "col_shares": None}
+    spec = {"plan_id": 6, "source": "me", "cuts": [cut_candidates(graph)[3]], "splits": [rows, whole]}
+    msg = {"type": "plan", "plan_id": 6, "source": "me", "devices": ["me", "other"], "spec": spec}
+    bridge.handle({"on": "link_opened", "peer": "other", "max_message": 256 * 1024}, 0.0)
+    bridge.handle({"on": "plan", "msg": msg, "me": "me"}, 0.0)
+    runner = S.session().runtime.runners[6]
+    assert runner.task_checks[0], "a row split has an overlap check in its first segment"
+    frame = np.random.default_rng(5).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    reply = bridge.handle({"on": "frame", "frame": 1, "data": frame.tobytes(), "height": 256, "width": 256}, 1.0)
+    (req,) = bridge.take_compute(reply)
+    assert req["task"] == 0 and set(req["keep"]) > set(runner.dplan.tasks[0].owned)
+    bridge.computed_numpy(reply, 6, req, 1.1)
+    copies = {dev for key in runner.checks for dev in runner.digests.get(1, {}).get(key, {})}
+    assert copies == {"me"}
+    bridge.use_engine("onnxruntime", False)

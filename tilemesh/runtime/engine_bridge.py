@@ -147,7 +147,10 @@ def computed_numpy(reply: dict, plan_id: int, req: dict, now: float = 0.0) -> di
     if runner is None:
         return reply
     task = runner.dplan.tasks[int(req["task"])]
-    vals = run_steps(runner.graph, task.deps, dict(req["inputs"]), keep=task.owned,
+    # What the request keeps: the owned tensors and the overlap checks' (`runner.compute_keep`), so a task that
+    # falls back to numpy still sends its digests.
+    keep = tuple(req.get("keep") or runner.compute_keep(int(req["task"])))
+    vals = run_steps(runner.graph, task.deps, dict(req["inputs"]), keep=keep,
                      backend=NumpyBackend(runner.graph))
     names = list(vals)
     return computed(reply, plan_id, req["frame"], req["task"], names, [vals[n] for n in names],

@@ -1355,7 +1355,7 @@ class DeviceSession:
         if slot is None or not slot.verifying:
             return []
         out: list[Effect] = []
-        grace = recovery.stall_bound(slot.lane)
+        grace = recovery.stall_bound(slot.lane, self.slowdown())  # a loaded machine's digests come late too
         for seq in sorted(slot.verifying):
             r, since = slot.verifying[seq]
             frame = slot.frames.get(seq)

@@ -81,7 +81,8 @@ export class RoomArEngine {
     // ?objective=latency|throughput and ?private=1 preset the stream's choices (the overlay's controls change them).
     this.stream = { objective: q.get("objective") === "latency" ? "latency" : "throughput", private: q.get("private") === "1" };
     // ?bound=2: the throughput objective's latency bound, x the fastest single device (default 1.2; benchmarks).
-    if (Number(q.get("bound")) >= 1) this.stream.latencyFactor = Number(q.get("bound"));
+    // The server takes 1-10 (protocol's plan_request); beyond, the nearest end, never a request it refuses.
+    if (Number(q.get("bound")) >= 1) this.stream.latencyFactor = Math.min(10, Number(q.get("bound")));
     room.addEventListener("replan", () => { this.planning = null; });
   }
 

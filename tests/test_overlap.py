@@ -318,8 +318,15 @@ def test_a_digest_from_outside_its_check_is_refused(classifier):
                          plan_id=3, region=c.region.to_list(), flags=wire.FLAG_DIGEST)
     with pytest.raises(PlanMismatch):
         run.on_chunk("phone", chunks[0])  # the phone is not of that pair
+    r.fire("phone", S.FrameIn(1, frame(9), 256, 256))
     effects = r.fire("phone", S.ChunkIn("tablet", chunks[0]))  # from its device: recorded, no error
     assert not [e for e in effects if isinstance(e, S.Notice) and e.what == "error"]
+    assert "tablet" in run.digests[1][c.key]
+    # A digest of a frame the phone never started is refused (it would push real frames' digests out).
+    future = wire.encode(np.zeros((2, overlap.GROUPS), np.float32), frame=10_000, tensor=run.tensor_ids[c.tensor],
+                         plan_id=3, region=c.region.to_list(), flags=wire.FLAG_DIGEST)
+    effects = r.fire("phone", S.ChunkIn("tablet", future[0]))
+    assert [e for e in effects if isinstance(e, S.Notice) and e.what == "error"] and 10_000 not in run.digests
 
 
 def test_a_stream_lane_with_a_wrong_helper_is_caught_by_overlap_checks_alone(tiny):

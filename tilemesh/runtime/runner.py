@@ -459,6 +459,8 @@ class DeviceRunner:
             raise PlanMismatch(f"{peer} has no overlap check of {tensor} {h.region} in plan {self.plan_id}")
         if array.shape != (2, len(overlap.groups_of(self.graph.shapes[c.tensor][1]))):
             raise PlanMismatch(f"digest of {tensor} from {peer} has shape {array.shape}")
+        if h.frame > max([0, *self.frames, *self.finished]):  # would push real frames' digests out of the window
+            raise PlanMismatch(f"a digest from {peer} of frame {h.frame}, which {self.source} has not started")
         self._record_digest(h.frame, c, peer, np.array(array))
         return []
 

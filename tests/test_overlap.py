@@ -17,7 +17,7 @@ from test_model_param import CARD, tiny_cnn
 from test_stream_session import Camera, run_cameras, speed, split, stream_msg, whole
 
 from bench.fakenet import FakeRoom
-from tilemesh.runtime import overlap, wire
+from tilemesh.runtime import overlap, recovery, wire
 from tilemesh.runtime import session as S
 from tilemesh.runtime.backend import NumpyBackend, OnnxRuntimeBackend
 from tilemesh.runtime.classify import frame_from_bytes, top_entries
@@ -293,7 +293,8 @@ def test_honest_devices_on_different_engines_are_never_accused(classifier):
 
 def test_an_answer_waits_for_its_digests_and_is_shown_unverified_when_one_never_comes(classifier):
     """The phone shows a frame only when every check of it agreed; a digest lost on the way (or withheld) holds
-    the answer for the plan's stall bound at most, then it is shown and counted as unverified."""
+    the answer for the plan's stall bound at most, then the frame finishes alone on the phone (counted as
+    unverified): a missing digest proves nothing, so the answer shown is the phone's own."""
     def lose(src, dst, chunk, n):
         return src == "laptop" and dst == "phone" and chunk[7] == wire.FLAG_DIGEST
 
@@ -307,6 +308,30 @@ def test_an_answer_waits_for_its_digests_and_is_shown_unverified_when_one_never_
     r.run(until=r.now + 1.0)
     assert top5(r.done["phone"][1]) == ort_top5(classifier, data)
     assert r.sessions["phone"].faults["unverified"] == 1
+    assert r.done["phone"][1].get("recovered") is not None  # finished alone, not shown on trust
+
+
+def test_a_liar_that_withholds_its_digests_shows_no_wrong_answer_and_is_audited(classifier):
+    """A device that computes wrong and never sends its digests, so no check ever disagrees: each frame finishes
+    alone once its digests are overdue (every answer onnxruntime's), and after recovery.WITHHELD_AUDIT such
+    frames the plan's next frames are audited, which convicts it."""
+    def withhold(src, dst, chunk, n):
+        return src == "laptop" and dst == "phone" and chunk[7] == wire.FLAG_DIGEST
+
+    r = room(classifier, tick=0.05, lose=withhold)
+    r.tamper["laptop"] = Liar("random")
+    adopt(r, plan3(classifier.graph, predicted_ms=100))
+    f = 0
+    while "laptop" not in r.sessions["phone"].excluded and f < recovery.WITHHELD_AUDIT + 4:
+        f += 1
+        data = frame(90 + f)
+        r.fire("phone", S.FrameIn(f, data, 256, 256))
+        r.run(until=r.now + 2.0)
+        assert top5(r.done["phone"][f]) == ort_top5(classifier, data), f
+    phone = r.sessions["phone"]
+    assert phone.excluded.get("laptop") == ("wrong results", None), (f, phone.faults)
+    assert phone.faults["unverified"] >= recovery.WITHHELD_AUDIT
+    assert any(n.what == "audit" and n.detail["suspect"] == "laptop" for _, n in r.notices)
 
 
 def test_a_digest_from_outside_its_check_is_refused(classifier):

@@ -73,6 +73,8 @@ class PlanSlot:
     stalled: dict[int, set[str]] = field(default_factory=dict)  # source: frame -> devices rescued for stalling
     tainted: set[int] = field(default_factory=set)  # source: frames in flight when a device was caught lying
     audit: tuple[int, int] | None = None  # (first, last frame): every piece of these frames is checked
+    withheld: dict[str, int] = field(default_factory=dict)  # source: device -> frames shown unverified lately
+    # for want of its digest (WITHHELD_AUDIT of them: its next frames are audited)
     audited: set[int] = field(default_factory=set)  # frames whose every piece from another device was held
     judging: dict[int, float] = field(default_factory=dict)  # source: frames finished -> when (stalls judged later)
     # source: frames computed whose overlap digests are not all here yet -> (their result, since when)

@@ -59,6 +59,9 @@ from .tiling import Transfer, crop, partial_pool, run_steps
 # STALL_MAX_S (without a prediction STALL_MAX_S), and step = LEVEL_STEP_S, or less in a plan of n segments (at
 # most bound / n).
 STALL_FACTOR = 3.0
+# A device whose overlap digests failed to come for this many frames of a plan (each then shown unverified) has
+# the plan's next frames audited: withholding digests must not be a way around the overlap checks.
+WITHHELD_AUDIT = 3
 STALL_MIN_S = 0.3
 STALL_MAX_S = 2.0
 LEVEL_STEP_S = 0.1

@@ -503,6 +503,16 @@ class DeviceRunner:
                 return "pending"
         return "ok"
 
+    def missing(self, frame: int, gone=()) -> list[str]:
+        """On the source, the devices (not gone) whose digest of some check of `frame` has not come."""
+        have = self.digests.get(frame, {})
+        out: set[str] = set()
+        for key, c in self.checks.items():
+            live = [d for d in c.devices if d not in gone]
+            if len(live) >= 2:
+                out |= {d for d in live if d not in have.get(key, ())}
+        return sorted(out)
+
     def _release(self, st: FrameState) -> None:
         """Free tensors no remaining task reads (a 112x112 map is megabytes; phones are short of memory)."""
         needed = self.needed_from[st.next_task]

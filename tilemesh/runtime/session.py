@@ -1350,7 +1350,7 @@ class DeviceSession:
 
     def _release_verified(self, plan_id: int, now: float) -> list[Effect]:
         """Frames held for their overlap digests: shown once every check agreed, finished alone when one did
-        not, shown unverified (counted) when a digest is still missing after the plan's stall bound."""
+        not, or when a digest is still missing after the plan's stall bound (counted as unverified)."""
         slot = self.slots.get(plan_id)
         if slot is None or not slot.verifying:
             return []
@@ -1371,8 +1371,27 @@ class DeviceSession:
                 out += self._finish_alone("its overlap checks disagreed", now, frames=[frame])
                 continue
             if verdict == "pending":
+                # A digest that never came proves nothing: the frame finishes alone (its answer is the camera's
+                # own), and a device that keeps withholding them has its next frames audited.
                 self.faults["unverified"] += 1
+                out += self._withheld(plan_id, slot, seq)
+                out += self._finish_alone("an overlap digest did not come", now, frames=[frame])
+                continue
             out += self._show(plan_id, slot, seq, frame, r, now)
+        return out
+
+    def _withheld(self, plan_id: int, slot, seq: int) -> list[Effect]:
+        """Frame `seq` was shown unverified: a device whose digests keep not coming escapes the overlap checks
+        (a liar could withhold them), so after `recovery.WITHHELD_AUDIT` such frames its next frames are audited."""
+        out: list[Effect] = []
+        r = self._runner(plan_id)
+        for device in r.missing(seq, slot.gone | slot.stalled.get(seq, set())) if r is not None else ():
+            if device == r.source:
+                continue
+            slot.withheld[device] = slot.withheld.get(device, 0) + 1
+            if slot.withheld[device] >= recovery.WITHHELD_AUDIT:
+                slot.withheld[device] = 0
+                out += self._start_audit(plan_id, device)
         return out
 
     def _overlap_mismatches(self, plan_id: int, now: float) -> list[Effect]:

@@ -37,3 +37,23 @@ def classifier(demo_model_dir):
     graph = load_onnx(demo_model_dir / "mobilenet_v2.onnx")
     labels = json.loads((demo_model_dir / "labels.json").read_text())
     return LocalClassifier(graph, labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory):
+    """test_model_param's small CNN served as a bundle (compact graph, labels, card), as LocalClassifier: a
+    fast model for session and stream tests."""
+    import json
+
+    import onnx
+    from test_model_param import CARD, tiny_cnn
+
+    from tilemesh.runtime.classify import LocalClassifier
+    from tilemesh.server import model as model_mod
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "models").mkdir()
+    onnx.save(tiny_cnn(), root / "models" / "tiny.onnx")
+    (root / "models" / "tiny.json").write_text(json.dumps(CARD))
+    bundle = model_mod.prepare(root / "models" / "tiny.onnx", root / "static")
+    return LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json", bundle.dir / "card.json")

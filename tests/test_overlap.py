@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 from test_faults import DEVICES, frame, plan3, requests
-from test_model_param import CARD, tiny_cnn
 from test_stream_session import Camera, run_cameras, speed, split, stream_msg, whole
 
 from bench.fakenet import FakeRoom
@@ -30,19 +29,9 @@ from tilemesh.runtime.tiling import crop, run_steps
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_served):
     """The small CNN of test_model_param, served as a bundle (test_stream_session's model)."""
-    import onnx
-
-    from tilemesh.runtime.classify import LocalClassifier
-    from tilemesh.server import model as model_mod
-
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "models").mkdir()
-    onnx.save(tiny_cnn(), root / "models" / "tiny.onnx")
-    (root / "models" / "tiny.json").write_text(json.dumps(CARD))
-    bundle = model_mod.prepare(root / "models" / "tiny.onnx", root / "static")
-    return LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json", bundle.dir / "card.json")
+    return tiny_served
 
 
 def full_tensors(graph, x, backend=None) -> dict:

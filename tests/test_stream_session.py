@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
-from test_model_param import CARD, tiny_cnn
 
 from bench.fakenet import FakeRoom
 from tilemesh.runtime import graph as graph_mod
@@ -22,7 +20,6 @@ from tilemesh.runtime import session as S
 from tilemesh.runtime.classify import LocalClassifier
 from tilemesh.runtime.deps import cut_candidates
 from tilemesh.runtime.peer import plan_from_spec
-from tilemesh.server import model as model_mod
 
 FRAME_S = 0.1  # one frame whole on one device, fake seconds
 
@@ -35,13 +32,8 @@ def mobilenet(demo_model_dir):
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "models").mkdir()
-    onnx.save(tiny_cnn(), root / "models" / "tiny.onnx")
-    (root / "models" / "tiny.json").write_text(json.dumps(CARD))
-    bundle = model_mod.prepare(root / "models" / "tiny.onnx", root / "static")
-    return LocalClassifier.from_files(bundle.dir / "graph.json", bundle.dir / "labels.json", bundle.dir / "card.json")
+def classifier(tiny_served):
+    return tiny_served
 
 
 def speed(classifier) -> float:

@@ -494,14 +494,7 @@ class DeviceRunner:
         with no device gone has not come), else "ok"."""
         if self.digest_bad.get(frame):
             return "bad"
-        have = self.digests.get(frame, {})
-        for key, c in self.checks.items():
-            live = [d for d in c.devices if d not in gone]
-            if len(live) < 2:
-                continue
-            if any(d not in have.get(key, ()) for d in live):
-                return "pending"
-        return "ok"
+        return "pending" if self.missing(frame, gone) else "ok"
 
     def missing(self, frame: int, gone=()) -> list[str]:
         """On the source, the devices (not gone) whose digest of some check of `frame` has not come."""
